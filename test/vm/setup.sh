@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# test/vm/setup.sh — prepare the real-kernel rig on a Debian host (run as root).
+#
+# Idempotent and cached. It
+#   1. installs the host packages the rig needs with apt (QEMU, busybox-static, cpio, zstd,
+#      kmod and the kernel build tools) unless they are already installed;
+#   2. downloads Debian's current Linux 7.2 kernel packages (linux-binary, linux-modules and
+#      linux-source-7.2) from the "sid" suite with apt-get through a private sources list and
+#      lists directory — nothing from sid is ever installed on the host. The mirror is the one
+#      this machine's own apt configuration uses;
+#   3. unpacks the stock kernel and its modules (the "stock" guest kernel);
+#   4. builds the same source with test/vm/kernel/iommufd.config (the "iommufd" guest kernel),
+#      once per (version, config) pair;
+#   5. writes $CACHE/rig.env, which the Go harness (test/vm) reads.
+#
+# Everything lives under $CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/mmiobroker/vm),
+# keyed by version and config. A warm run does no network access and no rebuild.
+#
+# Environment:
+#   MMIOBROKER_VM_CACHE   cache directory (default above)
+#   MMIOBROKER_VM_REFRESH=1  re-resolve the current sid kernel version (network)
+#   MMIOBROKER_VM_KERNELS    "stock iommufd" (default) or a subset
+#   MMIOBROKER_VM_JOBS       make -j for the kernel build (default: nproc)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+CACHE=${MMIOBROKER_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmiobroker/vm}
+KERNELS=${MMIOBROKER_VM_KERNELS:-stock iommufd}
+JOBS=${MMIOBROKER_VM_JOBS:-$(nproc)}
+mkdir -p "$CACHE"
+log() { printf 'setup: %s\n' "$*" >&2; }
+t0=$(date +%s)
+
+# --- 1. host packages -------------------------------------------------------------------
+host_pkgs=(qemu-system-x86 busybox-static cpio zstd xz-utils kmod protobuf-compiler
+	build-essential flex bison bc libelf-dev libssl-dev)
+missing=()
+for p in "${host_pkgs[@]}"; do
+	dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	log "installing host packages: ${missing[*]}"
+	[ "$(id -u)" = 0 ] || { log "need root to install ${missing[*]}"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- 2. resolve and download the sid kernel ---------------------------------------------
+apt_dir=$CACHE/apt
+apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+	-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache"
+	-o "APT::Get::List-Cleanup=0" -o "APT::Sandbox::User=root")
+
+# debian_mirror prints the first non-security Debian archive URI of this machine's apt
+# configuration (deb822 .sources files first, then one-line sources.list entries).
+debian_mirror() {
+	local f
+	for f in /etc/apt/sources.list.d/*.sources; do
+		[ -f "$f" ] || continue
+		awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f"
+	done | head -n1 | grep . && return
+	cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+		awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /:\/\// && $i !~ /security/) { print $i; exit } }' |
+		head -n1 | grep .
+}
+
+resolve() {
+	local mirror
+	mirror=$(debian_mirror) || { log "no Debian mirror found in the apt configuration"; exit 1; }
+	mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" >"$apt_dir/sources.list"
+	log "resolving the current Linux 7.2 kernel in sid (mirror from apt configuration: $mirror)"
+	apt-get "${apt_opts[@]}" update -qq
+	# linux-source-7.2 names the source version (e.g. 7.2.13-1); the binary packages built
+	# from it carry the ABI name (e.g. 7.2.13+deb14-amd64; the -rt- and -cloud- flavours
+	# are not what a Debian virtualization host runs).
+	local srcver kabi
+	srcver=$(apt-cache "${apt_opts[@]}" show linux-source-7.2 | awk '/^Version:/ {print $2}' | sort -V | tail -n1)
+	[ -n "$srcver" ] || { log "linux-source-7.2 not found in sid"; exit 1; }
+	kabi=$(apt-cache "${apt_opts[@]}" pkgnames linux-binary-7.2 | grep -E -- '^linux-binary-7\.2\.[0-9]+\+deb[0-9]+-amd64$' |
+		while read -r p; do
+			v=$(apt-cache "${apt_opts[@]}" show "$p" | awk '/^Version:/ {print $2}' | head -n1)
+			[ "$v" = "$srcver" ] && echo "${p#linux-binary-}"
+		done | sort -V | tail -n1)
+	[ -n "$kabi" ] || { log "no linux-binary-*-amd64 of version $srcver in sid"; exit 1; }
+	printf 'KVER=%s\nKSRCVER=%s\n' "$kabi" "$srcver" >"$CACHE/resolved.env"
+}
+
+if [ ! -f "$CACHE/resolved.env" ] || [ "${MMIOBROKER_VM_REFRESH:-0}" = 1 ]; then
+	resolve
+fi
+# shellcheck disable=SC1091
+. "$CACHE/resolved.env"
+log "kernel: Debian $KVER (source linux-source-7.2 $KSRCVER)"
+
+dl=$CACHE/dl/$KSRCVER
+fetch() { # fetch PKG...: download into $dl unless a .deb of that name is there
+	local need=() p
+	mkdir -p "$dl"
+	for p in "$@"; do compgen -G "$dl/${p}_*.deb" >/dev/null || need+=("$p"); done
+	[ ${#need[@]} -eq 0 ] && return
+	[ -n "$(ls "$apt_dir/lists" 2>/dev/null | grep Packages)" ] || resolve
+	log "downloading ${need[*]}"
+	(cd "$dl" && apt-get "${apt_opts[@]}" download -qq "${need[@]/%/=$KSRCVER}")
+}
+
+# --- 3. stock kernel --------------------------------------------------------------------
+stock=$CACHE/stock/$KVER
+if [[ " $KERNELS " == *" stock "* ]] && [ ! -f "$stock/.done" ]; then
+	fetch "linux-binary-$KVER" "linux-modules-$KVER"
+	rm -rf "$stock" && mkdir -p "$stock/root"
+	for p in linux-binary linux-modules; do dpkg -x "$dl/$p-${KVER}"_*.deb "$stock/root"; done
+	# the modules package ships no modules.dep; generate it inside the private tree
+	depmod -b "$stock/root/usr" "$KVER" 2>/dev/null || depmod -b "$stock/root" "$KVER"
+	touch "$stock/.done"
+fi
+moddir=$(ls -d "$stock"/root/usr/lib/modules/"$KVER" "$stock"/root/lib/modules/"$KVER" 2>/dev/null | head -n1 || true)
+
+# --- 4. iommufd kernel ------------------------------------------------------------------
+frag=$here/kernel/iommufd.config
+fraghash=$(sha256sum "$frag" | cut -c1-12)
+build=$CACHE/build/$KSRCVER-$fraghash
+if [[ " $KERNELS " == *" iommufd "* ]] && [ ! -f "$build/.done" ]; then
+	src=$CACHE/src/$KSRCVER
+	if [ ! -f "$src/.done" ]; then
+		fetch linux-source-7.2
+		rm -rf "$src" && mkdir -p "$src"
+		dpkg -x "$dl"/linux-source-7.2_*.deb "$src/deb"
+		tar -C "$src" -xJf "$src"/deb/usr/src/linux-source-7.2.tar.xz
+		rm -rf "$src/deb"
+		touch "$src/.done"
+	fi
+	tree=$src/linux-source-7.2
+	mkdir -p "$build"
+	log "building the iommufd kernel ($KSRCVER + iommufd.config $fraghash) with -j$JOBS; about 14 min on 2 cores"
+	b0=$(date +%s)
+	make -s -C "$tree" O="$build" defconfig >/dev/null
+	"$tree/scripts/kconfig/merge_config.sh" -m -O "$build" "$build/.config" "$frag" >/dev/null
+	make -s -C "$tree" O="$build" olddefconfig >/dev/null
+	for s in IOMMUFD VFIO_DEVICE_CDEV VFIO_PCI_DMABUF VFIO_PCI PCI_P2PDMA INTEL_IOMMU; do
+		grep -q "^CONFIG_$s=y" "$build/.config" || { log "CONFIG_$s did not end up =y"; exit 1; }
+	done
+	nice -n 10 make -s -C "$tree" O="$build" -j"$JOBS" bzImage >"$build/build.log" 2>&1 ||
+		{ tail -n 40 "$build/build.log" >&2; log "kernel build failed (log: $build/build.log)"; exit 1; }
+	touch "$build/.done"
+	log "iommufd kernel built in $(($(date +%s) - b0)) s"
+fi
+
+# --- 5. rig.env -------------------------------------------------------------------------
+{
+	echo "KVER=$KVER"
+	echo "KSRCVER=$KSRCVER"
+	[ -n "$moddir" ] && echo "STOCK_KERNEL=$moddir/vmlinuz" && echo "STOCK_MODULES=$moddir"
+	[ -f "$build/.done" ] && echo "IOMMUFD_KERNEL=$build/arch/x86/boot/bzImage"
+	echo "BUSYBOX=$(command -v busybox || echo /bin/busybox)"
+} >"$CACHE/rig.env"
+log "ready in $(($(date +%s) - t0)) s: $CACHE/rig.env"
+cat "$CACHE/rig.env"
