@@ -1,0 +1,606 @@
+package broker
+
+import (
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+)
+
+// Broker owns the configured devices and their leases. Its methods are safe for
+// concurrent use.
+type Broker struct {
+	cfg  Config
+	open Opener
+	log  *slog.Logger
+	now  func() time.Time
+
+	mu      sync.Mutex // guards everything below, and every device's state and leases
+	closed  bool
+	devices map[string]*device // by BDF
+	order   []string           // BDFs in configuration order
+	leases  map[string]*lease  // every lease ever granted, live or ended (ended ones bounded)
+	ended   []string           // ended lease IDs, oldest first, for bounded retention
+	events  *eventLog
+}
+
+// device is a configured device. opMu serializes kernel operations on it (open, export,
+// revoke) so that validation, export and commit of one allocation, and the steps of one
+// revocation, are atomic with respect to each other.
+type device struct {
+	opMu   sync.Mutex
+	policy DeviceConfig
+	dev    Device // nil if not open; guarded by Broker.mu and opMu (both held to change)
+	info   DeviceInfo
+	err    error             // why dev is nil
+	live   map[string]*lease // allocated and active leases
+}
+
+// lease is a lease record; guarded by Broker.mu.
+type lease struct {
+	Lease
+	holder   Holder
+	buf      Buffer
+	token    string // current unclaimed claim token, "" once claimed
+	deadline time.Time
+	timer    *time.Timer
+	pending  bool // being exported: invisible to Get, List and Claim
+}
+
+// maxEndedLeases bounds how many ended leases stay visible to Get and List.
+const maxEndedLeases = 1024
+
+// New returns a broker for cfg that opens devices with open. It opens every configured
+// device now; a device that fails to open stays listed with its error and is retried when
+// someone asks to lease it.
+func New(cfg Config, open Opener, log *slog.Logger) (*Broker, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("broker config: %w", err)
+	}
+	cfg = cfg.withDefaults()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	b := &Broker{
+		cfg:     cfg,
+		open:    open,
+		log:     log,
+		now:     time.Now,
+		devices: map[string]*device{},
+		leases:  map[string]*lease{},
+		events:  newEventLog(cfg.EventBacklog),
+	}
+	for _, dc := range cfg.Devices {
+		d := &device{policy: dc, live: map[string]*lease{}, info: DeviceInfo{BDF: dc.BDF}}
+		b.devices[dc.BDF] = d
+		b.order = append(b.order, dc.BDF)
+		d.opMu.Lock()
+		b.openDevice(d)
+		d.opMu.Unlock()
+	}
+	return b, nil
+}
+
+// openDevice opens d if it is not open. Called with d.opMu held.
+func (b *Broker) openDevice(d *device) {
+	b.mu.Lock()
+	isOpen := d.dev != nil
+	b.mu.Unlock()
+	if isOpen {
+		return
+	}
+	dev, err := b.open(d.policy.BDF)
+	var info DeviceInfo
+	if err == nil {
+		info = dev.Info()
+		info.BDF = d.policy.BDF
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err != nil {
+		d.err = fmt.Errorf("device %s: open: %w", d.policy.BDF, err)
+		b.log.Warn("device unusable", "bdf", d.policy.BDF, "err", err)
+		return
+	}
+	d.dev, d.info, d.err = dev, info, nil
+	b.log.Info("device opened", "bdf", info.BDF, "mode", info.Mode, "driver", info.Driver,
+		"iommu_group", info.IOMMUGroup, "dma_buf", errString(info.DMABuf, "supported"))
+}
+
+func errString(err error, ok string) string {
+	if err == nil {
+		return ok
+	}
+	return err.Error()
+}
+
+// Devices returns every configured device in configuration order.
+func (b *Broker) Devices() []DeviceStatus {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]DeviceStatus, 0, len(b.order))
+	for _, bdf := range b.order {
+		out = append(out, b.statusLocked(b.devices[bdf]))
+	}
+	return out
+}
+
+// Device returns the configured device bdf.
+func (b *Broker) Device(bdf string) (DeviceStatus, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	d, ok := b.devices[bdf]
+	if !ok {
+		return DeviceStatus{}, fmt.Errorf("device %s is not configured: %w", bdf, errdefs.ErrNotFound)
+	}
+	return b.statusLocked(d), nil
+}
+
+func (b *Broker) statusLocked(d *device) DeviceStatus {
+	st := DeviceStatus{Info: d.info, Policy: d.policy, Err: d.err, LiveLeases: len(d.live)}
+	if d.dev != nil {
+		st.Info = d.dev.Info()
+		st.Info.BDF = d.policy.BDF
+	}
+	return st
+}
+
+// Allocate exports the requested ranges as a dma-buf and returns the new lease and its
+// claim token. It takes ownership of req.Holder.Proc. Nothing changes if it fails.
+func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error) {
+	defer func() {
+		if err != nil && req.Holder.Proc != nil {
+			req.Holder.Proc.Close()
+		}
+	}()
+	d, err := b.deviceFor(req.BDF)
+	if err != nil {
+		return Lease{}, "", err
+	}
+	if req.Kind == 0 {
+		req.Kind = KindShared
+	}
+	if !mayLease(d.policy, req.Holder, req.Admin) {
+		return Lease{}, "", fmt.Errorf("device %s: uid %d may not lease it: %w", req.BDF, req.Holder.UID, errdefs.ErrPermissionDenied)
+	}
+
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	b.openDevice(d) // retry a device that failed to open
+	b.mu.Lock()
+	if d.dev == nil {
+		err := d.err
+		b.mu.Unlock()
+		return Lease{}, "", fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
+	}
+	dev := d.dev
+	b.mu.Unlock()
+	info := dev.Info() // fresh TSM state
+	info.BDF = req.BDF
+
+	l, err := b.reserve(d, info, req)
+	if err != nil {
+		return Lease{}, "", err
+	}
+	buf, err := dev.Export(req.BAR, req.Ranges, bufferName(l.ID))
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err == nil && b.closed {
+		buf.Close()
+		err = fmt.Errorf("broker is shutting down: %w", errdefs.ErrUnavailable)
+	}
+	if err != nil {
+		delete(d.live, l.ID)
+		delete(b.leases, l.ID)
+		return Lease{}, "", fmt.Errorf("device %s: bar %d: export %v: %w", req.BDF, req.BAR, req.Ranges, err)
+	}
+	now := b.now()
+	l.pending = false
+	l.buf = buf
+	l.Inode, l.Size = buf.Inode(), buf.Size()
+	l.Created = now
+	l.token = newToken()
+	l.deadline = now.Add(b.cfg.ClaimTimeout)
+	id, gen := l.ID, l.Generation
+	l.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
+	b.emitLocked(EventAllocated, l, "")
+	b.log.Info("lease allocated", "lease_id", l.ID, "bdf", l.BDF, "bar", l.BAR, "ranges", fmt.Sprint(l.Ranges),
+		"kind", l.Kind.String(), "uid", l.Holder.UID, "client_pid", l.Holder.PID, "inode", l.Inode, "unattested", l.Unattested)
+	return l.Lease, l.token, nil
+}
+
+func (b *Broker) deviceFor(bdf string) (*device, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, fmt.Errorf("broker is shutting down: %w", errdefs.ErrUnavailable)
+	}
+	d, ok := b.devices[bdf]
+	if !ok {
+		return nil, fmt.Errorf("device %s is not configured: %w", bdf, errdefs.ErrNotFound)
+	}
+	return d, nil
+}
+
+// reserve validates req and records a pending lease. Called with d.opMu held.
+func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*lease, error) {
+	if info.DMABuf != nil {
+		return nil, fmt.Errorf("device %s: %w: %w", req.BDF, info.DMABuf, errdefs.ErrFailedPrecondition)
+	}
+	if !slices.Contains(d.policy.Kinds, req.Kind) {
+		return nil, fmt.Errorf("device %s: %s leases are not allowed by policy: %w", req.BDF, req.Kind, errdefs.ErrPermissionDenied)
+	}
+	if err := validateRanges(info, d.policy, req.BAR, req.Ranges, b.cfg.PageSize, b.cfg.Limits.MaxRangesPerLease); err != nil {
+		return nil, err
+	}
+	unattested := false
+	if req.Kind == KindPrivate && info.TSM.Bound == "" {
+		if !d.policy.AllowUnattestedPrivate {
+			return nil, fmt.Errorf("device %s: private lease needs the device bound to a TSM (tsm/bound is empty): %w", req.BDF, errdefs.ErrFailedPrecondition)
+		}
+		unattested = true
+	}
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, fmt.Errorf("broker is shutting down: %w", errdefs.ErrUnavailable)
+	}
+	for _, o := range d.live {
+		if o.BAR != req.BAR || !overlaps(o.Ranges, req.Ranges) {
+			continue
+		}
+		switch {
+		case req.Kind == KindPrivate || o.Kind == KindPrivate:
+			return nil, fmt.Errorf("device %s: bar %d: ranges %v overlap %s lease %s %v; private ranges are exclusive: %w",
+				req.BDF, req.BAR, req.Ranges, o.Kind, o.ID, o.Ranges, errdefs.ErrFailedPrecondition)
+		case o.Holder.UID != req.Holder.UID:
+			return nil, fmt.Errorf("device %s: bar %d: ranges %v overlap lease %s %v of another holder (uid %d): %w",
+				req.BDF, req.BAR, req.Ranges, o.ID, o.Ranges, o.Holder.UID, errdefs.ErrFailedPrecondition)
+		}
+	}
+	total, mine := 0, 0
+	for _, o := range b.leases {
+		if o.Live() {
+			total++
+			if o.Holder.UID == req.Holder.UID {
+				mine++
+			}
+		}
+	}
+	if mine >= b.cfg.Limits.MaxLeasesPerHolder {
+		return nil, fmt.Errorf("uid %d holds %d leases, the limit: %w", req.Holder.UID, mine, errdefs.ErrResourceExhausted)
+	}
+	if total >= b.cfg.Limits.MaxLeases {
+		return nil, fmt.Errorf("the broker holds %d leases, the limit: %w", total, errdefs.ErrResourceExhausted)
+	}
+	l := &lease{holder: req.Holder, pending: true}
+	l.ID = newLeaseID()
+	l.BDF, l.BAR, l.Ranges, l.Kind = req.BDF, req.BAR, slices.Clone(req.Ranges), req.Kind
+	l.State, l.Generation = StateAllocated, 1
+	l.Holder.UID, l.Holder.PID = req.Holder.UID, req.Holder.PID
+	l.VMName, l.Unattested = req.VMName, unattested
+	b.leases[l.ID] = l
+	d.live[l.ID] = l
+	return l, nil
+}
+
+// Claim hands the holder of lease id a new fd of its current dma-buf, in exchange for the
+// lease's claim token. The caller sends and closes the fd. The token is single-use.
+func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	l, ok := b.leases[id]
+	if !ok || l.pending {
+		return Lease{}, nil, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
+	}
+	if !l.Live() {
+		return Lease{}, nil, fmt.Errorf("lease %s has ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
+	}
+	if l.token == "" || subtle.ConstantTimeCompare([]byte(l.token), []byte(token)) != 1 {
+		return Lease{}, nil, fmt.Errorf("lease %s: claim token is wrong or already used: %w", id, errdefs.ErrPermissionDenied)
+	}
+	if l.State == StateAllocated && !b.now().Before(l.deadline) {
+		return Lease{}, nil, fmt.Errorf("lease %s: claim token expired at %s: %w", id, l.deadline.Format(time.RFC3339), errdefs.ErrDeadlineExceeded)
+	}
+	if peer.UID != l.Holder.UID || peer.PID != l.Holder.PID {
+		return Lease{}, nil, fmt.Errorf("lease %s: claim from uid %d pid %d, but the lease was allocated by uid %d pid %d: %w",
+			id, peer.UID, peer.PID, l.Holder.UID, l.Holder.PID, errdefs.ErrPermissionDenied)
+	}
+	if l.holder.Proc != nil && !l.holder.Proc.Alive() {
+		return Lease{}, nil, fmt.Errorf("lease %s: the allocating process %d has exited (pid reused?): %w", id, l.Holder.PID, errdefs.ErrPermissionDenied)
+	}
+	f, err := l.buf.Dup()
+	if err != nil {
+		return Lease{}, nil, fmt.Errorf("lease %s: duplicate dma-buf fd: %w", id, err)
+	}
+	l.token = ""
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
+	l.State = StateActive
+	l.Claimed = b.now()
+	b.emitLocked(EventClaimed, l, "")
+	b.log.Info("lease claimed", "lease_id", id, "generation", l.Generation, "client_pid", peer.PID, "inode", l.Inode)
+	return l.Lease, f, nil
+}
+
+// expire releases lease id if generation gen was never claimed.
+func (b *Broker) expire(id string, gen uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	l, ok := b.leases[id]
+	if !ok || l.State != StateAllocated || l.Generation != gen || l.token == "" {
+		return
+	}
+	b.endLocked(l, StateReleased, ReasonClaimExpired, "broker")
+	b.emitLocked(EventExpired, l, "")
+	b.log.Info("lease expired unclaimed", "lease_id", id, "bdf", l.BDF)
+}
+
+// Get returns lease id.
+func (b *Broker) Get(id string) (Lease, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	l, ok := b.leases[id]
+	if !ok || l.pending {
+		return Lease{}, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
+	}
+	return l.Lease, nil
+}
+
+// List returns the leases matching f, oldest first.
+func (b *Broker) List(f Filter) []Lease {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []Lease
+	for _, l := range b.leases {
+		switch {
+		case l.pending,
+			f.UID != nil && l.Holder.UID != *f.UID,
+			f.BDF != "" && l.BDF != f.BDF,
+			f.Live && !l.Live():
+			continue
+		}
+		out = append(out, l.Lease)
+	}
+	slices.SortFunc(out, func(a, b Lease) int {
+		if c := a.Created.Compare(b.Created); c != 0 {
+			return c
+		}
+		switch {
+		case a.ID < b.ID:
+			return -1
+		case a.ID > b.ID:
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// Release ends lease id on behalf of its holder (same uid) or an admin. It does not touch
+// the device: the holder's fd stays usable until the holder closes it.
+func (b *Broker) Release(id string, by Actor) (Lease, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	l, ok := b.leases[id]
+	if !ok || l.pending {
+		return Lease{}, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
+	}
+	if !by.Admin && by.UID != l.Holder.UID {
+		return Lease{}, fmt.Errorf("lease %s is held by uid %d, not %s: %w", id, l.Holder.UID, by, errdefs.ErrPermissionDenied)
+	}
+	if !l.Live() {
+		return Lease{}, fmt.Errorf("lease %s has already ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
+	}
+	b.endLocked(l, StateReleased, ReasonReleased, by.String())
+	b.emitLocked(EventReleased, l, "")
+	b.log.Info("lease released", "lease_id", id, "bdf", l.BDF, "by", by.String())
+	return l.Lease, nil
+}
+
+// Revoke ends lease id for good (admins only). Linux 7.2 cannot revoke one dma-buf, so
+// this revokes every dma-buf of the lease's device and re-exports the device's other live
+// leases as a new generation (event reissued, with a new claim token for their holders).
+func (b *Broker) Revoke(id string, by Actor) (Lease, error) {
+	if !by.Admin {
+		return Lease{}, fmt.Errorf("revoke lease %s: %s is not an admin: %w", id, by, errdefs.ErrPermissionDenied)
+	}
+	b.mu.Lock()
+	l, ok := b.leases[id]
+	if !ok || l.pending {
+		b.mu.Unlock()
+		return Lease{}, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
+	}
+	d := b.devices[l.BDF]
+	b.mu.Unlock()
+
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	b.mu.Lock()
+	if !l.Live() {
+		b.mu.Unlock()
+		return Lease{}, fmt.Errorf("lease %s has already ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
+	}
+	b.endLocked(l, StateRevoked, ReasonRevoked, by.String())
+	b.emitLocked(EventRevoked, l, "")
+	survivors := make([]*lease, 0, len(d.live))
+	for _, o := range d.live {
+		survivors = append(survivors, o)
+	}
+	dev := d.dev
+	snapshot := l.Lease
+	b.mu.Unlock()
+	if dev == nil {
+		return snapshot, nil
+	}
+
+	start := b.now()
+	if err := dev.Revoke(); err != nil {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.loseDeviceLocked(d, fmt.Errorf("revoke: %w", err))
+		return snapshot, fmt.Errorf("lease %s revoked, but cycling device %s failed; all its leases ended: %w: %w",
+			id, l.BDF, err, errdefs.ErrUnavailable)
+	}
+	b.log.Info("lease revoked", "lease_id", id, "bdf", l.BDF, "by", by.String(),
+		"device_cycle", b.now().Sub(start).String(), "reissue", len(survivors))
+	b.reissue(d, dev, survivors)
+	return snapshot, nil
+}
+
+// reissue re-exports survivors after their device revoked every dma-buf. Called with
+// d.opMu held.
+func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
+	slices.SortFunc(survivors, func(x, y *lease) int { return x.Created.Compare(y.Created) })
+	for _, o := range survivors {
+		buf, err := dev.Export(o.BAR, o.Ranges, bufferName(o.ID))
+		b.mu.Lock()
+		if !o.Live() { // ended meanwhile (e.g. released)
+			b.mu.Unlock()
+			if buf != nil {
+				buf.Close()
+			}
+			continue
+		}
+		if err != nil {
+			b.endLocked(o, StateRevoked, ReasonReissueFailed, "broker")
+			b.emitLocked(EventRevoked, o, "")
+			b.log.Error("reissue failed", "lease_id", o.ID, "bdf", o.BDF, "err", err)
+			b.mu.Unlock()
+			continue
+		}
+		if o.buf != nil {
+			o.buf.Close()
+		}
+		if o.timer != nil {
+			o.timer.Stop()
+			o.timer = nil
+		}
+		o.buf = buf
+		o.Generation++
+		o.Inode, o.Size = buf.Inode(), buf.Size()
+		o.Claimed = time.Time{}
+		o.token = newToken()
+		o.deadline = time.Time{}
+		if o.State == StateAllocated { // never claimed: the claim window starts again
+			o.deadline = b.now().Add(b.cfg.ClaimTimeout)
+			id, gen := o.ID, o.Generation
+			o.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
+		}
+		b.emitLocked(EventReissued, o, o.token)
+		b.log.Info("lease reissued", "lease_id", o.ID, "generation", o.Generation, "inode", o.Inode)
+		b.mu.Unlock()
+	}
+}
+
+// loseDeviceLocked closes d after a failure and ends all its leases.
+func (b *Broker) loseDeviceLocked(d *device, cause error) {
+	for _, o := range d.live {
+		b.endLocked(o, StateRevoked, ReasonDeviceLost, "broker")
+		b.emitLocked(EventDeviceLost, o, "")
+	}
+	if d.dev != nil {
+		d.dev.Close()
+	}
+	d.dev = nil
+	d.err = fmt.Errorf("device %s: %w", d.policy.BDF, cause)
+	b.log.Error("device lost", "bdf", d.policy.BDF, "err", cause)
+}
+
+// endLocked moves l to a final state and frees what it holds.
+func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
+	l.State, l.EndReason, l.EndedBy, l.Ended = st, why, by, b.now()
+	l.token = ""
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
+	if l.buf != nil {
+		l.buf.Close()
+		l.buf = nil
+	}
+	if l.holder.Proc != nil {
+		l.holder.Proc.Close()
+		l.holder.Proc = nil
+	}
+	if d := b.devices[l.BDF]; d != nil {
+		delete(d.live, l.ID)
+	}
+	b.ended = append(b.ended, l.ID)
+	for len(b.ended) > maxEndedLeases {
+		delete(b.leases, b.ended[0])
+		b.ended = b.ended[1:]
+	}
+}
+
+func (b *Broker) emitLocked(t EventType, l *lease, token string) {
+	b.events.append(Event{Time: b.now(), Type: t, Lease: l.Lease, Token: token})
+}
+
+// Close ends every live lease (reason broker_shutdown), closes every device and ends all
+// subscriptions. Closing the devices revokes every dma-buf they exported.
+func (b *Broker) Close() error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closed = true
+	for _, l := range b.leases {
+		if l.Live() && !l.pending {
+			b.endLocked(l, StateReleased, ReasonShutdown, "broker")
+		}
+	}
+	for s := range b.events.subs {
+		s.end(errBrokerClosed)
+	}
+	clear(b.events.subs)
+	devs := make([]*device, 0, len(b.devices))
+	for _, d := range b.devices {
+		devs = append(devs, d)
+	}
+	b.mu.Unlock()
+
+	var errs []error
+	for _, d := range devs {
+		d.opMu.Lock()
+		b.mu.Lock()
+		dev := d.dev
+		d.dev = nil
+		d.err = fmt.Errorf("device %s: broker closed: %w", d.policy.BDF, errdefs.ErrUnavailable)
+		b.mu.Unlock()
+		if dev != nil {
+			if err := dev.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("device %s: close: %w", d.policy.BDF, err))
+			}
+		}
+		d.opMu.Unlock()
+	}
+	return errors.Join(errs...)
+}
+
+// bufferName names a lease's dma-buf (DMA_BUF_SET_NAME allows 31 bytes).
+func bufferName(id string) string { return "mmb-" + id }
+
+// newLeaseID returns 96 random bits as 24 hex digits.
+func newLeaseID() string { return randomHex(12) }
+
+// newToken returns a 128-bit random claim token as 32 hex digits.
+func newToken() string { return randomHex(16) }
+
+func randomHex(n int) string {
+	buf := make([]byte, n)
+	rand.Read(buf) // never fails (crypto/rand, Go 1.24+)
+	return hex.EncodeToString(buf)
+}

@@ -1,0 +1,233 @@
+// Package brokertest provides an in-memory [broker.Device] for tests and benchmarks of the
+// broker and everything above it. Its buffers are real file descriptors (memfds), so they
+// can be passed over unix sockets like dma-bufs, but nothing touches VFIO.
+package brokertest
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mmiobroker/mmiobroker/internal/broker"
+)
+
+// Device is a fake VFIO device. Every buffer it exports records its generation: a
+// [Device.Revoke] kills all buffers exported before it, which [Buffer.Revoked] reports.
+type Device struct {
+	mu         sync.Mutex
+	info       broker.DeviceInfo
+	generation int // incremented by Revoke
+	open       []*Buffer
+	closed     bool
+	// ExportErr, if set, makes the next Export fail with it (once).
+	ExportErr error
+	// RevokeErr, if set, makes Revoke fail with it.
+	RevokeErr error
+	// Revokes counts Revoke calls.
+	Revokes int
+}
+
+// NewDevice returns a fake device with one 1 MiB memory BAR 0, one 256-byte memory BAR 1,
+// an I/O BAR 2 and a 16 MiB prefetchable 64-bit BAR 4.
+func NewDevice(bdf string) *Device {
+	return &Device{info: broker.DeviceInfo{
+		BDF: bdf, Vendor: 0x1234, DeviceID: 0x11e8, Class: 0x00ff00, Driver: "vfio-pci",
+		IOMMUGroup: 3, Mode: "group",
+		BARs: []broker.BAR{
+			{Index: 0, Size: 1 << 20, Mem: true},
+			{Index: 1, Size: 256, Mem: true},
+			{Index: 2, Size: 32},
+			{Index: 4, Size: 16 << 20, Mem: true, Prefetch: true, Is64: true},
+		},
+	}}
+}
+
+// SetInfo replaces the device's description (e.g. to change TSM state).
+func (d *Device) SetInfo(f func(*broker.DeviceInfo)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f(&d.info)
+}
+
+// Info implements broker.Device.
+func (d *Device) Info() broker.DeviceInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.info
+}
+
+// Export implements broker.Device with a memfd of the ranges' total size.
+func (d *Device) Export(bar int, ranges []broker.Range, name string) (broker.Buffer, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, fmt.Errorf("fake device %s: export: %w", d.info.BDF, unix.ENODEV)
+	}
+	if err := d.ExportErr; err != nil {
+		d.ExportErr = nil
+		return nil, err
+	}
+	var size uint64
+	for _, r := range ranges {
+		size += r.Length
+	}
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("memfd_create", err)
+	}
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("ftruncate", err)
+	}
+	f := os.NewFile(uintptr(fd), "/dmabuf:"+name)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, os.NewSyscallError("fstat", err)
+	}
+	b := &Buffer{f: f, inode: st.Ino, size: size, dev: d, gen: d.generation, Name: name, BAR: bar}
+	d.open = append(d.open, b)
+	return b, nil
+}
+
+// Revoke implements broker.Device.
+func (d *Device) Revoke() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.Revokes++
+	if d.RevokeErr != nil {
+		return d.RevokeErr
+	}
+	d.generation++
+	return nil
+}
+
+// Close implements broker.Device: every buffer exported so far counts as revoked.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.closed = true
+	d.generation++
+	return nil
+}
+
+// OpenBuffers returns the buffers the broker has not closed.
+func (d *Device) OpenBuffers() []*Buffer {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []*Buffer
+	for _, b := range d.open {
+		if !b.closed {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// Buffer is a fake dma-buf backed by a memfd.
+type Buffer struct {
+	f      *os.File
+	inode  uint64
+	size   uint64
+	dev    *Device
+	gen    int
+	closed bool // guarded by dev.mu
+	// Name and BAR are what the buffer was exported with.
+	Name string
+	BAR  int
+}
+
+// Inode implements broker.Buffer.
+func (b *Buffer) Inode() uint64 { return b.inode }
+
+// Size implements broker.Buffer.
+func (b *Buffer) Size() uint64 { return b.size }
+
+// Dup implements broker.Buffer.
+func (b *Buffer) Dup() (*os.File, error) {
+	b.dev.mu.Lock()
+	closed := b.closed
+	b.dev.mu.Unlock()
+	if closed {
+		return nil, fmt.Errorf("dup: %w", os.ErrClosed)
+	}
+	var nfd int
+	var err error
+	cerr := rawControl(b.f, func(fd uintptr) {
+		nfd, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	})
+	if err = errors.Join(cerr, err); err != nil {
+		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
+	}
+	return os.NewFile(uintptr(nfd), b.f.Name()), nil
+}
+
+// Revoked reports whether a device revoke or close happened after this buffer's export.
+func (b *Buffer) Revoked() bool {
+	b.dev.mu.Lock()
+	defer b.dev.mu.Unlock()
+	return b.gen != b.dev.generation
+}
+
+// Close implements broker.Buffer.
+func (b *Buffer) Close() error {
+	b.dev.mu.Lock()
+	if b.closed {
+		b.dev.mu.Unlock()
+		return nil
+	}
+	b.closed = true
+	b.dev.mu.Unlock()
+	return b.f.Close()
+}
+
+func rawControl(f *os.File, fn func(fd uintptr)) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Control(fn)
+}
+
+// Opener returns a broker.Opener serving the given fake devices by BDF; any other address
+// fails with ENODEV.
+func Opener(devs ...*Device) broker.Opener {
+	return func(bdf string) (broker.Device, error) {
+		for _, d := range devs {
+			if d.info.BDF == bdf {
+				d.mu.Lock()
+				d.closed = false
+				d.mu.Unlock()
+				return d, nil
+			}
+		}
+		return nil, fmt.Errorf("no such fake device %s: %w", bdf, syscall.ENODEV)
+	}
+}
+
+// Process is a fake holder process for tests.
+type Process struct {
+	Pid    int32
+	mu     sync.Mutex
+	dead   bool
+	closed bool
+}
+
+// PID implements broker.Process.
+func (p *Process) PID() int32 { return p.Pid }
+
+// Alive implements broker.Process.
+func (p *Process) Alive() bool { p.mu.Lock(); defer p.mu.Unlock(); return !p.dead }
+
+// Exit marks the process dead.
+func (p *Process) Exit() { p.mu.Lock(); p.dead = true; p.mu.Unlock() }
+
+// Close implements broker.Process.
+func (p *Process) Close() error { p.mu.Lock(); p.closed = true; p.mu.Unlock(); return nil }
+
+// Closed reports whether the broker closed the process handle.
+func (p *Process) Closed() bool { p.mu.Lock(); defer p.mu.Unlock(); return p.closed }

@@ -1,0 +1,142 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+)
+
+// ErrSubscriberLagged ends a [Subscription] whose reader fell too far behind; resubscribe
+// with the last sequence number seen.
+var ErrSubscriberLagged = fmt.Errorf("event subscriber fell behind: %w", errdefs.ErrResourceExhausted)
+
+// eventLog keeps the last events for replay and fans new ones out to subscribers.
+// Its methods are called with Broker.mu held.
+type eventLog struct {
+	ring []Event // ring[(seq-1) % cap], the last len(ring) events
+	next uint64  // sequence number of the next event
+	size int
+	subs map[*Subscription]struct{}
+}
+
+func newEventLog(backlog int) *eventLog {
+	return &eventLog{ring: make([]Event, 0, backlog), next: 1, size: backlog, subs: map[*Subscription]struct{}{}}
+}
+
+func (l *eventLog) append(e Event) Event {
+	e.Seq = l.next
+	l.next++
+	if l.size > 0 {
+		if len(l.ring) < l.size {
+			l.ring = append(l.ring, e)
+		} else {
+			l.ring[(e.Seq-1)%uint64(l.size)] = e
+		}
+	}
+	for s := range l.subs {
+		if !s.push(e) {
+			delete(l.subs, s)
+		}
+	}
+	return e
+}
+
+// oldest returns the sequence number of the oldest retained event (next if none).
+func (l *eventLog) oldest() uint64 { return l.next - uint64(len(l.ring)) }
+
+func (l *eventLog) since(cursor uint64) ([]Event, error) {
+	if cursor >= l.next {
+		if cursor > l.next-1 {
+			return nil, fmt.Errorf("event cursor %d is ahead of the last event %d: %w", cursor, l.next-1, errdefs.ErrInvalidArgument)
+		}
+		return nil, nil
+	}
+	if cursor+1 < l.oldest() {
+		return nil, fmt.Errorf("event cursor %d is older than the oldest retained event %d; list leases to resync: %w",
+			cursor, l.oldest(), errdefs.ErrFailedPrecondition)
+	}
+	out := make([]Event, 0, l.next-1-cursor)
+	for seq := cursor + 1; seq < l.next; seq++ {
+		out = append(out, l.ring[(seq-1)%uint64(l.size)])
+	}
+	return out, nil
+}
+
+// Subscription delivers events in order. Read [Subscription.Events] until it is closed,
+// then [Subscription.Err] says why.
+type Subscription struct {
+	ch     chan Event
+	b      *Broker
+	mu     sync.Mutex
+	err    error
+	closed bool
+}
+
+// Events returns the channel of events; it is closed when the subscription ends.
+func (s *Subscription) Events() <-chan Event { return s.ch }
+
+// Err returns why the subscription ended: nil after [Subscription.Close], or
+// [ErrSubscriberLagged], or the broker shutting down.
+func (s *Subscription) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// push delivers e without blocking; on overflow it ends the subscription and returns false.
+func (s *Subscription) push(e Event) bool {
+	select {
+	case s.ch <- e:
+		return true
+	default:
+		s.end(ErrSubscriberLagged)
+		return false
+	}
+}
+
+func (s *Subscription) end(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	s.closed = true
+	s.err = err
+	close(s.ch)
+}
+
+// Close ends the subscription.
+func (s *Subscription) Close() {
+	s.b.mu.Lock()
+	delete(s.b.events.subs, s)
+	s.b.mu.Unlock()
+	s.end(nil)
+}
+
+// errBrokerClosed ends subscriptions when the broker closes.
+var errBrokerClosed = errors.New("broker closed")
+
+// Subscribe returns the events after sequence number cursor (0: only new events). It fails
+// with errdefs.ErrFailedPrecondition if events after cursor are no longer retained.
+func (b *Broker) Subscribe(cursor uint64) (*Subscription, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, fmt.Errorf("subscribe: %w: %w", errBrokerClosed, errdefs.ErrUnavailable)
+	}
+	var backlog []Event
+	if cursor > 0 {
+		var err error
+		if backlog, err = b.events.since(cursor); err != nil {
+			return nil, err
+		}
+	}
+	s := &Subscription{ch: make(chan Event, b.cfg.EventBacklog+64), b: b}
+	for _, e := range backlog {
+		s.ch <- e // fits: the channel holds a whole backlog
+	}
+	b.events.subs[s] = struct{}{}
+	return s, nil
+}

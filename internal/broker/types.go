@@ -1,0 +1,289 @@
+package broker
+
+import (
+	"fmt"
+	"os"
+	"time"
+)
+
+// Range is a byte range of a BAR: Offset and Length are page aligned, Length is non-zero.
+type Range struct {
+	Offset uint64
+	Length uint64
+}
+
+// End returns the first byte after r.
+func (r Range) End() uint64 { return r.Offset + r.Length }
+
+func (r Range) String() string { return fmt.Sprintf("[%#x,+%#x)", r.Offset, r.Length) }
+
+// Buffer is an exported dma-buf held by the broker.
+type Buffer interface {
+	// Inode is the dma-buf's unique per-boot identity (st_ino).
+	Inode() uint64
+	// Size is the dma-buf's size in bytes (the sum of its ranges).
+	Size() uint64
+	// Dup returns a new close-on-exec fd of the same dma-buf for delivery; the caller owns it.
+	Dup() (*os.File, error)
+	// Close closes the broker's copy. It revokes nothing.
+	Close() error
+}
+
+// Device is one opened VFIO device as the broker sees it.
+type Device interface {
+	// Info returns a fresh snapshot of the device (TSM state re-read).
+	Info() DeviceInfo
+	// Export exports ranges of BAR bar as a dma-buf named name (at most 31 bytes).
+	Export(bar int, ranges []Range, name string) (Buffer, error)
+	// Revoke makes every dma-buf exported so far dead for good: memory decode off, device
+	// fd closed and reopened, memory decode on. Buffers exported afterwards are live.
+	Revoke() error
+	// Close closes the device; every dma-buf exported from it is revoked for good.
+	Close() error
+}
+
+// Opener opens the device at PCI address bdf.
+type Opener func(bdf string) (Device, error)
+
+// DeviceInfo describes a device: identity, access path, BARs and TSM state.
+type DeviceInfo struct {
+	BDF        string
+	Vendor     uint16
+	DeviceID   uint16
+	Class      uint32
+	Driver     string
+	IOMMUGroup int
+	// Mode is the VFIO access path: "group" (group + type1 container) or "cdev"
+	// (device cdev + iommufd).
+	Mode string
+	// BARs lists the implemented BARs (size > 0).
+	BARs []BAR
+	TSM  TSMState
+	// DMABuf is nil if the device can export dma-bufs, else the reason it cannot.
+	DMABuf error
+}
+
+// BAR describes one implemented base address register.
+type BAR struct {
+	Index    int
+	Size     uint64
+	Mem      bool // a memory BAR (false: I/O port BAR)
+	Prefetch bool
+	Is64     bool
+}
+
+// TSMState is a device's TEE Security Manager state from sysfs.
+type TSMState struct {
+	// Present reports whether the device has a tsm/ directory.
+	Present bool
+	// Connect is the TSM the device is connected to (SPDM/IDE up), or "".
+	Connect string
+	// Bound is the TSM the device's TDI is bound to (LOCKED/RUN), or "".
+	Bound string
+}
+
+// Process is a client process pinned by a pidfd, so that PID reuse cannot impersonate it.
+type Process interface {
+	PID() int32
+	// Alive reports whether the pinned process is still running.
+	Alive() bool
+	Close() error
+}
+
+// Holder identifies the client a lease is granted to.
+type Holder struct {
+	UID    uint32
+	GID    uint32
+	Groups []uint32
+	PID    int32
+	// Proc pins the holder process; may be nil only in tests.
+	Proc Process
+}
+
+// Peer identifies who connected to the claim socket.
+type Peer struct {
+	UID uint32
+	PID int32
+}
+
+// Actor identifies the caller of a management operation.
+type Actor struct {
+	UID   uint32
+	PID   int32
+	Admin bool
+}
+
+func (a Actor) String() string {
+	if a.Admin {
+		return fmt.Sprintf("uid %d (admin) pid %d", a.UID, a.PID)
+	}
+	return fmt.Sprintf("uid %d pid %d", a.UID, a.PID)
+}
+
+// Kind is the kind of a lease.
+type Kind int
+
+// Lease kinds.
+const (
+	// KindShared ranges may overlap other shared leases of the same holder uid.
+	KindShared Kind = iota + 1
+	// KindPrivate ranges overlap no other lease on the device and need the device TSM-bound
+	// (private MMIO of a confidential VM's TDISP device).
+	KindPrivate
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindShared:
+		return "shared"
+	case KindPrivate:
+		return "private"
+	}
+	return fmt.Sprintf("kind(%d)", int(k))
+}
+
+// ParseKind parses "shared" or "private".
+func ParseKind(s string) (Kind, error) {
+	switch s {
+	case "shared":
+		return KindShared, nil
+	case "private":
+		return KindPrivate, nil
+	}
+	return 0, fmt.Errorf("unknown lease kind %q (want shared or private)", s)
+}
+
+// State is a lease's state.
+type State int
+
+// Lease states.
+const (
+	// StateAllocated: exported, waiting for its holder to claim the fd.
+	StateAllocated State = iota + 1
+	// StateActive: the holder claimed the fd.
+	StateActive
+	// StateRevoked: ended by revocation; its dma-buf is dead.
+	StateRevoked
+	// StateReleased: ended by its holder (or an unclaimed token expired).
+	StateReleased
+)
+
+func (s State) String() string {
+	switch s {
+	case StateAllocated:
+		return "allocated"
+	case StateActive:
+		return "active"
+	case StateRevoked:
+		return "revoked"
+	case StateReleased:
+		return "released"
+	}
+	return fmt.Sprintf("state(%d)", int(s))
+}
+
+// Ended reports whether s is a final state.
+func (s State) Ended() bool { return s == StateRevoked || s == StateReleased }
+
+// Reason says why a lease ended.
+type Reason string
+
+// End reasons.
+const (
+	ReasonReleased      Reason = "released"       // its holder released it
+	ReasonRevoked       Reason = "revoked"        // an admin revoked it
+	ReasonClaimExpired  Reason = "claim_expired"  // the claim token expired unclaimed
+	ReasonDeviceLost    Reason = "device_lost"    // the device failed or went away
+	ReasonReissueFailed Reason = "reissue_failed" // re-export after a device revoke failed
+	ReasonShutdown      Reason = "broker_shutdown"
+)
+
+// Lease is a snapshot of one lease.
+type Lease struct {
+	ID     string
+	BDF    string
+	BAR    int
+	Ranges []Range
+	Kind   Kind
+	State  State
+	// Generation counts the dma-bufs exported for this lease; it grows on every reissue.
+	Generation uint64
+	Size       uint64
+	// Inode identifies the current generation's dma-buf (st_ino).
+	Inode  uint64
+	Holder struct {
+		UID uint32
+		PID int32
+	}
+	VMName string
+	// Unattested marks a private lease granted without TSM binding because the device's
+	// policy allows it (test rigs only).
+	Unattested bool
+	Created    time.Time
+	Claimed    time.Time // zero until the current generation is claimed
+	Ended      time.Time // zero while live
+	EndReason  Reason
+	EndedBy    string
+}
+
+// Live reports whether the lease has not ended.
+func (l Lease) Live() bool { return !l.State.Ended() }
+
+// DeviceStatus is a configured device with its policy and state.
+type DeviceStatus struct {
+	Info   DeviceInfo
+	Policy DeviceConfig
+	// Err is nil if the device is open and usable, else why it is not.
+	Err error
+	// LiveLeases counts the device's allocated and active leases.
+	LiveLeases int
+}
+
+// EventType is the kind of a lease transition.
+type EventType string
+
+// Event types.
+const (
+	EventAllocated  EventType = "allocated"
+	EventClaimed    EventType = "claimed"
+	EventRevoked    EventType = "revoked"
+	EventReleased   EventType = "released"
+	EventReissued   EventType = "reissued"
+	EventExpired    EventType = "expired"
+	EventDeviceLost EventType = "device_lost"
+)
+
+// Event is one lease transition.
+type Event struct {
+	// Seq numbers events from 1, without gaps, for the life of the broker.
+	Seq  uint64
+	Time time.Time
+	Type EventType
+	// Lease is the lease after the transition.
+	Lease Lease
+	// Token is the new claim token of a reissued lease; empty otherwise. Only the lease's
+	// holder may be shown it.
+	Token string
+}
+
+// Filter selects leases in [Broker.List]. Zero fields match everything.
+type Filter struct {
+	// UID, if set, matches leases held by that uid.
+	UID *uint32
+	BDF string
+	// Live matches only allocated and active leases.
+	Live bool
+}
+
+// AllocateRequest asks for a lease.
+type AllocateRequest struct {
+	BDF    string
+	BAR    int
+	Ranges []Range
+	Kind   Kind
+	VMName string
+	// Holder is the caller; [Broker.Allocate] takes ownership of Holder.Proc.
+	Holder Holder
+	// Admin callers may lease any configured device.
+	Admin bool
+}
