@@ -8,13 +8,11 @@ import (
 	"testing"
 
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
 
-func TestMain(m *testing.M) {
-	// goleak is not needed: the package starts no goroutines.
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func pipe(t *testing.T) (r, w *os.File) {
 	t.Helper()

@@ -1,0 +1,221 @@
+package hostdev
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+
+	"github.com/mmiobroker/mmiobroker/internal/broker"
+	"github.com/mmiobroker/mmiobroker/internal/dmabuf"
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/pci"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
+	"golang.org/x/sys/unix"
+)
+
+// Options configures [Open].
+type Options struct {
+	// Mode is the VFIO access path: "auto" (or ""), "group" or "cdev" (see vfio.Mode).
+	Mode string
+	// Sysfs locates the device; its zero value is the real /sys.
+	Sysfs pci.Sysfs
+	// DevRoot is where the vfio and iommu device nodes live; "" means "/dev".
+	DevRoot string
+	// ManagedBind binds the device to vfio-pci before opening it (driver_override), and
+	// restores its previous driver on Close. Off by default: the operator binds devices.
+	ManagedBind bool
+	// Log receives one line per device event (opened, revoked, closed); nil discards.
+	Log *slog.Logger
+}
+
+// vfioDevice is the part of *vfio.Device that Device uses; tests substitute a fake.
+type vfioDevice interface {
+	Mode() vfio.Mode
+	DMABufSupported() error
+	ExportDMABuf(bar int, ranges []vfio.DMARange, openFlags int) (*os.File, error)
+	SetMemoryEnable(on bool) error
+	Reopen() error
+	Close() error
+}
+
+// Device is an opened host PCI device, usable by the broker. It implements broker.Device.
+// All methods are safe for concurrent use; Export, Revoke and Close are serialized, so no
+// buffer is exported while a revoke is in progress.
+type Device struct {
+	addr pci.Address
+	bdf  string
+	opt  Options
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	dev      vfioDevice // guarded by mu
+	snapshot pci.Device // guarded by mu; the last sysfs snapshot that could be read
+	bound    bool       // guarded by mu; Open moved the device to vfio-pci
+	previous string     // guarded by mu; its driver before that
+	closed   bool       // guarded by mu
+}
+
+// Open opens the device at bdf through VFIO (see [Options]) and enables its memory
+// decode. Errors name the device; a device not bound to vfio-pci (without ManagedBind)
+// is errdefs.ErrFailedPrecondition.
+func Open(bdf pci.Address, opt Options) (*Device, error) {
+	return open(bdf, opt, func(a pci.Address, o vfio.OpenOptions) (vfioDevice, pci.Device, error) {
+		d, err := vfio.Open(a, o)
+		if err != nil {
+			return nil, pci.Device{}, err
+		}
+		return d, d.PCI(), nil
+	})
+}
+
+type openFunc func(pci.Address, vfio.OpenOptions) (vfioDevice, pci.Device, error)
+
+func open(addr pci.Address, opt Options, openVFIO openFunc) (_ *Device, err error) {
+	d := &Device{addr: addr, bdf: addr.String(), opt: opt, log: opt.Log}
+	if d.log == nil {
+		d.log = slog.New(slog.DiscardHandler)
+	}
+	if opt.ManagedBind {
+		prev, err := opt.Sysfs.BindVFIO(addr)
+		if err != nil {
+			return nil, err
+		}
+		if prev != pci.VFIODriver {
+			d.bound, d.previous = true, prev
+			d.log.Info("bound device to vfio-pci", "bdf", d.bdf, "previous_driver", prev)
+		}
+	}
+	defer func() {
+		if err != nil && d.bound {
+			err = errors.Join(err, d.restore())
+		}
+	}()
+	dev, snap, err := openVFIO(addr, vfio.OpenOptions{Mode: opt.Mode, Sysfs: opt.Sysfs, DevRoot: opt.DevRoot})
+	if err != nil {
+		return nil, err
+	}
+	if err := dev.SetMemoryEnable(true); err != nil {
+		return nil, errors.Join(err, dev.Close())
+	}
+	d.dev, d.snapshot = dev, snap
+	d.log.Info("opened device", "bdf", d.bdf, "mode", string(dev.Mode()), "driver", snap.Driver)
+	return d, nil
+}
+
+// restore puts the device back on the driver it had before Open bound it to vfio-pci.
+func (d *Device) restore() error {
+	if err := d.opt.Sysfs.RestoreDriver(d.addr, d.previous); err != nil {
+		d.log.Warn("restoring the previous driver failed", "bdf", d.bdf, "previous_driver", d.previous, "err", err)
+		return err
+	}
+	d.log.Info("restored previous driver", "bdf", d.bdf, "previous_driver", d.previous)
+	d.bound = false
+	return nil
+}
+
+// Info returns a fresh snapshot of the device: sysfs is read again (driver, TSM state); if
+// that fails, the last snapshot is used. DMABuf says whether the device can export.
+func (d *Device) Info() broker.DeviceInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if p, err := d.opt.Sysfs.Device(d.addr); err == nil {
+		d.snapshot = p
+	} else {
+		d.log.Warn("reading the device from sysfs failed; reporting the last snapshot", "bdf", d.bdf, "err", err)
+	}
+	p := d.snapshot
+	info := broker.DeviceInfo{
+		BDF:        d.bdf,
+		Vendor:     p.Vendor,
+		DeviceID:   p.DeviceID,
+		Class:      p.Class,
+		Driver:     p.Driver,
+		IOMMUGroup: p.IOMMUGroup,
+		TSM:        broker.TSMState{Present: p.TSM.Present, Connect: p.TSM.Connect, Bound: p.TSM.Bound},
+	}
+	for _, b := range p.BARs {
+		if b.Size > 0 && (b.Mem || b.IO) {
+			info.BARs = append(info.BARs, broker.BAR{Index: b.Index, Size: b.Size, Mem: b.Mem, Prefetch: b.Prefetch, Is64: b.Is64})
+		}
+	}
+	info.Mode = string(d.dev.Mode())
+	if d.closed {
+		info.DMABuf = fmt.Errorf("device %s is closed: %w", d.bdf, errdefs.ErrUnavailable)
+	} else {
+		info.DMABuf = d.dev.DMABufSupported()
+	}
+	return info
+}
+
+// Export exports ranges of BAR bar as a new dma-buf (read-write, close-on-exec) and names
+// it name (DMA_BUF_SET_NAME, at most 31 bytes; "" leaves it unnamed). The buffer is the
+// caller's; see vfio.Device.ExportDMABuf for the checks and errors.
+func (d *Device) Export(bar int, ranges []broker.Range, name string) (broker.Buffer, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, fmt.Errorf("device %s: export: device is closed: %w", d.bdf, os.ErrClosed)
+	}
+	vr := make([]vfio.DMARange, len(ranges))
+	for i, r := range ranges {
+		vr[i] = vfio.DMARange{Offset: r.Offset, Length: r.Length}
+	}
+	f, err := d.dev.ExportDMABuf(bar, vr, unix.O_RDWR)
+	if err != nil {
+		return nil, err
+	}
+	buf, err := dmabuf.New(f) // closes f on error
+	if err != nil {
+		return nil, fmt.Errorf("device %s bar %d: export: %w", d.bdf, bar, err)
+	}
+	if name != "" {
+		if err := buf.SetName(name); err != nil {
+			return nil, errors.Join(fmt.Errorf("device %s bar %d: export: %w", d.bdf, bar, err), buf.Close())
+		}
+	}
+	return buf, nil
+}
+
+// Revoke makes every dma-buf exported so far dead for good: memory decode off, device fd
+// closed and reopened, memory decode on. Buffers exported afterwards are live. It goes on
+// through the steps when one fails (the reopen is what makes the revoke permanent) and
+// returns every error.
+func (d *Device) Revoke() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("device %s: revoke: device is closed: %w", d.bdf, os.ErrClosed)
+	}
+	errOff := d.dev.SetMemoryEnable(false)
+	errReopen := d.dev.Reopen()
+	var errOn error
+	if errReopen == nil {
+		errOn = d.dev.SetMemoryEnable(true)
+	}
+	err := errors.Join(errOff, errReopen, errOn)
+	if err != nil {
+		d.log.Error("revoking the device's dma-bufs failed", "bdf", d.bdf, "err", err)
+		return err
+	}
+	d.log.Info("revoked all dma-bufs of the device", "bdf", d.bdf)
+	return nil
+}
+
+// Close closes the device (revoking every dma-buf exported from it for good) and, with
+// managed binding, restores its previous driver. It is idempotent.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	err := d.dev.Close()
+	if d.bound {
+		err = errors.Join(err, d.restore())
+	}
+	d.log.Info("closed device", "bdf", d.bdf)
+	return err
+}

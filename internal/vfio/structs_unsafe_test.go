@@ -1,0 +1,152 @@
+package vfio
+
+import (
+	"testing"
+	"unsafe"
+)
+
+type field struct {
+	name      string
+	got, want uintptr
+}
+
+func checkLayout(t *testing.T, name string, size, wantSize uintptr, fields ...field) {
+	t.Helper()
+	if size != wantSize {
+		t.Errorf("sizeof(%s) = %d, want %d", name, size, wantSize)
+	}
+	for _, f := range fields {
+		if f.got != f.want {
+			t.Errorf("offsetof(%s.%s) = %d, want %d", name, f.name, f.got, f.want)
+		}
+	}
+}
+
+// Sizes and offsets from kernel-uapi.md §1-§3 and §10 (printed from the Linux 7.2
+// headers), checked once more against include/uapi/linux/vfio.h of 7.2.13.
+func TestLayout(t *testing.T) {
+	var gs groupStatus
+	checkLayout(t, "vfio_group_status", unsafe.Sizeof(gs), 8,
+		field{"argsz", unsafe.Offsetof(gs.Argsz), 0},
+		field{"flags", unsafe.Offsetof(gs.Flags), 4})
+
+	var di deviceInfo
+	checkLayout(t, "vfio_device_info", unsafe.Sizeof(di), 24,
+		field{"argsz", unsafe.Offsetof(di.Argsz), 0},
+		field{"flags", unsafe.Offsetof(di.Flags), 4},
+		field{"num_regions", unsafe.Offsetof(di.NumRegions), 8},
+		field{"num_irqs", unsafe.Offsetof(di.NumIRQs), 12},
+		field{"cap_offset", unsafe.Offsetof(di.CapOffset), 16},
+		field{"pad", unsafe.Offsetof(di.Pad), 20})
+
+	var ri regionInfo
+	checkLayout(t, "vfio_region_info", unsafe.Sizeof(ri), 32,
+		field{"argsz", unsafe.Offsetof(ri.Argsz), 0},
+		field{"flags", unsafe.Offsetof(ri.Flags), 4},
+		field{"index", unsafe.Offsetof(ri.Index), 8},
+		field{"cap_offset", unsafe.Offsetof(ri.CapOffset), 12},
+		field{"size", unsafe.Offsetof(ri.Size), 16},
+		field{"offset", unsafe.Offsetof(ri.Offset), 24})
+
+	var ch infoCapHeader
+	checkLayout(t, "vfio_info_cap_header", unsafe.Sizeof(ch), 8,
+		field{"id", unsafe.Offsetof(ch.ID), 0},
+		field{"version", unsafe.Offsetof(ch.Version), 2},
+		field{"next", unsafe.Offsetof(ch.Next), 4})
+
+	var sm capSparseMmap
+	checkLayout(t, "vfio_region_info_cap_sparse_mmap", unsafe.Sizeof(sm), 16,
+		field{"header", unsafe.Offsetof(sm.Header), 0},
+		field{"nr_areas", unsafe.Offsetof(sm.NrAreas), 8},
+		field{"reserved", unsafe.Offsetof(sm.Reserved), 12})
+
+	var sa sparseMmapArea
+	checkLayout(t, "vfio_region_sparse_mmap_area", unsafe.Sizeof(sa), 16,
+		field{"offset", unsafe.Offsetof(sa.Offset), 0},
+		field{"size", unsafe.Offsetof(sa.Size), 8})
+
+	var ct capType
+	checkLayout(t, "vfio_region_info_cap_type", unsafe.Sizeof(ct), 16,
+		field{"header", unsafe.Offsetof(ct.Header), 0},
+		field{"type", unsafe.Offsetof(ct.Type), 8},
+		field{"subtype", unsafe.Offsetof(ct.Subtype), 12})
+
+	var ii irqInfo
+	checkLayout(t, "vfio_irq_info", unsafe.Sizeof(ii), 16,
+		field{"argsz", unsafe.Offsetof(ii.Argsz), 0},
+		field{"flags", unsafe.Offsetof(ii.Flags), 4},
+		field{"index", unsafe.Offsetof(ii.Index), 8},
+		field{"count", unsafe.Offsetof(ii.Count), 12})
+
+	var fh featureHeader
+	checkLayout(t, "vfio_device_feature", unsafe.Sizeof(fh), 8,
+		field{"argsz", unsafe.Offsetof(fh.Argsz), 0},
+		field{"flags", unsafe.Offsetof(fh.Flags), 4})
+
+	var fd featureDMABuf
+	checkLayout(t, "vfio_device_feature_dma_buf", unsafe.Sizeof(fd), 16,
+		field{"region_index", unsafe.Offsetof(fd.RegionIndex), 0},
+		field{"open_flags", unsafe.Offsetof(fd.OpenFlags), 4},
+		field{"flags", unsafe.Offsetof(fd.Flags), 8},
+		field{"nr_ranges", unsafe.Offsetof(fd.NrRanges), 12})
+
+	var dr regionDMARange
+	checkLayout(t, "vfio_region_dma_range", unsafe.Sizeof(dr), 16,
+		field{"offset", unsafe.Offsetof(dr.Offset), 0},
+		field{"length", unsafe.Offsetof(dr.Length), 8})
+
+	var b bindIOMMUFD
+	checkLayout(t, "vfio_device_bind_iommufd", unsafe.Sizeof(b), 24,
+		field{"argsz", unsafe.Offsetof(b.Argsz), 0},
+		field{"flags", unsafe.Offsetof(b.Flags), 4},
+		field{"iommufd", unsafe.Offsetof(b.IOMMUFD), 8},
+		field{"out_devid", unsafe.Offsetof(b.OutDevID), 12},
+		field{"token_uuid_ptr", unsafe.Offsetof(b.TokenUUIDPtr), 16})
+
+	var at attachIOMMUFDPT
+	checkLayout(t, "vfio_device_attach_iommufd_pt", unsafe.Sizeof(at), 16,
+		field{"argsz", unsafe.Offsetof(at.Argsz), 0},
+		field{"flags", unsafe.Offsetof(at.Flags), 4},
+		field{"pt_id", unsafe.Offsetof(at.PtID), 8},
+		field{"pasid", unsafe.Offsetof(at.Pasid), 12})
+
+	var dt detachIOMMUFDPT
+	checkLayout(t, "vfio_device_detach_iommufd_pt", unsafe.Sizeof(dt), 12,
+		field{"argsz", unsafe.Offsetof(dt.Argsz), 0},
+		field{"flags", unsafe.Offsetof(dt.Flags), 4},
+		field{"pasid", unsafe.Offsetof(dt.Pasid), 8})
+}
+
+func TestConstructorsSetArgsz(t *testing.T) {
+	if got := newGroupStatus().Argsz; got != 8 {
+		t.Errorf("newGroupStatus().Argsz = %d, want 8", got)
+	}
+	if got := newIRQInfo(4); got.Argsz != 16 || got.Index != 4 {
+		t.Errorf("newIRQInfo(4) = %+v", got)
+	}
+	if got := newFeatureHeader(0x5000b); got.Argsz != 8 || got.Flags != 0x5000b {
+		t.Errorf("newFeatureHeader = %+v", got)
+	}
+	if got := newBindIOMMUFD(5); got.Argsz != 24 || got.IOMMUFD != 5 || got.Flags != 0 {
+		t.Errorf("newBindIOMMUFD(5) = %+v", got)
+	}
+	if got := newAttachIOMMUFDPT(2); got.Argsz != 16 || got.PtID != 2 {
+		t.Errorf("newAttachIOMMUFDPT(2) = %+v", got)
+	}
+}
+
+func TestInfoBufferAligned(t *testing.T) {
+	for _, n := range []uint32{0, 1, 24, 31, 32, 33, 100} {
+		ib := newInfoBuffer[regionInfo](n)
+		if want := max(n, 32); uint32(len(ib.buf)) != want {
+			t.Errorf("newInfoBuffer(%d): %d bytes, want %d", n, len(ib.buf), want)
+		}
+		if p := uintptr(unsafe.Pointer(&ib.buf[0])); p%8 != 0 || unsafe.Pointer(ib.hdr) != unsafe.Pointer(&ib.buf[0]) {
+			t.Errorf("newInfoBuffer(%d): buffer at %#x not 8-aligned or not aliasing hdr", n, p)
+		}
+		ib.hdr.Size = 0x1122334455667788
+		if ib.buf[16] != 0x88 || ib.buf[23] != 0x11 {
+			t.Errorf("hdr.Size does not land at bytes 16-23: % x", ib.buf[16:24])
+		}
+	}
+}
