@@ -55,6 +55,10 @@ type lease struct {
 	pending  bool // being exported: invisible to Get, List and Claim
 }
 
+// ErrBadToken is the class of claims whose token is wrong, already used, or from an older
+// generation. It is also errdefs.ErrPermissionDenied.
+var ErrBadToken = fmt.Errorf("claim token is wrong or already used: %w", errdefs.ErrPermissionDenied)
+
 // maxEndedLeases bounds how many ended leases stay visible to Get and List.
 const maxEndedLeases = 1024
 
@@ -306,7 +310,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 		return Lease{}, nil, fmt.Errorf("lease %s has ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
 	}
 	if l.token == "" || subtle.ConstantTimeCompare([]byte(l.token), []byte(token)) != 1 {
-		return Lease{}, nil, fmt.Errorf("lease %s: claim token is wrong or already used: %w", id, errdefs.ErrPermissionDenied)
+		return Lease{}, nil, fmt.Errorf("lease %s: %w", id, ErrBadToken)
 	}
 	if l.State == StateAllocated && !b.now().Before(l.deadline) {
 		return Lease{}, nil, fmt.Errorf("lease %s: claim token expired at %s: %w", id, l.deadline.Format(time.RFC3339), errdefs.ErrDeadlineExceeded)

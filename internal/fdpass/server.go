@@ -1,0 +1,450 @@
+package fdpass
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/peercred"
+)
+
+// DefaultSocketPath is where mmiobrokerd listens for claims.
+const DefaultSocketPath = "/run/mmiobroker/fd.sock"
+
+// Peer is the process that sent a claim, as the kernel identifies it.
+type Peer struct {
+	// UID, GID and Groups are the peer's credentials at connect time.
+	UID, GID uint32
+	Groups   []uint32
+	// PID is the peer's process ID.
+	PID int32
+	// Process pins the peer by pidfd. It is borrowed: valid only during the Claim call;
+	// Dup it to keep it.
+	Process *peercred.Process
+}
+
+// Grant describes the fd a Claimer hands out. LeaseID may be left empty (the request's
+// is used) and so may Inode (the server fills it from fstat of the fd).
+type Grant struct {
+	LeaseID    string
+	Generation uint64
+	Size       uint64
+	Inode      uint64
+	BDF        string
+	BAR        uint32
+}
+
+// Claimer decides claims. The broker implements it through a small adapter; fdpass
+// knows nothing about leases.
+type Claimer interface {
+	// Claim checks req against the lease and peer (same process that allocated the
+	// lease, token valid and unused, lease claimable) and returns the fd to deliver. The
+	// server takes ownership of the returned file, also when err is not nil, and closes
+	// it after sending. Classify errors with errdefs classes or [WithCode]; see [CodeOf].
+	// ctx ends when the server shuts down.
+	Claim(ctx context.Context, req Request, peer Peer) (Grant, *os.File, error)
+}
+
+// DeliveryReporter may be implemented by a Claimer to learn whether a granted fd left
+// the broker: err is nil once sendmsg handed the fd to the kernel for the peer, and says
+// why not otherwise (then the peer did not get the fd and the claim can be undone).
+type DeliveryReporter interface {
+	Delivered(req Request, grant Grant, peer Peer, err error)
+}
+
+// Options tune a [Server]. Zero values take the defaults.
+type Options struct {
+	// Log receives one line per claim; nil discards.
+	Log *slog.Logger
+	// ReadTimeout bounds the wait for a client's request after it connects (default 5 s).
+	ReadTimeout time.Duration
+	// WriteTimeout bounds sending the reply (default 5 s).
+	WriteTimeout time.Duration
+	// MaxConns bounds the claims served at once (default 64); clients beyond it get
+	// RESOURCE_EXHAUSTED.
+	MaxConns int
+}
+
+// Server serves claims on SOCK_SEQPACKET unix sockets.
+type Server struct {
+	claimer Claimer
+	log     *slog.Logger
+	opt     Options
+	slots   chan struct{} // one token per claim in progress, across all Serve calls
+	rejects chan struct{} // one token per busy-rejection in progress
+}
+
+// NewServer returns a server that asks c about each claim.
+func NewServer(c Claimer, opt Options) *Server {
+	if opt.ReadTimeout <= 0 {
+		opt.ReadTimeout = 5 * time.Second
+	}
+	if opt.WriteTimeout <= 0 {
+		opt.WriteTimeout = 5 * time.Second
+	}
+	if opt.MaxConns <= 0 {
+		opt.MaxConns = 64
+	}
+	log := opt.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{claimer: c, log: log, opt: opt,
+		slots: make(chan struct{}, opt.MaxConns), rejects: make(chan struct{}, opt.MaxConns)}
+}
+
+// Listen creates a SOCK_SEQPACKET unix socket at path with the given permission bits. A
+// stale socket file left by a previous run is removed; a socket somebody still listens on
+// is not (errdefs.ErrAlreadyExists).
+func Listen(path string, mode os.FileMode) (*net.UnixListener, error) {
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if c, err := net.Dial("unixpacket", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("claim socket %s: another process listens on it: %w", path, errdefs.ErrAlreadyExists)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("claim socket %s: remove stale socket: %w", path, err)
+		}
+	}
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("claim socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("claim socket %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// Serve accepts claims on l until ctx ends or l fails, then closes l and returns once
+// every claim in progress has finished (ctx's end cancels them). It returns nil when ctx
+// ended, and the error otherwise. l must be a SOCK_SEQPACKET unix listener.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	defer l.Close()
+	if err := checkSeqpacket(l); err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	// Closing l wakes Accept. Serve must not return before that close has finished (the
+	// fd would outlive Serve), hence the wait when the AfterFunc has started.
+	closed := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(closed)
+		l.Close()
+	})
+	defer func() {
+		if !stop() {
+			<-closed
+		}
+	}()
+
+	var backoff time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if !retryAccept(err) {
+				return fmt.Errorf("claim socket %s: accept: %w", l.Addr(), err)
+			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("claim socket accept failed; retrying", "error", err, "backoff", backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			}
+			continue
+		}
+		backoff = 0
+		uc, ok := c.(*net.UnixConn)
+		if !ok {
+			c.Close()
+			continue
+		}
+		select {
+		case s.slots <- struct{}{}:
+			wg.Go(func() {
+				defer func() { <-s.slots }()
+				s.handle(ctx, uc)
+			})
+			continue
+		default:
+		}
+		select {
+		case s.rejects <- struct{}{}:
+			wg.Go(func() {
+				defer func() { <-s.rejects }()
+				s.reject(ctx, uc)
+			})
+		default:
+			// Flooded: hang up at once.
+			s.log.Warn("claim socket overloaded; dropping connection", "max_conns", s.opt.MaxConns)
+			uc.Close()
+		}
+	}
+}
+
+// retryAccept reports whether an accept error is worth retrying (resource shortage or a
+// client that gave up), as opposed to a dead listener.
+func retryAccept(err error) bool {
+	for _, e := range []error{unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM, unix.ECONNABORTED, unix.EINTR, unix.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// checkSeqpacket makes sure a unix listener is SOCK_SEQPACKET, the only type the protocol
+// is defined for. Listeners without a socket (test doubles) pass.
+func checkSeqpacket(l net.Listener) error {
+	sc, ok := l.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("claim socket %s: %w", l.Addr(), err)
+	}
+	var typ int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { typ, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TYPE) }); err != nil {
+		return fmt.Errorf("claim socket %s: %w", l.Addr(), err)
+	}
+	if gerr != nil {
+		return fmt.Errorf("claim socket %s: %w", l.Addr(), os.NewSyscallError("getsockopt SO_TYPE", gerr))
+	}
+	if typ != unix.SOCK_SEQPACKET {
+		return fmt.Errorf("claim socket %s: socket type %d is not SOCK_SEQPACKET: %w", l.Addr(), typ, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// reject answers a client that arrived while MaxConns claims were in progress: it
+// reads the request (so that closing does not reset the connection under the reply) and
+// replies RESOURCE_EXHAUSTED.
+func (s *Server) reject(ctx context.Context, c *net.UnixConn) {
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	c.SetReadDeadline(time.Now().Add(min(s.opt.ReadTimeout, time.Second)))
+	req, answer, _ := s.readRequest(ctx, c, s.log)
+	if !answer {
+		return
+	}
+	msg := fmt.Sprintf("more than %d claims in progress; retry later", s.opt.MaxConns)
+	s.log.Warn("claim rejected", "lease_id", req.LeaseID, "code", CodeResourceExhausted.String(), "reason", msg)
+	s.writeError(c, CodeResourceExhausted, req.LeaseID, msg)
+}
+
+func (s *Server) writeError(c *net.UnixConn, code Code, leaseID, msg string) {
+	b, err := EncodeReply(Reply{Code: code, LeaseID: leaseID, Message: TruncateMessage(msg)})
+	if err != nil {
+		// leaseID came from a decoded request, msg was truncated: cannot happen.
+		b, _ = EncodeReply(Reply{Code: code, Message: TruncateMessage(msg)})
+	}
+	c.SetWriteDeadline(time.Now().Add(s.opt.WriteTimeout))
+	c.Write(b)
+}
+
+// maxStrayFDs is how many fds a (misbehaving) client's request may carry before the
+// kernel truncates; every one received is closed.
+const maxStrayFDs = 8
+
+// readRequest reads and decodes one request. answer is false when there is nobody to
+// reply to (the client hung up, timed out or the server is stopping); otherwise err says
+// what is wrong with the request, if anything.
+func (s *Server) readRequest(ctx context.Context, c *net.UnixConn, log *slog.Logger) (req Request, answer bool, err error) {
+	buf := make([]byte, MaxRequestSize+1)
+	oob := make([]byte, unix.CmsgSpace(4*maxStrayFDs))
+	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
+	stray := closeRights(oob[:oobn])
+	if err != nil {
+		switch {
+		case errors.Is(err, io.EOF):
+			log.Debug("claim client hung up without a request")
+		case ctx.Err() != nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			log.Warn("claim client sent no request in time", "timeout", s.opt.ReadTimeout)
+		default:
+			log.Warn("claim request read failed", "error", err)
+		}
+		return Request{}, false, nil
+	}
+	switch {
+	case stray > 0 || oobn > 0 || flags&unix.MSG_CTRUNC != 0:
+		return Request{}, true, invalid("request carries ancillary data (%d fds); send none", stray)
+	case n > MaxRequestSize || flags&unix.MSG_TRUNC != 0:
+		return Request{}, true, invalid("request larger than %d bytes", MaxRequestSize)
+	}
+	req, err = DecodeRequest(buf[:n])
+	return req, true, err
+}
+
+// handle serves one connection: one request, one reply.
+func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	c.SetReadDeadline(time.Now().Add(s.opt.ReadTimeout))
+
+	// Pin the peer before anything else: with the pidfd_open fallback, the earlier the
+	// better.
+	creds, proc, perr := peercred.FromConn(c)
+	log := s.log
+	if perr == nil {
+		defer proc.Close()
+		log = log.With("client_pid", creds.PID, "uid", creds.UID)
+	}
+	req, answer, err := s.readRequest(ctx, c, log)
+	if !answer {
+		return
+	}
+	if perr != nil {
+		log.Warn("claim peer not identified", "lease_id", req.LeaseID, "error", perr)
+		s.writeError(c, CodeOf(perr), req.LeaseID, "cannot identify the connecting process: "+perr.Error())
+		return
+	}
+	if err != nil {
+		log.Warn("claim request malformed", "error", err)
+		s.writeError(c, CodeOf(err), "", err.Error())
+		return
+	}
+	log = log.With("lease_id", req.LeaseID)
+
+	peer := Peer{UID: creds.UID, GID: creds.GID, Groups: creds.Groups, PID: creds.PID, Process: proc}
+	grant, f, err := s.claimer.Claim(ctx, req, peer)
+	if f != nil {
+		defer f.Close()
+	}
+	if err == nil && f == nil {
+		err = fmt.Errorf("lease %s: claimer granted no fd", req.LeaseID)
+	}
+	var reply []byte
+	if err == nil {
+		reply, err = encodeGrant(&grant, req, f)
+	}
+	if err == nil && !proc.Alive() {
+		err = fmt.Errorf("lease %s: client pid %d exited before delivery: %w", req.LeaseID, creds.PID, errdefs.ErrFailedPrecondition)
+	}
+	if err != nil {
+		code := CodeOf(err)
+		msg := err.Error()
+		if code == CodeInternal {
+			msg = "internal error; see the broker log"
+		}
+		log.Warn("claim refused", "code", code.String(), "error", err)
+		s.writeError(c, code, req.LeaseID, msg)
+		s.reportDelivery(req, grant, peer, err, f != nil)
+		return
+	}
+
+	err = s.send(c, reply, grant.LeaseID, f)
+	s.reportDelivery(req, grant, peer, err, true)
+	if err != nil {
+		log.Warn("claim fd delivery failed", "error", err, "generation", grant.Generation)
+		return
+	}
+	log.Info("claim delivered", "generation", grant.Generation, "inode", grant.Inode,
+		"size", grant.Size, "bdf", grant.BDF, "bar", grant.BAR)
+}
+
+// reportDelivery tells a DeliveryReporter about a claim whose fd was granted.
+func (s *Server) reportDelivery(req Request, grant Grant, peer Peer, err error, granted bool) {
+	if r, ok := s.claimer.(DeliveryReporter); ok && granted {
+		r.Delivered(req, grant, peer, err)
+	}
+}
+
+// encodeGrant fills the grant's lease id and inode, checks the inode against the fd and
+// encodes the success reply.
+func encodeGrant(g *Grant, req Request, f *os.File) ([]byte, error) {
+	if g.LeaseID == "" {
+		g.LeaseID = req.LeaseID
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("lease %s: fstat granted fd: %w", req.LeaseID, err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil, fmt.Errorf("lease %s: fstat granted fd: no inode", req.LeaseID)
+	}
+	if g.Inode == 0 {
+		g.Inode = st.Ino
+	}
+	if g.Inode != st.Ino {
+		return nil, fmt.Errorf("lease %s: grant names inode %d but the fd is inode %d", req.LeaseID, g.Inode, st.Ino)
+	}
+	b, err := EncodeReply(Reply{Code: CodeOK, LeaseID: g.LeaseID, Generation: g.Generation,
+		Size: g.Size, Inode: g.Inode, BDF: g.BDF, BAR: g.BAR})
+	if err != nil {
+		// Not the client's fault: report INTERNAL, not INVALID_REQUEST.
+		return nil, fmt.Errorf("lease %s: grant does not encode: %s", req.LeaseID, err)
+	}
+	return b, nil
+}
+
+// send writes the success reply with f attached by SCM_RIGHTS.
+func (s *Server) send(c *net.UnixConn, reply []byte, leaseID string, f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("lease %s: %w", leaseID, err)
+	}
+	c.SetWriteDeadline(time.Now().Add(s.opt.WriteTimeout))
+	var werr error
+	if err := rc.Control(func(fd uintptr) {
+		_, _, werr = c.WriteMsgUnix(reply, unix.UnixRights(int(fd)), nil)
+	}); err != nil {
+		return fmt.Errorf("lease %s: %w", leaseID, err)
+	}
+	if werr != nil {
+		return fmt.Errorf("lease %s: send fd: %w", leaseID, werr)
+	}
+	return nil
+}
+
+// closeRights closes every fd in SCM_RIGHTS messages of oob and returns how many.
+func closeRights(oob []byte) int {
+	fds := parseRights(oob)
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+	return len(fds)
+}
+
+// parseRights returns the fds of all SCM_RIGHTS messages in oob. On malformed control
+// data it returns what it parsed before, so the caller can still close those.
+func parseRights(oob []byte) []int {
+	var fds []int
+	for len(oob) > 0 {
+		hdr, data, rest, err := unix.ParseOneSocketControlMessage(oob)
+		if err != nil {
+			break
+		}
+		if hdr.Level == unix.SOL_SOCKET && hdr.Type == unix.SCM_RIGHTS {
+			m := unix.SocketControlMessage{Header: hdr, Data: data}
+			if r, err := unix.ParseUnixRights(&m); err == nil {
+				fds = append(fds, r...)
+			}
+		}
+		oob = rest
+	}
+	return fds
+}

@@ -1,0 +1,131 @@
+package peercred
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"syscall"
+
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+)
+
+// AuthType is what [AuthInfo.AuthType] returns.
+const AuthType = "peercred"
+
+// AuthInfo is the gRPC auth info of a connection over a unix socket: the peer's
+// credentials and, on the server, the peer process pinned by a pidfd.
+//
+// Process belongs to the connection and is closed when the connection closes; it is nil
+// on the client side. A handler that keeps the process beyond its RPC must [Process.Dup]
+// it.
+type AuthInfo struct {
+	credentials.CommonAuthInfo
+	// Creds are the peer's credentials from SO_PEERCRED and SO_PEERGROUPS.
+	Creds Creds
+	// Process is the peer process (server side only; borrowed from the connection).
+	Process *Process
+}
+
+// AuthType returns [AuthType].
+func (AuthInfo) AuthType() string { return AuthType }
+
+// FromContext returns the [AuthInfo] of the connection an RPC arrived on, and false if
+// the RPC did not arrive through credentials from [NewTransportCredentials].
+func FromContext(ctx context.Context) (AuthInfo, bool) {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.AuthInfo == nil {
+		return AuthInfo{}, false
+	}
+	ai, ok := p.AuthInfo.(AuthInfo)
+	return ai, ok
+}
+
+// NewTransportCredentials returns gRPC transport credentials for AF_UNIX sockets. They
+// encrypt nothing (the bytes never leave the kernel) and authenticate the peer by its
+// kernel-reported credentials.
+//
+// The server handshake reads the client's [Creds], pins its [Process] and rejects
+// connections that are not AF_UNIX sockets. The connection it hands to gRPC closes the
+// Process when gRPC closes the connection. (If gRPC fails between the handshake and
+// setting up the transport, it closes only the raw socket; the Process is then closed when
+// the garbage collector finds it unreachable, as every *os.File is.)
+//
+// The client handshake passes the connection through unchanged and reports the server's
+// Creds (without a Process), so a client can check that it talks to the expected daemon;
+// it too rejects connections that are not AF_UNIX sockets.
+//
+// The security level is [credentials.PrivacyAndIntegrity], as grpc's own local
+// credentials report for unix sockets: nothing outside the kernel can read or change the
+// traffic.
+func NewTransportCredentials() credentials.TransportCredentials {
+	return &transportCredentials{pin: pinPeerPidfd}
+}
+
+type transportCredentials struct {
+	pin pinMode // pinFallback forces the pre-6.5 path (tests)
+}
+
+func (*transportCredentials) common() credentials.CommonAuthInfo {
+	return credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}
+}
+
+// ClientHandshake passes conn through and reports the server's credentials.
+func (c *transportCredentials) ClientHandshake(_ context.Context, _ string, conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	creds, _, err := fromSyscallConn(conn, pinNone)
+	if err != nil {
+		return nil, nil, fmt.Errorf("peercred client handshake: %w", err)
+	}
+	return conn, AuthInfo{CommonAuthInfo: c.common(), Creds: creds}, nil
+}
+
+// ServerHandshake reads the client's credentials and pins its process.
+func (c *transportCredentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	creds, proc, err := fromSyscallConn(conn, c.pin)
+	if err != nil {
+		return nil, nil, fmt.Errorf("peercred server handshake from %v: %w", conn.RemoteAddr(), err)
+	}
+	wrapped := &procConn{Conn: conn, proc: proc}
+	return wrapped, AuthInfo{CommonAuthInfo: c.common(), Creds: creds, Process: proc}, nil
+}
+
+// Info describes the protocol.
+func (*transportCredentials) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: AuthType}
+}
+
+// Clone returns a copy.
+func (c *transportCredentials) Clone() credentials.TransportCredentials {
+	cc := *c
+	return &cc
+}
+
+// OverrideServerName does nothing: unix sockets have no server name to verify.
+func (*transportCredentials) OverrideServerName(string) error { return nil }
+
+// procConn is a server connection that owns its peer's Process.
+type procConn struct {
+	net.Conn
+	proc *Process
+	once sync.Once
+	err  error
+}
+
+// Close closes the connection and then the peer's pidfd.
+func (c *procConn) Close() error {
+	c.once.Do(func() {
+		c.err = c.Conn.Close()
+		c.proc.Close()
+	})
+	return c.err
+}
+
+// SyscallConn exposes the socket, as the unwrapped connection does.
+func (c *procConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("%T has no SyscallConn", c.Conn)
+	}
+	return sc.SyscallConn()
+}

@@ -1,0 +1,230 @@
+package peercred
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/stats"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/testutil"
+)
+
+// connEnds signals every server-side connection end. gRPC reports ConnEnd after it has
+// closed the connection, so by then the connection's pidfd must be closed.
+type connEnds chan struct{}
+
+func (connEnds) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context   { return ctx }
+func (connEnds) HandleRPC(context.Context, stats.RPCStats)                         {}
+func (connEnds) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+func (c connEnds) HandleConn(_ context.Context, s stats.ConnStats) {
+	if _, ok := s.(*stats.ConnEnd); ok {
+		c <- struct{}{}
+	}
+}
+
+type grpcHarness struct {
+	path  string
+	seen  chan AuthInfo
+	ended connEnds
+}
+
+// startGRPC serves a catch-all handler that reports the caller's AuthInfo.
+func startGRPC(t *testing.T, creds credentials.TransportCredentials) *grpcHarness {
+	t.Helper()
+	h := &grpcHarness{
+		path:  testutil.ShortTempDir(t) + "/control.sock",
+		seen:  make(chan AuthInfo, 16),
+		ended: make(connEnds, 16),
+	}
+	l, err := net.Listen("unix", h.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(creds), grpc.StatsHandler(h.ended),
+		grpc.UnknownServiceHandler(func(_ any, stream grpc.ServerStream) error {
+			if err := stream.RecvMsg(&emptypb.Empty{}); err != nil {
+				return err
+			}
+			ai, ok := FromContext(stream.Context())
+			if !ok {
+				return status.Error(codes.Unauthenticated, "no peercred auth info")
+			}
+			h.seen <- ai
+			return stream.SendMsg(wrapperspb.String(fmt.Sprintf("uid=%d pid=%d alive=%v",
+				ai.Creds.UID, ai.Creds.PID, ai.Process.Alive())))
+		}))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.Serve(l)
+	}()
+	t.Cleanup(func() {
+		srv.Stop()
+		<-done
+	})
+	return h
+}
+
+func dial(t *testing.T, path string) *grpc.ClientConn {
+	t.Helper()
+	cc, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(NewTransportCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cc
+}
+
+func countPidfds(t *testing.T) int {
+	t.Helper()
+	fds, err := testutil.OpenFDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, target := range fds {
+		if strings.Contains(target, "pidfd") {
+			n++
+		}
+	}
+	return n
+}
+
+func TestTransportCredentials(t *testing.T) {
+	for _, pm := range pinModes {
+		t.Run(pm.name, func(t *testing.T) {
+			testutil.FDLeakCheck(t)
+			h := startGRPC(t, &transportCredentials{pin: pm.mode})
+			before := countPidfds(t)
+
+			cc := dial(t, h.path)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			var (
+				out wrapperspb.StringValue
+				p   peer.Peer
+			)
+			if err := cc.Invoke(ctx, "/mmiobroker.test.Who/Who", &emptypb.Empty{}, &out, grpc.Peer(&p)); err != nil {
+				t.Fatalf("Invoke: %v", err)
+			}
+			me := os.Getpid()
+			if want := fmt.Sprintf("uid=%d pid=%d alive=true", os.Geteuid(), me); out.GetValue() != want {
+				t.Errorf("server saw %q, want %q", out.GetValue(), want)
+			}
+			ai := <-h.seen
+			if ai.Process == nil || ai.Process.PID() != int32(me) {
+				t.Fatalf("server AuthInfo.Process = %v, want pid %d", ai.Process, me)
+			}
+			if ai.SecurityLevel != credentials.PrivacyAndIntegrity || ai.AuthType() != AuthType {
+				t.Errorf("server AuthInfo = %+v", ai)
+			}
+			if got := countPidfds(t); got != before+1 {
+				t.Errorf("%d pidfds open during the connection, want %d", got, before+1)
+			}
+
+			// Client side: the server's credentials, no Process.
+			cai, ok := p.AuthInfo.(AuthInfo)
+			if !ok {
+				t.Fatalf("client AuthInfo is %T", p.AuthInfo)
+			}
+			if cai.Creds.PID != int32(me) || cai.Process != nil {
+				t.Errorf("client AuthInfo = %+v, want server pid %d and no Process", cai, me)
+			}
+
+			cc.Close()
+			<-h.ended
+			if ai.Process.Alive() {
+				t.Error("connection's Process still usable after the connection closed")
+			}
+			if _, err := ai.Process.Dup(); !errors.Is(err, os.ErrClosed) {
+				t.Errorf("Dup after connection close = %v, want os.ErrClosed", err)
+			}
+			if got := countPidfds(t); got != before {
+				t.Errorf("%d pidfds open after the client disconnected, want %d", got, before)
+			}
+		})
+	}
+}
+
+// TestTransportCredentialsManyConns opens and drops connections; none may leak a pidfd.
+func TestTransportCredentialsManyConns(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	h := startGRPC(t, NewTransportCredentials())
+	before := countPidfds(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const n = 8
+	for range n {
+		cc := dial(t, h.path)
+		if err := cc.Invoke(ctx, "/mmiobroker.test.Who/Who", &emptypb.Empty{}, &wrapperspb.StringValue{}); err != nil {
+			t.Fatal(err)
+		}
+		<-h.seen
+		cc.Close()
+	}
+	for range n {
+		<-h.ended
+	}
+	if got := countPidfds(t); got != before {
+		t.Errorf("%d pidfds open after %d clients came and went, want %d", got, n, before)
+	}
+}
+
+func TestTransportCredentialsRejectNonUnix(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	creds := NewTransportCredentials()
+	if _, _, err := creds.ServerHandshake(s); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("ServerHandshake(tcp) = %v, want ErrInvalidArgument", err)
+	}
+	if _, _, err := creds.ClientHandshake(context.Background(), "x", c); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("ClientHandshake(tcp) = %v, want ErrInvalidArgument", err)
+	}
+}
+
+func TestTransportCredentialsInfo(t *testing.T) {
+	c := NewTransportCredentials()
+	if got := c.Info().SecurityProtocol; got != AuthType {
+		t.Errorf("SecurityProtocol = %q", got)
+	}
+	if c.Clone() == c {
+		t.Error("Clone returned the receiver")
+	}
+	if err := c.OverrideServerName("x"); err != nil {
+		t.Error(err)
+	}
+	if _, ok := FromContext(context.Background()); ok {
+		t.Error("FromContext on a bare context reported ok")
+	}
+	ctx := peer.NewContext(context.Background(), &peer.Peer{AuthInfo: credentials.TLSInfo{}})
+	if _, ok := FromContext(ctx); ok {
+		t.Error("FromContext with foreign AuthInfo reported ok")
+	}
+}
