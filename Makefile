@@ -51,6 +51,7 @@ $(PLUGINS)/protoc-gen-go $(PLUGINS)/protoc-gen-go-grpc: go.mod
 	GOBIN=$(PLUGINS) $(GO) install tool
 
 generate: $(PLUGINS)/protoc-gen-go $(PLUGINS)/protoc-gen-go-grpc
+	@test -f /usr/include/google/protobuf/timestamp.proto || { echo "make generate: protoc lacks the well-known types (google/protobuf/timestamp.proto): apt-get install libprotobuf-dev"; exit 1; }
 	PATH=$(PLUGINS):$$PATH protoc -I api/proto \
 		--go_out=. --go_opt=module=github.com/mmiobroker/mmiobroker \
 		--go-grpc_out=. --go-grpc_opt=module=github.com/mmiobroker/mmiobroker \

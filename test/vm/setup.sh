@@ -32,7 +32,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 t0=$(date +%s)
 
 # --- 1. host packages -------------------------------------------------------------------
-host_pkgs=(qemu-system-x86 busybox-static cpio zstd xz-utils kmod protobuf-compiler
+host_pkgs=(qemu-system-x86 busybox-static cpio zstd xz-utils kmod protobuf-compiler libprotobuf-dev
 	build-essential flex bison bc libelf-dev libssl-dev)
 missing=()
 for p in "${host_pkgs[@]}"; do

@@ -1,0 +1,248 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+
+	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/internal/broker"
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+)
+
+// service implements brokerv1.BrokerServer on a broker. Every handler runs behind the
+// server's interceptors, which put the caller's Identity into the context.
+type service struct {
+	brokerv1.UnimplementedBrokerServer
+
+	b            *broker.Broker
+	adminGroups  []uint32
+	claimSocket  string
+	claimTimeout time.Duration
+	// stopping is closed when the server stops; it ends WatchEvents streams.
+	stopping <-chan struct{}
+}
+
+var _ brokerv1.BrokerServer = (*service)(nil)
+
+// caller returns the RPC's caller and whether it is an admin.
+func (s *service) caller(ctx context.Context) (Identity, bool, error) {
+	id, err := identityFrom(ctx)
+	if err != nil {
+		return Identity{}, false, err
+	}
+	return id, isAdmin(id, s.adminGroups), nil
+}
+
+// ListDevices implements brokerv1.BrokerServer.
+func (s *service) ListDevices(ctx context.Context, _ *brokerv1.ListDevicesRequest) (*brokerv1.ListDevicesResponse, error) {
+	if _, _, err := s.caller(ctx); err != nil {
+		return nil, err
+	}
+	devs := s.b.Devices()
+	resp := &brokerv1.ListDevicesResponse{Devices: make([]*brokerv1.Device, len(devs))}
+	for i, d := range devs {
+		resp.Devices[i] = deviceToProto(d)
+	}
+	return resp, nil
+}
+
+// GetDevice implements brokerv1.BrokerServer.
+func (s *service) GetDevice(ctx context.Context, req *brokerv1.GetDeviceRequest) (*brokerv1.GetDeviceResponse, error) {
+	if _, _, err := s.caller(ctx); err != nil {
+		return nil, err
+	}
+	bdf, err := parseBDF(req.GetBdf())
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	st, err := s.b.Device(bdf)
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	return &brokerv1.GetDeviceResponse{Device: deviceToProto(st)}, nil
+}
+
+// AllocateLease implements brokerv1.BrokerServer.
+func (s *service) AllocateLease(ctx context.Context, req *brokerv1.AllocateLeaseRequest) (*brokerv1.AllocateLeaseResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r, err := allocateRequest(req)
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	if id.Pin == nil {
+		return nil, errdefs.ToGRPC(fmt.Errorf("device %s: cannot pin the calling process (%s) with a pidfd, so it cannot hold a lease: %w",
+			r.BDF, id, errdefs.ErrFailedPrecondition))
+	}
+	proc, err := id.Pin()
+	if err != nil {
+		return nil, errdefs.ToGRPC(fmt.Errorf("device %s: pin the calling process (%s): %w: %w", r.BDF, id, err, errdefs.ErrUnavailable))
+	}
+	r.Holder = broker.Holder{UID: id.UID, GID: id.GID, Groups: id.Groups, PID: id.PID, Proc: proc}
+	r.Admin = admin
+	l, token, err := s.b.Allocate(r) // owns proc from here on, even on error
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	return &brokerv1.AllocateLeaseResponse{
+		Lease:         leaseToProto(l),
+		ClaimToken:    token,
+		ClaimSocket:   s.claimSocket,
+		ClaimDeadline: timestamp(l.Created.Add(s.claimTimeout)),
+	}, nil
+}
+
+// GetLease implements brokerv1.BrokerServer.
+func (s *service) GetLease(ctx context.Context, req *brokerv1.GetLeaseRequest) (*brokerv1.GetLeaseResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	leaseID, err := parseLeaseID(req.GetLeaseId())
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	l, err := s.b.Get(leaseID)
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	if !admin && l.Holder.UID != id.UID {
+		return nil, errdefs.ToGRPC(fmt.Errorf("lease %s is held by uid %d, not %s: %w", l.ID, l.Holder.UID, id, errdefs.ErrPermissionDenied))
+	}
+	return &brokerv1.GetLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+// ListLeases implements brokerv1.BrokerServer.
+func (s *service) ListLeases(ctx context.Context, req *brokerv1.ListLeasesRequest) (*brokerv1.ListLeasesResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	f := broker.Filter{Live: req.GetLiveOnly()}
+	if req.GetBdf() != "" {
+		if f.BDF, err = parseBDF(req.GetBdf()); err != nil {
+			return nil, errdefs.ToGRPC(err)
+		}
+	}
+	if req.HolderUid != nil {
+		uid := req.GetHolderUid()
+		f.UID = &uid
+	}
+	if !admin {
+		if f.UID != nil && *f.UID != id.UID {
+			return nil, errdefs.ToGRPC(fmt.Errorf("list leases of uid %d: %s may list only its own leases: %w", *f.UID, id, errdefs.ErrPermissionDenied))
+		}
+		uid := id.UID
+		f.UID = &uid
+	}
+	return &brokerv1.ListLeasesResponse{Leases: leasesToProto(s.b.List(f))}, nil
+}
+
+// RevokeLease implements brokerv1.BrokerServer.
+func (s *service) RevokeLease(ctx context.Context, req *brokerv1.RevokeLeaseRequest) (*brokerv1.RevokeLeaseResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	leaseID, err := parseLeaseID(req.GetLeaseId())
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	l, err := s.b.Revoke(leaseID, actor(id, admin))
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	return &brokerv1.RevokeLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+// ReleaseLease implements brokerv1.BrokerServer.
+func (s *service) ReleaseLease(ctx context.Context, req *brokerv1.ReleaseLeaseRequest) (*brokerv1.ReleaseLeaseResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	leaseID, err := parseLeaseID(req.GetLeaseId())
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	l, err := s.b.Release(leaseID, actor(id, admin))
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	return &brokerv1.ReleaseLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+// WatchEvents implements brokerv1.BrokerServer.
+func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.ServerStreamingServer[brokerv1.WatchEventsResponse]) error {
+	ctx := stream.Context()
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return err
+	}
+	sub, err := s.b.Subscribe(req.GetAfterSeq())
+	if err != nil {
+		return errdefs.ToGRPC(err)
+	}
+	defer sub.Close()
+	// The response headers tell the client that the subscription is in place: every event
+	// from now on will be delivered.
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return errdefs.ToGRPC(ctx.Err())
+		case <-s.stopping:
+			return errdefs.ToGRPC(fmt.Errorf("event stream: the server is shutting down: %w", errdefs.ErrUnavailable))
+		case ev, ok := <-sub.Events():
+			if !ok {
+				return errdefs.ToGRPC(subscriptionEnded(sub.Err()))
+			}
+			if e := eventFor(ev, id, admin); e != nil {
+				if err := stream.Send(&brokerv1.WatchEventsResponse{Event: e}); err != nil {
+					return err
+				}
+			}
+		}
+	}
+}
+
+// subscriptionEnded classifies why the broker ended a subscription. Lagging behind comes
+// classified (ResourceExhausted); an unclassified end means the broker is going away.
+func subscriptionEnded(err error) error {
+	switch {
+	case err == nil:
+		return fmt.Errorf("event stream ended: %w", errdefs.ErrUnavailable)
+	case errdefs.Code(err) == codes.Unknown:
+		return fmt.Errorf("event stream ended: %w: %w", err, errdefs.ErrUnavailable)
+	}
+	return fmt.Errorf("event stream ended: %w", err)
+}
+
+// eventFor converts ev for a watcher, or returns nil if the watcher may not see it:
+// holders see only the events of their uid's leases, and a reissued claim token only on
+// their own process's stream.
+func eventFor(ev broker.Event, id Identity, admin bool) *brokerv1.Event {
+	holder := ev.Lease.Holder
+	if !admin && holder.UID != id.UID {
+		return nil
+	}
+	e := &brokerv1.Event{
+		Seq:   ev.Seq,
+		Time:  timestamp(ev.Time),
+		Type:  eventTypeToProto(ev.Type),
+		Lease: leaseToProto(ev.Lease),
+	}
+	if ev.Type == broker.EventReissued && holder.UID == id.UID && holder.PID == id.PID {
+		e.ClaimToken = ev.Token
+	}
+	return e
+}
