@@ -10,6 +10,9 @@ import (
 	"strconv"
 	"syscall"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
 	"github.com/mmiobroker/mmiobroker/internal/dmabuf"
@@ -304,7 +307,11 @@ func (c *cli) execLease(ctx context.Context, cl *client.Client, lease *client.Le
 		// Waiting failed (not the command's failure): say so, keep its status.
 		fmt.Fprintf(c.stderr, "mmiobrokerctl: wait for %s: %v\n", command[0], werr)
 	}
-	if err := c.release(cl, lease.ID); err != nil {
+	if err := c.release(cl, lease.ID); status.Code(err) == codes.FailedPrecondition {
+		// Ended while the command ran (revoked, device lost): nothing is left to release,
+		// and the command's status is what the caller asked for.
+		fmt.Fprintf(c.stderr, "mmiobrokerctl: lease %s ended while %s ran: %s\n", lease.ID, command[0], status.Convert(err).Message())
+	} else if err != nil {
 		if code == 0 {
 			return err
 		}

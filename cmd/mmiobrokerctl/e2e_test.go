@@ -27,6 +27,9 @@ import (
 const (
 	envChild     = "MMB_CTL_E2E_CHILD"
 	envChildExit = "MMB_CTL_E2E_EXIT"
+	// envChildRevoke, if set, is the control socket on which the command revokes its own
+	// lease before exiting.
+	envChildRevoke = "MMB_CTL_E2E_REVOKE"
 )
 
 func TestMain(m *testing.M) {
@@ -34,6 +37,13 @@ func TestMain(m *testing.M) {
 		if err := checkLeaseFD(); err != nil {
 			fmt.Fprintf(os.Stderr, "child: %v\n", err)
 			os.Exit(1)
+		}
+		if sock := os.Getenv(envChildRevoke); sock != "" {
+			// An admin revokes the lease while the command runs.
+			if c := run(context.Background(), []string{"-socket", sock, "revoke", os.Getenv("MMIO_LEASE_ID")}, os.Stdout, os.Stderr, noEnv); c != 0 {
+				fmt.Fprintf(os.Stderr, "child: revoke exited %d\n", c)
+				os.Exit(1)
+			}
 		}
 		code, _ := strconv.Atoi(os.Getenv(envChildExit))
 		os.Exit(code)
@@ -293,6 +303,15 @@ func TestEndToEnd(t *testing.T) {
 		}
 		if out := d.mustCtl(t, "leases"); strings.Count(out, "\n") != 1 {
 			t.Errorf("live leases left behind:\n%s", out)
+		}
+
+		// The lease is revoked while the command runs: the command's status still wins,
+		// and mmiobrokerctl says the lease had ended instead of failing the release.
+		t.Setenv(envChildRevoke, d.Control)
+		t.Setenv(envChildExit, "0")
+		out, errs, code = d.ctl(t, "allocate", "-exec", e2eBDF, "0", "--", exe)
+		if code != 0 || !strings.Contains(errs, "ended while") {
+			t.Errorf("allocate -exec with the lease revoked meanwhile: exit %d\nstdout: %s\nstderr: %s", code, out, errs)
 		}
 	})
 

@@ -29,6 +29,8 @@ type Broker struct {
 	order   []string           // BDFs in configuration order
 	leases  map[string]*lease  // every lease ever granted, live or ended (ended ones bounded)
 	ended   []string           // ended lease IDs, oldest first, for bounded retention
+	live    int                // leases not ended (pending included)
+	liveUID map[uint32]int     // live leases by holder uid
 	events  *eventLog
 }
 
@@ -80,10 +82,11 @@ func New(cfg Config, open Opener, log *slog.Logger) (*Broker, error) {
 		now:     time.Now,
 		devices: map[string]*device{},
 		leases:  map[string]*lease{},
+		liveUID: map[uint32]int{},
 		events:  newEventLog(cfg.EventBacklog),
 	}
 	for _, dc := range cfg.Devices {
-		d := &device{policy: dc, live: map[string]*lease{}, info: DeviceInfo{BDF: dc.BDF}}
+		d := &device{policy: dc, live: map[string]*lease{}, info: DeviceInfo{BDF: dc.BDF, IOMMUGroup: -1}}
 		b.devices[dc.BDF] = d
 		b.order = append(b.order, dc.BDF)
 		d.opMu.Lock()
@@ -204,6 +207,7 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	if err != nil {
 		delete(d.live, l.ID)
 		delete(b.leases, l.ID)
+		b.countLive(l, -1)
 		return Lease{}, "", fmt.Errorf("device %s: bar %d: export %v: %w", req.BDF, req.BAR, req.Ranges, err)
 	}
 	now := b.now()
@@ -213,6 +217,7 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	l.Created = now
 	l.token = newToken()
 	l.deadline = now.Add(b.cfg.ClaimTimeout)
+	l.ClaimDeadline = l.deadline
 	id, gen := l.ID, l.Generation
 	l.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
 	b.emitLocked(EventAllocated, l, "")
@@ -271,15 +276,7 @@ func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*leas
 				req.BDF, req.BAR, req.Ranges, o.ID, o.Ranges, o.Holder.UID, errdefs.ErrFailedPrecondition)
 		}
 	}
-	total, mine := 0, 0
-	for _, o := range b.leases {
-		if o.Live() {
-			total++
-			if o.Holder.UID == req.Holder.UID {
-				mine++
-			}
-		}
-	}
+	total, mine := b.live, b.liveUID[req.Holder.UID]
 	if mine >= b.cfg.Limits.MaxLeasesPerHolder {
 		return nil, fmt.Errorf("uid %d holds %d leases, the limit: %w", req.Holder.UID, mine, errdefs.ErrResourceExhausted)
 	}
@@ -294,6 +291,7 @@ func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*leas
 	l.VMName, l.Unattested = req.VMName, unattested
 	b.leases[l.ID] = l
 	d.live[l.ID] = l
+	b.countLive(l, +1)
 	return l, nil
 }
 
@@ -327,6 +325,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 		return Lease{}, nil, fmt.Errorf("lease %s: duplicate dma-buf fd: %w", id, err)
 	}
 	l.token = ""
+	l.ClaimDeadline = time.Time{}
 	if l.timer != nil {
 		l.timer.Stop()
 		l.timer = nil
@@ -499,6 +498,7 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
 		o.deadline = time.Time{}
 		if o.State == StateAllocated { // never claimed: the claim window starts again
 			o.deadline = b.now().Add(b.cfg.ClaimTimeout)
+			o.ClaimDeadline = o.deadline
 			id, gen := o.ID, o.Generation
 			o.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
 		}
@@ -526,6 +526,7 @@ func (b *Broker) loseDeviceLocked(d *device, cause error) {
 func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	l.State, l.EndReason, l.EndedBy, l.Ended = st, why, by, b.now()
 	l.token = ""
+	l.ClaimDeadline = time.Time{}
 	if l.timer != nil {
 		l.timer.Stop()
 		l.timer = nil
@@ -541,6 +542,7 @@ func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	if d := b.devices[l.BDF]; d != nil {
 		delete(d.live, l.ID)
 	}
+	b.countLive(l, -1)
 	b.ended = append(b.ended, l.ID)
 	for len(b.ended) > maxEndedLeases {
 		delete(b.leases, b.ended[0])
@@ -564,6 +566,7 @@ func (b *Broker) Close() error {
 	for _, l := range b.leases {
 		if l.Live() && !l.pending {
 			b.endLocked(l, StateReleased, ReasonShutdown, "broker")
+			b.emitLocked(EventReleased, l, "")
 		}
 	}
 	for s := range b.events.subs {
@@ -592,6 +595,16 @@ func (b *Broker) Close() error {
 		d.opMu.Unlock()
 	}
 	return errors.Join(errs...)
+}
+
+// countLive adjusts the live-lease counters by delta for l.
+func (b *Broker) countLive(l *lease, delta int) {
+	b.live += delta
+	if n := b.liveUID[l.Holder.UID] + delta; n > 0 {
+		b.liveUID[l.Holder.UID] = n
+	} else {
+		delete(b.liveUID, l.Holder.UID)
+	}
 }
 
 // bufferName names a lease's dma-buf (DMA_BUF_SET_NAME allows 31 bytes).

@@ -551,7 +551,10 @@ func TestCloseEndsEverything(t *testing.T) {
 	if err := r.b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := <-sub.Events(); ok || sub.Err() == nil {
+	if e, ok := <-sub.Events(); !ok || e.Type != broker.EventReleased || e.Lease.EndReason != broker.ReasonShutdown {
+		t.Fatalf("first event after Close = %+v, %v; want the lease released for shutdown", e, ok)
+	}
+	if _, ok := <-sub.Events(); ok || !errors.Is(sub.Err(), errdefs.ErrUnavailable) {
 		t.Fatalf("subscription survived Close (err %v)", sub.Err())
 	}
 	got, _ := r.b.Get(l.ID)

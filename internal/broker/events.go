@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 
@@ -116,7 +115,7 @@ func (s *Subscription) Close() {
 }
 
 // errBrokerClosed ends subscriptions when the broker closes.
-var errBrokerClosed = errors.New("broker closed")
+var errBrokerClosed = fmt.Errorf("broker closed: %w", errdefs.ErrUnavailable)
 
 // Subscribe returns the events after sequence number cursor (0: only new events). It fails
 // with errdefs.ErrFailedPrecondition if events after cursor are no longer retained.
@@ -124,7 +123,7 @@ func (b *Broker) Subscribe(cursor uint64) (*Subscription, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
-		return nil, fmt.Errorf("subscribe: %w: %w", errBrokerClosed, errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("subscribe: %w", errBrokerClosed)
 	}
 	var backlog []Event
 	if cursor > 0 {

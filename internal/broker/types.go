@@ -221,9 +221,13 @@ type Lease struct {
 	Unattested bool
 	Created    time.Time
 	Claimed    time.Time // zero until the current generation is claimed
-	Ended      time.Time // zero while live
-	EndReason  Reason
-	EndedBy    string
+	// ClaimDeadline is when an unclaimed lease's token expires (the lease is then
+	// released); zero once claimed, and for reissued tokens of active leases, which stay
+	// valid while the lease lives.
+	ClaimDeadline time.Time
+	Ended         time.Time // zero while live
+	EndReason     Reason
+	EndedBy       string
 }
 
 // Live reports whether the lease has not ended.

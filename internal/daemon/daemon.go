@@ -85,10 +85,9 @@ func Run(ctx context.Context, opt Options) error {
 		admins = []uint32{uint32(res.AdminGID)}
 	}
 	srv := server.New(b, server.Options{
-		ClaimSocket:  d.ClaimSocket,
-		ClaimTimeout: res.Broker.ClaimTimeout,
-		AdminGroups:  admins,
-		Log:          log,
+		ClaimSocket: d.ClaimSocket,
+		AdminGroups: admins,
+		Log:         log,
 	})
 	claims := fdpass.NewServer(claimer{b}, fdpass.Options{Log: log})
 

@@ -122,7 +122,7 @@ func newEnv(t testing.TB, opts ...func(*envOptions)) *env {
 		identify = testIdentify
 	}
 	e.srv = New(b, Options{
-		ClaimSocket: "/run/mmiobroker/fd.sock", ClaimTimeout: cfg.ClaimTimeout, AdminGroups: []uint32{gidAdmin},
+		ClaimSocket: "/run/mmiobroker/fd.sock", AdminGroups: []uint32{gidAdmin},
 		Log: log.With("component", "server"), Identify: identify,
 	})
 	e.socket = filepath.Join(testutil.ShortTempDir(t), "control.sock")

@@ -29,16 +29,11 @@ import (
 // DefaultSocket is the conventional path of the control socket.
 const DefaultSocket = "/run/mmiobroker/control.sock"
 
-// Options configure a [Server]. The zero value works, but real daemons set ClaimSocket and
-// ClaimTimeout.
+// Options configure a [Server]. The zero value works, but real daemons set ClaimSocket.
 type Options struct {
 	// ClaimSocket is the path of the claim socket that AllocateLease tells clients to claim
 	// their fd on.
 	ClaimSocket string
-	// ClaimTimeout must equal the broker's Config.ClaimTimeout; AllocateLease reports the
-	// lease's creation time plus ClaimTimeout as the claim deadline. Zero means
-	// broker.DefaultClaimTimeout.
-	ClaimTimeout time.Duration
 	// AdminGroups are the gids whose members (primary or supplementary) are admins, besides
 	// uid 0. Empty: only uid 0 is an admin.
 	AdminGroups []uint32
@@ -77,21 +72,16 @@ func New(b *broker.Broker, opt Options) *Server {
 	if s.identify == nil {
 		s.identify = IdentifyPeer
 	}
-	timeout := opt.ClaimTimeout
-	if timeout == 0 {
-		timeout = broker.DefaultClaimTimeout
-	}
 	s.g = grpc.NewServer(
 		grpc.Creds(peercred.NewTransportCredentials()),
 		grpc.UnaryInterceptor(s.unaryInterceptor),
 		grpc.StreamInterceptor(s.streamInterceptor),
 	)
 	brokerv1.RegisterBrokerServer(s.g, &service{
-		b:            b,
-		adminGroups:  append([]uint32(nil), opt.AdminGroups...),
-		claimSocket:  opt.ClaimSocket,
-		claimTimeout: timeout,
-		stopping:     s.stopping,
+		b:           b,
+		adminGroups: append([]uint32(nil), opt.AdminGroups...),
+		claimSocket: opt.ClaimSocket,
+		stopping:    s.stopping,
 	})
 	healthpb.RegisterHealthServer(s.g, s.health)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)

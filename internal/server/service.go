@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -19,10 +18,9 @@ import (
 type service struct {
 	brokerv1.UnimplementedBrokerServer
 
-	b            *broker.Broker
-	adminGroups  []uint32
-	claimSocket  string
-	claimTimeout time.Duration
+	b           *broker.Broker
+	adminGroups []uint32
+	claimSocket string
 	// stopping is closed when the server stops; it ends WatchEvents streams.
 	stopping <-chan struct{}
 }
@@ -95,7 +93,7 @@ func (s *service) AllocateLease(ctx context.Context, req *brokerv1.AllocateLease
 		Lease:         leaseToProto(l),
 		ClaimToken:    token,
 		ClaimSocket:   s.claimSocket,
-		ClaimDeadline: timestamp(l.Created.Add(s.claimTimeout)),
+		ClaimDeadline: timestamp(l.ClaimDeadline),
 	}, nil
 }
 

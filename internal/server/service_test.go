@@ -64,7 +64,7 @@ func TestListDevices(t *testing.T) {
 			devA,
 			fakeDevice(bdfB, &brokerv1.DevicePolicy{AllowedBars: []uint32{0}, AllowedKinds: bothKinds}),
 			devC,
-			{Bdf: bdfD, Policy: &brokerv1.DevicePolicy{AllowedKinds: sharedOnly, AllowedUids: []uint32{uidHolder}},
+			{Bdf: bdfD, IommuGroup: -1, Policy: &brokerv1.DevicePolicy{AllowedKinds: sharedOnly, AllowedUids: []uint32{uidHolder}},
 				Tsm: &brokerv1.TsmState{}, DmaBufUnsupportedReason: "unknown: the device is not open"},
 		}}
 		if diff := cmp.Diff(want, resp, protocmp.Transform(), protocmp.IgnoreFields(&brokerv1.Device{}, "error")); diff != "" {

@@ -220,9 +220,11 @@ func TestWatchEventsEndsOnBrokerClose(t *testing.T) {
 	if err := e.b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// The allocation, then the end of the stream (the broker ends leases on close without
-	// events).
-	recv(t, s, 1)
+	// The allocation, the lease released for the shutdown, then the end of the stream.
+	got := recv(t, s, 2)
+	if got[1].Type != brokerv1.EventType_EVENT_TYPE_RELEASED {
+		t.Fatalf("second event %+v, want RELEASED (broker shutdown)", got[1])
+	}
 	_, err := s.Recv()
 	wantCode(t, err, codes.Unavailable, "event stream ended")
 	// Once closed, the broker refuses new streams.

@@ -113,6 +113,9 @@ func startDaemon(t *testing.T) *daemon {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil { // uid 1000 connects to the sockets too
+		t.Fatal(err)
+	}
 	d := &daemon{dir: dir, control: filepath.Join(dir, "control.sock"), claim: filepath.Join(dir, "fd.sock")}
 	cfg := fmt.Sprintf(`
 [daemon]

@@ -1424,7 +1424,7 @@ type AllocateLeaseResponse struct {
 	// Single-use claim token (32 lowercase hex digits, 128 random bits). Present it with the
 	// lease id on claim_socket from the same process. Treat it as a secret.
 	ClaimToken string `protobuf:"bytes,2,opt,name=claim_token,json=claimToken,proto3" json:"claim_token,omitempty"`
-	// Path of the claim socket (a unix stream socket) where the fd is delivered by SCM_RIGHTS;
+	// Path of the claim socket (AF_UNIX SOCK_SEQPACKET) where the fd is delivered by SCM_RIGHTS;
 	// wire format in docs/claim-protocol.md.
 	ClaimSocket string `protobuf:"bytes,3,opt,name=claim_socket,json=claimSocket,proto3" json:"claim_socket,omitempty"`
 	// The token expires at this time; an unclaimed lease is then released (EXPIRED event).

@@ -1,0 +1,164 @@
+package vm_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mmiobroker/mmiobroker/test/vm/vmrig"
+)
+
+// TestVM boots each guest kernel once, runs every vmtest binary inside it and reports each
+// guest test as a subtest: TestVM/<kernel>/<binary>/<TestName>[/<subtest>...]. The rig's
+// own checks (modules loaded, devices bound to vfio-pci, bus reset available, the ivshmem
+// BAR visible in its host file) are TestVM/<kernel>/rig/<check>.
+//
+// Environment: MMIOBROKER_VM=1 enables it; MMIOBROKER_VM_KERNELS="stock iommufd" (default
+// both) picks kernels; MMIOBROKER_VM_RUN is passed to the guest binaries as -test.run;
+// MMIOBROKER_VM_TESTS="vfio,dmabuf" runs only those binaries; MMIOBROKER_VM_TOPOLOGY=flat
+// puts the devices on the root bus.
+func TestVM(t *testing.T) {
+	if os.Getenv("MMIOBROKER_VM") != "1" {
+		t.Skip("real-kernel VM tests are off; enable them with `make test-vm` " +
+			"(or test/vm/setup.sh, then MMIOBROKER_VM=1 go test ./test/vm/)")
+	}
+	ctx := t.Context()
+	if d, ok := t.Deadline(); ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, d.Add(-30*time.Second))
+		defer cancel()
+	}
+	r, err := vmrig.Open(".")
+	if err != nil {
+		t.Fatalf("rig: %v", err)
+	}
+	defer r.Close()
+	r.Log = func(s string) { fmt.Printf("vm: %s\n", s) }
+
+	kernels := vmrig.Kernels
+	if s := os.Getenv("MMIOBROKER_VM_KERNELS"); s != "" {
+		kernels = nil
+		for _, f := range strings.Fields(strings.ReplaceAll(s, ",", " ")) {
+			k, err := vmrig.ParseKernel(f)
+			if err != nil {
+				t.Fatalf("MMIOBROKER_VM_KERNELS: %v", err)
+			}
+			kernels = append(kernels, k)
+		}
+	}
+	opts := vmrig.RunOptions{Run: os.Getenv("MMIOBROKER_VM_RUN")}
+	if s := os.Getenv("MMIOBROKER_VM_TESTS"); s != "" {
+		opts.Tests = strings.Split(s, ",")
+	}
+	if s := os.Getenv("MMIOBROKER_VM_TOPOLOGY"); s != "" {
+		opts.Topology = vmrig.Topology(s)
+	}
+	for _, k := range kernels {
+		t.Run(string(k), func(t *testing.T) {
+			start := time.Now()
+			rep, err := r.Run(ctx, k, opts)
+			if err != nil {
+				t.Fatalf("rig: %v", err)
+			}
+			o := rep.Outcome
+			fmt.Printf("vm: %s: kernel %s: /init after %.1fs, tests done after %.1fs, %d attempt(s), %.1fs with build; serial log %s\n",
+				k, o.KernelRelease, o.InitAt.Seconds(), o.Total.Seconds(), len(rep.Attempts), time.Since(start).Seconds(), o.LogPath)
+			report(t, rep, opts)
+		})
+	}
+}
+
+// report turns one run into subtests and failures of t.
+func report(t *testing.T, rep *vmrig.Report, opts vmrig.RunOptions) {
+	o := rep.Outcome
+	defer func() {
+		if t.Failed() {
+			t.Logf("serial log (kernel console and guest output): %s", o.LogPath)
+		}
+	}()
+	if rep.Infra != "" {
+		tail := o.Tail
+		if len(tail) > 30 {
+			tail = tail[len(tail)-30:]
+		}
+		t.Fatalf("infrastructure failure (%d attempts): %s\nlast console lines:\n  %s",
+			len(rep.Attempts), rep.Infra, strings.Join(tail, "\n  "))
+	}
+	t.Run("rig", func(t *testing.T) {
+		for _, c := range o.Checks {
+			t.Run(c.Name, func(t *testing.T) {
+				switch c.Status {
+				case "fail":
+					t.Error(c.Detail)
+				case "skip":
+					t.Skip(c.Detail)
+				default:
+					t.Log(c.Detail)
+				}
+			})
+		}
+	})
+	if rep.Payload != nil {
+		for _, f := range rep.Payload.Failures {
+			t.Run(f.Name, func(t *testing.T) {
+				t.Errorf("%s does not build for the guest:\n%s", f.Package, f.Output)
+			})
+		}
+	}
+	ran := map[string]bool{}
+	for _, b := range o.Binaries {
+		ran[b.Name] = true
+		t.Run(b.Name, func(t *testing.T) {
+			reportTests(t, b.Tests, "")
+			if probs := b.Problems(); len(probs) > 0 {
+				for _, p := range probs {
+					t.Error(p)
+				}
+				t.Logf("output of %s outside any test:\n  %s", b.Name, strings.Join(b.Output, "\n  "))
+			}
+		})
+	}
+	want := rep.Image.Tests
+	if len(opts.Tests) > 0 {
+		want = opts.Tests
+	}
+	for _, name := range want {
+		if !ran[name] {
+			t.Run(name, func(t *testing.T) {
+				t.Error("never ran: the guest stopped before this binary began")
+			})
+		}
+	}
+	for _, p := range o.Problems() {
+		t.Error(p)
+	}
+	if len(o.Panic) > 0 {
+		t.Logf("guest kernel panic:\n  %s", strings.Join(o.Panic, "\n  "))
+	}
+	for _, w := range o.Warnings {
+		t.Logf("guest kernel warning: %s", w)
+	}
+}
+
+// reportTests mirrors guest tests as subtests of t, with their output and status.
+func reportTests(t *testing.T, tests []*vmrig.TestCase, parent string) {
+	for _, tc := range tests {
+		t.Run(tc.Leaf(parent), func(t *testing.T) {
+			for _, l := range tc.Output {
+				t.Log(strings.TrimSpace(l))
+			}
+			reportTests(t, tc.Subtests, tc.Name)
+			switch tc.Status {
+			case vmrig.Fail:
+				t.Errorf("guest test %s failed (%s)", tc.Name, tc.Elapsed)
+			case vmrig.Skip:
+				t.SkipNow()
+			case vmrig.NoResult:
+				t.Errorf("guest test %s started but never reported a result (crash, kernel panic or timeout)", tc.Name)
+			}
+		})
+	}
+}

@@ -1,0 +1,302 @@
+package vmrig
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Rig ties the pieces together for one repository checkout: the rig environment written
+// by setup.sh, the payload built from the tree, and one initramfs per guest kernel.
+type Rig struct {
+	Root     string // repository root
+	Env      Env
+	CacheDir string
+	LogDir   string       // serial logs (default Root/bin/vm-logs)
+	Log      func(string) // progress lines (may be nil)
+	QEMU     string       // default qemu-system-x86_64
+	Level    int          // initramfs zstd level; negative: uncompressed (see ImageOptions)
+	payload  *Payload     // built once per Rig
+	workDir  string       // holds the payload
+	images   map[Kernel]*Image
+}
+
+// Open finds the repository around dir and reads the rig environment. It fails, saying
+// how to fix it, when setup.sh has not run. MMIOBROKER_VM_COMPRESS=none keeps the
+// initramfs uncompressed.
+func Open(dir string) (*Rig, error) {
+	root, err := FindRepoRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	cache, err := CacheDir()
+	if err != nil {
+		return nil, err
+	}
+	env, err := LoadEnv()
+	if err != nil {
+		return nil, err
+	}
+	r := &Rig{Root: root, Env: env, CacheDir: cache, LogDir: filepath.Join(root, "bin", "vm-logs"),
+		images: map[Kernel]*Image{}}
+	if os.Getenv("MMIOBROKER_VM_COMPRESS") == "none" {
+		r.Level = -1
+	}
+	return r, nil
+}
+
+func (r *Rig) logf(format string, a ...any) {
+	if r.Log != nil {
+		r.Log(fmt.Sprintf(format, a...))
+	}
+}
+
+// Close removes the built payload.
+func (r *Rig) Close() error {
+	if r.workDir != "" {
+		return os.RemoveAll(r.workDir)
+	}
+	return nil
+}
+
+// Payload builds the guest binaries from the tree once and returns them.
+func (r *Rig) Payload(ctx context.Context) (*Payload, error) {
+	if r.payload != nil {
+		return r.payload, nil
+	}
+	dir, err := os.MkdirTemp("", "mmbvm-payload-")
+	if err != nil {
+		return nil, err
+	}
+	r.workDir = dir
+	p, err := BuildPayload(ctx, BuildOptions{Root: r.Root, Dir: dir, Log: r.Log})
+	if err != nil {
+		return nil, err
+	}
+	r.logf("payload: %d test binaries, programs %v, missing %v, %d build failures (%.1fs)",
+		len(p.Tests), names(p.Programs), p.Missing, len(p.Failures), p.Took.Seconds())
+	r.payload = p
+	return p, nil
+}
+
+func names(bs []Binary) []string {
+	n := make([]string, len(bs))
+	for i, b := range bs {
+		n[i] = b.Name
+	}
+	return n
+}
+
+// Image returns the initramfs of kernel k (built or from the cache) and the kernel itself.
+func (r *Rig) Image(ctx context.Context, k Kernel) (KernelImage, *Image, error) {
+	ki, err := r.Env.Kernel(k)
+	if err != nil {
+		return ki, nil, err
+	}
+	if img, ok := r.images[k]; ok {
+		return ki, img, nil
+	}
+	p, err := r.Payload(ctx)
+	if err != nil {
+		return ki, nil, err
+	}
+	bb, err := r.Env.BusyboxPath()
+	if err != nil {
+		return ki, nil, err
+	}
+	img, err := BuildImage(ctx, ImageOptions{Kernel: ki, Busybox: bb, Payload: p, CacheDir: r.CacheDir, Level: r.Level})
+	if err != nil {
+		return ki, nil, err
+	}
+	how := "built"
+	if img.Cached {
+		how = "cached"
+	}
+	r.logf("initramfs %s: %s %s (%.1f MB, %.1fs), modules %v", k, how, img.Path, float64(img.Size)/1e6, img.Took.Seconds(), img.Modules)
+	r.images[k] = img
+	return ki, img, nil
+}
+
+// RunOptions configures Run.
+type RunOptions struct {
+	Mode        Mode
+	Topology    Topology
+	Run         string   // -test.run in the guest
+	Tests       []string // only these test binaries
+	Timeout     time.Duration
+	BootTimeout time.Duration
+	TestTimeout time.Duration
+	Retries     int    // infrastructure-failure retries (default 1; -1 for none)
+	LogName     string // log file base name (default "<kernel>-<mode>[-flat]")
+	Transcript  io.Writer
+	Progress    func(string)
+}
+
+// Report is the result of Run: the last attempt's outcome plus what came before it.
+type Report struct {
+	Kernel   Kernel
+	Image    *Image
+	Payload  *Payload
+	Outcome  *Outcome
+	Attempts []*Outcome // every attempt, the last one is Outcome
+	Infra    string     // non-empty if the last attempt still was an infrastructure failure
+}
+
+// Failed reports whether anything failed: infrastructure, a build, a check, a test.
+func (rep *Report) Failed() bool {
+	return rep.Infra != "" || rep.Payload != nil && len(rep.Payload.Failures) > 0 || rep.Outcome.Failed()
+}
+
+// Run boots kernel k and runs the payload, retrying once (by default) when the guest died
+// before it ran anything. The serial log of each attempt stays in LogDir.
+func (r *Rig) Run(ctx context.Context, k Kernel, opt RunOptions) (*Report, error) {
+	ki, img, err := r.Image(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	if opt.Mode == "" {
+		opt.Mode = ModeTests
+	}
+	if opt.LogName == "" {
+		opt.LogName = fmt.Sprintf("%s-%s", k, opt.Mode)
+		if opt.Topology == Flat {
+			opt.LogName += "-flat"
+		}
+	}
+	retries := opt.Retries
+	if retries == 0 {
+		retries = 1
+	} else if retries < 0 {
+		retries = 0
+	}
+	rep := &Report{Kernel: k, Image: img, Payload: r.payload}
+	err = retryInfra(ctx, retries, func(attempt int) (*Outcome, error) {
+		logPath := filepath.Join(r.LogDir, opt.LogName+".log")
+		if attempt > 0 {
+			logPath = filepath.Join(r.LogDir, fmt.Sprintf("%s.retry%d.log", opt.LogName, attempt))
+		}
+		o, err := Boot(ctx, MachineConfig{QEMU: r.QEMU, Kernel: ki, Initrd: img.Path, Mode: opt.Mode,
+			Topology: opt.Topology, Run: opt.Run, Tests: opt.Tests, Timeout: opt.Timeout,
+			BootTimeout: opt.BootTimeout, TestTimeout: opt.TestTimeout, LogPath: logPath,
+			Transcript: opt.Transcript, Progress: opt.Progress})
+		if err == nil {
+			if infra := o.InfraFailure(); infra != "" && attempt < retries {
+				r.logf("%s: infrastructure failure, retrying: %s (log %s)", k, infra, logPath)
+			}
+		}
+		return o, err
+	}, rep)
+	if err != nil {
+		return nil, err
+	}
+	return rep, nil
+}
+
+// retryInfra calls boot until it returns an outcome that is not an infrastructure
+// failure, at most retries+1 times, and records the attempts in rep.
+func retryInfra(ctx context.Context, retries int, boot func(attempt int) (*Outcome, error), rep *Report) error {
+	for attempt := 0; ; attempt++ {
+		o, err := boot(attempt)
+		if err != nil {
+			return err
+		}
+		rep.Attempts = append(rep.Attempts, o)
+		rep.Outcome = o
+		rep.Infra = o.InfraFailure()
+		if rep.Infra == "" || attempt >= retries || ctx.Err() != nil {
+			return nil
+		}
+	}
+}
+
+// WriteText prints a report the way `go test -v` would, plus the rig's checks and timings.
+func (rep *Report) WriteText(w io.Writer, verbose bool) {
+	o := rep.Outcome
+	fmt.Fprintf(w, "== %s kernel %s: boot to /init %.1fs, ready %.1fs, total %.1fs (attempts %d)\n",
+		rep.Kernel, o.KernelRelease, o.InitAt.Seconds(), o.ReadyAt.Seconds(), o.Total.Seconds(), len(rep.Attempts))
+	if rep.Infra != "" {
+		fmt.Fprintf(w, "INFRASTRUCTURE FAILURE: %s\n", rep.Infra)
+		writeTail(w, o)
+	}
+	for _, f := range rep.buildFailures() {
+		fmt.Fprintf(w, "--- FAIL: build %s\n%s\n", f.Package, indent(f.Output, "    "))
+	}
+	for _, c := range o.Checks {
+		if verbose || c.Status == "fail" {
+			fmt.Fprintf(w, "rig check %-22s %-4s %s\n", c.Name, c.Status, c.Detail)
+		}
+	}
+	for _, b := range o.Binaries {
+		p, f, s, n := b.Counts()
+		status := "ok  "
+		if b.Failed() {
+			status = "FAIL"
+		}
+		fmt.Fprintf(w, "%s %s: %d passed, %d failed, %d skipped, %d without result\n", status, b.Name, p, f, s, n)
+		var walk func([]*TestCase, string, string)
+		walk = func(l []*TestCase, parent, ind string) {
+			for _, tc := range l {
+				st := string(tc.Status)
+				if st == "" {
+					st = "NO RESULT"
+				}
+				if verbose || tc.Status == Fail || tc.Status == NoResult {
+					fmt.Fprintf(w, "%s--- %s: %s (%s)\n", ind, st, tc.Name, tc.Elapsed)
+					if tc.Status != Pass || verbose {
+						for _, l := range tc.Output {
+							fmt.Fprintf(w, "%s    %s\n", ind, strings.TrimSpace(l))
+						}
+					}
+				}
+				walk(tc.Subtests, tc.Name, ind+"    ")
+			}
+		}
+		walk(b.Tests, "", "    ")
+		if probs := b.Problems(); len(probs) > 0 {
+			for _, p := range probs {
+				fmt.Fprintf(w, "    problem: %s\n", p)
+			}
+			for _, l := range b.Output {
+				fmt.Fprintf(w, "    | %s\n", l)
+			}
+		}
+	}
+	if rep.Infra == "" {
+		for _, p := range o.Problems() {
+			fmt.Fprintf(w, "problem: %s\n", p)
+		}
+		if len(o.Panic) > 0 {
+			fmt.Fprintf(w, "kernel panic:\n%s\n", indent(strings.Join(o.Panic, "\n"), "    "))
+		}
+	}
+	for _, wl := range o.Warnings {
+		fmt.Fprintf(w, "kernel warning: %s\n", wl)
+	}
+	fmt.Fprintf(w, "serial log: %s\n", o.LogPath)
+}
+
+func writeTail(w io.Writer, o *Outcome) {
+	if len(o.Tail) == 0 {
+		return
+	}
+	tail := o.Tail
+	if len(tail) > 25 {
+		tail = tail[len(tail)-25:]
+	}
+	fmt.Fprintf(w, "last console lines:\n%s\n", indent(strings.Join(tail, "\n"), "    "))
+}
+
+func indent(s, prefix string) string {
+	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
+}
+
+func (rep *Report) buildFailures() []BuildFailure {
+	if rep.Payload == nil {
+		return nil
+	}
+	return rep.Payload.Failures
+}
