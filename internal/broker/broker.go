@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
@@ -32,6 +33,8 @@ type Broker struct {
 	live    int                // leases not ended (pending included)
 	liveUID map[uint32]int     // live leases by holder uid
 	events  *eventLog
+
+	watchers sync.WaitGroup // holder and notice watchers
 }
 
 // device is a configured device. opMu serializes kernel operations on it (open, export,
@@ -44,6 +47,10 @@ type device struct {
 	info   DeviceInfo
 	err    error             // why dev is nil
 	live   map[string]*lease // allocated and active leases
+
+	pending   []*revokeReq // revocations waiting for the next device cycle
+	suspended bool         // memory decode off for maintenance
+	errors    uint64       // error notices (AER) since open
 }
 
 // lease is a lease record; guarded by Broker.mu.
@@ -53,7 +60,10 @@ type lease struct {
 	buf      Buffer
 	token    string // current unclaimed claim token, "" once claimed
 	deadline time.Time
-	timer    *time.Timer
+	timer    *time.Timer // claim expiry
+	ttl      *time.Timer // time to live
+	grace    *time.Timer // cooperative revoke deadline
+	unwatch  context.CancelFunc
 	pending  bool // being exported: invisible to Get, List and Claim
 }
 
@@ -117,7 +127,11 @@ func (b *Broker) openDevice(d *device) {
 		b.log.Warn("device unusable", "bdf", d.policy.BDF, "err", err)
 		return
 	}
-	d.dev, d.info, d.err = dev, info, nil
+	d.dev, d.info, d.err, d.suspended, d.errors = dev, info, nil, false, 0
+	if n, ok := dev.(Notifier); ok {
+		b.watchers.Add(1)
+		go b.watchNotices(d, n.Notices())
+	}
 	b.log.Info("device opened", "bdf", info.BDF, "mode", info.Mode, "driver", info.Driver,
 		"iommu_group", info.IOMMUGroup, "dma_buf", errString(info.DMABuf, "supported"))
 }
@@ -152,7 +166,8 @@ func (b *Broker) Device(bdf string) (DeviceStatus, error) {
 }
 
 func (b *Broker) statusLocked(d *device) DeviceStatus {
-	st := DeviceStatus{Info: d.info, Policy: d.policy, Err: d.err, LiveLeases: len(d.live)}
+	st := DeviceStatus{Info: d.info, Policy: d.policy, Err: d.err, LiveLeases: len(d.live),
+		Suspended: d.suspended, Errors: d.errors}
 	if d.dev != nil {
 		st.Info = d.dev.Info()
 		st.Info.BDF = d.policy.BDF
@@ -188,8 +203,14 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 		b.mu.Unlock()
 		return Lease{}, "", fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
 	}
-	dev := d.dev
+	dev, suspended := d.dev, d.suspended
 	b.mu.Unlock()
+	if suspended {
+		return Lease{}, "", fmt.Errorf("device %s is suspended for maintenance: %w", req.BDF, errdefs.ErrFailedPrecondition)
+	}
+	if req.TTL < 0 {
+		return Lease{}, "", fmt.Errorf("device %s: ttl %v is negative: %w", req.BDF, req.TTL, errdefs.ErrInvalidArgument)
+	}
 	info := dev.Info() // fresh TSM state
 	info.BDF = req.BDF
 
@@ -220,6 +241,11 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	l.ClaimDeadline = l.deadline
 	id, gen := l.ID, l.Generation
 	l.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
+	if req.TTL > 0 {
+		l.TTL, l.Expires = req.TTL, now.Add(req.TTL)
+		l.ttl = time.AfterFunc(req.TTL, func() { b.enforceID(id, StateRevoked, ReasonExpired, "broker (ttl)", EventExpired) })
+	}
+	b.watchHolder(l)
 	b.emitLocked(EventAllocated, l, "")
 	b.log.Info("lease allocated", "lease_id", l.ID, "bdf", l.BDF, "bar", l.BAR, "ranges", fmt.Sprint(l.Ranges),
 		"kind", l.Kind.String(), "uid", l.Holder.UID, "client_pid", l.Holder.PID, "inode", l.Inode, "unattested", l.Unattested)
@@ -412,124 +438,20 @@ func (b *Broker) Release(id string, by Actor) (Lease, error) {
 	return l.Lease, nil
 }
 
-// Revoke ends lease id for good (admins only). Linux 7.2 cannot revoke one dma-buf, so
-// this revokes every dma-buf of the lease's device and re-exports the device's other live
-// leases as a new generation (event reissued, with a new claim token for their holders).
-func (b *Broker) Revoke(id string, by Actor) (Lease, error) {
-	if !by.Admin {
-		return Lease{}, fmt.Errorf("revoke lease %s: %s is not an admin: %w", id, by, errdefs.ErrPermissionDenied)
-	}
-	b.mu.Lock()
-	l, ok := b.leases[id]
-	if !ok || l.pending {
-		b.mu.Unlock()
-		return Lease{}, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
-	}
-	d := b.devices[l.BDF]
-	b.mu.Unlock()
-
-	d.opMu.Lock()
-	defer d.opMu.Unlock()
-	b.mu.Lock()
-	if !l.Live() {
-		b.mu.Unlock()
-		return Lease{}, fmt.Errorf("lease %s has already ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
-	}
-	b.endLocked(l, StateRevoked, ReasonRevoked, by.String())
-	b.emitLocked(EventRevoked, l, "")
-	survivors := make([]*lease, 0, len(d.live))
-	for _, o := range d.live {
-		survivors = append(survivors, o)
-	}
-	dev := d.dev
-	snapshot := l.Lease
-	b.mu.Unlock()
-	if dev == nil {
-		return snapshot, nil
-	}
-
-	start := b.now()
-	if err := dev.Revoke(); err != nil {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		b.loseDeviceLocked(d, fmt.Errorf("revoke: %w", err))
-		return snapshot, fmt.Errorf("lease %s revoked, but cycling device %s failed; all its leases ended: %w: %w",
-			id, l.BDF, err, errdefs.ErrUnavailable)
-	}
-	b.log.Info("lease revoked", "lease_id", id, "bdf", l.BDF, "by", by.String(),
-		"device_cycle", b.now().Sub(start).String(), "reissue", len(survivors))
-	b.reissue(d, dev, survivors)
-	return snapshot, nil
-}
-
-// reissue re-exports survivors after their device revoked every dma-buf. Called with
-// d.opMu held.
-func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
-	slices.SortFunc(survivors, func(x, y *lease) int { return x.Created.Compare(y.Created) })
-	for _, o := range survivors {
-		buf, err := dev.Export(o.BAR, o.Ranges, bufferName(o.ID))
-		b.mu.Lock()
-		if !o.Live() { // ended meanwhile (e.g. released)
-			b.mu.Unlock()
-			if buf != nil {
-				buf.Close()
-			}
-			continue
-		}
-		if err != nil {
-			b.endLocked(o, StateRevoked, ReasonReissueFailed, "broker")
-			b.emitLocked(EventRevoked, o, "")
-			b.log.Error("reissue failed", "lease_id", o.ID, "bdf", o.BDF, "err", err)
-			b.mu.Unlock()
-			continue
-		}
-		if o.buf != nil {
-			o.buf.Close()
-		}
-		if o.timer != nil {
-			o.timer.Stop()
-			o.timer = nil
-		}
-		o.buf = buf
-		o.Generation++
-		o.Inode, o.Size = buf.Inode(), buf.Size()
-		o.Claimed = time.Time{}
-		o.token = newToken()
-		o.deadline = time.Time{}
-		if o.State == StateAllocated { // never claimed: the claim window starts again
-			o.deadline = b.now().Add(b.cfg.ClaimTimeout)
-			o.ClaimDeadline = o.deadline
-			id, gen := o.ID, o.Generation
-			o.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
-		}
-		b.emitLocked(EventReissued, o, o.token)
-		b.log.Info("lease reissued", "lease_id", o.ID, "generation", o.Generation, "inode", o.Inode)
-		b.mu.Unlock()
-	}
-}
-
-// loseDeviceLocked closes d after a failure and ends all its leases.
-func (b *Broker) loseDeviceLocked(d *device, cause error) {
-	for _, o := range d.live {
-		b.endLocked(o, StateRevoked, ReasonDeviceLost, "broker")
-		b.emitLocked(EventDeviceLost, o, "")
-	}
-	if d.dev != nil {
-		d.dev.Close()
-	}
-	d.dev = nil
-	d.err = fmt.Errorf("device %s: %w", d.policy.BDF, cause)
-	b.log.Error("device lost", "bdf", d.policy.BDF, "err", cause)
-}
-
 // endLocked moves l to a final state and frees what it holds.
 func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	l.State, l.EndReason, l.EndedBy, l.Ended = st, why, by, b.now()
 	l.token = ""
-	l.ClaimDeadline = time.Time{}
-	if l.timer != nil {
-		l.timer.Stop()
-		l.timer = nil
+	l.ClaimDeadline, l.RevokeDeadline = time.Time{}, time.Time{}
+	for _, t := range []**time.Timer{&l.timer, &l.ttl, &l.grace} {
+		if *t != nil {
+			(*t).Stop()
+			*t = nil
+		}
+	}
+	if l.unwatch != nil {
+		l.unwatch()
+		l.unwatch = nil
 	}
 	if l.buf != nil {
 		l.buf.Close()
@@ -594,6 +516,7 @@ func (b *Broker) Close() error {
 		}
 		d.opMu.Unlock()
 	}
+	b.watchers.Wait()
 	return errors.Join(errs...)
 }
 

@@ -322,10 +322,10 @@ func TestRevokeReissues(t *testing.T) {
 	r.claim(t, other, otok)
 	oldBufs := r.devs[dev0].OpenBuffers()
 
-	if _, err := r.b.Revoke(victim.ID, broker.Actor{UID: 1000, PID: 1}); !errors.Is(err, errdefs.ErrPermissionDenied) {
+	if _, err := r.b.Revoke(victim.ID, broker.Actor{UID: 1000, PID: 1}, 0); !errors.Is(err, errdefs.ErrPermissionDenied) {
 		t.Fatalf("revoke by a holder: %v, want permission denied", err)
 	}
-	got, err := r.b.Revoke(victim.ID, admin)
+	got, err := r.b.Revoke(victim.ID, admin, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -340,7 +340,7 @@ func TestRevokeReissues(t *testing.T) {
 			t.Errorf("buffer %s survived the device revoke", b.Name)
 		}
 	}
-	if _, err := r.b.Revoke(victim.ID, admin); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+	if _, err := r.b.Revoke(victim.ID, admin, 0); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("second revoke: %v", err)
 	}
 	if _, _, err := r.b.Claim(victim.ID, vtok, broker.Peer{UID: 1000, PID: 1}); !errors.Is(err, errdefs.ErrFailedPrecondition) {
@@ -395,10 +395,11 @@ func TestRevokeReissues(t *testing.T) {
 
 func TestRevokeDeviceFailureEndsLeases(t *testing.T) {
 	r := newRig(t, nil)
-	a, _ := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+	a, atok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+	r.claim(t, a, atok)
 	b, _ := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page}))
 	r.devs[dev0].RevokeErr = unix.EIO
-	if _, err := r.b.Revoke(a.ID, admin); !errors.Is(err, unix.EIO) || !errors.Is(err, errdefs.ErrUnavailable) {
+	if _, err := r.b.Revoke(a.ID, admin, 0); !errors.Is(err, unix.EIO) || !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("revoke with failing device: %v", err)
 	}
 	if l, _ := r.b.Get(b.ID); l.State != broker.StateRevoked || l.EndReason != broker.ReasonDeviceLost {

@@ -30,6 +30,10 @@ type Config struct {
 	EventBacklog int
 	// PageSize is the alignment of lease ranges. Zero means DefaultPageSize.
 	PageSize uint64
+	// RevokeCoalesceWindow delays each device cycle so that revocations of the same device
+	// arriving within it share the cycle. Zero: no delay; revocations that arrive while a
+	// cycle runs still share the next one.
+	RevokeCoalesceWindow time.Duration
 }
 
 // DeviceConfig is the policy of one configured device.
@@ -117,6 +121,9 @@ func (c Config) Validate() error {
 	}
 	if c.ClaimTimeout < 0 {
 		bad("claim timeout %v is negative", c.ClaimTimeout)
+	}
+	if c.RevokeCoalesceWindow < 0 || c.RevokeCoalesceWindow > time.Second {
+		bad("revoke coalesce window %v is outside 0-1s", c.RevokeCoalesceWindow)
 	}
 	if c.EventBacklog < 0 {
 		bad("event backlog %d is negative", c.EventBacklog)

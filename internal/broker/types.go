@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"time"
@@ -40,6 +41,59 @@ type Device interface {
 	Revoke() error
 	// Close closes the device; every dma-buf exported from it is revoked for good.
 	Close() error
+}
+
+// BufferRevoker is implemented by devices whose kernel can revoke one dma-buf without
+// touching the others (the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE). The broker then
+// revokes leases one by one and leaves the device's other leases untouched.
+type BufferRevoker interface {
+	// CanRevokeBuffers reports whether per-buffer revoke is available.
+	CanRevokeBuffers() bool
+	// RevokeBuffer makes buf dead for good.
+	RevokeBuffer(buf Buffer) error
+}
+
+// Suspender is implemented by devices that can pause every dma-buf without ending them
+// (memory decode off) for maintenance, and resume them.
+type Suspender interface {
+	Suspend() error
+	Resume() error
+}
+
+// NoticeKind is the kind of a [Notice].
+type NoticeKind int
+
+// Notice kinds.
+const (
+	// NoticeRelease: the kernel asks for the device back (driver unbind or hot-unplug
+	// pending; VFIO_PCI_REQ_IRQ_INDEX). The broker ends the device's leases and closes it.
+	NoticeRelease NoticeKind = iota + 1
+	// NoticeError: the device reported an error (AER; VFIO_PCI_ERR_IRQ_INDEX).
+	NoticeError
+)
+
+func (k NoticeKind) String() string {
+	switch k {
+	case NoticeRelease:
+		return "release-request"
+	case NoticeError:
+		return "error"
+	}
+	return fmt.Sprintf("notice(%d)", int(k))
+}
+
+// Notice is something a device reports by itself.
+type Notice struct {
+	Kind NoticeKind
+	Time time.Time
+	// Count is how many notices of this kind the device raised since it was opened.
+	Count uint64
+}
+
+// Notifier is implemented by devices that report notices. The channel is closed when the
+// device is closed.
+type Notifier interface {
+	Notices() <-chan Notice
 }
 
 // Opener opens the device at PCI address bdf.
@@ -87,6 +141,9 @@ type Process interface {
 	PID() int32
 	// Alive reports whether the pinned process is still running.
 	Alive() bool
+	// Wait returns nil when the process exits, or an error when ctx ends or the Process
+	// is closed first.
+	Wait(ctx context.Context) error
 	Close() error
 }
 
@@ -192,6 +249,8 @@ type Reason string
 const (
 	ReasonReleased      Reason = "released"       // its holder released it
 	ReasonRevoked       Reason = "revoked"        // an admin revoked it
+	ReasonHolderExited  Reason = "holder_exited"  // the allocating process exited
+	ReasonExpired       Reason = "expired"        // its time to live ran out
 	ReasonClaimExpired  Reason = "claim_expired"  // the claim token expired unclaimed
 	ReasonDeviceLost    Reason = "device_lost"    // the device failed or went away
 	ReasonReissueFailed Reason = "reissue_failed" // re-export after a device revoke failed
@@ -225,9 +284,15 @@ type Lease struct {
 	// released); zero once claimed, and for reissued tokens of active leases, which stay
 	// valid while the lease lives.
 	ClaimDeadline time.Time
-	Ended         time.Time // zero while live
-	EndReason     Reason
-	EndedBy       string
+	// TTL is the lease's time to live (0: none); Expires is when it ends unless renewed.
+	TTL     time.Duration
+	Expires time.Time
+	// RevokeDeadline is set while a cooperative revoke is pending: the holder should
+	// release the lease before it; the broker revokes it then.
+	RevokeDeadline time.Time
+	Ended          time.Time // zero while live
+	EndReason      Reason
+	EndedBy        string
 }
 
 // Live reports whether the lease has not ended.
@@ -241,6 +306,10 @@ type DeviceStatus struct {
 	Err error
 	// LiveLeases counts the device's allocated and active leases.
 	LiveLeases int
+	// Suspended is true while the device is paused for maintenance (memory decode off).
+	Suspended bool
+	// Errors counts the errors (AER) the device reported since it was opened.
+	Errors uint64
 }
 
 // EventType is the kind of a lease transition.
@@ -255,6 +324,17 @@ const (
 	EventReissued   EventType = "reissued"
 	EventExpired    EventType = "expired"
 	EventDeviceLost EventType = "device_lost"
+	// EventRevokeRequested: a cooperative revoke is pending; Lease.RevokeDeadline says
+	// when the broker enforces it.
+	EventRevokeRequested EventType = "revoke_requested"
+	// EventRenewed: the lease's time to live was extended (Lease.Expires).
+	EventRenewed EventType = "renewed"
+	// EventSuspended: the lease's device was paused; its dma-buf is inaccessible until
+	// EventResumed.
+	EventSuspended EventType = "suspended"
+	// EventResumed: the device is back; importers that unmapped on the suspend (iommufd)
+	// must map the fd again.
+	EventResumed EventType = "resumed"
 )
 
 // Event is one lease transition.
@@ -290,4 +370,7 @@ type AllocateRequest struct {
 	Holder Holder
 	// Admin callers may lease any configured device.
 	Admin bool
+	// TTL, if positive, ends the lease (reason expired) that long after allocation
+	// unless renewed.
+	TTL time.Duration
 }

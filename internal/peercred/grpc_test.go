@@ -217,9 +217,6 @@ func TestTransportCredentialsInfo(t *testing.T) {
 	if c.Clone() == c {
 		t.Error("Clone returned the receiver")
 	}
-	if err := c.OverrideServerName("x"); err != nil {
-		t.Error(err)
-	}
 	if _, ok := FromContext(context.Background()); ok {
 		t.Error("FromContext on a bare context reported ok")
 	}

@@ -153,7 +153,7 @@ func (s *service) RevokeLease(ctx context.Context, req *brokerv1.RevokeLeaseRequ
 	if err != nil {
 		return nil, errdefs.ToGRPC(err)
 	}
-	l, err := s.b.Revoke(leaseID, actor(id, admin))
+	l, err := s.b.Revoke(leaseID, actor(id, admin), 0)
 	if err != nil {
 		return nil, errdefs.ToGRPC(err)
 	}

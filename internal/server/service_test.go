@@ -476,7 +476,9 @@ func TestRevokeLease(t *testing.T) {
 
 func TestRevokeLeaseDeviceFailure(t *testing.T) {
 	e := newEnv(t)
-	l1 := e.allocate(holder, oneRange(bdfA, 0, 0, page(1))).GetLease()
+	r1 := e.allocate(holder, oneRange(bdfA, 0, 0, page(1)))
+	l1 := r1.GetLease()
+	e.claim(l1, r1.GetClaimToken()) // a delivered fd: revoking it needs the device cycle
 	l2 := e.allocate(holder2, oneRange(bdfA, 4, 0, page(1))).GetLease()
 	setRevokeErr(e.devA, errors.New("fake cycle failure"))
 	_, err := e.client.RevokeLease(root.ctx(t), &brokerv1.RevokeLeaseRequest{LeaseId: l1.GetId()})

@@ -4,6 +4,7 @@
 package brokertest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -29,6 +30,17 @@ type Device struct {
 	RevokeErr error
 	// Revokes counts Revoke calls.
 	Revokes int
+	// PerBuffer makes the device a broker.BufferRevoker whose buffers die one by one.
+	PerBuffer bool
+	// BufferRevokes counts RevokeBuffer calls.
+	BufferRevokes int
+	// Suspended reports the memory decode state set by Suspend and Resume.
+	Suspended bool
+	// RevokeHook, if set, runs inside Revoke (e.g. to block it while a test queues more
+	// revocations).
+	RevokeHook func()
+
+	notices chan broker.Notice
 }
 
 // NewDevice returns a fake device with one 1 MiB memory BAR 0, one 256-byte memory BAR 1,
@@ -97,6 +109,12 @@ func (d *Device) Export(bar int, ranges []broker.Range, name string) (broker.Buf
 // Revoke implements broker.Device.
 func (d *Device) Revoke() error {
 	d.mu.Lock()
+	hook := d.RevokeHook
+	d.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.Revokes++
 	if d.RevokeErr != nil {
@@ -112,7 +130,78 @@ func (d *Device) Close() error {
 	defer d.mu.Unlock()
 	d.closed = true
 	d.generation++
+	if d.notices != nil {
+		close(d.notices)
+		d.notices = nil
+	}
 	return nil
+}
+
+// CanRevokeBuffers implements broker.BufferRevoker.
+func (d *Device) CanRevokeBuffers() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.PerBuffer
+}
+
+// RevokeBuffer implements broker.BufferRevoker.
+func (d *Device) RevokeBuffer(buf broker.Buffer) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	b, ok := buf.(*Buffer)
+	if !ok || b.dev != d {
+		return fmt.Errorf("fake device %s: revoke of a foreign buffer: %w", d.info.BDF, unix.EINVAL)
+	}
+	d.BufferRevokes++
+	b.revoked = true
+	return nil
+}
+
+// Suspend implements broker.Suspender.
+func (d *Device) Suspend() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.Suspended = true
+	return nil
+}
+
+// Resume implements broker.Suspender.
+func (d *Device) Resume() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.Suspended = false
+	return nil
+}
+
+// Notices implements broker.Notifier: the channel [Device.Notify] sends on, closed by
+// Close.
+func (d *Device) Notices() <-chan broker.Notice {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.notices == nil {
+		d.notices = make(chan broker.Notice, 16)
+	}
+	return d.notices
+}
+
+// Notify raises a notice as the kernel would (e.g. a release request on unbind). It
+// reports false if the device is closed.
+func (d *Device) Notify(kind broker.NoticeKind) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.notices == nil {
+		return false
+	}
+	d.notices <- broker.Notice{Kind: kind, Count: 1}
+	return true
+}
+
+// Locked runs f with the device's lock held, for race-free access to its exported
+// counters and knobs.
+func (d *Device) Locked(f func(d *Device)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f(d)
 }
 
 // OpenBuffers returns the buffers the broker has not closed.
@@ -130,12 +219,13 @@ func (d *Device) OpenBuffers() []*Buffer {
 
 // Buffer is a fake dma-buf backed by a memfd.
 type Buffer struct {
-	f      *os.File
-	inode  uint64
-	size   uint64
-	dev    *Device
-	gen    int
-	closed bool // guarded by dev.mu
+	f       *os.File
+	inode   uint64
+	size    uint64
+	dev     *Device
+	gen     int
+	closed  bool // guarded by dev.mu
+	revoked bool // by RevokeBuffer; guarded by dev.mu
 	// Name and BAR are what the buffer was exported with.
 	Name string
 	BAR  int
@@ -170,7 +260,7 @@ func (b *Buffer) Dup() (*os.File, error) {
 func (b *Buffer) Revoked() bool {
 	b.dev.mu.Lock()
 	defer b.dev.mu.Unlock()
-	return b.gen != b.dev.generation
+	return b.revoked || b.gen != b.dev.generation
 }
 
 // Close implements broker.Buffer.
@@ -215,6 +305,27 @@ type Process struct {
 	mu     sync.Mutex
 	dead   bool
 	closed bool
+	exit   chan struct{} // closed by Exit
+}
+
+func (p *Process) exitCh() chan struct{} {
+	if p.exit == nil {
+		p.exit = make(chan struct{})
+	}
+	return p.exit
+}
+
+// Wait implements broker.Process.
+func (p *Process) Wait(ctx context.Context) error {
+	p.mu.Lock()
+	ch := p.exitCh()
+	p.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // PID implements broker.Process.
@@ -223,8 +334,15 @@ func (p *Process) PID() int32 { return p.Pid }
 // Alive implements broker.Process.
 func (p *Process) Alive() bool { p.mu.Lock(); defer p.mu.Unlock(); return !p.dead }
 
-// Exit marks the process dead.
-func (p *Process) Exit() { p.mu.Lock(); p.dead = true; p.mu.Unlock() }
+// Exit marks the process dead and wakes its waiters.
+func (p *Process) Exit() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.dead {
+		p.dead = true
+		close(p.exitCh())
+	}
+}
 
 // Close implements broker.Process.
 func (p *Process) Close() error { p.mu.Lock(); p.closed = true; p.mu.Unlock(); return nil }

@@ -1,0 +1,346 @@
+package broker_test
+
+import (
+	"errors"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/mmiobroker/mmiobroker/internal/broker"
+	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+)
+
+// next returns the next event of type typ (skipping others), failing after a generous
+// bound on how long the broker may take (a bound on failure, not a timing assertion).
+func next(t *testing.T, sub *broker.Subscription, typ broker.EventType) broker.Event {
+	t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case e, ok := <-sub.Events():
+			if !ok {
+				t.Fatalf("subscription ended (%v) waiting for %s", sub.Err(), typ)
+			}
+			if e.Type == typ {
+				return e
+			}
+		case <-timeout:
+			t.Fatalf("no %s event", typ)
+		}
+	}
+}
+
+func subscribe(t *testing.T, b *broker.Broker) *broker.Subscription {
+	t.Helper()
+	sub, err := b.Subscribe(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sub.Close)
+	return sub
+}
+
+func revokes(d *brokertest.Device) (cycles, buffers int) {
+	d.Locked(func(d *brokertest.Device) { cycles, buffers = d.Revokes, d.BufferRevokes })
+	return
+}
+
+func TestHolderExitRevokes(t *testing.T) {
+	r := newRig(t, nil)
+	sub := subscribe(t, r.b)
+	rq := req(dev0, 0, 1000, 7, broker.Range{Length: page})
+	proc := rq.Holder.Proc.(*brokertest.Process)
+	l, tok := r.allocate(t, rq)
+	r.claim(t, l, tok)
+	other, otok := r.allocate(t, req(dev0, 0, 1001, 8, broker.Range{Offset: page, Length: page}))
+	r.claim(t, other, otok)
+	buf := r.devs[dev0].OpenBuffers()[0]
+
+	proc.Exit()
+	e := next(t, sub, broker.EventReleased)
+	if e.Lease.ID != l.ID || e.Lease.EndReason != broker.ReasonHolderExited || e.Lease.EndedBy != "pid 7 exited" {
+		t.Fatalf("event after the holder exited: %+v", e)
+	}
+	re := next(t, sub, broker.EventReissued) // the survivor, once the device cycled
+	if re.Lease.ID != other.ID || re.Lease.Generation != 2 {
+		t.Fatalf("reissue after holder exit: %+v", re)
+	}
+	if c, _ := revokes(r.devs[dev0]); c != 1 || !buf.Revoked() {
+		t.Fatalf("device cycles %d, holder's buffer revoked %v; want 1 and true", c, buf.Revoked())
+	}
+	if !proc.Closed() {
+		t.Fatal("holder's pidfd not closed")
+	}
+}
+
+func TestHolderExitBeforeClaimNeedsNoCycle(t *testing.T) {
+	r := newRig(t, nil)
+	sub := subscribe(t, r.b)
+	rq := req(dev0, 0, 1000, 7, broker.Range{Length: page})
+	l, _ := r.allocate(t, rq)
+	rq.Holder.Proc.(*brokertest.Process).Exit()
+	if e := next(t, sub, broker.EventReleased); e.Lease.ID != l.ID || e.Lease.EndReason != broker.ReasonHolderExited {
+		t.Fatalf("event: %+v", e)
+	}
+	if c, _ := revokes(r.devs[dev0]); c != 0 {
+		t.Fatalf("%d device cycles for a lease whose fd never left the broker", c)
+	}
+	if n := len(r.devs[dev0].OpenBuffers()); n != 0 {
+		t.Fatalf("%d buffers still open", n)
+	}
+}
+
+func TestCooperativeRevoke(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newRig(t, nil)
+		sub := subscribe(t, r.b)
+		l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+		r.claim(t, l, tok)
+		got, err := r.b.Revoke(l.ID, admin, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.State != broker.StateActive || !got.RevokeDeadline.Equal(time.Now().Add(5*time.Second)) {
+			t.Fatalf("after a cooperative revoke request: %+v", got)
+		}
+		if e := next(t, sub, broker.EventRevokeRequested); !e.Lease.RevokeDeadline.Equal(got.RevokeDeadline) {
+			t.Fatalf("revoke_requested event %+v", e)
+		}
+		// a later, longer request does not push the deadline out
+		if again, _ := r.b.Revoke(l.ID, admin, time.Hour); !again.RevokeDeadline.Equal(got.RevokeDeadline) {
+			t.Fatalf("deadline moved to %v", again.RevokeDeadline)
+		}
+		time.Sleep(5*time.Second - time.Nanosecond)
+		synctest.Wait()
+		if now, _ := r.b.Get(l.ID); !now.Live() {
+			t.Fatalf("revoked before the deadline: %+v", now)
+		}
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		now, _ := r.b.Get(l.ID)
+		if now.State != broker.StateRevoked || now.EndReason != broker.ReasonRevoked || now.EndedBy != admin.String() {
+			t.Fatalf("at the deadline: %+v", now)
+		}
+		if c, _ := revokes(r.devs[dev0]); c != 1 {
+			t.Fatalf("%d device cycles, want 1", c)
+		}
+	})
+}
+
+func TestCooperativeRevokeReleasedInTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newRig(t, nil)
+		l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+		r.claim(t, l, tok)
+		if _, err := r.b.Revoke(l.ID, admin, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second)
+		if _, err := r.b.Release(l.ID, broker.Actor{UID: 1000, PID: 1}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		now, _ := r.b.Get(l.ID)
+		if now.State != broker.StateReleased || now.EndReason != broker.ReasonReleased {
+			t.Fatalf("released before the deadline: %+v", now)
+		}
+		if c, _ := revokes(r.devs[dev0]); c != 0 {
+			t.Fatalf("%d device cycles after a timely release", c)
+		}
+	})
+}
+
+func TestTTLAndRenew(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newRig(t, nil)
+		sub := subscribe(t, r.b)
+		rq := req(dev0, 0, 1000, 1, broker.Range{Length: page})
+		rq.TTL = 10 * time.Second
+		l, tok := r.allocate(t, rq)
+		r.claim(t, l, tok)
+		if !l.Expires.Equal(time.Now().Add(10 * time.Second)) {
+			t.Fatalf("expires %v", l.Expires)
+		}
+		time.Sleep(8 * time.Second)
+		if _, err := r.b.Renew(l.ID, broker.Actor{UID: 1001}, 0); !errors.Is(err, errdefs.ErrPermissionDenied) {
+			t.Fatalf("renew by a stranger: %v", err)
+		}
+		renewed, err := r.b.Renew(l.ID, broker.Actor{UID: 1000}, 0)
+		if err != nil || !renewed.Expires.Equal(time.Now().Add(10*time.Second)) {
+			t.Fatalf("renew: %+v, %v", renewed, err)
+		}
+		next(t, sub, broker.EventRenewed)
+		time.Sleep(9 * time.Second) // 17 s after allocation: alive thanks to the renewal
+		synctest.Wait()
+		if now, _ := r.b.Get(l.ID); !now.Live() {
+			t.Fatalf("expired despite the renewal: %+v", now)
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+		now, _ := r.b.Get(l.ID)
+		if now.State != broker.StateRevoked || now.EndReason != broker.ReasonExpired {
+			t.Fatalf("after the ttl: %+v", now)
+		}
+		if e := next(t, sub, broker.EventExpired); e.Lease.ID != l.ID {
+			t.Fatalf("expired event %+v", e)
+		}
+		if c, _ := revokes(r.devs[dev0]); c != 1 {
+			t.Fatalf("%d device cycles, want 1", c)
+		}
+		if _, err := r.b.Renew(l.ID, broker.Actor{UID: 1000}, 0); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+			t.Fatalf("renew after expiry: %v", err)
+		}
+		noTTL, _ := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page}))
+		if _, err := r.b.Renew(noTTL.ID, broker.Actor{UID: 1000}, 0); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("renew of a lease without ttl: %v", err)
+		}
+	})
+}
+
+// TestRevocationsCoalesce: revocations that arrive while a device cycle runs share the
+// next cycle.
+func TestRevocationsCoalesce(t *testing.T) {
+	r := newRig(t, func(c *broker.Config) { c.Limits.MaxLeasesPerHolder = 10 })
+	sub := subscribe(t, r.b)
+	var leases []broker.Lease
+	for i := range 5 {
+		l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: uint64(i) * page, Length: page}))
+		r.claim(t, l, tok)
+		leases = append(leases, l)
+	}
+	gate := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	r.devs[dev0].Locked(func(d *brokertest.Device) {
+		d.RevokeHook = func() {
+			select {
+			case entered <- struct{}{}:
+				<-gate // hold only the first cycle
+			default:
+			}
+		}
+	})
+	var wg sync.WaitGroup
+	revoke := func(id string) {
+		defer wg.Done()
+		if _, err := r.b.Revoke(id, admin, 0); err != nil {
+			t.Errorf("revoke %s: %v", id, err)
+		}
+	}
+	wg.Add(1)
+	go revoke(leases[0].ID)
+	<-entered // the first cycle runs
+	for _, l := range leases[1:4] {
+		wg.Add(1)
+		go revoke(l.ID)
+	}
+	for range 4 { // 1 + 3 revoked events: all three are queued
+		next(t, sub, broker.EventRevoked)
+	}
+	close(gate)
+	wg.Wait()
+	if c, _ := revokes(r.devs[dev0]); c != 2 {
+		t.Fatalf("%d device cycles for 4 revocations, want 2 (one for the first, one shared)", c)
+	}
+	if l, _ := r.b.Get(leases[4].ID); !l.Live() || l.Generation < 2 {
+		t.Fatalf("survivor %+v", l)
+	}
+}
+
+func TestPerBufferRevoke(t *testing.T) {
+	r := newRig(t, nil)
+	r.devs[dev0].Locked(func(d *brokertest.Device) { d.PerBuffer = true })
+	a, atok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+	r.claim(t, a, atok)
+	b, btok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page}))
+	r.claim(t, b, btok)
+	bufs := r.devs[dev0].OpenBuffers()
+	if _, err := r.b.Revoke(a.ID, admin, 0); err != nil {
+		t.Fatal(err)
+	}
+	if c, n := revokes(r.devs[dev0]); c != 0 || n != 1 {
+		t.Fatalf("device cycles %d, buffer revokes %d; want 0 and 1", c, n)
+	}
+	if !bufs[0].Revoked() || bufs[1].Revoked() {
+		t.Fatalf("revoked: victim %v, survivor %v", bufs[0].Revoked(), bufs[1].Revoked())
+	}
+	if l, _ := r.b.Get(b.ID); l.Generation != 1 || l.State != broker.StateActive {
+		t.Fatalf("survivor disturbed: %+v", l)
+	}
+}
+
+func TestSuspendResume(t *testing.T) {
+	r := newRig(t, nil)
+	sub := subscribe(t, r.b)
+	l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+	r.claim(t, l, tok)
+	if _, err := r.b.SuspendDevice(dev0, broker.Actor{UID: 1000}); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Fatalf("suspend by a holder: %v", err)
+	}
+	st, err := r.b.SuspendDevice(dev0, admin)
+	if err != nil || !st.Suspended {
+		t.Fatalf("suspend: %+v, %v", st, err)
+	}
+	if e := next(t, sub, broker.EventSuspended); e.Lease.ID != l.ID || !e.Lease.Live() {
+		t.Fatalf("suspended event %+v", e)
+	}
+	var fake bool
+	r.devs[dev0].Locked(func(d *brokertest.Device) { fake = d.Suspended })
+	if !fake {
+		t.Fatal("device memory decode still on")
+	}
+	if _, _, err := r.b.Allocate(req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page})); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("allocate on a suspended device: %v", err)
+	}
+	if _, err := r.b.SuspendDevice(dev0, admin); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("second suspend: %v", err)
+	}
+	// a revoke while suspended keeps the device suspended
+	if _, err := r.b.Revoke(l.ID, admin, 0); err != nil {
+		t.Fatal(err)
+	}
+	r.devs[dev0].Locked(func(d *brokertest.Device) { fake = d.Suspended })
+	if !fake {
+		t.Fatal("revoke resumed a suspended device")
+	}
+	st, err = r.b.ResumeDevice(dev0, admin)
+	if err != nil || st.Suspended {
+		t.Fatalf("resume: %+v, %v", st, err)
+	}
+	r.devs[dev0].Locked(func(d *brokertest.Device) { fake = d.Suspended })
+	if fake {
+		t.Fatal("device memory decode still off after resume")
+	}
+	r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page}))
+}
+
+func TestDeviceReleaseNotice(t *testing.T) {
+	r := newRig(t, nil)
+	sub := subscribe(t, r.b)
+	l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+	r.claim(t, l, tok)
+	if !r.devs[dev0].Notify(broker.NoticeError) {
+		t.Fatal("device has no notice channel: the broker does not watch it")
+	}
+	if !r.devs[dev0].Notify(broker.NoticeRelease) {
+		t.Fatal("notify failed")
+	}
+	e := next(t, sub, broker.EventDeviceLost)
+	if e.Lease.ID != l.ID || e.Lease.EndReason != broker.ReasonDeviceLost {
+		t.Fatalf("device_lost event %+v", e)
+	}
+	st, _ := r.b.Device(dev0)
+	if st.Err == nil || st.Errors != 1 {
+		t.Fatalf("device after the release request: err %v errors %d; want an error and 1 AER notice", st.Err, st.Errors)
+	}
+	if _, _, err := r.b.Allocate(req(dev0, 0, 1000, 1, broker.Range{Length: page})); err != nil {
+		// Allocate retries the open: the fake device is available again at once.
+		t.Fatalf("allocate after the device came back: %v", err)
+	}
+	st, err := r.b.DeviceAvailable(dev0)
+	if err != nil || st.Err != nil || st.LiveLeases != 1 {
+		t.Fatalf("DeviceAvailable: %+v, %v", st, err)
+	}
+}
