@@ -67,9 +67,10 @@ demo: setup
 vm-shell: setup
 	$(GO) run ./test/vm/cmd/rig shell -kernel $(KERNEL)
 
-bench:
+bench: setup
 	mkdir -p bench
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./internal/... | tee bench/results.txt
+	$(GO) run ./test/vm/cmd/rig run -kernel all -tests e2e -run '^$$' -bench . | grep '^Benchmark' | tee -a bench/results.txt
 
 fuzz:
 	@for p in $$($(GO) list ./...); do \

@@ -55,6 +55,7 @@ type MachineConfig struct {
 	Mode        Mode
 	Topology    Topology      // default RootPort
 	Run         string        // -test.run for the guest test binaries
+	Bench       string        // -test.bench for the guest test binaries ("" = none)
 	Tests       []string      // run only these test binaries
 	TestTimeout time.Duration // -test.timeout per guest binary (default 3m)
 	BootTimeout time.Duration // limit until the init's first marker (default 90s)
@@ -266,6 +267,12 @@ func KernelCmdline(cfg MachineConfig, payloadOnTTYS1 bool, nonce uint32) ([]stri
 			return nil, fmt.Errorf("-run %q: the guest kernel command line cannot carry spaces, quotes or backslashes", cfg.Run)
 		}
 		cl = append(cl, "mmb.run="+cfg.Run)
+	}
+	if cfg.Bench != "" {
+		if strings.ContainsAny(cfg.Bench, " \t\n\"'\\") {
+			return nil, fmt.Errorf("-bench %q: the guest kernel command line cannot carry spaces, quotes or backslashes", cfg.Bench)
+		}
+		cl = append(cl, "mmb.bench="+cfg.Bench)
 	}
 	if len(cfg.Tests) > 0 {
 		cl = append(cl, "mmb.tests="+strings.Join(cfg.Tests, ","))

@@ -126,6 +126,7 @@ type RunOptions struct {
 	Mode        Mode
 	Topology    Topology
 	Run         string   // -test.run in the guest
+	Bench       string   // -test.bench in the guest ("" = no benchmarks)
 	Tests       []string // only these test binaries
 	Timeout     time.Duration
 	BootTimeout time.Duration
@@ -180,7 +181,7 @@ func (r *Rig) Run(ctx context.Context, k Kernel, opt RunOptions) (*Report, error
 			logPath = filepath.Join(r.LogDir, fmt.Sprintf("%s.retry%d.log", opt.LogName, attempt))
 		}
 		o, err := Boot(ctx, MachineConfig{QEMU: r.QEMU, Kernel: ki, Initrd: img.Path, Mode: opt.Mode,
-			Topology: opt.Topology, Run: opt.Run, Tests: opt.Tests, Timeout: opt.Timeout,
+			Topology: opt.Topology, Run: opt.Run, Bench: opt.Bench, Tests: opt.Tests, Timeout: opt.Timeout,
 			BootTimeout: opt.BootTimeout, TestTimeout: opt.TestTimeout, LogPath: logPath,
 			Transcript: opt.Transcript, Progress: opt.Progress})
 		if err == nil {

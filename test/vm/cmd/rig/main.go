@@ -60,6 +60,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	topology := fs.String("topology", string(vmrig.RootPort), "device topology: rootport (VFIO_DEVICE_RESET works) or flat")
 	timeout := fs.Duration("timeout", 6*time.Minute, "limit per boot")
 	runRe := fs.String("run", "", "run: -test.run for the guest test binaries")
+	bench := fs.String("bench", "", "run: -test.bench for the guest test binaries (with -run '^$' to run only benchmarks)")
 	tests := fs.String("tests", "", "run: only these test binaries (comma separated, e.g. vfio,dmabuf)")
 	verbose := fs.Bool("v", false, "run: print every test and its output, and progress")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -103,7 +104,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	switch cmd {
 	case "run":
 		var opts vmrig.RunOptions
-		opts.Topology, opts.Timeout, opts.Run = topo, *timeout, *runRe
+		opts.Topology, opts.Timeout, opts.Run, opts.Bench = topo, *timeout, *runRe, *bench
 		if *tests != "" {
 			opts.Tests = strings.Split(*tests, ",")
 		}
@@ -117,6 +118,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 				return err
 			}
 			rep.WriteText(stdout, *verbose)
+			if *bench != "" {
+				writeBenchmarks(stdout, k, rep)
+			}
 			failed = failed || rep.Failed()
 		}
 		if failed {
@@ -177,4 +181,26 @@ func demo(ctx context.Context, r *vmrig.Rig, k vmrig.Kernel, topo vmrig.Topology
 		}
 	}
 	return nil
+}
+
+// writeBenchmarks prints the guest's benchmark result lines, prefixed with the kernel and
+// the test binary, in the go test format (benchstat reads them).
+func writeBenchmarks(w io.Writer, k vmrig.Kernel, rep *vmrig.Report) {
+	if rep.Outcome == nil {
+		return
+	}
+	var walk func(bin string, lines []string, tests []*vmrig.TestCase)
+	walk = func(bin string, lines []string, tests []*vmrig.TestCase) {
+		for _, l := range lines {
+			if strings.HasPrefix(l, "Benchmark") && strings.Contains(l, "ns/op") {
+				fmt.Fprintf(w, "%s\t# %s/%s\n", l, k, bin)
+			}
+		}
+		for _, tc := range tests {
+			walk(bin, tc.Output, tc.Subtests)
+		}
+	}
+	for _, b := range rep.Outcome.Binaries {
+		walk(b.Name, b.Output, b.Tests)
+	}
 }

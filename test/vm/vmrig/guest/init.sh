@@ -16,6 +16,7 @@
 #   mmb.topology=rootport|flat  exported as MMIOBROKER_VM_TOPOLOGY; with rootport every device
 #                               must offer a bus reset (checked)
 #   mmb.run=REGEX               passed as -test.run to every test binary
+#   mmb.bench=REGEX             passed as -test.bench to every test binary
 #   mmb.tests=a,b               run only these test binaries (default: /etc/mmb/tests)
 #   mmb.timeout=DURATION        -test.timeout of every test binary (default 3m)
 #   mmb.nonce=XXXXXXXX          written (32-bit) to ivshmem BAR2 at 0xff000 before binding,
@@ -40,7 +41,7 @@ mount -t debugfs debugfs /sys/kernel/debug
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 
-MODE=tests OUT=console KERNEL= TOPOLOGY= RUN= ONLY= TIMEOUT=3m NONCE=
+MODE=tests OUT=console KERNEL= TOPOLOGY= RUN= BENCH= ONLY= TIMEOUT=3m NONCE=
 set -f # REGEX may hold glob characters
 for kv in $(cat /proc/cmdline); do
 	case "$kv" in
@@ -49,6 +50,7 @@ for kv in $(cat /proc/cmdline); do
 	mmb.kernel=*) KERNEL=${kv#*=} ;;
 	mmb.topology=*) TOPOLOGY=${kv#*=} ;;
 	mmb.run=*) RUN=${kv#*=} ;;
+	mmb.bench=*) BENCH=${kv#*=} ;;
 	mmb.tests=*) ONLY=$(echo "${kv#*=}" | tr ',' ' ') ;;
 	mmb.timeout=*) TIMEOUT=${kv#*=} ;;
 	mmb.nonce=*) NONCE=${kv#*=} ;;
@@ -179,6 +181,7 @@ tests)
 			cd "/tmp/t-$t" || cd /
 			set -- -test.v -test.timeout="$TIMEOUT"
 			[ -n "$RUN" ] && set -- "$@" "-test.run=$RUN"
+			[ -n "$BENCH" ] && set -- "$@" "-test.bench=$BENCH" -test.benchmem
 			"/tests/$t.test" "$@" </dev/null
 			rc=$?
 			cd /

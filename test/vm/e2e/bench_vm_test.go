@@ -1,0 +1,181 @@
+//go:build vmtest
+
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/mmiobroker/mmiobroker/internal/broker"
+	"github.com/mmiobroker/mmiobroker/internal/hostdev"
+	"github.com/mmiobroker/mmiobroker/internal/pci"
+	"github.com/mmiobroker/mmiobroker/internal/peercred"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
+)
+
+// The benchmarks measure revocation on the real kernel (run them with
+// `go run ./test/vm/cmd/rig run -tests e2e -run '^$' -bench .` or `make bench`): the
+// broker's RevokeLease path on a real device, the device cycle alone, and a bare VFIO ioctl
+// as the floor, all in the same guest. Under QEMU's software emulation absolute numbers are
+// far slower than on hardware; the ratios are what to read.
+
+func percentiles(b *testing.B, ds []time.Duration) {
+	if len(ds) == 0 {
+		return
+	}
+	slices.Sort(ds)
+	at := func(p float64) float64 { return float64(ds[int(p*float64(len(ds)-1))].Nanoseconds()) / 1e3 }
+	b.ReportMetric(at(0.50), "p50-µs")
+	b.ReportMetric(at(0.99), "p99-µs")
+}
+
+func benchAddr(b *testing.B, name string) pci.Address {
+	v := os.Getenv("MMIOBROKER_VM_" + name)
+	a, err := pci.ParseAddress(v)
+	if err != nil {
+		b.Fatalf("MMIOBROKER_VM_%s=%q: %v (run in the rig)", name, v, err)
+	}
+	return a
+}
+
+// BenchmarkVMIoctlBare is one VFIO_DEVICE_GET_REGION_INFO on an open device: the cost of
+// crossing into the kernel's VFIO code at all.
+func BenchmarkVMIoctlBare(b *testing.B) {
+	d, err := vfio.Open(benchAddr(b, "EDU2"), vfio.OpenOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := d.Region(0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkVMDeviceCycle is the kernel side of one revocation: memory decode off, device fd
+// closed and reopened, memory decode on.
+func BenchmarkVMDeviceCycle(b *testing.B) {
+	d, err := hostdev.Open(benchAddr(b, "EDU2"), hostdev.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	ds := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		start := time.Now()
+		if err := d.Revoke(); err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, time.Since(start))
+	}
+	b.StopTimer()
+	percentiles(b, ds)
+}
+
+func benchBroker(b *testing.B, bdf pci.Address) *broker.Broker {
+	br, err := broker.New(broker.Config{
+		Devices: []broker.DeviceConfig{{BDF: bdf.String()}},
+		Limits:  broker.Limits{MaxLeasesPerHolder: 1 << 20, MaxLeases: 1 << 20},
+	}, func(s string) (broker.Device, error) {
+		a, err := pci.ParseAddress(s)
+		if err != nil {
+			return nil, err
+		}
+		return hostdev.Open(a, hostdev.Options{})
+	}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { br.Close() })
+	return br
+}
+
+func benchLease(b *testing.B, br *broker.Broker, bdf pci.Address, off uint64, proc broker.Process, pid int32) broker.Lease {
+	l, tok, err := br.Allocate(broker.AllocateRequest{BDF: bdf.String(), BAR: 2, Admin: true,
+		Ranges: []broker.Range{{Offset: off, Length: 4096}}, Holder: broker.Holder{PID: pid, Proc: proc}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, f, err := br.Claim(l.ID, tok, broker.Peer{PID: pid})
+	if err != nil {
+		b.Fatal(err)
+	}
+	f.Close()
+	return l
+}
+
+// BenchmarkVMRevoke is RevokeLease in the broker on the real ivshmem device, with one
+// surviving lease that is reissued: from the call until the revoked fd is dead for good
+// and the survivor is re-exported.
+func BenchmarkVMRevoke(b *testing.B) {
+	bdf := benchAddr(b, "IVSHMEM")
+	br := benchBroker(b, bdf)
+	self := int32(os.Getpid())
+	benchLease(b, br, bdf, 0, nil, self)
+	admin := broker.Actor{Admin: true}
+	ds := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		l := benchLease(b, br, bdf, 4096, nil, self)
+		b.StartTimer()
+		start := time.Now()
+		if _, err := br.Revoke(l.ID, admin, 0); err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, time.Since(start))
+	}
+	b.StopTimer()
+	percentiles(b, ds)
+}
+
+// BenchmarkVMHolderExit measures holder-death reclaim on the real kernel: a child process
+// holds a claimed lease (pinned by its pidfd); from its SIGKILL until its lease is released
+// and the device cycle that kills its dma-buf is done (the survivor's reissue event).
+func BenchmarkVMHolderExit(b *testing.B) {
+	bdf := benchAddr(b, "IVSHMEM")
+	br := benchBroker(b, bdf)
+	self := int32(os.Getpid())
+	survivor := benchLease(b, br, bdf, 0, nil, self)
+	sub, err := br.Subscribe(0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sub.Close()
+	ds := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		child := exec.Command("sleep", "1000")
+		if err := child.Start(); err != nil {
+			b.Fatal(err)
+		}
+		pid := int32(child.Process.Pid)
+		proc, err := peercred.Open(pid)
+		if err != nil {
+			b.Fatal(err)
+		}
+		benchLease(b, br, bdf, 4096, proc, pid)
+		for len(sub.Events()) > 0 {
+			<-sub.Events()
+		}
+		b.StartTimer()
+		start := time.Now()
+		child.Process.Kill()
+		for e := range sub.Events() {
+			if e.Type == broker.EventReissued && e.Lease.ID == survivor.ID {
+				break
+			}
+		}
+		ds = append(ds, time.Since(start))
+		b.StopTimer()
+		child.Wait()
+	}
+	percentiles(b, ds)
+}
