@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/dmabuf"
@@ -26,8 +27,11 @@ type Options struct {
 	// ManagedBind binds the device to vfio-pci before opening it (driver_override), and
 	// restores its previous driver on Close. Off by default: the operator binds devices.
 	ManagedBind bool
-	// Log receives one line per device event (opened, revoked, closed); nil discards.
+	// Log receives one line per device event (opened, revoked, closed, kernel notices);
+	// nil discards.
 	Log *slog.Logger
+	// NoticeBuffer is the capacity of the [Device.Notices] channel; 0 means 16.
+	NoticeBuffer int
 }
 
 // vfioDevice is the part of *vfio.Device that Device uses; tests substitute a fake.
@@ -36,6 +40,9 @@ type vfioDevice interface {
 	DMABufSupported() error
 	ExportDMABuf(bar int, ranges []vfio.DMARange, openFlags int) (*os.File, error)
 	SetMemoryEnable(on bool) error
+	SetIRQEventfd(index uint32, ev *os.File) error
+	DMABufRevokeSupported() error
+	RevokeDMABuf(buf *os.File) error
 	Reopen() error
 	Close() error
 }
@@ -55,11 +62,19 @@ type Device struct {
 	bound    bool       // guarded by mu; Open moved the device to vfio-pci
 	previous string     // guarded by mu; its driver before that
 	closed   bool       // guarded by mu
+
+	// Kernel notifiers (notice.go). watchers is filled by Open; each watcher's err is
+	// guarded by mu.
+	watchers [len(noticeKinds)]*watcher
+	notices  chan Notice // buffered; closed by Close after the readers have ended
+	dropped  atomic.Uint64
+	wg       sync.WaitGroup // the watcher goroutines
 }
 
-// Open opens the device at bdf through VFIO (see [Options]) and enables its memory
-// decode. Errors name the device; a device not bound to vfio-pci (without ManagedBind)
-// is errdefs.ErrFailedPrecondition.
+// Open opens the device at bdf through VFIO (see [Options]), enables its memory decode
+// and registers the kernel notifiers whose signals [Device.Notices] delivers. Errors name
+// the device; a device not bound to vfio-pci (without ManagedBind) is
+// errdefs.ErrFailedPrecondition.
 func Open(bdf pci.Address, opt Options) (*Device, error) {
 	return open(bdf, opt, func(a pci.Address, o vfio.OpenOptions) (vfioDevice, pci.Device, error) {
 		d, err := vfio.Open(a, o)
@@ -77,6 +92,14 @@ func open(addr pci.Address, opt Options, openVFIO openFunc) (_ *Device, err erro
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
 	}
+	if opt.NoticeBuffer < 0 {
+		return nil, fmt.Errorf("device %s: notice buffer %d: %w", d.bdf, opt.NoticeBuffer, errdefs.ErrInvalidArgument)
+	}
+	nb := opt.NoticeBuffer
+	if nb == 0 {
+		nb = defaultNoticeBuffer
+	}
+	d.notices = make(chan Notice, nb)
 	if opt.ManagedBind {
 		prev, err := opt.Sysfs.BindVFIO(addr)
 		if err != nil {
@@ -100,6 +123,10 @@ func open(addr pci.Address, opt Options, openVFIO openFunc) (_ *Device, err erro
 		return nil, errors.Join(err, dev.Close())
 	}
 	d.dev, d.snapshot = dev, snap
+	if err := d.startNotifiers(); err != nil {
+		// Close the device first: the kernel drops its eventfd references with the fd.
+		return nil, errors.Join(err, dev.Close(), d.stopNotifiers())
+	}
 	d.log.Info("opened device", "bdf", d.bdf, "mode", string(dev.Mode()), "driver", snap.Driver)
 	return d, nil
 }
@@ -192,7 +219,11 @@ func (d *Device) Revoke() error {
 	errReopen := d.dev.Reopen()
 	var errOn error
 	if errReopen == nil {
+		// The old fd took the kernel notifiers with it.
+		d.reregisterLocked()
 		errOn = d.dev.SetMemoryEnable(true)
+	} else {
+		d.unregisteredLocked(errReopen)
 	}
 	err := errors.Join(errOff, errReopen, errOn)
 	if err != nil {
@@ -212,10 +243,50 @@ func (d *Device) Close() error {
 		return nil
 	}
 	d.closed = true
+	// The device fd first: its close drops the kernel's eventfd references and lets a
+	// pending unbind complete; then the eventfds, which ends the notice readers.
 	err := d.dev.Close()
 	if d.bound {
 		err = errors.Join(err, d.restore())
 	}
+	err = errors.Join(err, d.stopNotifiers())
 	d.log.Info("closed device", "bdf", d.bdf)
 	return err
+}
+
+// RevokeBuffers revokes the given buffers (as returned by [Device.Export], usually
+// *dmabuf.Buffer), for good, leaving
+// the device's other buffers live: the per-buffer revoke
+// (vfio.Device.RevokeDMABuf, the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE). Whether
+// the kernel has it is probed once per device. Where it does not (Linux 7.2 and every
+// released kernel) RevokeBuffers does nothing and returns a *vfio.FeatureError matching
+// errdefs.ErrNotSupported: the caller then falls back to [Device.Revoke], which kills
+// every buffer of the device. Each buffer is duplicated for the call, so a concurrent
+// Close of a buffer is safe; an already closed buffer is an error (os.ErrClosed) and the
+// others are still revoked. It returns every error.
+func (d *Device) RevokeBuffers(bufs ...broker.Buffer) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("device %s: revoke buffers: device is closed: %w", d.bdf, os.ErrClosed)
+	}
+	if err := d.dev.DMABufRevokeSupported(); err != nil {
+		return err
+	}
+	var errs []error
+	for _, b := range bufs {
+		f, err := b.Dup()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("device %s: revoke buffer: %w", d.bdf, err))
+			continue
+		}
+		err = d.dev.RevokeDMABuf(f)
+		f.Close()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("device %s: revoke buffer ino %d: %w", d.bdf, b.Inode(), err))
+			continue
+		}
+		d.log.Info("revoked dma-buf", "bdf", d.bdf, "inode", b.Inode())
+	}
+	return errors.Join(errs...)
 }

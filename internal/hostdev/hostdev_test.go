@@ -1,11 +1,14 @@
 package hostdev
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -35,6 +38,55 @@ type fakeVFIO struct {
 	exportErr error
 	exported  []*os.File
 	closed    bool
+
+	irqErr    map[uint32]error    // SetIRQEventfd(index) fails with it
+	irqs      map[uint32]*os.File // guarded by mu: the eventfd registered per index (borrowed)
+	revokeErr error               // DMABufRevokeSupported's answer
+	revoked   []uint64            // guarded by mu: inodes passed to RevokeDMABuf
+}
+
+func (f *fakeVFIO) SetIRQEventfd(index uint32, ev *os.File) error {
+	f.record(fmt.Sprintf("set-irq-%d", index))
+	if err := f.irqErr[index]; err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.irqs == nil {
+		f.irqs = make(map[uint32]*os.File)
+	}
+	f.irqs[index] = ev
+	return nil
+}
+
+// signal plays the kernel: it signals the eventfd registered for index n times.
+func (f *fakeVFIO) signal(t *testing.T, index uint32, n uint64) {
+	t.Helper()
+	f.mu.Lock()
+	ev := f.irqs[index]
+	f.mu.Unlock()
+	if ev == nil {
+		t.Fatalf("no eventfd registered for irq index %d", index)
+	}
+	var b [8]byte
+	binary.NativeEndian.PutUint64(b[:], n)
+	if _, err := ev.Write(b[:]); err != nil {
+		t.Fatalf("signal irq %d: %v", index, err)
+	}
+}
+
+func (f *fakeVFIO) DMABufRevokeSupported() error { return f.revokeErr }
+
+func (f *fakeVFIO) RevokeDMABuf(buf *os.File) error {
+	f.record("revoke-buffer")
+	fi, err := buf.Stat()
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.revoked = append(f.revoked, fi.Sys().(*syscall.Stat_t).Ino)
+	return nil
 }
 
 func (f *fakeVFIO) record(c string) {
@@ -123,7 +175,7 @@ func TestOpenEnablesMemoryAndInfo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if diff := cmp.Diff([]string{"memory-on"}, fv.Calls()); diff != "" {
+	if diff := cmp.Diff([]string{"memory-on", "set-irq-4", "set-irq-3"}, fv.Calls()); diff != "" {
 		t.Errorf("calls at open (-want +got):\n%s", diff)
 	}
 	// TSM state changes after open show up in Info.
@@ -185,7 +237,8 @@ func TestRevokeOrder(t *testing.T) {
 	if err := d.Revoke(); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"memory-on", "memory-off", "reopen", "memory-on"}
+	// The reopen drops the kernel notifiers with the old fd: they are registered again.
+	want := []string{"memory-on", "set-irq-4", "set-irq-3", "memory-off", "reopen", "set-irq-4", "set-irq-3", "memory-on"}
 	if diff := cmp.Diff(want, fv.Calls()); diff != "" {
 		t.Errorf("calls (-want +got):\n%s", diff)
 	}
@@ -196,7 +249,7 @@ func TestRevokeOrder(t *testing.T) {
 	if !errors.Is(err, unix.EIO) {
 		t.Errorf("Revoke = %v, want EIO", err)
 	}
-	want = append(want, "memory-off", "reopen", "memory-on")
+	want = append(want, "memory-off", "reopen", "set-irq-4", "set-irq-3", "memory-on")
 	if diff := cmp.Diff(want, fv.Calls()); diff != "" {
 		t.Errorf("calls (-want +got):\n%s", diff)
 	}

@@ -73,8 +73,33 @@ const (
 	VFIO_PCI_INTX_IRQ_INDEX = 0
 	VFIO_PCI_MSI_IRQ_INDEX  = 1
 	VFIO_PCI_MSIX_IRQ_INDEX = 2
-	VFIO_PCI_ERR_IRQ_INDEX  = 3
-	VFIO_PCI_REQ_IRQ_INDEX  = 4
+	// VFIO_PCI_ERR_IRQ_INDEX is the AER error notifier: the kernel signals it when the
+	// device reports an uncorrectable PCIe error. vfio-pci offers it only for PCI Express
+	// devices (GET_IRQ_INFO fails with EINVAL for conventional PCI ones).
+	VFIO_PCI_ERR_IRQ_INDEX = 3
+	// VFIO_PCI_REQ_IRQ_INDEX is the device request notifier: the kernel signals it when it
+	// wants the device back (driver unbind, hot-unplug) and re-signals every 10 s until the
+	// last device fd is closed.
+	VFIO_PCI_REQ_IRQ_INDEX = 4
+	VFIO_PCI_NUM_IRQS      = 5
+)
+
+// vfio_irq_info.flags.
+const (
+	VFIO_IRQ_INFO_EVENTFD    = 1 << 0
+	VFIO_IRQ_INFO_MASKABLE   = 1 << 1
+	VFIO_IRQ_INFO_AUTOMASKED = 1 << 2
+	VFIO_IRQ_INFO_NORESIZE   = 1 << 3
+)
+
+// vfio_irq_set.flags: one DATA type and one ACTION.
+const (
+	VFIO_IRQ_SET_DATA_NONE      = 1 << 0 // no data: perform the action now (count 0 with TRIGGER: disable the index)
+	VFIO_IRQ_SET_DATA_BOOL      = 1 << 1 // data is count u8 booleans
+	VFIO_IRQ_SET_DATA_EVENTFD   = 1 << 2 // data is count s32 eventfds (-1 unassigns)
+	VFIO_IRQ_SET_ACTION_MASK    = 1 << 3
+	VFIO_IRQ_SET_ACTION_UNMASK  = 1 << 4
+	VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5 // kernel -> user signalling
 )
 
 // vfio_device_feature.flags: the low 16 bits name the feature.
@@ -89,8 +114,10 @@ const (
 const (
 	// VFIO_DEVICE_FEATURE_DMA_BUF exports BAR ranges as a dma-buf (Linux 6.19).
 	VFIO_DEVICE_FEATURE_DMA_BUF = 11
-	// VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE is the proposed per-dma-buf revoke feature (an
-	// unmerged 2026 series); Linux 7.2 answers ENOTTY.
+	// VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE is the proposed per-dma-buf revoke feature (SET
+	// only, data struct { __s32 dmabuf_fd; }), from v3 (June 2026) of Matt Evans's
+	// unmerged series "vfio/pci: DMABUF mmap and explicit revoke"; Linux 7.2 answers
+	// ENOTTY.
 	VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE = 13
 )
 
@@ -100,4 +127,5 @@ const (
 	PCI_DEVICE_ID      = 0x02
 	PCI_COMMAND        = 0x04
 	PCI_COMMAND_MEMORY = 0x2 // enable response in memory space
+	PCI_COMMAND_MASTER = 0x4 // enable bus mastering (the device may DMA)
 )

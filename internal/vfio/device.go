@@ -11,6 +11,7 @@ import (
 
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/ioctl"
+	"github.com/mmiobroker/mmiobroker/internal/iommufd"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"golang.org/x/sys/unix"
 )
@@ -37,6 +38,16 @@ type OpenOptions struct {
 	Sysfs pci.Sysfs
 	// DevRoot is where the vfio and iommu nodes live; "" means "/dev".
 	DevRoot string
+	// IOMMUFD, when set, opens the device in cdev mode bound to this iommufd and attached
+	// to its address space IOAS, instead of the process-wide iommufd that cdev devices
+	// share otherwise. This is the client side of peer-to-peer DMA: a process that owns a
+	// DMA-capable device attaches it to its own IOAS and maps brokered dma-bufs there
+	// (iommufd.FD.MapFile). The FD stays the caller's: it must outlive the Device, whose
+	// Close does not close it. Mode must be "auto", "" or "cdev".
+	IOMMUFD *iommufd.FD
+	// IOAS is the IO address space within IOMMUFD to attach to (iommufd.FD.AllocIOAS);
+	// only used with IOMMUFD.
+	IOAS uint32
 }
 
 // DeviceInfo is what VFIO_DEVICE_GET_INFO reports.
@@ -119,9 +130,11 @@ type Device struct {
 
 	cfgMu sync.Mutex // serializes read-modify-write of config space
 
-	probeMu  sync.Mutex
-	probed   bool  // guarded by probeMu
-	probeErr error // guarded by probeMu
+	probeMu        sync.Mutex
+	probed         bool  // guarded by probeMu
+	probeErr       error // guarded by probeMu
+	revokeProbed   bool  // guarded by probeMu
+	revokeProbeErr error // guarded by probeMu
 }
 
 // Open opens the VFIO device bdf, which must be bound to vfio-pci (or a vfio variant
@@ -159,6 +172,12 @@ func (r *registry) open(addr pci.Address, opt OpenOptions) (_ *Device, err error
 		return nil, fmt.Errorf("bound to %s, not %s: %w", pdev.Driver, pci.VFIODriver, errdefs.ErrFailedPrecondition)
 	}
 	hasCdev := pdev.VFIODev != "" && pdev.CdevNode != ""
+	if opt.IOMMUFD != nil {
+		if mode == ModeGroup {
+			return nil, fmt.Errorf("a caller's iommufd needs cdev mode, not group: %w", errdefs.ErrInvalidArgument)
+		}
+		mode = ModeCdev
+	}
 	if mode == ModeCdev && !hasCdev {
 		return nil, fmt.Errorf("no VFIO cdev for the device (kernel without CONFIG_VFIO_DEVICE_CDEV?); use group mode: %w", errdefs.ErrNotSupported)
 	}
@@ -173,7 +192,9 @@ func (r *registry) open(addr pci.Address, opt OpenOptions) (_ *Device, err error
 		}
 	}()
 
-	if mode == ModeCdev || (mode == ModeAuto && hasCdev) {
+	if opt.IOMMUFD != nil {
+		d.iommu = &iommuRef{fd: opt.IOMMUFD, ioas: opt.IOAS, borrowed: true}
+	} else if mode == ModeCdev || (mode == ModeAuto && hasCdev) {
 		d.iommu, err = r.acquireIOMMU(devRoot)
 		switch {
 		case err == nil:
@@ -268,6 +289,20 @@ func queryDevice(f *os.File) (deviceState, error) {
 	return st, nil
 }
 
+// IOMMU returns the iommufd and IO address space a cdev-mode device is attached to
+// (borrowed: the FD belongs to the Device's process-wide registry or to the caller of
+// [Open] that passed it in [OpenOptions]), and false in group mode. DMA by the device
+// goes through that IOAS, so this is where a dma-buf must be mapped for the device to
+// reach it.
+func (d *Device) IOMMU() (*iommufd.FD, uint32, bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.iommu == nil {
+		return nil, 0, false
+	}
+	return d.iommu.fd, d.iommu.ioas, true
+}
+
 // Mode returns how the device was opened: [ModeGroup] or [ModeCdev].
 func (d *Device) Mode() Mode { return d.mode }
 
@@ -326,12 +361,9 @@ func (d *Device) IRQ(i int) (IRQInfo, error) {
 		if i < 0 || uint32(i) >= d.info.NumIRQs {
 			return fmt.Errorf("irq index %d: the device has %d: %w", i, d.info.NumIRQs, errdefs.ErrInvalidArgument)
 		}
-		arg := newIRQInfo(uint32(i))
-		if _, err := ioctl.Ioctl(f, "VFIO_DEVICE_GET_IRQ_INFO", VFIO_DEVICE_GET_IRQ_INFO, &arg); err != nil {
-			return err
-		}
-		r = IRQInfo{Index: i, Flags: arg.Flags, Count: arg.Count}
-		return nil
+		var err error
+		r, err = getIRQInfo(f, uint32(i))
+		return err
 	})
 	return r, err
 }
@@ -371,23 +403,57 @@ func regionIO(f *os.File, r RegionInfo, off int64, b []byte, write bool) error {
 	return err
 }
 
+// ReadBAR reads len(b) bytes at off of BAR bar through the VFIO region (pread on the
+// device fd), e.g. device registers. The range must lie inside the BAR.
+func (d *Device) ReadBAR(bar int, off int64, b []byte) error {
+	return d.use("read-bar", func(f *os.File) error { return d.barIO(f, bar, off, b, false) })
+}
+
+// WriteBAR writes b at off of BAR bar through the VFIO region (pwrite on the device fd).
+// vfio-pci turns an aligned 1, 2, 4 or 8-byte write into one access of that size.
+func (d *Device) WriteBAR(bar int, off int64, b []byte) error {
+	return d.use("write-bar", func(f *os.File) error { return d.barIO(f, bar, off, b, true) })
+}
+
+func (d *Device) barIO(f *os.File, bar int, off int64, b []byte, write bool) error {
+	if bar < VFIO_PCI_BAR0_REGION_INDEX || bar > VFIO_PCI_BAR5_REGION_INDEX {
+		return fmt.Errorf("bar %d: not a bar (0 to 5): %w", bar, errdefs.ErrInvalidArgument)
+	}
+	r := d.bars[bar]
+	if off < 0 || uint64(off)+uint64(len(b)) > r.Size {
+		return fmt.Errorf("bar %d range [%#x,+%#x) is outside the bar (size %#x): %w", bar, off, len(b), r.Size, errdefs.ErrInvalidArgument)
+	}
+	return regionIO(f, r, off, b, write)
+}
+
 // SetMemoryEnable sets or clears PCI_COMMAND_MEMORY (memory-space decode) with a
 // read-modify-write of the command register through the config region. Clearing it
 // revokes every dma-buf of the device until it is set again (importers such as iommufd
 // must map again); setting it also un-revokes buffers born while it was clear.
 func (d *Device) SetMemoryEnable(on bool) error {
+	return d.setCommand("set-memory-enable", PCI_COMMAND_MEMORY, on)
+}
+
+// SetBusMaster sets or clears PCI_COMMAND_MASTER (bus mastering) with a read-modify-write
+// of the command register through the config region. A device needs it to DMA.
+func (d *Device) SetBusMaster(on bool) error {
+	return d.setCommand("set-bus-master", PCI_COMMAND_MASTER, on)
+}
+
+// setCommand sets or clears bit in the PCI command register.
+func (d *Device) setCommand(op string, bit uint16, on bool) error {
 	d.cfgMu.Lock()
 	defer d.cfgMu.Unlock()
-	return d.use("set-memory-enable", func(f *os.File) error {
+	return d.use(op, func(f *os.File) error {
 		var b [2]byte
 		if err := d.configIO(f, PCI_COMMAND, b[:], false); err != nil {
 			return err
 		}
 		cmd := uint16(b[0]) | uint16(b[1])<<8
 		if on {
-			cmd |= PCI_COMMAND_MEMORY
+			cmd |= bit
 		} else {
-			cmd &^= PCI_COMMAND_MEMORY
+			cmd &^= bit
 		}
 		b[0], b[1] = byte(cmd), byte(cmd>>8)
 		return d.configIO(f, PCI_COMMAND, b[:], true)

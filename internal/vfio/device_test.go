@@ -220,6 +220,13 @@ func TestClosedDevice(t *testing.T) {
 		"ProbeFeature":    d.ProbeFeature(VFIO_DEVICE_FEATURE_DMA_BUF, 0),
 		"DMABufSupported": d.DMABufSupported(),
 		"Reopen":          d.Reopen(),
+		"SetBusMaster":    d.SetBusMaster(true),
+		"ReadBAR":         d.ReadBAR(0, 0, b[:]),
+		"WriteBAR":        d.WriteBAR(0, 0, b[:]),
+		"SetIRQEventfd":   d.SetIRQEventfd(VFIO_PCI_REQ_IRQ_INDEX, os.Stdin),
+		"ClearIRQ":        d.ClearIRQ(VFIO_PCI_REQ_IRQ_INDEX),
+		"DMABufRevoke":    d.DMABufRevokeSupported(),
+		"RevokeDMABuf":    d.RevokeDMABuf(os.Stdin),
 	}
 	_, checks["Region"] = d.Region(0)
 	_, checks["ExportDMABuf"] = d.ExportDMABuf(0, []DMARange{{0, 4096}}, unix.O_RDWR)

@@ -18,16 +18,36 @@
 // registry: the last [Device.Close] of a group's devices closes the group and container,
 // the last cdev device closes the iommufd. A device can be open only once per process.
 //
+// A caller may instead bring its own iommufd and IOAS ([OpenOptions].IOMMUFD and IOAS):
+// the device is then opened in cdev mode and attached to that address space, which is
+// how a client that owns a DMA engine makes a brokered dma-buf reachable by it (map the
+// dma-buf into the same IOAS with iommufd.FD.MapFile). That iommufd stays the caller's.
+//
+// # Interrupt notifiers
+//
+// [Device.SetIRQEventfd] registers an eventfd for an IRQ index (VFIO_DEVICE_SET_IRQS);
+// the two that matter to a broker are VFIO_PCI_REQ_IRQ_INDEX, the kernel asking for the
+// device back (driver unbind or hot-unplug waits for the last device fd to close and
+// re-asks every 10 s), and VFIO_PCI_ERR_IRQ_INDEX, AER errors (PCI Express devices only).
+// The kernel holds its own reference to the eventfd; the registration lasts until
+// [Device.ClearIRQ] or the close of the device fd, so it must be renewed after
+// [Device.Reopen].
+//
 // # Descriptor lifetime
 //
 // A [Device] owns its device fd. Every descriptor is O_CLOEXEC (device fds from a group
 // always are; dma-buf exports get O_CLOEXEC added). [Device.ExportDMABuf] returns a new
 // dma-buf file that the caller owns; closing it revokes nothing, and the dma-buf lives on
-// while any process or importer holds a reference. [Device.Close] is idempotent.
+// while any process or importer holds a reference. Eventfds passed to
+// [Device.SetIRQEventfd] and dma-bufs passed to [Device.RevokeDMABuf] are borrowed for the
+// call. [Device.Close] is idempotent.
 //
 // # Revocation
 //
 // Revocation is device-wide: the kernel has no uAPI to revoke one dma-buf (Linux 7.2).
+// [Device.DMABufRevokeSupported] probes for the proposed per-buffer revoke
+// (VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE, feature 13) and [Device.RevokeDMABuf] uses it
+// where a future kernel has it.
 //
 //   - Clearing PCI_COMMAND_MEMORY ([Device.SetMemoryEnable](false)), a reset
 //     ([Device.Reset]), or a power-state change revokes every dma-buf of the device

@@ -59,6 +59,9 @@ type iommuRef struct {
 	refs    int // guarded by registry.mu
 	fd      *iommufd.FD
 	ioas    uint32
+	// borrowed marks an iommufd the caller of Open passed in (OpenOptions.IOMMUFD): it is
+	// not in the registry, counts no references and is never closed here.
+	borrowed bool
 }
 
 func newRegistry(be backend) *registry {
@@ -141,6 +144,9 @@ func (r *registry) acquireIOMMU(devRoot string) (*iommuRef, error) {
 
 // releaseIOMMU drops a reference; the last one closes the iommufd (and with it the IOAS).
 func (r *registry) releaseIOMMU(i *iommuRef) error {
+	if i.borrowed {
+		return nil
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	i.refs--

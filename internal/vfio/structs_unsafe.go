@@ -87,6 +87,25 @@ type irqInfo struct {
 	Count uint32
 }
 
+// irqSet mirrors struct vfio_irq_set (include/uapi/linux/vfio.h, Linux 3.6) without its
+// flexible data array: a 20-byte header that count elements of the DATA type follow.
+type irqSet struct {
+	_     structs.HostLayout
+	Argsz uint32
+	Flags uint32 // one VFIO_IRQ_SET_DATA_* | one VFIO_IRQ_SET_ACTION_*
+	Index uint32
+	Start uint32
+	Count uint32
+}
+
+// irqSetEventfd is struct vfio_irq_set with a single s32 eventfd as its data (count 1,
+// VFIO_IRQ_SET_DATA_EVENTFD): 24 bytes, the eventfd at offset 20.
+type irqSetEventfd struct {
+	_       structs.HostLayout
+	Header  irqSet
+	Eventfd int32
+}
+
 // featureHeader mirrors struct vfio_device_feature (include/uapi/linux/vfio.h, Linux 5.7)
 // without its flexible data array.
 type featureHeader struct {
@@ -111,6 +130,15 @@ type regionDMARange struct {
 	_      structs.HostLayout
 	Offset uint64
 	Length uint64
+}
+
+// featureDMABufRevoke is struct vfio_device_feature followed by the proposed struct
+// vfio_device_feature_dma_buf_revoke { __s32 dmabuf_fd; } (v3 of "vfio/pci: DMABUF mmap
+// and explicit revoke", June 2026; not in Linux 7.2): 12 bytes.
+type featureDMABufRevoke struct {
+	_        structs.HostLayout
+	Header   featureHeader
+	DMABufFD int32
 }
 
 // bindIOMMUFD mirrors struct vfio_device_bind_iommufd (include/uapi/linux/vfio.h,
@@ -154,6 +182,7 @@ const (
 	sizeofSparseMmap     = uint32(unsafe.Sizeof(capSparseMmap{}))
 	sizeofSparseArea     = uint32(unsafe.Sizeof(sparseMmapArea{}))
 	sizeofCapType        = uint32(unsafe.Sizeof(capType{}))
+	sizeofIRQSet         = uint32(unsafe.Sizeof(irqSet{}))
 )
 
 func newGroupStatus() groupStatus {
@@ -162,6 +191,36 @@ func newGroupStatus() groupStatus {
 
 func newIRQInfo(index uint32) irqInfo {
 	return irqInfo{Argsz: uint32(unsafe.Sizeof(irqInfo{})), Index: index}
+}
+
+// newIRQSetEventfd asks to signal eventfd on IRQ index (DATA_EVENTFD|ACTION_TRIGGER,
+// start 0, count 1). eventfd -1 unassigns.
+func newIRQSetEventfd(index uint32, eventfd int32) irqSetEventfd {
+	return irqSetEventfd{
+		Header: irqSet{
+			Argsz: uint32(unsafe.Sizeof(irqSetEventfd{})),
+			Flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+			Index: index,
+			Count: 1,
+		},
+		Eventfd: eventfd,
+	}
+}
+
+// newIRQSetNone disables IRQ index as a whole (DATA_NONE|ACTION_TRIGGER, count 0).
+func newIRQSetNone(index uint32) irqSet {
+	return irqSet{Argsz: sizeofIRQSet, Flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, Index: index}
+}
+
+// newFeatureDMABufRevoke asks to revoke the dma-buf dmabufFD (SET|DMA_BUF_REVOKE).
+func newFeatureDMABufRevoke(dmabufFD int32) featureDMABufRevoke {
+	return featureDMABufRevoke{
+		Header: featureHeader{
+			Argsz: uint32(unsafe.Sizeof(featureDMABufRevoke{})),
+			Flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE,
+		},
+		DMABufFD: dmabufFD,
+	}
 }
 
 func newFeatureHeader(flags uint32) featureHeader {

@@ -78,6 +78,24 @@ func TestLayout(t *testing.T) {
 		field{"index", unsafe.Offsetof(ii.Index), 8},
 		field{"count", unsafe.Offsetof(ii.Count), 12})
 
+	var is irqSet
+	checkLayout(t, "vfio_irq_set", unsafe.Sizeof(is), 20,
+		field{"argsz", unsafe.Offsetof(is.Argsz), 0},
+		field{"flags", unsafe.Offsetof(is.Flags), 4},
+		field{"index", unsafe.Offsetof(is.Index), 8},
+		field{"start", unsafe.Offsetof(is.Start), 12},
+		field{"count", unsafe.Offsetof(is.Count), 16})
+
+	var ie irqSetEventfd
+	checkLayout(t, "vfio_irq_set+s32", unsafe.Sizeof(ie), 24,
+		field{"header", unsafe.Offsetof(ie.Header), 0},
+		field{"data[0]", unsafe.Offsetof(ie.Eventfd), 20})
+
+	var fr featureDMABufRevoke
+	checkLayout(t, "vfio_device_feature+vfio_device_feature_dma_buf_revoke", unsafe.Sizeof(fr), 12,
+		field{"header", unsafe.Offsetof(fr.Header), 0},
+		field{"dmabuf_fd", unsafe.Offsetof(fr.DMABufFD), 8})
+
 	var fh featureHeader
 	checkLayout(t, "vfio_device_feature", unsafe.Sizeof(fh), 8,
 		field{"argsz", unsafe.Offsetof(fh.Argsz), 0},
@@ -126,6 +144,15 @@ func TestConstructorsSetArgsz(t *testing.T) {
 	}
 	if got := newFeatureHeader(0x5000b); got.Argsz != 8 || got.Flags != 0x5000b {
 		t.Errorf("newFeatureHeader = %+v", got)
+	}
+	if got := newIRQSetEventfd(VFIO_PCI_REQ_IRQ_INDEX, 9); got.Header != (irqSet{Argsz: 24, Flags: 0x24, Index: 4, Start: 0, Count: 1}) || got.Eventfd != 9 {
+		t.Errorf("newIRQSetEventfd(REQ, 9) = %+v", got)
+	}
+	if got := newIRQSetNone(VFIO_PCI_ERR_IRQ_INDEX); got != (irqSet{Argsz: 20, Flags: 0x21, Index: 3, Start: 0, Count: 0}) {
+		t.Errorf("newIRQSetNone(ERR) = %+v", got)
+	}
+	if got := newFeatureDMABufRevoke(7); got.Header != (featureHeader{Argsz: 12, Flags: 0x2000d}) || got.DMABufFD != 7 {
+		t.Errorf("newFeatureDMABufRevoke(7) = %+v", got)
 	}
 	if got := newBindIOMMUFD(5); got.Argsz != 24 || got.IOMMUFD != 5 || got.Flags != 0 {
 		t.Errorf("newBindIOMMUFD(5) = %+v", got)
