@@ -121,11 +121,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	err = daemon.Run(ctx, daemon.Options{
-		Config:      cfg,
-		Resolved:    res,
-		Opener:      daemon.HostOpener(res, log),
-		Log:         log,
-		StopTimeout: o.stopTimeout,
+		Config:       cfg,
+		Resolved:     res,
+		Opener:       daemon.HostOpener(res, log),
+		Log:          log,
+		StopTimeout:  o.stopTimeout,
+		WatchDevices: true,
 	})
 	if err != nil {
 		printError(stderr, err)

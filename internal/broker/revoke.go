@@ -427,7 +427,7 @@ func (b *Broker) watchNotices(d *device, ch <-chan Notice) {
 			}
 		case NoticeError:
 			b.mu.Lock()
-			d.errors++
+			d.errors += max(n.Count, 1)
 			b.mu.Unlock()
 			b.log.Warn("device reported an error", "bdf", d.policy.BDF, "count", n.Count)
 		}

@@ -86,7 +86,8 @@ func (k NoticeKind) String() string {
 type Notice struct {
 	Kind NoticeKind
 	Time time.Time
-	// Count is how many notices of this kind the device raised since it was opened.
+	// Count is how many times the kernel signalled since the previous notice of this
+	// kind, at least 1.
 	Count uint64
 }
 

@@ -16,8 +16,11 @@ import (
 
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/config"
+	"github.com/mmiobroker/mmiobroker/internal/devwatch"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
+	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/server"
+	"github.com/mmiobroker/mmiobroker/internal/uevent"
 )
 
 // DefaultStopTimeout is how long a stop waits for in-flight RPCs and claims.
@@ -37,6 +40,10 @@ type Options struct {
 	Notify func(state string) error
 	// StopTimeout bounds the graceful part of a stop; zero means DefaultStopTimeout.
 	StopTimeout time.Duration
+	// WatchDevices listens to kernel uevents so that devices unbound, removed or rebound
+	// outside the daemon are noticed (internal/devwatch). On in mmiobrokerd; tests on fake
+	// devices leave it off.
+	WatchDevices bool
 }
 
 // Run serves until ctx ends, then stops gracefully and returns nil; or returns the error
@@ -106,6 +113,21 @@ func Run(ctx context.Context, opt Options) error {
 		}
 		return nil
 	})
+
+	if opt.WatchDevices {
+		if l, err := uevent.Listen(uevent.Options{}); err != nil {
+			log.Warn("device events unavailable: unbinds and removals are noticed only through VFIO's release requests", "err", err)
+		} else {
+			defer l.Close()
+			w := &devwatch.Watcher{Source: l, Broker: b, Sysfs: pci.Sysfs{Root: d.SysfsRoot}, Log: log}
+			g.Go(func() error {
+				if err := w.Run(gctx); err != nil {
+					log.Error("device events stopped", "err", err)
+				}
+				return nil
+			})
+		}
+	}
 
 	devs := b.Devices()
 	usable := 0

@@ -290,3 +290,35 @@ func (d *Device) RevokeBuffers(bufs ...broker.Buffer) error {
 	}
 	return errors.Join(errs...)
 }
+
+// CanRevokeBuffers implements broker.BufferRevoker: whether the kernel revokes one
+// dma-buf at a time (VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE; not in Linux 7.2).
+func (d *Device) CanRevokeBuffers() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return !d.closed && d.dev.DMABufRevokeSupported() == nil
+}
+
+// RevokeBuffer implements broker.BufferRevoker.
+func (d *Device) RevokeBuffer(buf broker.Buffer) error { return d.RevokeBuffers(buf) }
+
+// Suspend implements broker.Suspender: memory decode off, so every dma-buf of the device
+// is revoked until [Device.Resume] (importers such as iommufd drop their mappings for good
+// and must map again).
+func (d *Device) Suspend() error { return d.setMemory(false, "suspend") }
+
+// Resume implements broker.Suspender: memory decode on again.
+func (d *Device) Resume() error { return d.setMemory(true, "resume") }
+
+func (d *Device) setMemory(on bool, op string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("device %s: %s: device is closed: %w", d.bdf, op, os.ErrClosed)
+	}
+	if err := d.dev.SetMemoryEnable(on); err != nil {
+		return fmt.Errorf("device %s: %s: %w", d.bdf, op, err)
+	}
+	d.log.Info("device "+op+"d", "bdf", d.bdf)
+	return nil
+}

@@ -22,7 +22,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-var _ broker.Device = (*Device)(nil)
+var (
+	_ broker.Device        = (*Device)(nil)
+	_ broker.Notifier      = (*Device)(nil)
+	_ broker.Suspender     = (*Device)(nil)
+	_ broker.BufferRevoker = (*Device)(nil)
+)
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 

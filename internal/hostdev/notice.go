@@ -7,53 +7,40 @@ import (
 	"os"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
-	"golang.org/x/sys/unix"
 )
 
-// NoticeKind says what the kernel signalled about a device.
-type NoticeKind int
+// NoticeKind says what the kernel signalled about a device (the broker's type, so that a
+// Device is a broker.Notifier).
+type NoticeKind = broker.NoticeKind
 
 // Notice kinds.
 const (
 	// NoticeRelease: the kernel asks for the device back: a driver unbind or a hot-unplug
 	// is pending and waits until the device is closed (VFIO_PCI_REQ_IRQ_INDEX). The kernel
 	// asks again every 10 s while the device stays open.
-	NoticeRelease NoticeKind = iota + 1
+	NoticeRelease = broker.NoticeRelease
 	// NoticeError: the device reported an uncorrectable PCI Express error (AER, through
 	// VFIO_PCI_ERR_IRQ_INDEX). Only PCI Express devices have this notifier.
-	NoticeError
+	NoticeError = broker.NoticeError
 )
 
-// String returns "release" or "error".
-func (k NoticeKind) String() string {
-	switch k {
-	case NoticeRelease:
-		return "release"
-	case NoticeError:
-		return "error"
-	}
-	return fmt.Sprintf("NoticeKind(%d)", int(k))
-}
-
 // irqIndex is the VFIO IRQ index behind k.
-func (k NoticeKind) irqIndex() uint32 {
+func irqIndex(k NoticeKind) uint32 {
 	if k == NoticeError {
 		return vfio.VFIO_PCI_ERR_IRQ_INDEX
 	}
 	return vfio.VFIO_PCI_REQ_IRQ_INDEX
 }
 
-// Notice is one signal from the kernel about the device.
-type Notice struct {
-	Kind NoticeKind
-	// Count is how many times the kernel signalled since the previous notice of this kind
-	// (the eventfd counter), at least 1.
-	Count uint64
-	// Time is when the notice was read.
-	Time time.Time
-}
+// Notice is one signal from the kernel about the device: its Count is how many times the
+// kernel signalled since the previous notice of this kind (the eventfd counter), at
+// least 1; its Time is when the notice was read.
+type Notice = broker.Notice
 
 // defaultNoticeBuffer is the capacity of the Notices channel when Options.NoticeBuffer
 // is 0.
@@ -97,7 +84,7 @@ func (d *Device) startNotifiers() error {
 		if err != nil {
 			return fmt.Errorf("device %s: %s notifier: %w", d.bdf, kind, err)
 		}
-		if err := d.dev.SetIRQEventfd(kind.irqIndex(), ev); err != nil {
+		if err := d.dev.SetIRQEventfd(irqIndex(kind), ev); err != nil {
 			ev.Close()
 			if errors.Is(err, errdefs.ErrNotSupported) {
 				w.err = err
@@ -121,7 +108,7 @@ func (d *Device) reregisterLocked() {
 		if w == nil || w.ev == nil {
 			continue
 		}
-		w.err = d.dev.SetIRQEventfd(w.kind.irqIndex(), w.ev)
+		w.err = d.dev.SetIRQEventfd(irqIndex(w.kind), w.ev)
 		if w.err != nil {
 			d.log.Error("re-registering the kernel notifier after reopen failed: notices of this kind are lost",
 				"bdf", d.bdf, "notice", w.kind.String(), "err", w.err)

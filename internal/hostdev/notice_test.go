@@ -79,14 +79,6 @@ func TestNotices(t *testing.T) {
 	}
 }
 
-func TestNoticeKindString(t *testing.T) {
-	for k, want := range map[NoticeKind]string{NoticeRelease: "release", NoticeError: "error", 0: "NoticeKind(0)"} {
-		if got := k.String(); got != want {
-			t.Errorf("%d.String() = %q, want %q", int(k), got, want)
-		}
-	}
-}
-
 func TestNoticesDropWhenFull(t *testing.T) {
 	d := &Device{bdf: "0000:00:03.0", log: slog.New(slog.DiscardHandler), notices: make(chan Notice, 1)}
 	first := Notice{Kind: NoticeRelease, Count: 1}

@@ -1,0 +1,145 @@
+// Package devwatch keeps the broker's view of its devices in step with the kernel. It
+// turns kobject uevents of the configured PCI devices into broker calls — removal and
+// driver unbind end the device's leases (reason device_lost), a bind to vfio-pci makes
+// the device leasable again — and resyncs from sysfs when the uevent socket overflowed and
+// events were lost.
+//
+// The kernel's own request to release a device (VFIO_PCI_REQ_IRQ_INDEX, which blocks an
+// unbind or hot-unplug until the device fd is closed) reaches the broker directly from
+// the device (broker.Notifier); the uevents seen here follow once the unbind or removal
+// has happened, and catch what bypasses VFIO (a device that was never opened, a rebind).
+package devwatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+
+	"github.com/mmiobroker/mmiobroker/internal/broker"
+	"github.com/mmiobroker/mmiobroker/internal/pci"
+	"github.com/mmiobroker/mmiobroker/internal/uevent"
+)
+
+// Source yields uevents; *uevent.Listener is one. Next returns an error wrapping
+// uevent.ErrOverflow when events were lost.
+type Source interface {
+	Next(ctx context.Context) (uevent.Event, error)
+}
+
+// Broker is what devwatch needs of *broker.Broker.
+type Broker interface {
+	Devices() []broker.DeviceStatus
+	DeviceLost(bdf string, cause error) error
+	DeviceAvailable(bdf string) (broker.DeviceStatus, error)
+}
+
+// Watcher applies device events to a broker.
+type Watcher struct {
+	Source Source
+	Broker Broker
+	// Sysfs is read to resync after an overflow.
+	Sysfs pci.Sysfs
+	Log   *slog.Logger
+}
+
+// Run applies events until ctx ends (it then returns nil) or the source fails for another
+// reason than an overflow.
+func (w *Watcher) Run(ctx context.Context) error {
+	log := w.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	for {
+		ev, err := w.Source.Next(ctx)
+		switch {
+		case ctx.Err() != nil:
+			return nil
+		case errors.Is(err, uevent.ErrOverflow):
+			log.Warn("uevents were lost; resyncing devices from sysfs", "err", err)
+			w.Resync(log)
+			continue
+		case errors.Is(err, uevent.ErrMalformed):
+			log.Warn("malformed uevent ignored", "err", err)
+			continue
+		case err != nil:
+			return fmt.Errorf("device events: %w", err)
+		}
+		w.Apply(ev, log)
+	}
+}
+
+// configured returns the configured devices by BDF.
+func (w *Watcher) configured() map[string]broker.DeviceStatus {
+	out := map[string]broker.DeviceStatus{}
+	for _, d := range w.Broker.Devices() {
+		out[d.Policy.BDF] = d
+	}
+	return out
+}
+
+// Apply acts on one uevent.
+func (w *Watcher) Apply(ev uevent.Event, log *slog.Logger) {
+	if ev.Subsystem != "pci" {
+		return
+	}
+	bdf := ev.PCISlotName
+	if bdf == "" {
+		bdf = path.Base(ev.DevPath)
+	}
+	if _, ok := w.configured()[bdf]; !ok {
+		return
+	}
+	switch ev.Action {
+	case "remove":
+		w.lost(bdf, errors.New("device removed (hot-unplug)"), log)
+	case "unbind":
+		w.lost(bdf, errors.New("device unbound from vfio-pci"), log)
+	case "bind":
+		if ev.Driver != pci.VFIODriver {
+			w.lost(bdf, fmt.Errorf("device bound to %s, not vfio-pci", ev.Driver), log)
+			return
+		}
+		w.available(bdf, log)
+	}
+}
+
+// Resync compares every configured device with sysfs: a device bound to vfio-pci is made
+// available, any other is lost.
+func (w *Watcher) Resync(log *slog.Logger) {
+	for bdf, st := range w.configured() {
+		addr, err := pci.ParseAddress(bdf)
+		if err != nil {
+			continue
+		}
+		dev, err := w.Sysfs.Device(addr)
+		switch {
+		case err != nil:
+			if st.Err == nil {
+				w.lost(bdf, fmt.Errorf("device gone from sysfs: %w", err), log)
+			}
+		case dev.Driver != pci.VFIODriver:
+			if st.Err == nil {
+				w.lost(bdf, fmt.Errorf("device bound to %q, not vfio-pci", dev.Driver), log)
+			}
+		case st.Err != nil:
+			w.available(bdf, log)
+		}
+	}
+}
+
+func (w *Watcher) lost(bdf string, cause error, log *slog.Logger) {
+	log.Warn("device went away", "bdf", bdf, "cause", cause)
+	if err := w.Broker.DeviceLost(bdf, cause); err != nil {
+		log.Error("ending the leases of a lost device failed", "bdf", bdf, "err", err)
+	}
+}
+
+func (w *Watcher) available(bdf string, log *slog.Logger) {
+	if _, err := w.Broker.DeviceAvailable(bdf); err != nil {
+		log.Warn("device bound to vfio-pci but not usable", "bdf", bdf, "err", err)
+		return
+	}
+	log.Info("device available again", "bdf", bdf)
+}
