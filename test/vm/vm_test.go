@@ -1,6 +1,7 @@
 package vm_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -110,6 +111,9 @@ func report(t *testing.T, rep *vmrig.Report, opts vmrig.RunOptions) {
 	}
 	ran := map[string]bool{}
 	for _, b := range o.Binaries {
+		if b.Name == "vfio" {
+			checkK9FromHost(t, b, o.Ivshmem)
+		}
 		ran[b.Name] = true
 		t.Run(b.Name, func(t *testing.T) {
 			reportTests(t, b.Tests, "")
@@ -161,4 +165,32 @@ func reportTests(t *testing.T, tests []*vmrig.TestCase, parent string) {
 			}
 		})
 	}
+}
+
+// checkK9FromHost checks, on the host, what internal/vfio's TestK9PeerToPeerDMA made a
+// device write into the ivshmem BAR through the IOMMU: the ivshmem BAR2 is this host
+// file, so the DMA that landed is visible here and the one issued after the revoke is not.
+func checkK9FromHost(t *testing.T, b *vmrig.BinaryResult, shm []byte) {
+	var k9 *vmrig.TestCase
+	for _, tc := range b.Tests {
+		if tc.Name == "TestK9PeerToPeerDMA" {
+			k9 = tc
+		}
+	}
+	if k9 == nil || k9.Status != vmrig.Pass {
+		return // skipped (stock kernel) or failed in the guest: reported there
+	}
+	t.Run("K9HostSeesDMA", func(t *testing.T) {
+		for _, c := range []struct {
+			off  int
+			want string
+		}{{0x20000, "MMB-K9-P2P-DMA-LANDED"}, {0x21000, "MMB-K9-REISSUED-LANDED"}} {
+			if len(shm) < c.off+len(c.want) || string(shm[c.off:c.off+len(c.want)]) != c.want {
+				t.Errorf("ivshmem backing file at %#x lacks %q", c.off, c.want)
+			}
+		}
+		if bytes.Contains(shm, []byte("MMB-K9-REVOKED")) {
+			t.Error("the DMA issued after the revoke landed in the ivshmem backing file")
+		}
+	})
 }
