@@ -344,3 +344,29 @@ func TestDeviceReleaseNotice(t *testing.T) {
 		t.Fatalf("DeviceAvailable: %+v, %v", st, err)
 	}
 }
+
+// TestRevokeCoalesceWindow: with a window, revocations arriving within it share the cycle
+// even when none was running yet.
+func TestRevokeCoalesceWindow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newRig(t, func(c *broker.Config) { c.RevokeCoalesceWindow = 5 * time.Millisecond })
+		a, atok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+		r.claim(t, a, atok)
+		b, btok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page}))
+		r.claim(t, b, btok)
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() { defer wg.Done(); r.b.Revoke(a.ID, admin, 0) }()
+		time.Sleep(time.Millisecond)
+		go func() { defer wg.Done(); r.b.Revoke(b.ID, admin, 0) }()
+		wg.Wait()
+		if c, _ := revokes(r.devs[dev0]); c != 1 {
+			t.Fatalf("%d device cycles for two revocations 1 ms apart in a 5 ms window, want 1", c)
+		}
+		for _, id := range []string{a.ID, b.ID} {
+			if l, _ := r.b.Get(id); l.State != broker.StateRevoked {
+				t.Fatalf("lease %s: %+v", id, l)
+			}
+		}
+	})
+}

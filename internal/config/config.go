@@ -98,6 +98,9 @@ type Limits struct {
 	ClaimTimeout Duration `toml:"claim_timeout"`
 	// EventBacklog is how many past events a watcher can resume from.
 	EventBacklog int `toml:"event_backlog"`
+	// RevokeCoalesceWindow delays each device cycle so that revocations of one device
+	// arriving within it share the cycle (0: only those arriving during a running cycle).
+	RevokeCoalesceWindow Duration `toml:"revoke_coalesce_window"`
 }
 
 // Device is one [[device]] table: a PCI device that may be leased, and who may lease it.

@@ -103,8 +103,9 @@ func (c *Config) Resolve(look Lookup) (*Resolved, error) {
 				MaxLeases:          c.Limits.MaxLeases,
 				MaxRangesPerLease:  c.Limits.MaxRangesPerLease,
 			},
-			ClaimTimeout: time.Duration(c.Limits.ClaimTimeout),
-			EventBacklog: c.Limits.EventBacklog,
+			ClaimTimeout:         time.Duration(c.Limits.ClaimTimeout),
+			EventBacklog:         c.Limits.EventBacklog,
+			RevokeCoalesceWindow: time.Duration(c.Limits.RevokeCoalesceWindow),
 		},
 	}
 	for i, d := range c.Devices {

@@ -145,7 +145,18 @@ func (v *validator) limits() {
 	case time.Duration(l.ClaimTimeout) < MinClaimTimeout:
 		v.bad(key, "%s: %v is shorter than the minimum %v", key, l.ClaimTimeout, MinClaimTimeout)
 	}
+	const wkey = "limits.revoke_coalesce_window"
+	switch loc, ok := v.c.lines[wkey]; {
+	case ok && loc.kind != unstable.String:
+		v.bad(wkey, "%s: write a duration string with a unit, such as \"2ms\"", wkey)
+	case l.RevokeCoalesceWindow < 0 || time.Duration(l.RevokeCoalesceWindow) > MaxRevokeCoalesceWindow:
+		v.bad(wkey, "%s: %v is outside 0-%v", wkey, l.RevokeCoalesceWindow, MaxRevokeCoalesceWindow)
+	}
 }
+
+// MaxRevokeCoalesceWindow is the longest revoke_coalesce_window accepted: every revocation
+// waits that long.
+const MaxRevokeCoalesceWindow = time.Second
 
 func (v *validator) atLeast1(key string, n, limit int) {
 	if n < 1 || n > limit {
