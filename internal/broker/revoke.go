@@ -122,6 +122,11 @@ func (b *Broker) enforce(l *lease, st State, why Reason, by string, ev EventType
 	d.pending = append(d.pending, req)
 	b.mu.Unlock()
 
+	if w := b.cfg.RevokeCoalesceWindow; w > 0 {
+		// Let revocations arriving within the window join the pending batch: the first
+		// caller to take the device runs them all.
+		time.Sleep(w)
+	}
 	d.opMu.Lock()
 	b.runRevokes(d)
 	d.opMu.Unlock()
@@ -135,9 +140,6 @@ func (b *Broker) enforce(l *lease, st State, why Reason, by string, ev EventType
 // runRevokes makes the dma-bufs of every pending revocation of d dead, in one device
 // cycle, then reissues the device's surviving leases. Called with d.opMu held.
 func (b *Broker) runRevokes(d *device) {
-	if w := b.cfg.RevokeCoalesceWindow; w > 0 {
-		time.Sleep(w) // let revocations arriving within the window share this cycle
-	}
 	b.mu.Lock()
 	batch := d.pending
 	d.pending = nil
