@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
@@ -72,7 +73,7 @@ func Dial(socketPath string, opts ...Option) (*Client, error) {
 func (c *Client) Close() error { return c.conn.Close() }
 
 // API returns the generated gRPC client, for the calls this package does not wrap
-// (ListDevices, GetDevice, GetLease, ListLeases).
+// (ListDevices, GetDevice, GetLease, ListLeases) and for request fields it does not expose.
 func (c *Client) API() brokerv1.BrokerClient { return c.api }
 
 // AllocateOptions describe the lease to allocate.
@@ -88,6 +89,10 @@ type AllocateOptions struct {
 	Kind brokerv1.LeaseKind
 	// VMName optionally names the VM the lease is for (at most 64 bytes).
 	VMName string
+	// TTL, if not zero, is the lease's time to live: the daemon revokes it (end reason
+	// EXPIRED) that long after allocation unless it is renewed with [Client.Renew]. At most
+	// 366 days.
+	TTL time.Duration
 }
 
 // Lease is an allocated and claimed lease with its dma-buf fd.
@@ -130,6 +135,7 @@ func (c *Client) Allocate(ctx context.Context, opt AllocateOptions) (*Lease, err
 	}
 	resp, err := c.api.AllocateLease(ctx, &brokerv1.AllocateLeaseRequest{
 		Bdf: opt.BDF, Bar: uint32(opt.BAR), Ranges: ranges, Kind: opt.Kind, VmName: opt.VMName,
+		Ttl: durationOrNil(opt.TTL),
 	})
 	if err != nil {
 		return nil, err
@@ -284,11 +290,61 @@ func (c *Client) Release(ctx context.Context, leaseID string) (*brokerv1.Lease, 
 // Revoke ends a lease and kills its fd for good (administrators only). Every other
 // dma-buf of the device dies with it; their leases are reissued (see the package doc).
 func (c *Client) Revoke(ctx context.Context, leaseID string) (*brokerv1.Lease, error) {
-	resp, err := c.api.RevokeLease(ctx, &brokerv1.RevokeLeaseRequest{LeaseId: leaseID})
+	return c.RevokeWithGrace(ctx, leaseID, 0)
+}
+
+// RevokeWithGrace asks the holder of a lease to give it up within grace (administrators
+// only; at most 1 hour). The lease stays live, with its RevokeDeadline set; the holder's
+// event streams get REVOKE_REQUESTED and the holder may release the lease before the
+// deadline, when the daemon revokes it. A pending earlier deadline stands. Grace 0 is
+// [Client.Revoke]: the lease is revoked before the call returns.
+func (c *Client) RevokeWithGrace(ctx context.Context, leaseID string, grace time.Duration) (*brokerv1.Lease, error) {
+	resp, err := c.api.RevokeLease(ctx, &brokerv1.RevokeLeaseRequest{LeaseId: leaseID, GracePeriod: durationOrNil(grace)})
 	if err != nil {
 		return nil, err
 	}
 	return resp.GetLease(), nil
+}
+
+// Renew extends the time to live of a lease of the caller's uid (administrators: any
+// lease): it now expires ttl from now. Zero ttl renews by the lease's own TTL; a lease
+// without a TTL gets one.
+func (c *Client) Renew(ctx context.Context, leaseID string, ttl time.Duration) (*brokerv1.Lease, error) {
+	resp, err := c.api.RenewLease(ctx, &brokerv1.RenewLeaseRequest{LeaseId: leaseID, Ttl: durationOrNil(ttl)})
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetLease(), nil
+}
+
+// Suspend pauses a device for maintenance (administrators only): its dma-bufs become
+// inaccessible, its leases stay live (their holders get SUSPENDED events), and new leases
+// of it are refused until [Client.Resume].
+func (c *Client) Suspend(ctx context.Context, bdf string) (*brokerv1.Device, error) {
+	resp, err := c.api.SuspendDevice(ctx, &brokerv1.SuspendDeviceRequest{Bdf: bdf})
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetDevice(), nil
+}
+
+// Resume ends a [Client.Suspend] (administrators only). The holders of the device's
+// leases get RESUMED events: their fds are unchanged, but importers that dropped their
+// mappings (iommufd) must map them again.
+func (c *Client) Resume(ctx context.Context, bdf string) (*brokerv1.Device, error) {
+	resp, err := c.api.ResumeDevice(ctx, &brokerv1.ResumeDeviceRequest{Bdf: bdf})
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetDevice(), nil
+}
+
+// durationOrNil converts d, leaving 0 unset.
+func durationOrNil(d time.Duration) *durationpb.Duration {
+	if d == 0 {
+		return nil
+	}
+	return durationpb.New(d)
 }
 
 // Watch streams lease events: with afterSeq 0 those that happen from now on, else first

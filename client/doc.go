@@ -30,6 +30,21 @@
 // REISSUED event with a new claim token to the holder's event streams ([Client.Watch]):
 // claim the new fd with [Client.Claim] and re-import it.
 //
+// [Client.AllocateAndHold] (or [Client.Hold] for a lease already allocated) does that by
+// itself: the returned [HeldLease] follows the process's own event stream, claims every
+// reissued generation with the event's token, swaps [HeldLease.File] and calls
+// [HoldOptions.OnReissue] with the new fd to re-import, then closes the dead one.
+//
+// Other ways a lease ends, all reported on the event stream: the process that allocated it
+// exits (the daemon notices through a pidfd, releases the lease and revokes its fd); its
+// time to live ([AllocateOptions.TTL]) runs out without a [Client.Renew] (revoked,
+// EXPIRED); its device goes away (DEVICE_LOST); the daemon stops. An administrator may
+// also ask for a lease back with a grace period ([Client.RevokeWithGrace]): the holder sees
+// REVOKE_REQUESTED with the deadline and should release the lease before it. While an
+// administrator has suspended the device ([Client.Suspend]) the fd is inaccessible; after
+// the RESUMED event it works again, but importers that dropped their mappings must map it
+// again.
+//
 // # Errors
 //
 // Every error of this package that comes from the daemon carries a gRPC status:

@@ -8,10 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"sync"
 	"syscall"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
@@ -34,6 +36,7 @@ func parseAllocate(c *cli, args []string) (allocateArgs, error) {
 	fs.Var(&ranges, "range", "lease the byte range `OFFSET:LENGTH` of the BAR (repeatable; default the whole BAR)")
 	kind := fs.String("kind", "shared", "lease `kind`: shared or private")
 	vm := fs.String("vm", "", "name of the VM the lease is for (at most 64 bytes)")
+	ttl := fs.Duration("ttl", 0, "time to live: the lease is revoked `DUR` after allocation unless renewed (0: none)")
 	hold := fs.Bool("hold", false, "hold the fd until SIGINT or SIGTERM, then release (the default)")
 	execFlag := fs.Bool("exec", false, "run the command after -- with the fd as fd 3; release when it exits")
 	pos, rest, err := parse(fs, args, 2)
@@ -48,6 +51,9 @@ func parseAllocate(c *cli, args []string) (allocateArgs, error) {
 		return a, usagef("allocate: -exec needs a command after --")
 	case !*execFlag && rest != nil:
 		return a, usagef("allocate: a command after -- needs -exec")
+	}
+	if err := nonNegative("allocate: -ttl", *ttl); err != nil {
+		return a, err
 	}
 	bdf, err := parseBDF(pos[0])
 	if err != nil {
@@ -66,7 +72,7 @@ func parseAllocate(c *cli, args []string) (allocateArgs, error) {
 	default:
 		return a, usagef("allocate: -kind %q: want shared or private", *kind)
 	}
-	a.opt = client.AllocateOptions{BDF: bdf, BAR: bar, Kind: k, VMName: *vm}
+	a.opt = client.AllocateOptions{BDF: bdf, BAR: bar, Kind: k, VMName: *vm, TTL: *ttl}
 	for _, r := range ranges {
 		a.opt.Ranges = append(a.opt.Ranges, &brokerv1.Range{Offset: r.off, Length: r.len})
 	}
@@ -84,26 +90,16 @@ func (c *cli) allocate(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cl.Close()
-
-	// Watch the caller's events from before the allocation, so that a reissue of the new
-	// lease cannot slip by (held leases only: a command holds its own fd).
-	var events <-chan watchItem
-	if !a.exec {
-		wctx, stopWatch := context.WithCancel(ctx)
-		defer stopWatch()
-		events = watchEvents(wctx, cl)
-	}
-
-	rctx, cancel := c.rpcContext(ctx)
-	lease, err := cl.Allocate(rctx, a.opt)
-	cancel()
-	if err != nil {
-		return err
-	}
 	if a.exec {
+		rctx, cancel := c.rpcContext(ctx)
+		lease, err := cl.Allocate(rctx, a.opt)
+		cancel()
+		if err != nil {
+			return err
+		}
 		return c.execLease(ctx, cl, lease, a.command)
 	}
-	return c.holdLease(ctx, cl, lease, events)
+	return c.holdLease(ctx, cl, a.opt)
 }
 
 // release releases the lease after the command or the hold ended. ctx may be done
@@ -155,6 +151,9 @@ func writeAllocation(w io.Writer, l *brokerv1.Lease, fd fdDescription) error {
 	if vm := l.GetVmName(); vm != "" {
 		fmt.Fprintf(w, "  vm          %s\n", vm)
 	}
+	if l.GetTtl() != nil {
+		fmt.Fprintf(w, "  ttl         %s (expires %s unless renewed)\n", ttlString(l), timeString(l.GetExpireTime()))
+	}
 	fmt.Fprintf(w, "  generation  %d\n", fd.Generation)
 	fmt.Fprintf(w, "  size        %d (%s)\n", fd.Size, sizeString(fd.Size))
 	fmt.Fprintf(w, "  inode       %d\n", fd.Inode)
@@ -163,99 +162,134 @@ func writeAllocation(w io.Writer, l *brokerv1.Lease, fd fdDescription) error {
 	return err
 }
 
-// watchItem is one item of the event stream.
-type watchItem struct {
-	event *brokerv1.Event
-	err   error
+// holdNote is something the hold's callbacks tell the command's loop.
+type holdNote struct {
+	text string
+	// revokeRequested: an administrator asked for the lease back by this deadline.
+	revokeRequested *timestamppb.Timestamp
 }
 
-// watchEvents streams the caller's events into a channel until ctx ends.
-func watchEvents(ctx context.Context, cl *client.Client) <-chan watchItem {
-	ch := make(chan watchItem)
-	go func() {
-		defer close(ch)
-		for e, err := range cl.Watch(ctx, 0) {
-			select {
-			case ch <- watchItem{e, err}:
-			case <-ctx.Done():
-				return
+// holdNotes queues notes from the hold's callbacks, which must not block, for the
+// command's loop, which prints them: one writer, in order.
+type holdNotes struct {
+	mu     sync.Mutex
+	notes  []holdNote    // guarded by mu
+	signal chan struct{} // one pending wake-up
+}
+
+func (q *holdNotes) add(n holdNote) {
+	q.mu.Lock()
+	q.notes = append(q.notes, n)
+	q.mu.Unlock()
+	select {
+	case q.signal <- struct{}{}:
+	default:
+	}
+}
+
+func (q *holdNotes) take() []holdNote {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := q.notes
+	q.notes = nil
+	return n
+}
+
+// holdLease allocates a lease, claims its fd and holds it until ctx ends, then releases
+// the lease. The client's hold claims reissued generations by itself (the old fd is dead);
+// an administrator's revoke request is honored by releasing the lease at once, and an end
+// by someone else ends the hold.
+func (c *cli) holdLease(ctx context.Context, cl *client.Client, opt client.AllocateOptions) error {
+	q := &holdNotes{signal: make(chan struct{}, 1)}
+	hopt := client.HoldOptions{
+		OnReissue: func(f *os.File, info client.ClaimInfo) {
+			nd := describeFD(f, info)
+			q.add(holdNote{text: fmt.Sprintf("lease %s reissued: generation %d, inode %d, fd %d (the old fd is dead)",
+				info.LeaseID, nd.Generation, nd.Inode, nd.FD)})
+		},
+		OnEvent: func(e *brokerv1.Event) {
+			l := e.GetLease()
+			switch e.GetType() {
+			case brokerv1.EventType_EVENT_TYPE_REVOKE_REQUESTED:
+				q.add(holdNote{revokeRequested: l.GetRevokeDeadline()})
+			case brokerv1.EventType_EVENT_TYPE_RENEWED:
+				q.add(holdNote{text: fmt.Sprintf("lease %s renewed: ttl %s, expires %s", l.GetId(), ttlString(l), timeString(l.GetExpireTime()))})
+			case brokerv1.EventType_EVENT_TYPE_SUSPENDED:
+				q.add(holdNote{text: fmt.Sprintf("lease %s: device %s suspended; the fd is inaccessible until it is resumed", l.GetId(), l.GetBdf())})
+			case brokerv1.EventType_EVENT_TYPE_RESUMED:
+				q.add(holdNote{text: fmt.Sprintf("lease %s: device %s resumed; the fd is accessible again", l.GetId(), l.GetBdf())})
 			}
-		}
-	}()
-	return ch
-}
+		},
+	}
+	rctx, cancel := c.rpcContext(ctx)
+	h, err := cl.AllocateAndHold(rctx, opt, hopt)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
 
-// holdLease holds the lease's fd until ctx ends, then releases the lease. It follows the
-// lease's events: a reissue is claimed (the old fd is dead) and an end by someone else
-// ends the hold.
-func (c *cli) holdLease(ctx context.Context, cl *client.Client, lease *client.Lease, events <-chan watchItem) error {
-	f := lease.File
-	defer func() { f.Close() }()
-	fd := describeFD(f, lease.Claim)
-	var err error
+	l := h.Lease()
+	fd := describeFD(h.File(), h.Claim())
 	if c.json {
-		err = writeJSON(c.stdout, allocation{Lease: jsonMessage{lease.Lease}, FD: fd})
+		err = writeJSON(c.stdout, allocation{Lease: jsonMessage{l}, FD: fd})
 	} else {
-		err = writeAllocation(c.stdout, lease.Lease, fd)
+		err = writeAllocation(c.stdout, l, fd)
 	}
 	if err != nil {
-		return errors.Join(err, c.release(cl, lease.ID))
+		return errors.Join(err, c.release(cl, h.ID))
 	}
 	// Notices after the first document go to stderr with -json (stdout holds one document).
 	notes := c.stdout
 	if c.json {
 		notes = c.stderr
 	}
+	// drain prints the pending notes and reports a revoke request.
+	drain := func() (deadline *timestamppb.Timestamp, requested bool) {
+		for _, n := range q.take() {
+			if n.revokeRequested != nil {
+				deadline, requested = n.revokeRequested, true
+				continue
+			}
+			fmt.Fprintln(notes, n.text)
+		}
+		return deadline, requested
+	}
 	for {
 		select {
 		case <-ctx.Done():
-			if err := c.release(cl, lease.ID); err != nil {
+			drain()
+			if err := c.release(cl, h.ID); err != nil {
 				return err
 			}
-			fmt.Fprintf(notes, "released lease %s\n", lease.ID)
+			fmt.Fprintf(notes, "released lease %s\n", h.ID)
 			return nil
-		case it, ok := <-events:
-			if !ok {
-				events = nil // ctx is done: the next loop releases
+		case <-q.signal:
+			deadline, requested := drain()
+			if !requested {
 				continue
 			}
-			if it.err != nil {
-				// Without events a reissue would go unnoticed: stop holding.
-				return errors.Join(fmt.Errorf("lease %s: event stream: %w", lease.ID, it.err), c.release(cl, lease.ID))
+			// Nothing to finish here: cooperate at once.
+			if err := c.release(cl, h.ID); err != nil {
+				return fmt.Errorf("lease %s: an administrator asked for it back (revoke deadline %s), but releasing it failed: %w",
+					h.ID, timeString(deadline), err)
 			}
-			e := it.event
-			l := e.GetLease()
-			if l.GetId() != lease.ID {
-				continue
-			}
-			switch e.GetType() {
-			case brokerv1.EventType_EVENT_TYPE_REISSUED:
-				nf, claim, err := c.reclaim(ctx, cl, lease.ID, e.GetClaimToken())
-				if err != nil {
-					return errors.Join(fmt.Errorf("lease %s was reissued (generation %d) but claiming it failed: %w",
-						lease.ID, l.GetGeneration(), err), c.release(cl, lease.ID))
-				}
-				f.Close()
-				f = nf
-				nd := describeFD(f, claim)
-				fmt.Fprintf(notes, "lease %s reissued: generation %d, inode %d, fd %d (the old fd is dead)\n",
-					lease.ID, nd.Generation, nd.Inode, nd.FD)
-			case brokerv1.EventType_EVENT_TYPE_REVOKED, brokerv1.EventType_EVENT_TYPE_RELEASED,
-				brokerv1.EventType_EVENT_TYPE_EXPIRED, brokerv1.EventType_EVENT_TYPE_DEVICE_LOST:
+			return &leaseEndedError{msg: fmt.Sprintf("lease %s: an administrator asked for it back (revoke deadline %s); released it",
+				h.ID, timeString(deadline))}
+		case <-h.Done():
+			drain()
+			err := h.Err()
+			var le *client.LeaseEndedError
+			if errors.As(err, &le) {
+				e := le.Event
+				l := e.GetLease()
 				return &leaseEndedError{msg: fmt.Sprintf("lease %s ended: %s (%s, by %s)",
-					lease.ID, eventName(e.GetType()), reasonName(l.GetEndReason()), dash(l.GetEndedBy()))}
+					h.ID, eventName(e.GetType()), reasonName(l.GetEndReason()), dash(l.GetEndedBy()))}
 			}
+			// Without events a reissue would go unnoticed: stop holding.
+			return errors.Join(err, c.release(cl, h.ID))
 		}
 	}
-}
-
-func (c *cli) reclaim(ctx context.Context, cl *client.Client, id, token string) (*os.File, client.ClaimInfo, error) {
-	if token == "" {
-		return nil, client.ClaimInfo{}, errors.New("the event carries no claim token")
-	}
-	rctx, cancel := c.rpcContext(ctx)
-	defer cancel()
-	return cl.Claim(rctx, id, token)
 }
 
 // leaseEnv returns the MMIO_LEASE_* variables describing the lease to the -exec command.

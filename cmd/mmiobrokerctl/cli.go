@@ -30,14 +30,18 @@ Commands:
   device BDF                       show one device in detail
   leases [-all] [-device BDF] [-uid UID]
                                    list leases (live ones unless -all)
-  allocate [-range OFF:LEN]... [-kind shared|private] [-vm NAME] [-hold] BDF BAR
+  allocate [-range OFF:LEN]... [-kind shared|private] [-vm NAME] [-ttl DUR] [-hold] BDF BAR
                                    allocate a lease, claim its fd and hold it until
                                    SIGINT/SIGTERM, then release it
   allocate [flags] -exec BDF BAR -- COMMAND [ARG]...
                                    allocate, claim, run COMMAND with the fd as fd 3,
                                    release when it exits; exit with its status
-  revoke LEASE_ID                  revoke a lease (admins; revokes every dma-buf of the device)
+  revoke [-grace DUR] LEASE_ID     revoke a lease (admins; revokes every dma-buf of the
+                                   device); with -grace, ask its holder to release it first
+  renew [-ttl DUR] LEASE_ID        extend a lease's time to live (default: by its own ttl)
   release LEASE_ID                 release a lease (does not revoke its fd)
+  suspend BDF                      pause a device for maintenance (admins)
+  resume BDF                       end a suspend (admins)
   watch [-cursor SEQ]              print lease events as they happen
 
 Global flags:
@@ -114,9 +118,15 @@ func (c *cli) run(ctx context.Context, args []string) error {
 	case "allocate":
 		return c.allocate(ctx, args)
 	case "revoke":
-		return c.endLease(ctx, "revoke", args)
+		return c.revoke(ctx, args)
+	case "renew":
+		return c.renew(ctx, args)
 	case "release":
-		return c.endLease(ctx, "release", args)
+		return c.releaseLease(ctx, args)
+	case "suspend":
+		return c.suspendResume(ctx, "suspend", args)
+	case "resume":
+		return c.suspendResume(ctx, "resume", args)
 	case "watch":
 		return c.watch(ctx, args)
 	case "help":
@@ -264,6 +274,14 @@ func (r *rangeFlag) Set(s string) error {
 		return fmt.Errorf("length: %w", err)
 	}
 	*r = append(*r, byteRange{off, length})
+	return nil
+}
+
+// nonNegative checks a duration flag's value.
+func nonNegative(name string, d time.Duration) error {
+	if d < 0 {
+		return usagef("%s %v: want a non-negative duration such as 30s or 1h", name, d)
+	}
 	return nil
 }
 

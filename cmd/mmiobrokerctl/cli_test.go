@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
@@ -36,6 +37,8 @@ func TestParseAllocate(t *testing.T) {
 			allocateArgs{opt: client.AllocateOptions{BDF: "0000:3b:00.0", BAR: 2, Kind: shared}}},
 		{[]string{"-hold", "3b:00.0", "0"},
 			allocateArgs{opt: client.AllocateOptions{BDF: "0000:3b:00.0", BAR: 0, Kind: shared}}},
+		{[]string{"-ttl", "90m", "3b:00.0", "0"},
+			allocateArgs{opt: client.AllocateOptions{BDF: "0000:3b:00.0", BAR: 0, Kind: shared, TTL: 90 * time.Minute}}},
 		// Flags before, between and after the arguments.
 		{[]string{"-range", "0:64K", "0000:3b:00.0", "-kind", "private", "4", "-range", "0x100000:4096", "-vm", "vm1"},
 			allocateArgs{opt: client.AllocateOptions{BDF: "0000:3b:00.0", BAR: 4, Kind: private, VMName: "vm1",
@@ -80,6 +83,8 @@ func TestParseAllocateErrors(t *testing.T) {
 		{[]string{"-exec", "0000:3b:00.0", "0", "--"}, "-exec needs a command after --"},
 		{[]string{"0000:3b:00.0", "0", "--", "true"}, "a command after -- needs -exec"},
 		{[]string{"-bogus", "0000:3b:00.0", "0"}, "flag provided but not defined: -bogus"},
+		{[]string{"-ttl", "-1s", "0000:3b:00.0", "0"}, "allocate: -ttl -1s: want a non-negative duration"},
+		{[]string{"-ttl", "1 hour", "0000:3b:00.0", "0"}, `invalid value "1 hour" for flag -ttl`},
 	}
 	for _, tt := range tests {
 		c, _ := testCLI()
@@ -126,6 +131,13 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"leases", "-device", "x"}, exitUsage, `device address "x"`},
 		{[]string{"leases", "-uid", "4294967296"}, exitUsage, "-uid 4294967296 is out of range"},
 		{[]string{"revoke"}, exitUsage, "revoke: want 1 argument(s), got 0"},
+		{[]string{"revoke", "-grace", "-5s", "x"}, exitUsage, "revoke: -grace -5s: want a non-negative duration"},
+		{[]string{"revoke", "-grace", "soon", "x"}, exitUsage, `invalid value "soon" for flag -grace`},
+		{[]string{"renew"}, exitUsage, "renew: want 1 argument(s), got 0"},
+		{[]string{"renew", "-ttl", "-1h", "x"}, exitUsage, "renew: -ttl -1h0m0s: want a non-negative duration"},
+		{[]string{"suspend"}, exitUsage, "suspend: want 1 argument(s), got 0"},
+		{[]string{"suspend", "3b:00"}, exitUsage, `device address "3b:00"`},
+		{[]string{"resume", "a", "b"}, exitUsage, "resume: want 1 argument(s), got 2"},
 		{[]string{"release", "a", "b"}, exitUsage, "release: want 1 argument(s), got 2"},
 		{[]string{"watch", "-cursor", "-1"}, exitUsage, "invalid value"},
 		// A well-formed command with nobody listening: Unavailable.
@@ -215,6 +227,8 @@ func TestPrintError(t *testing.T) {
 var (
 	t0 = timestamppb.New(time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC))
 	t1 = timestamppb.New(time.Date(2026, 3, 4, 5, 6, 9, 0, time.UTC))
+	t2 = timestamppb.New(time.Date(2026, 3, 4, 6, 6, 7, 0, time.UTC))
+	t3 = timestamppb.New(time.Date(2026, 3, 4, 5, 7, 9, 0, time.UTC))
 )
 
 func testDevices() []*brokerv1.Device {
@@ -227,13 +241,17 @@ func testDevices() []*brokerv1.Device {
 			{Index: 5, Size: 128},
 		},
 		Tsm:             &brokerv1.TsmState{Present: true, Connect: "tsm0", Bound: "tsm0"},
-		DmaBufSupported: true, Usable: true, LiveLeases: 2,
+		DmaBufSupported: true, Usable: true, LiveLeases: 2, ErrorCount: 3,
 		Policy: &brokerv1.DevicePolicy{AllowedBars: []uint32{0, 2}, AllowedKinds: []brokerv1.LeaseKind{
 			brokerv1.LeaseKind_LEASE_KIND_SHARED, brokerv1.LeaseKind_LEASE_KIND_PRIVATE}, AllowedUids: []uint32{107}, AllowedGids: []uint32{36, 37}},
 	}, {
 		Bdf: "0000:3c:00.0", VendorId: 0x1234, DeviceId: 0x11e8, ClassCode: 0xff00, IommuGroup: -1,
 		DmaBufUnsupportedReason: "kernel lacks VFIO dma-buf export", Error: "device 0000:3c:00.0: not bound to vfio-pci",
 		Policy: &brokerv1.DevicePolicy{AllowedKinds: []brokerv1.LeaseKind{brokerv1.LeaseKind_LEASE_KIND_SHARED}},
+	}, {
+		Bdf: "0000:3d:00.0", VendorId: 0x1af4, DeviceId: 0x1110, ClassCode: 0x050000, Driver: "vfio-pci", IommuGroup: 14,
+		AccessMode: brokerv1.AccessMode_ACCESS_MODE_GROUP, Tsm: &brokerv1.TsmState{}, DmaBufSupported: true, Usable: true,
+		Suspended: true, LiveLeases: 1, Policy: &brokerv1.DevicePolicy{AllowedKinds: []brokerv1.LeaseKind{brokerv1.LeaseKind_LEASE_KIND_SHARED}},
 	}}
 }
 
@@ -242,9 +260,10 @@ func TestWriteDevices(t *testing.T) {
 	if err := writeDevices(&b, testDevices()); err != nil {
 		t.Fatal(err)
 	}
-	want := `BDF           ID         CLASS   DRIVER    GROUP  MODE  DMA-BUF  TSM    LEASES  STATUS
-0000:3b:00.0  10de:2330  030200  vfio-pci  12     cdev  yes      bound  2       usable
-0000:3c:00.0  1234:11e8  00ff00  -         -      -     no       -      0       unusable: device 0000:3c:00.0: not bound to vfio-pci
+	want := `BDF           ID         CLASS   DRIVER    GROUP  MODE   DMA-BUF  TSM    LEASES  ERRORS  STATUS
+0000:3b:00.0  10de:2330  030200  vfio-pci  12     cdev   yes      bound  2       3       usable
+0000:3c:00.0  1234:11e8  00ff00  -         -      -      no       -      0       0       unusable: device 0000:3c:00.0: not bound to vfio-pci
+0000:3d:00.0  1af4:1110  050000  vfio-pci  14     group  yes      -      1       0       suspended
 `
 	if diff := cmp.Diff(want, b.String()); diff != "" {
 		t.Errorf("devices table (-want +got):\n%s", diff)
@@ -265,6 +284,8 @@ Access mode:        cdev
 dma-buf export:     supported
 TSM:                connect=tsm0 bound=tsm0
 Status:             usable
+Suspended:          no
+Errors (AER):       3
 Live leases:        2
 Leasable BARs:      0,2
 Lease kinds:        shared, private
@@ -303,6 +324,7 @@ func testLeases() []*brokerv1.Lease {
 		Kind:   brokerv1.LeaseKind_LEASE_KIND_SHARED, State: brokerv1.LeaseState_LEASE_STATE_ACTIVE,
 		Generation: 2, Size: 1<<20 + 4096, Inode: 4711, Holder: &brokerv1.Holder{Uid: 107, Pid: 4242},
 		VmName: "vm1", CreateTime: t0, ClaimTime: t1,
+		Ttl: durationpb.New(time.Hour), ExpireTime: t2, RevokeDeadline: t3,
 	}, {
 		Id: "fedcba9876543210fedcba98", Bdf: "0000:3b:00.0", Bar: 0,
 		Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}},
@@ -317,15 +339,15 @@ func TestWriteLeases(t *testing.T) {
 	if err := writeLeases(&b, testLeases()); err != nil {
 		t.Fatal(err)
 	}
-	want := `ID                        BDF           BAR  KIND                STATE     GEN  SIZE     UID  PID   VM   CREATED               END
-0123456789abcdef01234567  0000:3b:00.0  2    shared              active    2    1028KiB  107  4242  vm1  2026-03-04T05:06:07Z  -
-fedcba9876543210fedcba98  0000:3b:00.0  0    private,unattested  released  1    4KiB     0    99    -    2026-03-04T05:06:07Z  claim_expired
+	want := `ID                        BDF           BAR  KIND                STATE     GEN  SIZE     UID  PID   VM   CREATED               EXPIRES               REVOKE-BY             END
+0123456789abcdef01234567  0000:3b:00.0  2    shared              active    2    1028KiB  107  4242  vm1  2026-03-04T05:06:07Z  2026-03-04T06:06:07Z  2026-03-04T05:07:09Z  -
+fedcba9876543210fedcba98  0000:3b:00.0  0    private,unattested  released  1    4KiB     0    99    -    2026-03-04T05:06:07Z  -                     -                     claim_expired
 `
 	if diff := cmp.Diff(want, b.String()); diff != "" {
 		t.Errorf("leases table (-want +got):\n%s", diff)
 	}
 	b.Reset()
-	if err := writeLeases(&b, nil); err != nil || b.String() != "ID  BDF  BAR  KIND  STATE  GEN  SIZE  UID  PID  VM  CREATED  END\n" {
+	if err := writeLeases(&b, nil); err != nil || b.String() != "ID  BDF  BAR  KIND  STATE  GEN  SIZE  UID  PID  VM  CREATED  EXPIRES  REVOKE-BY  END\n" {
 		t.Errorf("empty leases table = %q, %v", b.String(), err)
 	}
 }
@@ -337,9 +359,17 @@ func TestWriteEventLine(t *testing.T) {
 		want string
 	}{
 		{&brokerv1.Event{Seq: 7, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_REISSUED, Lease: leases[0], ClaimToken: "secret"},
-			"seq=7 time=2026-03-04T05:06:09Z type=reissued lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=2 generation=2 state=active uid=107 pid=4242 vm=vm1\n"},
+			"seq=7 time=2026-03-04T05:06:09Z type=reissued lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=2 generation=2 state=active uid=107 pid=4242 vm=vm1 ttl=1h0m0s expires=2026-03-04T06:06:07Z revoke_deadline=2026-03-04T05:07:09Z\n"},
 		{&brokerv1.Event{Seq: 8, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_EXPIRED, Lease: leases[1]},
 			"seq=8 time=2026-03-04T05:06:09Z type=expired lease=fedcba9876543210fedcba98 bdf=0000:3b:00.0 bar=0 generation=1 state=released uid=0 pid=99 end_reason=claim_expired ended_by=broker\n"},
+		{&brokerv1.Event{Seq: 9, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_REVOKE_REQUESTED, Lease: &brokerv1.Lease{
+			Id: "0123456789abcdef01234567", Bdf: "0000:3b:00.0", State: brokerv1.LeaseState_LEASE_STATE_ACTIVE, Generation: 1,
+			Holder: &brokerv1.Holder{Uid: 107, Pid: 4242}, RevokeDeadline: t3}},
+			"seq=9 time=2026-03-04T05:06:09Z type=revoke_requested lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=0 generation=1 state=active uid=107 pid=4242 revoke_deadline=2026-03-04T05:07:09Z\n"},
+		{&brokerv1.Event{Seq: 10, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_RELEASED, Lease: &brokerv1.Lease{
+			Id: "0123456789abcdef01234567", Bdf: "0000:3b:00.0", State: brokerv1.LeaseState_LEASE_STATE_RELEASED, Generation: 1,
+			Holder: &brokerv1.Holder{Uid: 107, Pid: 4242}, Ttl: durationpb.New(time.Minute), EndReason: brokerv1.EndReason_END_REASON_HOLDER_EXITED, EndedBy: "pid 4242 exited"}},
+			"seq=10 time=2026-03-04T05:06:09Z type=released lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=0 generation=1 state=released uid=107 pid=4242 ttl=1m0s end_reason=holder_exited ended_by=\"pid 4242 exited\"\n"},
 	}
 	for _, tt := range tests {
 		var b bytes.Buffer
@@ -352,6 +382,7 @@ func TestWriteEventLine(t *testing.T) {
 	}
 	l := testLeases()[0]
 	l.VmName = "my vm"
+	l.Ttl, l.ExpireTime, l.RevokeDeadline = nil, nil, nil
 	l.EndReason, l.EndedBy = brokerv1.EndReason_END_REASON_REVOKED, "uid 0 (admin) pid 5"
 	var b bytes.Buffer
 	writeEventLine(&b, &brokerv1.Event{Seq: 9, Type: brokerv1.EventType_EVENT_TYPE_REVOKED, Lease: l})
@@ -424,6 +455,7 @@ func TestWriteAllocation(t *testing.T) {
   ranges      [0x0,+0x100000) [0x200000,+0x1000)
   kind        shared
   vm          vm1
+  ttl         1h0m0s (expires 2026-03-04T06:06:07Z unless renewed)
   generation  1
   size        1052672 (1028KiB)
   inode       4711

@@ -96,14 +96,17 @@ func (c *cli) leases(ctx context.Context, args []string) error {
 	return writeLeases(c.stdout, resp.GetLeases())
 }
 
-// endLease runs revoke or release.
-func (c *cli) endLease(ctx context.Context, verb string, args []string) error {
-	fs := c.subcommand(verb, "LEASE_ID")
+// revoke runs revoke [-grace DUR] LEASE_ID.
+func (c *cli) revoke(ctx context.Context, args []string) error {
+	fs := c.subcommand("revoke", "[-grace DUR] LEASE_ID")
+	grace := fs.Duration("grace", 0, "ask the holder to release the lease within `DUR` (e.g. 30s, at most 1h); revoke it then (0: at once)")
 	pos, _, err := parse(fs, args, 1)
 	if err != nil {
 		return err
 	}
-	id := pos[0]
+	if err := nonNegative("revoke: -grace", *grace); err != nil {
+		return err
+	}
 	cl, err := c.dial()
 	if err != nil {
 		return err
@@ -111,28 +114,117 @@ func (c *cli) endLease(ctx context.Context, verb string, args []string) error {
 	defer cl.Close()
 	ctx, cancel := c.rpcContext(ctx)
 	defer cancel()
-	var l *brokerv1.Lease
-	if verb == "revoke" {
-		l, err = cl.Revoke(ctx, id)
-	} else {
-		l, err = cl.Release(ctx, id)
-	}
+	l, err := cl.RevokeWithGrace(ctx, pos[0], *grace)
 	if err != nil {
 		return err
 	}
 	if c.json {
-		if verb == "revoke" {
-			return writeJSON(c.stdout, &brokerv1.RevokeLeaseResponse{Lease: l})
-		}
-		return writeJSON(c.stdout, &brokerv1.ReleaseLeaseResponse{Lease: l})
+		return writeJSON(c.stdout, &brokerv1.RevokeLeaseResponse{Lease: l})
 	}
-	if verb == "revoke" {
-		fmt.Fprintf(c.stdout, "revoked lease %s (%s)\n", l.GetId(), leaseSummary(l))
-		fmt.Fprintf(c.stdout, "every other dma-buf of %s was revoked too; its live leases were reissued as a new generation\n", l.GetBdf())
+	if d := l.GetRevokeDeadline(); d != nil && l.GetEndReason() == brokerv1.EndReason_END_REASON_UNSPECIFIED {
+		fmt.Fprintf(c.stdout, "revoke of lease %s requested (%s)\n", l.GetId(), leaseSummary(l))
+		fmt.Fprintf(c.stdout, "its holder may release it until %s; then it is revoked\n", timeString(d))
 		return nil
+	}
+	fmt.Fprintf(c.stdout, "revoked lease %s (%s)\n", l.GetId(), leaseSummary(l))
+	fmt.Fprintf(c.stdout, "unless the kernel revokes dma-bufs one by one, every other dma-buf of %s was revoked too; its live leases were reissued as a new generation\n", l.GetBdf())
+	return nil
+}
+
+// renew runs renew [-ttl DUR] LEASE_ID.
+func (c *cli) renew(ctx context.Context, args []string) error {
+	fs := c.subcommand("renew", "[-ttl DUR] LEASE_ID")
+	ttl := fs.Duration("ttl", 0, "the lease now expires `DUR` from now (0: by its own ttl)")
+	pos, _, err := parse(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	if err := nonNegative("renew: -ttl", *ttl); err != nil {
+		return err
+	}
+	cl, err := c.dial()
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ctx, cancel := c.rpcContext(ctx)
+	defer cancel()
+	l, err := cl.Renew(ctx, pos[0], *ttl)
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return writeJSON(c.stdout, &brokerv1.RenewLeaseResponse{Lease: l})
+	}
+	fmt.Fprintf(c.stdout, "renewed lease %s: ttl %s, expires %s\n", l.GetId(), ttlString(l), timeString(l.GetExpireTime()))
+	return nil
+}
+
+// releaseLease runs release LEASE_ID.
+func (c *cli) releaseLease(ctx context.Context, args []string) error {
+	fs := c.subcommand("release", "LEASE_ID")
+	pos, _, err := parse(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	cl, err := c.dial()
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ctx, cancel := c.rpcContext(ctx)
+	defer cancel()
+	l, err := cl.Release(ctx, pos[0])
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return writeJSON(c.stdout, &brokerv1.ReleaseLeaseResponse{Lease: l})
 	}
 	fmt.Fprintf(c.stdout, "released lease %s (%s)\n", l.GetId(), leaseSummary(l))
 	fmt.Fprintln(c.stdout, "the holder's fd is not revoked: the holder should close it")
+	return nil
+}
+
+// suspendResume runs suspend BDF or resume BDF.
+func (c *cli) suspendResume(ctx context.Context, verb string, args []string) error {
+	fs := c.subcommand(verb, "BDF")
+	pos, _, err := parse(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	bdf, err := parseBDF(pos[0])
+	if err != nil {
+		return err
+	}
+	cl, err := c.dial()
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ctx, cancel := c.rpcContext(ctx)
+	defer cancel()
+	var d *brokerv1.Device
+	if verb == "suspend" {
+		d, err = cl.Suspend(ctx, bdf)
+	} else {
+		d, err = cl.Resume(ctx, bdf)
+	}
+	if err != nil {
+		return err
+	}
+	switch {
+	case c.json && verb == "suspend":
+		return writeJSON(c.stdout, &brokerv1.SuspendDeviceResponse{Device: d})
+	case c.json:
+		return writeJSON(c.stdout, &brokerv1.ResumeDeviceResponse{Device: d})
+	case verb == "suspend":
+		fmt.Fprintf(c.stdout, "suspended device %s: the dma-bufs of its %d live lease(s) are inaccessible; new leases are refused until resume\n",
+			d.GetBdf(), d.GetLiveLeases())
+	default:
+		fmt.Fprintf(c.stdout, "resumed device %s: the dma-bufs of its %d live lease(s) are accessible again; importers must map them again\n",
+			d.GetBdf(), d.GetLiveLeases())
+	}
 	return nil
 }
 

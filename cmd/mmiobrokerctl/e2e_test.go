@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -497,4 +498,221 @@ func TestEndToEnd(t *testing.T) {
 	if code != exitUnavailable || !strings.HasPrefix(errs, "mmiobrokerctl: Unavailable: ") {
 		t.Errorf("devices with no daemon: exit %d, stderr %q", code, errs)
 	}
+}
+
+// heldLease is an "allocate" (hold mode) running in the background.
+type heldLease struct {
+	id       string
+	doc      map[string]any // the allocation's JSON lease
+	out, err *lines
+	stop     context.CancelFunc
+	done     chan int
+}
+
+// hold runs "mmiobrokerctl -json allocate ARGS..." in the background until the test stops
+// it, and returns once the lease is allocated and claimed.
+func (d *testDaemon) hold(t *testing.T, args ...string) *heldLease {
+	t.Helper()
+	h := &heldLease{out: newLines(), err: newLines(), done: make(chan int, 1)}
+	ctx, stop := context.WithCancel(context.Background())
+	h.stop = stop
+	go func() {
+		h.done <- run(ctx, append([]string{"-socket", d.Control, "-json", "allocate"}, args...), h.out.w, h.err.w, noEnv)
+		h.out.w.Close()
+		h.err.w.Close()
+	}()
+	t.Cleanup(func() {
+		stop()
+		<-h.done
+	})
+	var doc strings.Builder
+	for {
+		l := h.out.next(t, "allocate output")
+		doc.WriteString(l)
+		if l == "}" {
+			break
+		}
+	}
+	var v struct {
+		Lease map[string]any `json:"lease"`
+	}
+	if err := json.Unmarshal([]byte(doc.String()), &v); err != nil {
+		t.Fatalf("allocate JSON %q: %v", doc.String(), err)
+	}
+	h.doc = v.Lease
+	h.id, _ = v.Lease["id"].(string)
+	return h
+}
+
+// exit waits for the hold to end by itself and returns its exit code.
+func (h *heldLease) exit(t *testing.T) int {
+	t.Helper()
+	select {
+	case code := <-h.done:
+		h.done <- code // for the cleanup
+		return code
+	case <-time.After(30 * time.Second):
+		t.Fatal("allocate (hold) did not exit within 30s")
+	}
+	return 0
+}
+
+// leaseJSON returns lease id as "leases -all -json" shows it.
+func (d *testDaemon) leaseJSON(t *testing.T, id string) map[string]any {
+	t.Helper()
+	var doc struct {
+		Leases []map[string]any `json:"leases"`
+	}
+	if err := json.Unmarshal([]byte(d.mustCtl(t, "-json", "leases", "-all")), &doc); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range doc.Leases {
+		if l["id"] == id {
+			return l
+		}
+	}
+	t.Fatalf("no lease %s in %v", id, doc.Leases)
+	return nil
+}
+
+func TestEndToEndLifecycle(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	d := startDaemon(t)
+
+	t.Run("ttl-renew-expire", func(t *testing.T) {
+		h := d.hold(t, "-ttl", "1h", "-range", "0:4K", e2eBDF, "0")
+		if h.doc["ttl"] != "3600s" || h.doc["expire_time"] == nil {
+			t.Errorf("allocation with -ttl 1h: ttl %v, expire_time %v", h.doc["ttl"], h.doc["expire_time"])
+		}
+		table := d.mustCtl(t, "leases")
+		if !strings.Contains(table, "EXPIRES") || !strings.Contains(table, h.id) {
+			t.Errorf("leases table:\n%s", table)
+		}
+		out := d.mustCtl(t, "renew", "-ttl", "2h", h.id)
+		if !strings.HasPrefix(out, "renewed lease "+h.id+": ttl 2h0m0s, expires 20") {
+			t.Errorf("renew output %q", out)
+		}
+		h.err.until(t, "hold notices", "lease "+h.id+" renewed: ttl 2h0m0s, expires 20")
+		var doc struct{ Lease map[string]any }
+		if err := json.Unmarshal([]byte(d.mustCtl(t, "-json", "renew", h.id)), &doc); err != nil || doc.Lease["ttl"] != "7200s" {
+			t.Errorf("renew -json (the lease's own ttl): %v, %v", doc.Lease, err)
+		}
+		// A renewal that expires at once: the lease is revoked and the hold exits 10.
+		d.mustCtl(t, "renew", "-ttl", "1ms", h.id)
+		if code := h.exit(t); code != exitLeaseEnded {
+			t.Errorf("hold exit %d after expiry, want %d", code, exitLeaseEnded)
+		}
+		h.err.until(t, "hold error", "mmiobrokerctl: lease "+h.id+" ended: expired (expired, by broker (ttl))")
+		if l := d.leaseJSON(t, h.id); l["state"] != "LEASE_STATE_REVOKED" || l["end_reason"] != "END_REASON_EXPIRED" {
+			t.Errorf("expired lease %v", l)
+		}
+		_, errs, code := d.ctl(t, "renew", h.id)
+		if code != exitFailedPrecondition {
+			t.Errorf("renew of an expired lease: exit %d, stderr %q", code, errs)
+		}
+		_, errs, code = d.ctl(t, "renew", "-ttl", "9000h", "0123456789abcdef01234567")
+		if code != exitInvalidArgument || !strings.Contains(errs, "longer than") {
+			t.Errorf("renew -ttl 9000h: exit %d, stderr %q", code, errs)
+		}
+	})
+
+	t.Run("revoke-grace", func(t *testing.T) {
+		var cycles int
+		d.dev.Locked(func(dev *brokertest.Device) { cycles = dev.Revokes })
+		watchOut := newLines()
+		wctx, stopWatch := context.WithCancel(context.Background())
+		watchDone := make(chan int, 1)
+		go func() {
+			watchDone <- run(wctx, []string{"-socket", d.Control, "watch"}, watchOut.w, io.Discard, noEnv)
+			watchOut.w.Close()
+		}()
+		defer func() {
+			stopWatch()
+			<-watchDone
+		}()
+		h := d.hold(t, "-range", "0:4K", e2eBDF, "0")
+		watchOut.waitAll(t, "watch", []string{"type=claimed", h.id}) // the watch is in place
+
+		out := d.mustCtl(t, "revoke", "-grace", "1h", h.id)
+		if !strings.HasPrefix(out, "revoke of lease "+h.id+" requested") || !strings.Contains(out, "may release it until 20") {
+			t.Errorf("revoke -grace output %q", out)
+		}
+		// The holding mmiobrokerctl cooperates: it releases the lease and exits 10.
+		if code := h.exit(t); code != exitLeaseEnded {
+			t.Errorf("hold exit %d after a revoke request, want %d", code, exitLeaseEnded)
+		}
+		h.err.until(t, "hold error", "lease "+h.id+": an administrator asked for it back (revoke deadline 20")
+		watchOut.waitAll(t, "watch",
+			[]string{"type=revoke_requested", h.id, " revoke_deadline=20"},
+			[]string{"type=released", h.id, "end_reason=released"})
+		if l := d.leaseJSON(t, h.id); l["state"] != "LEASE_STATE_RELEASED" || l["end_reason"] != "END_REASON_RELEASED" {
+			t.Errorf("lease after the cooperative release %v", l)
+		}
+		d.dev.Locked(func(dev *brokertest.Device) {
+			if dev.Revokes != cycles {
+				t.Errorf("a cooperative release cycled the device (%d -> %d)", cycles, dev.Revokes)
+			}
+		})
+		_, errs, code := d.ctl(t, "revoke", "-grace", "2h", h.id)
+		if code != exitInvalidArgument || !strings.Contains(errs, "grace_period 2h0m0s is longer than the 1h0m0s allowed") {
+			t.Errorf("revoke -grace 2h: exit %d, stderr %q", code, errs)
+		}
+
+		// A holder that does not cooperate (a lease held through the library) is revoked
+		// at the deadline.
+		cl, err := client.Dial(d.Control)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		l, err := cl.Allocate(ctx, client.AllocateOptions{BDF: e2eBDF, BAR: 0, Ranges: nil})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.File.Close()
+		var doc struct{ Lease map[string]any }
+		if err := json.Unmarshal([]byte(d.mustCtl(t, "-json", "revoke", "-grace", "10ms", l.ID)), &doc); err != nil ||
+			doc.Lease["state"] != "LEASE_STATE_ACTIVE" || doc.Lease["revoke_deadline"] == nil {
+			t.Errorf("revoke -grace -json: %v, %v", doc.Lease, err)
+		}
+		watchOut.waitAll(t, "watch", []string{"type=revoked", l.ID, "end_reason=revoked", `ended_by="uid`})
+	})
+
+	t.Run("suspend-resume", func(t *testing.T) {
+		h := d.hold(t, "-range", "0:4K", e2eBDF, "0")
+		out := d.mustCtl(t, "suspend", "00:03.0")
+		if out != "suspended device "+e2eBDF+": the dma-bufs of its 1 live lease(s) are inaccessible; new leases are refused until resume\n" {
+			t.Errorf("suspend output %q", out)
+		}
+		h.err.until(t, "hold notices", "lease "+h.id+": device "+e2eBDF+" suspended")
+		if table := d.mustCtl(t, "devices"); !strings.Contains(table, "ERRORS") || !regexp.MustCompile(e2eBDF+`.*\s+suspended\n`).MatchString(table) {
+			t.Errorf("devices table while suspended:\n%s", table)
+		}
+		_, errs, code := d.ctl(t, "allocate", "-exec", e2eBDF, "0", "--", "/bin/true")
+		if code != exitFailedPrecondition || !strings.Contains(errs, "suspended") {
+			t.Errorf("allocate on a suspended device: exit %d, stderr %q", code, errs)
+		}
+		_, errs, code = d.ctl(t, "suspend", e2eBDF)
+		if code != exitFailedPrecondition {
+			t.Errorf("second suspend: exit %d, stderr %q", code, errs)
+		}
+		var doc struct{ Device map[string]any }
+		if err := json.Unmarshal([]byte(d.mustCtl(t, "-json", "resume", e2eBDF)), &doc); err != nil || doc.Device["suspended"] != false {
+			t.Errorf("resume -json: %v, %v", doc.Device, err)
+		}
+		h.err.until(t, "hold notices", "lease "+h.id+": device "+e2eBDF+" resumed")
+		if out := d.mustCtl(t, "device", e2eBDF); !strings.Contains(out, "Suspended:          no\n") || !strings.Contains(out, "Errors (AER):       0\n") {
+			t.Errorf("device after resume:\n%s", out)
+		}
+		_, errs, code = d.ctl(t, "suspend", "0000:00:1f.0")
+		if code != exitNotFound {
+			t.Errorf("suspend of an unconfigured device: exit %d, stderr %q", code, errs)
+		}
+		h.stop()
+		if code := h.exit(t); code != 0 {
+			t.Errorf("hold exit %d after SIGINT, want 0", code)
+		}
+	})
 }

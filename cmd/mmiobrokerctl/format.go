@@ -115,6 +115,14 @@ func timeString(t *timestamppb.Timestamp) string {
 	return t.AsTime().UTC().Format(time.RFC3339)
 }
 
+// ttlString formats a lease's time to live ("1h0m0s"); "-" if it has none.
+func ttlString(l *brokerv1.Lease) string {
+	if l.GetTtl() == nil {
+		return "-"
+	}
+	return l.GetTtl().AsDuration().String()
+}
+
 func dash(s string) string {
 	if s == "" {
 		return "-"
@@ -142,7 +150,10 @@ func tsmSummary(t *brokerv1.TsmState) string {
 }
 
 func statusSummary(d *brokerv1.Device) string {
-	if d.GetUsable() {
+	switch {
+	case d.GetUsable() && d.GetSuspended():
+		return "suspended"
+	case d.GetUsable():
 		return "usable"
 	}
 	return "unusable: " + dash(d.GetError())
@@ -151,12 +162,12 @@ func statusSummary(d *brokerv1.Device) string {
 // writeDevices writes the devices table.
 func writeDevices(w io.Writer, devs []*brokerv1.Device) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "BDF\tID\tCLASS\tDRIVER\tGROUP\tMODE\tDMA-BUF\tTSM\tLEASES\tSTATUS")
+	fmt.Fprintln(tw, "BDF\tID\tCLASS\tDRIVER\tGROUP\tMODE\tDMA-BUF\tTSM\tLEASES\tERRORS\tSTATUS")
 	for _, d := range devs {
-		fmt.Fprintf(tw, "%s\t%04x:%04x\t%06x\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n",
+		fmt.Fprintf(tw, "%s\t%04x:%04x\t%06x\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n",
 			d.GetBdf(), d.GetVendorId(), d.GetDeviceId(), d.GetClassCode(), dash(d.GetDriver()),
 			groupString(d.GetIommuGroup()), modeName(d.GetAccessMode()), yesNo(d.GetDmaBufSupported()),
-			tsmSummary(d.GetTsm()), d.GetLiveLeases(), statusSummary(d))
+			tsmSummary(d.GetTsm()), d.GetLiveLeases(), d.GetErrorCount(), statusSummary(d))
 	}
 	return tw.Flush()
 }
@@ -202,6 +213,8 @@ func writeDevice(w io.Writer, d *brokerv1.Device) error {
 		{"dma-buf export", dmabuf},
 		{"TSM", tsm},
 		{"Status", statusSummary(d)},
+		{"Suspended", yesNo(d.GetSuspended())},
+		{"Errors (AER)", strconv.FormatUint(d.GetErrorCount(), 10)},
 		{"Live leases", strconv.Itoa(int(d.GetLiveLeases()))},
 		{"Leasable BARs", bars},
 		{"Lease kinds", strings.Join(kinds, ", ")},
@@ -248,12 +261,13 @@ func joinInts[T ~uint32 | ~int32 | ~int](xs []T) string {
 // writeLeases writes the leases table.
 func writeLeases(w io.Writer, leases []*brokerv1.Lease) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tBDF\tBAR\tKIND\tSTATE\tGEN\tSIZE\tUID\tPID\tVM\tCREATED\tEND")
+	fmt.Fprintln(tw, "ID\tBDF\tBAR\tKIND\tSTATE\tGEN\tSIZE\tUID\tPID\tVM\tCREATED\tEXPIRES\tREVOKE-BY\tEND")
 	for _, l := range leases {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n",
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n",
 			l.GetId(), l.GetBdf(), l.GetBar(), leaseKind(l), stateName(l.GetState()),
 			l.GetGeneration(), sizeString(l.GetSize()), l.GetHolder().GetUid(), l.GetHolder().GetPid(),
-			dash(l.GetVmName()), timeString(l.GetCreateTime()), endString(l))
+			dash(l.GetVmName()), timeString(l.GetCreateTime()), timeString(l.GetExpireTime()),
+			timeString(l.GetRevokeDeadline()), endString(l))
 	}
 	return tw.Flush()
 }
@@ -291,6 +305,15 @@ func writeEventLine(w io.Writer, e *brokerv1.Event) error {
 		l.GetGeneration(), stateName(l.GetState()), l.GetHolder().GetUid(), l.GetHolder().GetPid())
 	if vm := l.GetVmName(); vm != "" {
 		fmt.Fprintf(&b, " vm=%s", logfmtValue(vm))
+	}
+	if l.GetTtl() != nil {
+		fmt.Fprintf(&b, " ttl=%s", ttlString(l))
+	}
+	if t := l.GetExpireTime(); t != nil {
+		fmt.Fprintf(&b, " expires=%s", timeString(t))
+	}
+	if t := l.GetRevokeDeadline(); t != nil {
+		fmt.Fprintf(&b, " revoke_deadline=%s", timeString(t))
 	}
 	if l.GetEndReason() != brokerv1.EndReason_END_REASON_UNSPECIFIED {
 		fmt.Fprintf(&b, " end_reason=%s ended_by=%s", reasonName(l.GetEndReason()), logfmtValue(l.GetEndedBy()))

@@ -315,7 +315,10 @@ func (b *Broker) ResumeDevice(bdf string, by Actor) (DeviceStatus, error) {
 }
 
 func (b *Broker) suspendResume(bdf string, by Actor, suspend bool) (DeviceStatus, error) {
-	verb := map[bool]string{true: "suspend", false: "resume"}[suspend]
+	verb, done := "resume", "resumed"
+	if suspend {
+		verb, done = "suspend", "suspended"
+	}
 	if !by.Admin {
 		return DeviceStatus{}, fmt.Errorf("%s device %s: %s is not an admin: %w", verb, bdf, by, errdefs.ErrPermissionDenied)
 	}
@@ -332,7 +335,7 @@ func (b *Broker) suspendResume(bdf string, by Actor, suspend bool) (DeviceStatus
 		return DeviceStatus{}, fmt.Errorf("%s device %s: %w: %w", verb, bdf, d.err, errdefs.ErrFailedPrecondition)
 	}
 	if state == suspend {
-		return DeviceStatus{}, fmt.Errorf("%s device %s: it is already %sed: %w", verb, bdf, verb, errdefs.ErrFailedPrecondition)
+		return DeviceStatus{}, fmt.Errorf("%s device %s: it is already %s: %w", verb, bdf, done, errdefs.ErrFailedPrecondition)
 	}
 	s, ok := dev.(Suspender)
 	if !ok {
@@ -353,7 +356,7 @@ func (b *Broker) suspendResume(bdf string, by Actor, suspend bool) (DeviceStatus
 	for _, l := range b.sortedLive(d) {
 		b.emitLocked(ev, l, "")
 	}
-	b.log.Info("device "+verb+"ed", "bdf", bdf, "by", by.String(), "leases", len(d.live))
+	b.log.Info("device "+done, "bdf", bdf, "by", by.String(), "leases", len(d.live))
 	return b.statusLocked(d), nil
 }
 

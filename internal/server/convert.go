@@ -7,6 +7,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
@@ -26,6 +27,12 @@ const (
 	maxVMName = 64
 	// maxLeaseID bounds a lease id in a request, in bytes; real ids are 24 bytes.
 	maxLeaseID = 64
+	// maxTTL bounds a lease's time to live (AllocateLeaseRequest.ttl, RenewLeaseRequest.ttl):
+	// a lease meant to outlive a year should have none.
+	maxTTL = 366 * 24 * time.Hour
+	// maxGrace bounds the grace period of a cooperative revoke: the holder gets a moment to
+	// finish, not a second lease term.
+	maxGrace = time.Hour
 )
 
 // invalid returns an errdefs.ErrInvalidArgument error.
@@ -88,7 +95,38 @@ func allocateRequest(req *brokerv1.AllocateLeaseRequest) (broker.AllocateRequest
 	if err := checkVMName(vm); err != nil {
 		return broker.AllocateRequest{}, fmt.Errorf("device %s: %w", bdf, err)
 	}
-	return broker.AllocateRequest{BDF: bdf, BAR: int(bar), Ranges: ranges, Kind: kind, VMName: vm}, nil
+	ttl, err := durationFromProto("ttl", req.GetTtl(), maxTTL)
+	if err != nil {
+		return broker.AllocateRequest{}, fmt.Errorf("device %s: %w", bdf, err)
+	}
+	return broker.AllocateRequest{BDF: bdf, BAR: int(bar), Ranges: ranges, Kind: kind, VMName: vm, TTL: ttl}, nil
+}
+
+// durationFromProto converts the optional duration field name, which must be well formed
+// and within [0, limit]. Unset is 0.
+func durationFromProto(name string, d *durationpb.Duration, limit time.Duration) (time.Duration, error) {
+	if d == nil {
+		return 0, nil
+	}
+	if err := d.CheckValid(); err != nil {
+		return 0, invalid("%s is not a valid duration (%v)", name, err)
+	}
+	v := d.AsDuration() // saturates beyond ±292 years: still out of bounds below
+	switch {
+	case v < 0:
+		return 0, invalid("%s %v is negative", name, v)
+	case v > limit:
+		return 0, invalid("%s %v is longer than the %v allowed", name, v, limit)
+	}
+	return v, nil
+}
+
+// duration converts d, leaving 0 unset.
+func duration(d time.Duration) *durationpb.Duration {
+	if d == 0 {
+		return nil
+	}
+	return durationpb.New(d)
 }
 
 // checkVMName bounds a VM name and keeps control characters out of logs.
@@ -155,6 +193,10 @@ func reasonToProto(r broker.Reason) brokerv1.EndReason {
 		return brokerv1.EndReason_END_REASON_REISSUE_FAILED
 	case broker.ReasonShutdown:
 		return brokerv1.EndReason_END_REASON_BROKER_SHUTDOWN
+	case broker.ReasonHolderExited:
+		return brokerv1.EndReason_END_REASON_HOLDER_EXITED
+	case broker.ReasonExpired:
+		return brokerv1.EndReason_END_REASON_EXPIRED
 	}
 	return brokerv1.EndReason_END_REASON_UNSPECIFIED
 }
@@ -175,6 +217,14 @@ func eventTypeToProto(t broker.EventType) brokerv1.EventType {
 		return brokerv1.EventType_EVENT_TYPE_EXPIRED
 	case broker.EventDeviceLost:
 		return brokerv1.EventType_EVENT_TYPE_DEVICE_LOST
+	case broker.EventRevokeRequested:
+		return brokerv1.EventType_EVENT_TYPE_REVOKE_REQUESTED
+	case broker.EventRenewed:
+		return brokerv1.EventType_EVENT_TYPE_RENEWED
+	case broker.EventSuspended:
+		return brokerv1.EventType_EVENT_TYPE_SUSPENDED
+	case broker.EventResumed:
+		return brokerv1.EventType_EVENT_TYPE_RESUMED
 	}
 	return brokerv1.EventType_EVENT_TYPE_UNSPECIFIED
 }
@@ -202,24 +252,32 @@ func leaseToProto(l broker.Lease) *brokerv1.Lease {
 	for i, r := range l.Ranges {
 		ranges[i] = &brokerv1.Range{Offset: r.Offset, Length: r.Length}
 	}
+	var expires *timestamppb.Timestamp
+	if l.Live() { // an ended lease does not expire any more
+		expires = timestamp(l.Expires)
+	}
 	return &brokerv1.Lease{
-		Id:         l.ID,
-		Bdf:        l.BDF,
-		Bar:        uint32(l.BAR),
-		Ranges:     ranges,
-		Kind:       kindToProto(l.Kind),
-		State:      stateToProto(l.State),
-		Generation: l.Generation,
-		Size:       l.Size,
-		Inode:      l.Inode,
-		Holder:     &brokerv1.Holder{Uid: l.Holder.UID, Pid: l.Holder.PID},
-		VmName:     l.VMName,
-		Unattested: l.Unattested,
-		CreateTime: timestamp(l.Created),
-		ClaimTime:  timestamp(l.Claimed),
-		EndTime:    timestamp(l.Ended),
-		EndReason:  reasonToProto(l.EndReason),
-		EndedBy:    l.EndedBy,
+		Id:             l.ID,
+		Bdf:            l.BDF,
+		Bar:            uint32(l.BAR),
+		Ranges:         ranges,
+		Kind:           kindToProto(l.Kind),
+		State:          stateToProto(l.State),
+		Generation:     l.Generation,
+		Size:           l.Size,
+		Inode:          l.Inode,
+		Holder:         &brokerv1.Holder{Uid: l.Holder.UID, Pid: l.Holder.PID},
+		VmName:         l.VMName,
+		Unattested:     l.Unattested,
+		CreateTime:     timestamp(l.Created),
+		ClaimTime:      timestamp(l.Claimed),
+		EndTime:        timestamp(l.Ended),
+		EndReason:      reasonToProto(l.EndReason),
+		EndedBy:        l.EndedBy,
+		Ttl:            duration(l.TTL),
+		ExpireTime:     expires,
+		RevokeDeadline: timestamp(l.RevokeDeadline),
+		ClaimDeadline:  timestamp(l.ClaimDeadline),
 	}
 }
 
@@ -244,6 +302,8 @@ func deviceToProto(st broker.DeviceStatus) *brokerv1.Device {
 		Tsm:        &brokerv1.TsmState{Present: info.TSM.Present, Connect: info.TSM.Connect, Bound: info.TSM.Bound},
 		Usable:     usable,
 		LiveLeases: uint32(st.LiveLeases),
+		Suspended:  st.Suspended,
+		ErrorCount: st.Errors,
 	}
 	if usable {
 		d.AccessMode = accessModeToProto(info.Mode)

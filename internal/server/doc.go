@@ -15,9 +15,18 @@
 // SO_PEERCRED uid, gid and pid, SO_PEERGROUPS, and a pidfd pinning the process). An
 // identity is resolved once per RPC by an interceptor. A caller is an admin if its uid is 0
 // or its primary or a supplementary group is one of [Options.AdminGroups]. Admins see,
-// watch, release and revoke every lease. Everyone else sees, watches and releases only the
-// leases held by their own uid, and may not revoke. Who may allocate on which device is the
+// watch, renew, release and revoke every lease and suspend and resume devices. Everyone else
+// sees, watches, renews and releases only the leases held by their own uid (a request about
+// another uid's lease fails with PermissionDenied before anything else about the lease is
+// revealed), and may not revoke, suspend or resume. Who may allocate on which device is the
 // broker's policy.
+//
+// # Shape checks
+//
+// Durations are google.protobuf.Duration fields, unset meaning 0. A time to live
+// (AllocateLeaseRequest.ttl, RenewLeaseRequest.ttl) must lie within 0 to 366 days and a
+// revoke's grace period within 0 to 1 hour; negative, malformed (seconds and nanos of
+// different signs or out of range) or longer durations are InvalidArgument.
 //
 // # File descriptors
 //
@@ -32,5 +41,7 @@
 // one dma-buf; the broker re-exports the device's other live leases and their holders see
 // a REISSUED event with a new claim token. The server shows a reissued claim token only on
 // event streams of the lease's holder process (same uid and pid). ReleaseLease never revokes
-// the holder's fd.
+// the holder's fd. With a grace period, RevokeLease only asks: the holder sees
+// REVOKE_REQUESTED with the deadline, and the broker revokes the lease at the deadline unless
+// the holder released it first.
 package server

@@ -6,6 +6,7 @@ import (
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
@@ -29,6 +30,9 @@ func fuzzSeeds() []*brokerv1.AllocateLeaseRequest {
 		{Bdf: "ffff:ff:1f.7", Ranges: []*brokerv1.Range{{Length: 1}}, VmName: "ünï\u200bcode"},
 		{Bdf: "0000:00:03.0", Ranges: []*brokerv1.Range{{Length: 1}}, VmName: "a\x00b"},
 		{},
+		{Bdf: "0000:00:03.0", Ranges: []*brokerv1.Range{{Length: 4096}}, Ttl: durationpb.New(maxTTL)},
+		{Bdf: "0000:00:03.0", Ranges: []*brokerv1.Range{{Length: 4096}}, Ttl: &durationpb.Duration{Seconds: -1, Nanos: 1}},
+		{Bdf: "0000:00:03.0", Ranges: []*brokerv1.Range{{Length: 4096}}, Ttl: &durationpb.Duration{Seconds: 1 << 62}},
 	}
 }
 
@@ -75,6 +79,9 @@ func FuzzAllocateRequest(f *testing.F) {
 		}
 		if r.VMName != req.GetVmName() || len(r.VMName) > maxVMName || !utf8.ValidString(r.VMName) {
 			t.Errorf("vm name %q from %q", r.VMName, req.GetVmName())
+		}
+		if r.TTL < 0 || r.TTL > maxTTL || (r.TTL != 0 || req.GetTtl() != nil) && r.TTL != req.GetTtl().AsDuration() {
+			t.Errorf("ttl %v from %v", r.TTL, req.GetTtl())
 		}
 		if r.Holder.Proc != nil || r.Holder.UID != 0 || r.Admin {
 			t.Errorf("conversion filled in the caller: %+v", r)

@@ -15,21 +15,28 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/testing/protocmp"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
 
 func TestMain(m *testing.M) {
+	if socket := os.Getenv(envChildSocket); socket != "" {
+		os.Exit(childAllocate(socket))
+	}
 	goleak.VerifyTestMain(m)
 }
 
@@ -288,6 +295,17 @@ func page(n uint64) uint64 { return n * 4096 }
 
 func oneRange(bdf string, bar uint32, off, length uint64) *brokerv1.AllocateLeaseRequest {
 	return &brokerv1.AllocateLeaseRequest{Bdf: bdf, Bar: bar, Ranges: []*brokerv1.Range{{Offset: off, Length: length}}}
+}
+
+// toStatus converts a domain error as the handlers do.
+func toStatus(err error) error { return errdefs.ToGRPC(err) }
+
+// cmpLeases diffs lease lists.
+func cmpLeases(want, got []*brokerv1.Lease) string { return cmp.Diff(want, got, protocmp.Transform()) }
+
+// cmpSeen diffs events, ignoring their sequence numbers.
+func cmpSeen(want, got []seen) string {
+	return cmp.Diff(want, got, cmpopts.IgnoreFields(seen{}, "Seq"))
 }
 
 // wantCode fails the test unless err is a status with code want whose message contains

@@ -106,7 +106,8 @@ func TestReflection(t *testing.T) {
 			methods = append(methods, m.GetName())
 		}
 	}
-	wantMethods := []string{"ListDevices", "GetDevice", "AllocateLease", "GetLease", "ListLeases", "RevokeLease", "ReleaseLease", "WatchEvents"}
+	wantMethods := []string{"ListDevices", "GetDevice", "AllocateLease", "GetLease", "ListLeases", "RevokeLease", "ReleaseLease", "WatchEvents",
+		"RenewLease", "SuspendDevice", "ResumeDevice"}
 	if diff := cmp.Diff(wantMethods, methods); diff != "" {
 		t.Errorf("methods (-want +got):\n%s", diff)
 	}

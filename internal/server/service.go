@@ -153,11 +153,82 @@ func (s *service) RevokeLease(ctx context.Context, req *brokerv1.RevokeLeaseRequ
 	if err != nil {
 		return nil, errdefs.ToGRPC(err)
 	}
-	l, err := s.b.Revoke(leaseID, actor(id, admin), 0)
+	grace, err := durationFromProto("grace_period", req.GetGracePeriod(), maxGrace)
+	if err != nil {
+		return nil, errdefs.ToGRPC(fmt.Errorf("revoke lease %s: %w", leaseID, err))
+	}
+	l, err := s.b.Revoke(leaseID, actor(id, admin), grace)
 	if err != nil {
 		return nil, errdefs.ToGRPC(err)
 	}
 	return &brokerv1.RevokeLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+// RenewLease implements brokerv1.BrokerServer.
+func (s *service) RenewLease(ctx context.Context, req *brokerv1.RenewLeaseRequest) (*brokerv1.RenewLeaseResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	leaseID, err := parseLeaseID(req.GetLeaseId())
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	ttl, err := durationFromProto("ttl", req.GetTtl(), maxTTL)
+	if err != nil {
+		return nil, errdefs.ToGRPC(fmt.Errorf("renew lease %s: %w", leaseID, err))
+	}
+	// Holders learn nothing about other uids' leases, not even that they ended.
+	if !admin {
+		l, err := s.b.Get(leaseID)
+		if err != nil {
+			return nil, errdefs.ToGRPC(err)
+		}
+		if l.Holder.UID != id.UID {
+			return nil, errdefs.ToGRPC(fmt.Errorf("lease %s is held by uid %d, not %s: %w", l.ID, l.Holder.UID, id, errdefs.ErrPermissionDenied))
+		}
+	}
+	l, err := s.b.Renew(leaseID, actor(id, admin), ttl)
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	return &brokerv1.RenewLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+// SuspendDevice implements brokerv1.BrokerServer.
+func (s *service) SuspendDevice(ctx context.Context, req *brokerv1.SuspendDeviceRequest) (*brokerv1.SuspendDeviceResponse, error) {
+	st, err := s.suspendResume(ctx, req.GetBdf(), s.b.SuspendDevice)
+	if err != nil {
+		return nil, err
+	}
+	return &brokerv1.SuspendDeviceResponse{Device: st}, nil
+}
+
+// ResumeDevice implements brokerv1.BrokerServer.
+func (s *service) ResumeDevice(ctx context.Context, req *brokerv1.ResumeDeviceRequest) (*brokerv1.ResumeDeviceResponse, error) {
+	st, err := s.suspendResume(ctx, req.GetBdf(), s.b.ResumeDevice)
+	if err != nil {
+		return nil, err
+	}
+	return &brokerv1.ResumeDeviceResponse{Device: st}, nil
+}
+
+// suspendResume runs op (the broker's SuspendDevice or ResumeDevice; it checks that the
+// caller is an admin) on device bdf.
+func (s *service) suspendResume(ctx context.Context, bdf string, op func(string, broker.Actor) (broker.DeviceStatus, error)) (*brokerv1.Device, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	bdf, err = parseBDF(bdf)
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	st, err := op(bdf, actor(id, admin))
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	return deviceToProto(st), nil
 }
 
 // ReleaseLease implements brokerv1.BrokerServer.

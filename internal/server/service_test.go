@@ -131,7 +131,7 @@ func TestAllocateLease(t *testing.T) {
 			Id: l.GetId(), Bdf: bdfA, Bar: 4, Ranges: req.Ranges, Kind: brokerv1.LeaseKind_LEASE_KIND_SHARED,
 			State: brokerv1.LeaseState_LEASE_STATE_ALLOCATED, Generation: 1, Size: page(3), Inode: bufs[0].Inode(),
 			Holder: &brokerv1.Holder{Uid: uidHolder, Pid: int32(os.Getpid())}, VmName: "vm-1 ünïcode",
-			CreateTime: l.GetCreateTime(),
+			CreateTime: l.GetCreateTime(), ClaimDeadline: timestamp(l.GetCreateTime().AsTime().Add(broker.DefaultClaimTimeout)),
 		},
 		ClaimToken:    resp.GetClaimToken(),
 		ClaimSocket:   "/run/mmiobroker/fd.sock",

@@ -13,8 +13,9 @@
 // and the process pinned with a pidfd); there are no tokens or TLS.
 //
 // Callers are either admins (uid 0, or a member of the daemon's configured admin group) or
-// holders (anyone else the device policy lets lease). Holders see, watch and release only
-// the leases their own uid holds; admins see all leases and are the only ones who may revoke.
+// holders (anyone else the device policy lets lease). Holders see, watch, renew and release
+// only the leases their own uid holds; admins see all leases and are the only ones who may
+// revoke leases and suspend or resume devices.
 //
 // The dma-buf fd itself is not delivered over gRPC: AllocateLease returns a single-use claim
 // token, and the allocating process presents it on the claim socket
@@ -23,12 +24,31 @@
 //
 // Errors are gRPC status codes whose message names the device, BAR and range at fault. A
 // rejected request changes nothing.
+//
+// How a lease ends (state, end_reason, and the event that reports it):
+//
+//   released by its holder or an admin (ReleaseLease)   RELEASED  RELEASED         RELEASED
+//   revoked by an admin (RevokeLease)                    REVOKED   REVOKED          REVOKED
+//   its holder process exited                            RELEASED  HOLDER_EXITED    RELEASED
+//   its time to live ran out (AllocateLeaseRequest.ttl)  REVOKED   EXPIRED          EXPIRED
+//   its claim token expired unclaimed                    RELEASED  CLAIM_EXPIRED    EXPIRED
+//   its device failed or went away                       REVOKED   DEVICE_LOST      DEVICE_LOST
+//   re-export after another lease's revoke failed        REVOKED   REISSUE_FAILED   REVOKED
+//   the broker shut down                                 RELEASED  BROKER_SHUTDOWN  RELEASED
+//
+// Only a release (ReleaseLease) leaves a claimed fd working, until its holder closes it.
+// Every other end makes the lease's dma-buf dead in every process that holds it: by the time
+// RevokeLease returns for an immediate revoke, and one device cycle (or per-buffer revoke)
+// after the event for the ends the broker starts itself (holder exit, expiry, the deadline
+// of a cooperative revoke). Device loss and broker shutdown close the device, which kills
+// all of its dma-bufs. An unclaimed lease's fd never left the broker.
 
 package brokerv1
 
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -151,7 +171,8 @@ func (LeaseKind) EnumDescriptor() ([]byte, []int) {
 }
 
 // LeaseState is where a lease is in its life:
-// ALLOCATED --claim--> ACTIVE --> REVOKED | RELEASED; ALLOCATED --token expires--> RELEASED.
+// ALLOCATED --claim--> ACTIVE; ALLOCATED or ACTIVE --> REVOKED | RELEASED (see the table of
+// how leases end at the top of this file); ALLOCATED --token expires--> RELEASED.
 type LeaseState int32
 
 const (
@@ -163,10 +184,12 @@ const (
 	// The holder has claimed the fd. A reissued lease stays ACTIVE while its new generation
 	// waits to be claimed (claim_time is then unset).
 	LeaseState_LEASE_STATE_ACTIVE LeaseState = 2
-	// Ended by revocation (or device loss): its dma-buf is dead for good.
+	// Ended by revocation: an admin's revoke, its time to live running out, device loss, or a
+	// failed reissue. Its dma-buf is dead for good.
 	LeaseState_LEASE_STATE_REVOKED LeaseState = 3
-	// Ended by its holder or an admin releasing it, by its claim token expiring, or by the
-	// broker shutting down. A released lease's fd is not revoked by the release itself.
+	// Ended by its holder or an admin releasing it, by its holder process exiting, by its claim
+	// token expiring, or by the broker shutting down. A release by ReleaseLease does not revoke
+	// the fd; a holder exit and a shutdown do (see end_reason).
 	LeaseState_LEASE_STATE_RELEASED LeaseState = 4
 )
 
@@ -221,18 +244,28 @@ type EndReason int32
 const (
 	// The lease is live.
 	EndReason_END_REASON_UNSPECIFIED EndReason = 0
-	// Its holder (or an admin) released it (ReleaseLease).
+	// Its holder (or an admin) released it (ReleaseLease). State RELEASED, event RELEASED.
 	EndReason_END_REASON_RELEASED EndReason = 1
-	// An admin revoked it (RevokeLease).
+	// An admin revoked it (RevokeLease), at once or at the deadline of a cooperative revoke.
+	// State REVOKED, event REVOKED.
 	EndReason_END_REASON_REVOKED EndReason = 2
-	// Its claim token expired before the fd was claimed.
+	// Its claim token expired before the fd was claimed. State RELEASED, event EXPIRED.
 	EndReason_END_REASON_CLAIM_EXPIRED EndReason = 3
-	// The device failed or went away; every lease of the device ended.
+	// The device failed or went away (the kernel asked for it back on a driver unbind or
+	// hot-unplug, or cycling it failed); every lease of the device ended. State REVOKED, event
+	// DEVICE_LOST.
 	EndReason_END_REASON_DEVICE_LOST EndReason = 4
-	// Another lease of the device was revoked and re-exporting this one failed.
+	// Another lease of the device was revoked and re-exporting this one failed. State REVOKED,
+	// event REVOKED.
 	EndReason_END_REASON_REISSUE_FAILED EndReason = 5
-	// The broker shut down.
+	// The broker shut down. State RELEASED, event RELEASED.
 	EndReason_END_REASON_BROKER_SHUTDOWN EndReason = 6
+	// The process that allocated the lease exited; its dma-buf was revoked. State RELEASED,
+	// event RELEASED, ended_by "pid N exited".
+	EndReason_END_REASON_HOLDER_EXITED EndReason = 7
+	// Its time to live (Lease.ttl) ran out without a renewal; its dma-buf was revoked. State
+	// REVOKED, event EXPIRED, ended_by "broker (ttl)".
+	EndReason_END_REASON_EXPIRED EndReason = 8
 )
 
 // Enum value maps for EndReason.
@@ -245,6 +278,8 @@ var (
 		4: "END_REASON_DEVICE_LOST",
 		5: "END_REASON_REISSUE_FAILED",
 		6: "END_REASON_BROKER_SHUTDOWN",
+		7: "END_REASON_HOLDER_EXITED",
+		8: "END_REASON_EXPIRED",
 	}
 	EndReason_value = map[string]int32{
 		"END_REASON_UNSPECIFIED":     0,
@@ -254,6 +289,8 @@ var (
 		"END_REASON_DEVICE_LOST":     4,
 		"END_REASON_REISSUE_FAILED":  5,
 		"END_REASON_BROKER_SHUTDOWN": 6,
+		"END_REASON_HOLDER_EXITED":   7,
+		"END_REASON_EXPIRED":         8,
 	}
 )
 
@@ -296,39 +333,60 @@ const (
 	EventType_EVENT_TYPE_CLAIMED EventType = 2
 	// The lease was revoked (state REVOKED; end reason REVOKED or REISSUE_FAILED).
 	EventType_EVENT_TYPE_REVOKED EventType = 3
-	// The lease was released (state RELEASED, end reason RELEASED).
+	// The lease was released (state RELEASED; end reason RELEASED, HOLDER_EXITED or
+	// BROKER_SHUTDOWN).
 	EventType_EVENT_TYPE_RELEASED EventType = 4
 	// Another lease of the same device was revoked, which killed this lease's dma-buf too;
 	// the lease was re-exported as a new generation. The holder must claim the new fd with
 	// Event.claim_token and stop using the old one.
 	EventType_EVENT_TYPE_REISSUED EventType = 5
-	// The claim token expired unclaimed (state RELEASED, end reason CLAIM_EXPIRED).
+	// The lease expired: either its claim token expired unclaimed (state RELEASED, end reason
+	// CLAIM_EXPIRED) or its time to live ran out (state REVOKED, end reason EXPIRED).
 	EventType_EVENT_TYPE_EXPIRED EventType = 6
 	// The device failed or went away (state REVOKED, end reason DEVICE_LOST).
 	EventType_EVENT_TYPE_DEVICE_LOST EventType = 7
+	// An admin asked for a cooperative revoke (RevokeLease with a grace_period); the lease is
+	// still live. Lease.revoke_deadline says when the broker revokes it; release it before.
+	EventType_EVENT_TYPE_REVOKE_REQUESTED EventType = 8
+	// The lease's time to live was renewed (RenewLease); Lease.expire_time is the new expiry.
+	EventType_EVENT_TYPE_RENEWED EventType = 9
+	// The lease's device was suspended (SuspendDevice): the lease is live but its dma-buf is
+	// inaccessible until RESUMED.
+	EventType_EVENT_TYPE_SUSPENDED EventType = 10
+	// The lease's device was resumed (ResumeDevice): the dma-buf is accessible again. The fd is
+	// the same, but importers that dropped their mappings (iommufd) must map it again.
+	EventType_EVENT_TYPE_RESUMED EventType = 11
 )
 
 // Enum value maps for EventType.
 var (
 	EventType_name = map[int32]string{
-		0: "EVENT_TYPE_UNSPECIFIED",
-		1: "EVENT_TYPE_ALLOCATED",
-		2: "EVENT_TYPE_CLAIMED",
-		3: "EVENT_TYPE_REVOKED",
-		4: "EVENT_TYPE_RELEASED",
-		5: "EVENT_TYPE_REISSUED",
-		6: "EVENT_TYPE_EXPIRED",
-		7: "EVENT_TYPE_DEVICE_LOST",
+		0:  "EVENT_TYPE_UNSPECIFIED",
+		1:  "EVENT_TYPE_ALLOCATED",
+		2:  "EVENT_TYPE_CLAIMED",
+		3:  "EVENT_TYPE_REVOKED",
+		4:  "EVENT_TYPE_RELEASED",
+		5:  "EVENT_TYPE_REISSUED",
+		6:  "EVENT_TYPE_EXPIRED",
+		7:  "EVENT_TYPE_DEVICE_LOST",
+		8:  "EVENT_TYPE_REVOKE_REQUESTED",
+		9:  "EVENT_TYPE_RENEWED",
+		10: "EVENT_TYPE_SUSPENDED",
+		11: "EVENT_TYPE_RESUMED",
 	}
 	EventType_value = map[string]int32{
-		"EVENT_TYPE_UNSPECIFIED": 0,
-		"EVENT_TYPE_ALLOCATED":   1,
-		"EVENT_TYPE_CLAIMED":     2,
-		"EVENT_TYPE_REVOKED":     3,
-		"EVENT_TYPE_RELEASED":    4,
-		"EVENT_TYPE_REISSUED":    5,
-		"EVENT_TYPE_EXPIRED":     6,
-		"EVENT_TYPE_DEVICE_LOST": 7,
+		"EVENT_TYPE_UNSPECIFIED":      0,
+		"EVENT_TYPE_ALLOCATED":        1,
+		"EVENT_TYPE_CLAIMED":          2,
+		"EVENT_TYPE_REVOKED":          3,
+		"EVENT_TYPE_RELEASED":         4,
+		"EVENT_TYPE_REISSUED":         5,
+		"EVENT_TYPE_EXPIRED":          6,
+		"EVENT_TYPE_DEVICE_LOST":      7,
+		"EVENT_TYPE_REVOKE_REQUESTED": 8,
+		"EVENT_TYPE_RENEWED":          9,
+		"EVENT_TYPE_SUSPENDED":        10,
+		"EVENT_TYPE_RESUMED":          11,
 	}
 )
 
@@ -625,7 +683,13 @@ type Device struct {
 	// Why the device is not usable (open failed, lost, broker shutting down); empty if usable.
 	Error string `protobuf:"bytes,14,opt,name=error,proto3" json:"error,omitempty"`
 	// Number of the device's live (ALLOCATED or ACTIVE) leases, of every holder.
-	LiveLeases    uint32 `protobuf:"varint,15,opt,name=live_leases,json=liveLeases,proto3" json:"live_leases,omitempty"`
+	LiveLeases uint32 `protobuf:"varint,15,opt,name=live_leases,json=liveLeases,proto3" json:"live_leases,omitempty"`
+	// True while the device is suspended for maintenance (SuspendDevice): its dma-bufs are
+	// inaccessible and new leases are refused until ResumeDevice.
+	Suspended bool `protobuf:"varint,16,opt,name=suspended,proto3" json:"suspended,omitempty"`
+	// Errors (AER, reported through VFIO's error notifier) the device raised since the broker
+	// opened it; reset when it is opened again.
+	ErrorCount    uint64 `protobuf:"varint,17,opt,name=error_count,json=errorCount,proto3" json:"error_count,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -761,6 +825,20 @@ func (x *Device) GetError() string {
 func (x *Device) GetLiveLeases() uint32 {
 	if x != nil {
 		return x.LiveLeases
+	}
+	return 0
+}
+
+func (x *Device) GetSuspended() bool {
+	if x != nil {
+		return x.Suspended
+	}
+	return false
+}
+
+func (x *Device) GetErrorCount() uint64 {
+	if x != nil {
+		return x.ErrorCount
 	}
 	return 0
 }
@@ -915,9 +993,23 @@ type Lease struct {
 	EndTime *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// Why the lease ended; END_REASON_UNSPECIFIED while live.
 	EndReason EndReason `protobuf:"varint,16,opt,name=end_reason,json=endReason,proto3,enum=mmiobroker.v1.EndReason" json:"end_reason,omitempty"`
-	// Who ended it: "broker", or the caller as "uid N pid P" / "uid N (admin) pid P"; empty
-	// while live.
-	EndedBy       string `protobuf:"bytes,17,opt,name=ended_by,json=endedBy,proto3" json:"ended_by,omitempty"`
+	// Who ended it: "broker", "broker (ttl)" (expired), "pid N exited" (holder exited), or the
+	// caller as "uid N pid P" / "uid N (admin) pid P"; empty while live.
+	EndedBy string `protobuf:"bytes,17,opt,name=ended_by,json=endedBy,proto3" json:"ended_by,omitempty"`
+	// The lease's time to live; unset if it has none. Set at allocation (AllocateLeaseRequest.ttl)
+	// or by RenewLease.
+	Ttl *durationpb.Duration `protobuf:"bytes,18,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// When the lease expires (state REVOKED, end reason EXPIRED) unless renewed; unset if it has
+	// no ttl, and once it has ended.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// Set while a cooperative revoke is pending (RevokeLease with a grace_period): the broker
+	// revokes the lease at this time unless it has ended before. Unset otherwise.
+	RevokeDeadline *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=revoke_deadline,json=revokeDeadline,proto3" json:"revoke_deadline,omitempty"`
+	// While the lease is ALLOCATED, when its claim token expires (the lease is then released
+	// with end reason CLAIM_EXPIRED); the same as AllocateLeaseResponse.claim_deadline, and
+	// restarted by a reissue of a never-claimed lease. Unset once claimed: the token of a
+	// reissued ACTIVE lease stays valid while the lease lives.
+	ClaimDeadline *timestamppb.Timestamp `protobuf:"bytes,21,opt,name=claim_deadline,json=claimDeadline,proto3" json:"claim_deadline,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1069,6 +1161,34 @@ func (x *Lease) GetEndedBy() string {
 		return x.EndedBy
 	}
 	return ""
+}
+
+func (x *Lease) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *Lease) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *Lease) GetRevokeDeadline() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokeDeadline
+	}
+	return nil
+}
+
+func (x *Lease) GetClaimDeadline() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ClaimDeadline
+	}
+	return nil
 }
 
 // Event is one lease transition.
@@ -1346,7 +1466,11 @@ type AllocateLeaseRequest struct {
 	// Shared (the default, also for UNSPECIFIED) or private.
 	Kind LeaseKind `protobuf:"varint,4,opt,name=kind,proto3,enum=mmiobroker.v1.LeaseKind" json:"kind,omitempty"`
 	// Optional name of the VM the lease is for, at most 64 bytes of printable UTF-8.
-	VmName        string `protobuf:"bytes,5,opt,name=vm_name,json=vmName,proto3" json:"vm_name,omitempty"`
+	VmName string `protobuf:"bytes,5,opt,name=vm_name,json=vmName,proto3" json:"vm_name,omitempty"`
+	// Optional time to live: the lease ends (EXPIRED event, state REVOKED, end reason EXPIRED,
+	// dma-buf revoked) this long after allocation unless renewed with RenewLease. Unset or 0:
+	// no time to live. At most 366 days; negative or malformed durations are INVALID_ARGUMENT.
+	Ttl           *durationpb.Duration `protobuf:"bytes,6,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1414,6 +1538,13 @@ func (x *AllocateLeaseRequest) GetVmName() string {
 		return x.VmName
 	}
 	return ""
+}
+
+func (x *AllocateLeaseRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
 }
 
 // AllocateLeaseResponse carries the new lease and how to claim its fd.
@@ -1698,7 +1829,11 @@ func (x *ListLeasesResponse) GetLeases() []*Lease {
 type RevokeLeaseRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The lease id. Required.
-	LeaseId       string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// How long the holder has to release the lease itself (cooperative revoke; see
+	// RevokeLease). Unset or 0: revoke immediately. At most 1 hour; negative or malformed
+	// durations are INVALID_ARGUMENT.
+	GracePeriod   *durationpb.Duration `protobuf:"bytes,2,opt,name=grace_period,json=gracePeriod,proto3" json:"grace_period,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1740,10 +1875,18 @@ func (x *RevokeLeaseRequest) GetLeaseId() string {
 	return ""
 }
 
+func (x *RevokeLeaseRequest) GetGracePeriod() *durationpb.Duration {
+	if x != nil {
+		return x.GracePeriod
+	}
+	return nil
+}
+
 // RevokeLeaseResponse carries the revoked lease.
 type RevokeLeaseResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The lease after revocation (state REVOKED).
+	// The lease after revocation (state REVOKED); with a grace_period, the lease still live
+	// with revoke_deadline set.
 	Lease         *Lease `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1971,11 +2114,297 @@ func (x *WatchEventsResponse) GetEvent() *Event {
 	return nil
 }
 
+// RenewLeaseRequest names the lease to renew.
+type RenewLeaseRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The lease id. Required.
+	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// The new time to live, counted from now. Unset or 0: the lease's own ttl (required if the
+	// lease has none). At most 366 days; negative or malformed durations are INVALID_ARGUMENT.
+	Ttl           *durationpb.Duration `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewLeaseRequest) Reset() {
+	*x = RenewLeaseRequest{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewLeaseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewLeaseRequest) ProtoMessage() {}
+
+func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
+func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *RenewLeaseRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *RenewLeaseRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+// RenewLeaseResponse carries the renewed lease.
+type RenewLeaseResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The lease with its new ttl and expire_time.
+	Lease         *Lease `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewLeaseResponse) Reset() {
+	*x = RenewLeaseResponse{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewLeaseResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewLeaseResponse) ProtoMessage() {}
+
+func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
+func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *RenewLeaseResponse) GetLease() *Lease {
+	if x != nil {
+		return x.Lease
+	}
+	return nil
+}
+
+// SuspendDeviceRequest names the device to suspend.
+type SuspendDeviceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// PCI address of a configured device. Required.
+	Bdf           string `protobuf:"bytes,1,opt,name=bdf,proto3" json:"bdf,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SuspendDeviceRequest) Reset() {
+	*x = SuspendDeviceRequest{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SuspendDeviceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SuspendDeviceRequest) ProtoMessage() {}
+
+func (x *SuspendDeviceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SuspendDeviceRequest.ProtoReflect.Descriptor instead.
+func (*SuspendDeviceRequest) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *SuspendDeviceRequest) GetBdf() string {
+	if x != nil {
+		return x.Bdf
+	}
+	return ""
+}
+
+// SuspendDeviceResponse carries the suspended device.
+type SuspendDeviceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The device, suspended = true.
+	Device        *Device `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SuspendDeviceResponse) Reset() {
+	*x = SuspendDeviceResponse{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SuspendDeviceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SuspendDeviceResponse) ProtoMessage() {}
+
+func (x *SuspendDeviceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SuspendDeviceResponse.ProtoReflect.Descriptor instead.
+func (*SuspendDeviceResponse) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SuspendDeviceResponse) GetDevice() *Device {
+	if x != nil {
+		return x.Device
+	}
+	return nil
+}
+
+// ResumeDeviceRequest names the device to resume.
+type ResumeDeviceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// PCI address of a configured device. Required.
+	Bdf           string `protobuf:"bytes,1,opt,name=bdf,proto3" json:"bdf,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeDeviceRequest) Reset() {
+	*x = ResumeDeviceRequest{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeDeviceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeDeviceRequest) ProtoMessage() {}
+
+func (x *ResumeDeviceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeDeviceRequest.ProtoReflect.Descriptor instead.
+func (*ResumeDeviceRequest) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ResumeDeviceRequest) GetBdf() string {
+	if x != nil {
+		return x.Bdf
+	}
+	return ""
+}
+
+// ResumeDeviceResponse carries the resumed device.
+type ResumeDeviceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The device, suspended = false.
+	Device        *Device `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeDeviceResponse) Reset() {
+	*x = ResumeDeviceResponse{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeDeviceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeDeviceResponse) ProtoMessage() {}
+
+func (x *ResumeDeviceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeDeviceResponse.ProtoReflect.Descriptor instead.
+func (*ResumeDeviceResponse) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ResumeDeviceResponse) GetDevice() *Device {
+	if x != nil {
+		return x.Device
+	}
+	return nil
+}
+
 var File_mmiobroker_v1_broker_proto protoreflect.FileDescriptor
 
 const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\n" +
-	"\x1ammiobroker/v1/broker.proto\x12\rmmiobroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n" +
+	"\x1ammiobroker/v1/broker.proto\x12\rmmiobroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n" +
 	"\x03Bar\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x10\n" +
@@ -1991,7 +2420,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\rallowed_kinds\x18\x02 \x03(\x0e2\x18.mmiobroker.v1.LeaseKindR\fallowedKinds\x128\n" +
 	"\x18allow_unattested_private\x18\x03 \x01(\bR\x16allowUnattestedPrivate\x12!\n" +
 	"\fallowed_uids\x18\x04 \x03(\rR\vallowedUids\x12!\n" +
-	"\fallowed_gids\x18\x05 \x03(\rR\vallowedGids\"\xa8\x04\n" +
+	"\fallowed_gids\x18\x05 \x03(\rR\vallowedGids\"\xe7\x04\n" +
 	"\x06Device\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x1b\n" +
 	"\tvendor_id\x18\x02 \x01(\rR\bvendorId\x12\x1b\n" +
@@ -2012,13 +2441,16 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x06usable\x18\r \x01(\bR\x06usable\x12\x14\n" +
 	"\x05error\x18\x0e \x01(\tR\x05error\x12\x1f\n" +
 	"\vlive_leases\x18\x0f \x01(\rR\n" +
-	"liveLeases\"7\n" +
+	"liveLeases\x12\x1c\n" +
+	"\tsuspended\x18\x10 \x01(\bR\tsuspended\x12\x1f\n" +
+	"\verror_count\x18\x11 \x01(\x04R\n" +
+	"errorCount\"7\n" +
 	"\x05Range\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\x04R\x06length\",\n" +
 	"\x06Holder\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\rR\x03uid\x12\x10\n" +
-	"\x03pid\x18\x02 \x01(\x05R\x03pid\"\xfd\x04\n" +
+	"\x03pid\x18\x02 \x01(\x05R\x03pid\"\xef\x06\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03bdf\x18\x02 \x01(\tR\x03bdf\x12\x10\n" +
@@ -2044,7 +2476,12 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\bend_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x127\n" +
 	"\n" +
 	"end_reason\x18\x10 \x01(\x0e2\x18.mmiobroker.v1.EndReasonR\tendReason\x12\x19\n" +
-	"\bended_by\x18\x11 \x01(\tR\aendedBy\"\xc4\x01\n" +
+	"\bended_by\x18\x11 \x01(\tR\aendedBy\x12+\n" +
+	"\x03ttl\x18\x12 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12;\n" +
+	"\vexpire_time\x18\x13 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12C\n" +
+	"\x0frevoke_deadline\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\x0erevokeDeadline\x12A\n" +
+	"\x0eclaim_deadline\x18\x15 \x01(\v2\x1a.google.protobuf.TimestampR\rclaimDeadline\"\xc4\x01\n" +
 	"\x05Event\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12,\n" +
@@ -2058,13 +2495,14 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x10GetDeviceRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\"B\n" +
 	"\x11GetDeviceResponse\x12-\n" +
-	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"\xaf\x01\n" +
+	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"\xdc\x01\n" +
 	"\x14AllocateLeaseRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x10\n" +
 	"\x03bar\x18\x02 \x01(\rR\x03bar\x12,\n" +
 	"\x06ranges\x18\x03 \x03(\v2\x14.mmiobroker.v1.RangeR\x06ranges\x12,\n" +
 	"\x04kind\x18\x04 \x01(\x0e2\x18.mmiobroker.v1.LeaseKindR\x04kind\x12\x17\n" +
-	"\avm_name\x18\x05 \x01(\tR\x06vmName\"\xca\x01\n" +
+	"\avm_name\x18\x05 \x01(\tR\x06vmName\x12+\n" +
+	"\x03ttl\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\xca\x01\n" +
 	"\x15AllocateLeaseResponse\x12*\n" +
 	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x12\x1f\n" +
 	"\vclaim_token\x18\x02 \x01(\tR\n" +
@@ -2082,9 +2520,10 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"holder_uid\x18\x03 \x01(\rH\x00R\tholderUid\x88\x01\x01B\r\n" +
 	"\v_holder_uid\"B\n" +
 	"\x12ListLeasesResponse\x12,\n" +
-	"\x06leases\x18\x01 \x03(\v2\x14.mmiobroker.v1.LeaseR\x06leases\"/\n" +
+	"\x06leases\x18\x01 \x03(\v2\x14.mmiobroker.v1.LeaseR\x06leases\"m\n" +
 	"\x12RevokeLeaseRequest\x12\x19\n" +
-	"\blease_id\x18\x01 \x01(\tR\aleaseId\"A\n" +
+	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12<\n" +
+	"\fgrace_period\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vgracePeriod\"A\n" +
 	"\x13RevokeLeaseResponse\x12*\n" +
 	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"0\n" +
 	"\x13ReleaseLeaseRequest\x12\x19\n" +
@@ -2094,7 +2533,20 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x12WatchEventsRequest\x12\x1b\n" +
 	"\tafter_seq\x18\x01 \x01(\x04R\bafterSeq\"A\n" +
 	"\x13WatchEventsResponse\x12*\n" +
-	"\x05event\x18\x01 \x01(\v2\x14.mmiobroker.v1.EventR\x05event*V\n" +
+	"\x05event\x18\x01 \x01(\v2\x14.mmiobroker.v1.EventR\x05event\"[\n" +
+	"\x11RenewLeaseRequest\x12\x19\n" +
+	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12+\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"@\n" +
+	"\x12RenewLeaseResponse\x12*\n" +
+	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"(\n" +
+	"\x14SuspendDeviceRequest\x12\x10\n" +
+	"\x03bdf\x18\x01 \x01(\tR\x03bdf\"F\n" +
+	"\x15SuspendDeviceResponse\x12-\n" +
+	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"'\n" +
+	"\x13ResumeDeviceRequest\x12\x10\n" +
+	"\x03bdf\x18\x01 \x01(\tR\x03bdf\"E\n" +
+	"\x14ResumeDeviceResponse\x12-\n" +
+	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device*V\n" +
 	"\n" +
 	"AccessMode\x12\x1b\n" +
 	"\x17ACCESS_MODE_UNSPECIFIED\x10\x00\x12\x15\n" +
@@ -2110,7 +2562,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x15LEASE_STATE_ALLOCATED\x10\x01\x12\x16\n" +
 	"\x12LEASE_STATE_ACTIVE\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_REVOKED\x10\x03\x12\x18\n" +
-	"\x14LEASE_STATE_RELEASED\x10\x04*\xd1\x01\n" +
+	"\x14LEASE_STATE_RELEASED\x10\x04*\x87\x02\n" +
 	"\tEndReason\x12\x1a\n" +
 	"\x16END_REASON_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13END_REASON_RELEASED\x10\x01\x12\x16\n" +
@@ -2118,7 +2570,9 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x18END_REASON_CLAIM_EXPIRED\x10\x03\x12\x1a\n" +
 	"\x16END_REASON_DEVICE_LOST\x10\x04\x12\x1d\n" +
 	"\x19END_REASON_REISSUE_FAILED\x10\x05\x12\x1e\n" +
-	"\x1aEND_REASON_BROKER_SHUTDOWN\x10\x06*\xd7\x01\n" +
+	"\x1aEND_REASON_BROKER_SHUTDOWN\x10\x06\x12\x1c\n" +
+	"\x18END_REASON_HOLDER_EXITED\x10\a\x12\x16\n" +
+	"\x12END_REASON_EXPIRED\x10\b*\xc2\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14EVENT_TYPE_ALLOCATED\x10\x01\x12\x16\n" +
@@ -2127,7 +2581,12 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x13EVENT_TYPE_RELEASED\x10\x04\x12\x17\n" +
 	"\x13EVENT_TYPE_REISSUED\x10\x05\x12\x16\n" +
 	"\x12EVENT_TYPE_EXPIRED\x10\x06\x12\x1a\n" +
-	"\x16EVENT_TYPE_DEVICE_LOST\x10\a2\xb1\x05\n" +
+	"\x16EVENT_TYPE_DEVICE_LOST\x10\a\x12\x1f\n" +
+	"\x1bEVENT_TYPE_REVOKE_REQUESTED\x10\b\x12\x16\n" +
+	"\x12EVENT_TYPE_RENEWED\x10\t\x12\x18\n" +
+	"\x14EVENT_TYPE_SUSPENDED\x10\n" +
+	"\x12\x16\n" +
+	"\x12EVENT_TYPE_RESUMED\x10\v2\xb9\a\n" +
 	"\x06Broker\x12T\n" +
 	"\vListDevices\x12!.mmiobroker.v1.ListDevicesRequest\x1a\".mmiobroker.v1.ListDevicesResponse\x12N\n" +
 	"\tGetDevice\x12\x1f.mmiobroker.v1.GetDeviceRequest\x1a .mmiobroker.v1.GetDeviceResponse\x12Z\n" +
@@ -2137,7 +2596,11 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"ListLeases\x12 .mmiobroker.v1.ListLeasesRequest\x1a!.mmiobroker.v1.ListLeasesResponse\x12T\n" +
 	"\vRevokeLease\x12!.mmiobroker.v1.RevokeLeaseRequest\x1a\".mmiobroker.v1.RevokeLeaseResponse\x12W\n" +
 	"\fReleaseLease\x12\".mmiobroker.v1.ReleaseLeaseRequest\x1a#.mmiobroker.v1.ReleaseLeaseResponse\x12V\n" +
-	"\vWatchEvents\x12!.mmiobroker.v1.WatchEventsRequest\x1a\".mmiobroker.v1.WatchEventsResponse0\x01BAZ?github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1;brokerv1b\x06proto3"
+	"\vWatchEvents\x12!.mmiobroker.v1.WatchEventsRequest\x1a\".mmiobroker.v1.WatchEventsResponse0\x01\x12Q\n" +
+	"\n" +
+	"RenewLease\x12 .mmiobroker.v1.RenewLeaseRequest\x1a!.mmiobroker.v1.RenewLeaseResponse\x12Z\n" +
+	"\rSuspendDevice\x12#.mmiobroker.v1.SuspendDeviceRequest\x1a$.mmiobroker.v1.SuspendDeviceResponse\x12W\n" +
+	"\fResumeDevice\x12\".mmiobroker.v1.ResumeDeviceRequest\x1a#.mmiobroker.v1.ResumeDeviceResponseBAZ?github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1;brokerv1b\x06proto3"
 
 var (
 	file_mmiobroker_v1_broker_proto_rawDescOnce sync.Once
@@ -2152,7 +2615,7 @@ func file_mmiobroker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_mmiobroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(AccessMode)(0),               // 0: mmiobroker.v1.AccessMode
 	(LeaseKind)(0),                // 1: mmiobroker.v1.LeaseKind
@@ -2183,7 +2646,14 @@ var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(*ReleaseLeaseResponse)(nil),  // 26: mmiobroker.v1.ReleaseLeaseResponse
 	(*WatchEventsRequest)(nil),    // 27: mmiobroker.v1.WatchEventsRequest
 	(*WatchEventsResponse)(nil),   // 28: mmiobroker.v1.WatchEventsResponse
-	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
+	(*RenewLeaseRequest)(nil),     // 29: mmiobroker.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),    // 30: mmiobroker.v1.RenewLeaseResponse
+	(*SuspendDeviceRequest)(nil),  // 31: mmiobroker.v1.SuspendDeviceRequest
+	(*SuspendDeviceResponse)(nil), // 32: mmiobroker.v1.SuspendDeviceResponse
+	(*ResumeDeviceRequest)(nil),   // 33: mmiobroker.v1.ResumeDeviceRequest
+	(*ResumeDeviceResponse)(nil),  // 34: mmiobroker.v1.ResumeDeviceResponse
+	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 36: google.protobuf.Duration
 }
 var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: mmiobroker.v1.DevicePolicy.allowed_kinds:type_name -> mmiobroker.v1.LeaseKind
@@ -2195,45 +2665,61 @@ var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 6: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
 	2,  // 7: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
 	10, // 8: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
-	29, // 9: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	29, // 10: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
-	29, // 11: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	35, // 9: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	35, // 10: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
+	35, // 11: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 12: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
-	29, // 13: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
-	4,  // 14: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
-	11, // 15: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 16: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
-	8,  // 17: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	9,  // 18: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
-	1,  // 19: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
-	11, // 20: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	29, // 21: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
-	11, // 22: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 23: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
-	11, // 24: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 25: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	12, // 26: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
-	13, // 27: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
-	15, // 28: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
-	17, // 29: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
-	19, // 30: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
-	21, // 31: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
-	23, // 32: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
-	25, // 33: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
-	27, // 34: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
-	14, // 35: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
-	16, // 36: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
-	18, // 37: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
-	20, // 38: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
-	22, // 39: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
-	24, // 40: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
-	26, // 41: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
-	28, // 42: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
-	35, // [35:43] is the sub-list for method output_type
-	27, // [27:35] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	36, // 13: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	35, // 14: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 15: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
+	35, // 16: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
+	35, // 17: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
+	4,  // 18: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
+	11, // 19: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
+	8,  // 20: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
+	8,  // 21: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	9,  // 22: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
+	1,  // 23: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
+	36, // 24: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 25: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	35, // 26: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
+	11, // 27: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 28: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
+	36, // 29: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
+	11, // 30: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 31: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	12, // 32: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
+	36, // 33: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 34: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	8,  // 35: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	8,  // 36: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	13, // 37: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
+	15, // 38: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
+	17, // 39: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
+	19, // 40: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
+	21, // 41: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
+	23, // 42: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
+	25, // 43: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
+	27, // 44: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
+	29, // 45: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
+	31, // 46: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
+	33, // 47: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
+	14, // 48: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
+	16, // 49: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
+	18, // 50: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
+	20, // 51: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
+	22, // 52: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
+	24, // 53: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
+	26, // 54: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
+	28, // 55: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
+	30, // 56: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
+	32, // 57: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
+	34, // 58: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
+	48, // [48:59] is the sub-list for method output_type
+	37, // [37:48] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_mmiobroker_v1_broker_proto_init() }
@@ -2248,7 +2734,7 @@ func file_mmiobroker_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mmiobroker_v1_broker_proto_rawDesc), len(file_mmiobroker_v1_broker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   24,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -13,8 +13,9 @@
 // and the process pinned with a pidfd); there are no tokens or TLS.
 //
 // Callers are either admins (uid 0, or a member of the daemon's configured admin group) or
-// holders (anyone else the device policy lets lease). Holders see, watch and release only
-// the leases their own uid holds; admins see all leases and are the only ones who may revoke.
+// holders (anyone else the device policy lets lease). Holders see, watch, renew and release
+// only the leases their own uid holds; admins see all leases and are the only ones who may
+// revoke leases and suspend or resume devices.
 //
 // The dma-buf fd itself is not delivered over gRPC: AllocateLease returns a single-use claim
 // token, and the allocating process presents it on the claim socket
@@ -23,6 +24,24 @@
 //
 // Errors are gRPC status codes whose message names the device, BAR and range at fault. A
 // rejected request changes nothing.
+//
+// How a lease ends (state, end_reason, and the event that reports it):
+//
+//   released by its holder or an admin (ReleaseLease)   RELEASED  RELEASED         RELEASED
+//   revoked by an admin (RevokeLease)                    REVOKED   REVOKED          REVOKED
+//   its holder process exited                            RELEASED  HOLDER_EXITED    RELEASED
+//   its time to live ran out (AllocateLeaseRequest.ttl)  REVOKED   EXPIRED          EXPIRED
+//   its claim token expired unclaimed                    RELEASED  CLAIM_EXPIRED    EXPIRED
+//   its device failed or went away                       REVOKED   DEVICE_LOST      DEVICE_LOST
+//   re-export after another lease's revoke failed        REVOKED   REISSUE_FAILED   REVOKED
+//   the broker shut down                                 RELEASED  BROKER_SHUTDOWN  RELEASED
+//
+// Only a release (ReleaseLease) leaves a claimed fd working, until its holder closes it.
+// Every other end makes the lease's dma-buf dead in every process that holds it: by the time
+// RevokeLease returns for an immediate revoke, and one device cycle (or per-buffer revoke)
+// after the event for the ends the broker starts itself (holder exit, expiry, the deadline
+// of a cooperative revoke). Device loss and broker shutdown close the device, which kills
+// all of its dma-bufs. An unclaimed lease's fd never left the broker.
 
 package brokerv1
 
@@ -47,6 +66,9 @@ const (
 	Broker_RevokeLease_FullMethodName   = "/mmiobroker.v1.Broker/RevokeLease"
 	Broker_ReleaseLease_FullMethodName  = "/mmiobroker.v1.Broker/ReleaseLease"
 	Broker_WatchEvents_FullMethodName   = "/mmiobroker.v1.Broker/WatchEvents"
+	Broker_RenewLease_FullMethodName    = "/mmiobroker.v1.Broker/RenewLease"
+	Broker_SuspendDevice_FullMethodName = "/mmiobroker.v1.Broker/SuspendDevice"
+	Broker_ResumeDevice_FullMethodName  = "/mmiobroker.v1.Broker/ResumeDevice"
 )
 
 // BrokerClient is the client API for Broker service.
@@ -67,15 +89,20 @@ type BrokerClient interface {
 	// count) must present it on the claim socket before claim_deadline to receive the fd. An
 	// unclaimed lease is released with end reason CLAIM_EXPIRED.
 	//
+	// The lease is bound to the calling process: when it exits, the lease ends (RELEASED
+	// event, state RELEASED, end reason HOLDER_EXITED) and its dma-buf is revoked. With a ttl
+	// the lease also ends that long after allocation unless renewed (RenewLease): EXPIRED
+	// event, state REVOKED, end reason EXPIRED, dma-buf revoked.
+	//
 	// Codes: INVALID_ARGUMENT (malformed request: no bdf, bar > 5, no ranges, more than 16
 	// ranges, an empty, unaligned, overlapping or out-of-BAR range, an unknown kind, an
-	// unimplemented or I/O BAR); NOT_FOUND (device not configured); PERMISSION_DENIED (the
-	// caller's uid/groups may not lease this device, or the BAR or kind is not allowed by the
-	// device policy); FAILED_PRECONDITION (device not usable or cannot export dma-bufs, a
-	// private lease on a device not bound to a TSM, ranges overlapping a private lease, a
-	// private request overlapping any lease, or overlapping another holder's lease);
-	// RESOURCE_EXHAUSTED (per-holder or broker lease limit reached); UNAVAILABLE (the broker is
-	// shutting down).
+	// unimplemented or I/O BAR, a negative, malformed or too long ttl); NOT_FOUND (device not
+	// configured); PERMISSION_DENIED (the caller's uid/groups may not lease this device, or the
+	// BAR or kind is not allowed by the device policy); FAILED_PRECONDITION (device not usable,
+	// suspended or cannot export dma-bufs, a private lease on a device not bound to a TSM,
+	// ranges overlapping a private lease, a private request overlapping any lease, or
+	// overlapping another holder's lease); RESOURCE_EXHAUSTED (per-holder or broker lease limit
+	// reached); UNAVAILABLE (the broker is shutting down).
 	AllocateLease(ctx context.Context, in *AllocateLeaseRequest, opts ...grpc.CallOption) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
 	// own uid (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
@@ -87,6 +114,20 @@ type BrokerClient interface {
 	// RevokeLease ends a lease and makes its dma-buf dead for good. Admins only
 	// (PERMISSION_DENIED otherwise).
 	//
+	// With grace_period 0 (the default) the revocation is immediate: the response carries the
+	// lease as REVOKED (end reason REVOKED), and when it arrives the dma-buf is dead in every
+	// process that holds it.
+	//
+	// With a grace_period the revocation is cooperative: the lease stays live and the response
+	// carries it with revoke_deadline = now + grace_period. The holder's event streams get a
+	// REVOKE_REQUESTED event carrying the same Lease.revoke_deadline; the holder may finish its
+	// work and call ReleaseLease before the deadline (the lease then ends as RELEASED, end
+	// reason RELEASED, and the device is not touched). At the deadline the broker enforces the
+	// revocation itself: REVOKED event, state REVOKED, end reason REVOKED, ended_by the admin
+	// who asked. A second request while one is pending moves the deadline only closer: an
+	// earlier pending deadline stands (the response then carries it, and no event is sent),
+	// and grace_period 0 revokes at once.
+	//
 	// DEVICE-WIDE EFFECT: Linux (7.2) has no uAPI to revoke one dma-buf; a device's dma-bufs
 	// can only be revoked all at once (memory decode off, device fd closed and reopened). So
 	// revoking one lease revokes EVERY dma-buf of the lease's device. The device's other live
@@ -94,10 +135,12 @@ type BrokerClient interface {
 	// one, and each holder receives a REISSUED event carrying a new claim token with which it
 	// must claim the new fd (its old fd is dead, and importers such as iommufd must map the new
 	// one). A survivor whose re-export fails ends as REVOKED with end reason REISSUE_FAILED.
+	// On kernels that can revoke one dma-buf (the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE)
+	// the daemon uses that instead, and the device's other leases are untouched.
 	//
-	// Codes: NOT_FOUND, FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the
-	// device could not be cycled; the lease is revoked, and every lease of the device ended
-	// with DEVICE_LOST).
+	// Codes: INVALID_ARGUMENT (a negative, malformed or too long grace_period), NOT_FOUND,
+	// FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the device could not be
+	// cycled; the lease is revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(ctx context.Context, in *RevokeLeaseRequest, opts ...grpc.CallOption) (*RevokeLeaseResponse, error)
 	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does NOT
 	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
@@ -119,6 +162,33 @@ type BrokerClient interface {
 	// with after_seq = 0), RESOURCE_EXHAUSTED (the stream fell too far behind and was cut;
 	// reconnect with the last seq seen), UNAVAILABLE (the broker is shutting down).
 	WatchEvents(ctx context.Context, in *WatchEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchEventsResponse], error)
+	// RenewLease extends a lease's time to live: it now expires ttl from now (ttl unset or 0:
+	// the lease's own ttl). Renewing a lease that has no ttl gives it one (ttl required then).
+	// The lease's holder uid or an admin may renew it. The holder's streams get a RENEWED
+	// event with the new Lease.expire_time.
+	//
+	// Codes: INVALID_ARGUMENT (a negative, malformed or too long ttl; ttl 0 for a lease without
+	// a ttl), NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
+	// has already ended).
+	RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error)
+	// SuspendDevice pauses a device for maintenance: memory decode off, so every dma-buf of the
+	// device is inaccessible (importers such as iommufd drop their mappings) but its lease
+	// stays live and its fd stays the same. Admins only.
+	// Every live lease of the device stays live and gets a SUSPENDED event; new leases of the
+	// device are refused (FAILED_PRECONDITION) until ResumeDevice. Revocations still work while
+	// suspended.
+	//
+	// Codes: INVALID_ARGUMENT (bdf empty or not a PCI address), NOT_FOUND (device not
+	// configured), PERMISSION_DENIED (not an admin), FAILED_PRECONDITION (the device is not
+	// open, or already suspended), UNIMPLEMENTED (the device cannot be suspended).
+	SuspendDevice(ctx context.Context, in *SuspendDeviceRequest, opts ...grpc.CallOption) (*SuspendDeviceResponse, error)
+	// ResumeDevice ends a SuspendDevice: memory decode on, the dma-bufs are accessible again.
+	// Admins only. Every live lease of the device gets a RESUMED event: importers that dropped
+	// their mappings on the suspend (iommufd does) must map the same fd again; the fd itself
+	// is unchanged (no new generation).
+	//
+	// Codes: as SuspendDevice; FAILED_PRECONDITION if the device is not suspended.
+	ResumeDevice(ctx context.Context, in *ResumeDeviceRequest, opts ...grpc.CallOption) (*ResumeDeviceResponse, error)
 }
 
 type brokerClient struct {
@@ -218,6 +288,36 @@ func (c *brokerClient) WatchEvents(ctx context.Context, in *WatchEventsRequest, 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Broker_WatchEventsClient = grpc.ServerStreamingClient[WatchEventsResponse]
 
+func (c *brokerClient) RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenewLeaseResponse)
+	err := c.cc.Invoke(ctx, Broker_RenewLease_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *brokerClient) SuspendDevice(ctx context.Context, in *SuspendDeviceRequest, opts ...grpc.CallOption) (*SuspendDeviceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SuspendDeviceResponse)
+	err := c.cc.Invoke(ctx, Broker_SuspendDevice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *brokerClient) ResumeDevice(ctx context.Context, in *ResumeDeviceRequest, opts ...grpc.CallOption) (*ResumeDeviceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ResumeDeviceResponse)
+	err := c.cc.Invoke(ctx, Broker_ResumeDevice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BrokerServer is the server API for Broker service.
 // All implementations must embed UnimplementedBrokerServer
 // for forward compatibility.
@@ -236,15 +336,20 @@ type BrokerServer interface {
 	// count) must present it on the claim socket before claim_deadline to receive the fd. An
 	// unclaimed lease is released with end reason CLAIM_EXPIRED.
 	//
+	// The lease is bound to the calling process: when it exits, the lease ends (RELEASED
+	// event, state RELEASED, end reason HOLDER_EXITED) and its dma-buf is revoked. With a ttl
+	// the lease also ends that long after allocation unless renewed (RenewLease): EXPIRED
+	// event, state REVOKED, end reason EXPIRED, dma-buf revoked.
+	//
 	// Codes: INVALID_ARGUMENT (malformed request: no bdf, bar > 5, no ranges, more than 16
 	// ranges, an empty, unaligned, overlapping or out-of-BAR range, an unknown kind, an
-	// unimplemented or I/O BAR); NOT_FOUND (device not configured); PERMISSION_DENIED (the
-	// caller's uid/groups may not lease this device, or the BAR or kind is not allowed by the
-	// device policy); FAILED_PRECONDITION (device not usable or cannot export dma-bufs, a
-	// private lease on a device not bound to a TSM, ranges overlapping a private lease, a
-	// private request overlapping any lease, or overlapping another holder's lease);
-	// RESOURCE_EXHAUSTED (per-holder or broker lease limit reached); UNAVAILABLE (the broker is
-	// shutting down).
+	// unimplemented or I/O BAR, a negative, malformed or too long ttl); NOT_FOUND (device not
+	// configured); PERMISSION_DENIED (the caller's uid/groups may not lease this device, or the
+	// BAR or kind is not allowed by the device policy); FAILED_PRECONDITION (device not usable,
+	// suspended or cannot export dma-bufs, a private lease on a device not bound to a TSM,
+	// ranges overlapping a private lease, a private request overlapping any lease, or
+	// overlapping another holder's lease); RESOURCE_EXHAUSTED (per-holder or broker lease limit
+	// reached); UNAVAILABLE (the broker is shutting down).
 	AllocateLease(context.Context, *AllocateLeaseRequest) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
 	// own uid (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
@@ -256,6 +361,20 @@ type BrokerServer interface {
 	// RevokeLease ends a lease and makes its dma-buf dead for good. Admins only
 	// (PERMISSION_DENIED otherwise).
 	//
+	// With grace_period 0 (the default) the revocation is immediate: the response carries the
+	// lease as REVOKED (end reason REVOKED), and when it arrives the dma-buf is dead in every
+	// process that holds it.
+	//
+	// With a grace_period the revocation is cooperative: the lease stays live and the response
+	// carries it with revoke_deadline = now + grace_period. The holder's event streams get a
+	// REVOKE_REQUESTED event carrying the same Lease.revoke_deadline; the holder may finish its
+	// work and call ReleaseLease before the deadline (the lease then ends as RELEASED, end
+	// reason RELEASED, and the device is not touched). At the deadline the broker enforces the
+	// revocation itself: REVOKED event, state REVOKED, end reason REVOKED, ended_by the admin
+	// who asked. A second request while one is pending moves the deadline only closer: an
+	// earlier pending deadline stands (the response then carries it, and no event is sent),
+	// and grace_period 0 revokes at once.
+	//
 	// DEVICE-WIDE EFFECT: Linux (7.2) has no uAPI to revoke one dma-buf; a device's dma-bufs
 	// can only be revoked all at once (memory decode off, device fd closed and reopened). So
 	// revoking one lease revokes EVERY dma-buf of the lease's device. The device's other live
@@ -263,10 +382,12 @@ type BrokerServer interface {
 	// one, and each holder receives a REISSUED event carrying a new claim token with which it
 	// must claim the new fd (its old fd is dead, and importers such as iommufd must map the new
 	// one). A survivor whose re-export fails ends as REVOKED with end reason REISSUE_FAILED.
+	// On kernels that can revoke one dma-buf (the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE)
+	// the daemon uses that instead, and the device's other leases are untouched.
 	//
-	// Codes: NOT_FOUND, FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the
-	// device could not be cycled; the lease is revoked, and every lease of the device ended
-	// with DEVICE_LOST).
+	// Codes: INVALID_ARGUMENT (a negative, malformed or too long grace_period), NOT_FOUND,
+	// FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the device could not be
+	// cycled; the lease is revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(context.Context, *RevokeLeaseRequest) (*RevokeLeaseResponse, error)
 	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does NOT
 	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
@@ -288,6 +409,33 @@ type BrokerServer interface {
 	// with after_seq = 0), RESOURCE_EXHAUSTED (the stream fell too far behind and was cut;
 	// reconnect with the last seq seen), UNAVAILABLE (the broker is shutting down).
 	WatchEvents(*WatchEventsRequest, grpc.ServerStreamingServer[WatchEventsResponse]) error
+	// RenewLease extends a lease's time to live: it now expires ttl from now (ttl unset or 0:
+	// the lease's own ttl). Renewing a lease that has no ttl gives it one (ttl required then).
+	// The lease's holder uid or an admin may renew it. The holder's streams get a RENEWED
+	// event with the new Lease.expire_time.
+	//
+	// Codes: INVALID_ARGUMENT (a negative, malformed or too long ttl; ttl 0 for a lease without
+	// a ttl), NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
+	// has already ended).
+	RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error)
+	// SuspendDevice pauses a device for maintenance: memory decode off, so every dma-buf of the
+	// device is inaccessible (importers such as iommufd drop their mappings) but its lease
+	// stays live and its fd stays the same. Admins only.
+	// Every live lease of the device stays live and gets a SUSPENDED event; new leases of the
+	// device are refused (FAILED_PRECONDITION) until ResumeDevice. Revocations still work while
+	// suspended.
+	//
+	// Codes: INVALID_ARGUMENT (bdf empty or not a PCI address), NOT_FOUND (device not
+	// configured), PERMISSION_DENIED (not an admin), FAILED_PRECONDITION (the device is not
+	// open, or already suspended), UNIMPLEMENTED (the device cannot be suspended).
+	SuspendDevice(context.Context, *SuspendDeviceRequest) (*SuspendDeviceResponse, error)
+	// ResumeDevice ends a SuspendDevice: memory decode on, the dma-bufs are accessible again.
+	// Admins only. Every live lease of the device gets a RESUMED event: importers that dropped
+	// their mappings on the suspend (iommufd does) must map the same fd again; the fd itself
+	// is unchanged (no new generation).
+	//
+	// Codes: as SuspendDevice; FAILED_PRECONDITION if the device is not suspended.
+	ResumeDevice(context.Context, *ResumeDeviceRequest) (*ResumeDeviceResponse, error)
 	mustEmbedUnimplementedBrokerServer()
 }
 
@@ -321,6 +469,15 @@ func (UnimplementedBrokerServer) ReleaseLease(context.Context, *ReleaseLeaseRequ
 }
 func (UnimplementedBrokerServer) WatchEvents(*WatchEventsRequest, grpc.ServerStreamingServer[WatchEventsResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchEvents not implemented")
+}
+func (UnimplementedBrokerServer) RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RenewLease not implemented")
+}
+func (UnimplementedBrokerServer) SuspendDevice(context.Context, *SuspendDeviceRequest) (*SuspendDeviceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SuspendDevice not implemented")
+}
+func (UnimplementedBrokerServer) ResumeDevice(context.Context, *ResumeDeviceRequest) (*ResumeDeviceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ResumeDevice not implemented")
 }
 func (UnimplementedBrokerServer) mustEmbedUnimplementedBrokerServer() {}
 func (UnimplementedBrokerServer) testEmbeddedByValue()                {}
@@ -480,6 +637,60 @@ func _Broker_WatchEvents_Handler(srv interface{}, stream grpc.ServerStream) erro
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Broker_WatchEventsServer = grpc.ServerStreamingServer[WatchEventsResponse]
 
+func _Broker_RenewLease_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenewLeaseRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).RenewLease(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_RenewLease_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).RenewLease(ctx, req.(*RenewLeaseRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_SuspendDevice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SuspendDeviceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).SuspendDevice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_SuspendDevice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).SuspendDevice(ctx, req.(*SuspendDeviceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_ResumeDevice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResumeDeviceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).ResumeDevice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_ResumeDevice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).ResumeDevice(ctx, req.(*ResumeDeviceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Broker_ServiceDesc is the grpc.ServiceDesc for Broker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -514,6 +725,18 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReleaseLease",
 			Handler:    _Broker_ReleaseLease_Handler,
+		},
+		{
+			MethodName: "RenewLease",
+			Handler:    _Broker_RenewLease_Handler,
+		},
+		{
+			MethodName: "SuspendDevice",
+			Handler:    _Broker_SuspendDevice_Handler,
+		},
+		{
+			MethodName: "ResumeDevice",
+			Handler:    _Broker_ResumeDevice_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
