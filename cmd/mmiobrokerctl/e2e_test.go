@@ -623,7 +623,9 @@ func TestEndToEndLifecycle(t *testing.T) {
 		wctx, stopWatch := context.WithCancel(context.Background())
 		watchDone := make(chan int, 1)
 		go func() {
-			watchDone <- run(wctx, []string{"-socket", d.Control, "watch"}, watchOut.w, io.Discard, noEnv)
+			// From the first retained event: whenever the stream starts, it replays the
+			// hold's allocation, so waiting for it below cannot race the subscription.
+			watchDone <- run(wctx, []string{"-socket", d.Control, "watch", "-cursor", "1"}, watchOut.w, io.Discard, noEnv)
 			watchOut.w.Close()
 		}()
 		defer func() {
@@ -631,7 +633,7 @@ func TestEndToEndLifecycle(t *testing.T) {
 			<-watchDone
 		}()
 		h := d.hold(t, "-range", "0:4K", e2eBDF, "0")
-		watchOut.waitAll(t, "watch", []string{"type=claimed", h.id}) // the watch is in place
+		watchOut.waitAll(t, "watch", []string{"type=claimed", h.id}) // the watch is in place and caught up
 
 		out := d.mustCtl(t, "revoke", "-grace", "1h", h.id)
 		if !strings.HasPrefix(out, "revoke of lease "+h.id+" requested") || !strings.Contains(out, "may release it until 20") {
