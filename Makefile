@@ -34,6 +34,7 @@ test-unit:
 	$(GO) test -race -count=1 ./...
 
 test-vm: setup
+	mkdir -p $(BIN)
 	MMIOBROKER_VM=1 $(GO) test -count=1 -timeout 30m -v ./test/vm/ 2>&1 | tee $(BIN)/vm-test.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|vm:)' ; test $${PIPESTATUS[0]} -eq 0
 
 vet:
