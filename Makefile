@@ -15,6 +15,7 @@ KERNEL    ?= stock
 BIN       := bin
 PLUGINS   := $(CURDIR)/.bin
 STATICCHECK_VERSION := v0.8.2
+GRPCURL_VERSION     := v1.9.4
 export GOFLAGS ?=
 
 .PHONY: all build test test-unit test-vm lint vet staticcheck generate check-generate \
@@ -30,8 +31,12 @@ setup:
 
 test: setup lint check-generate test-unit test-vm
 
-test-unit:
-	$(GO) test -race -count=1 ./...
+test-unit: $(PLUGINS)/grpcurl
+	PATH=$(PLUGINS):$$PATH $(GO) test -race -count=1 ./...
+
+# grpcurl drives the API in internal/server's TestGrpcurl, as a client written from the docs.
+$(PLUGINS)/grpcurl:
+	GOBIN=$(PLUGINS) $(GO) install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
 test-vm: setup
 	mkdir -p $(BIN)
