@@ -74,3 +74,23 @@ func SkipUnlessRoot(t testing.TB) {
 		t.Skip("needs root: run the test binary with sudo, or in the VM rig (make test-vm)")
 	}
 }
+
+// Field is one field of a mirrored kernel struct: its Go offset and the kernel's.
+type Field struct {
+	Name      string
+	Got, Want uintptr
+}
+
+// CheckLayout fails t if a mirrored kernel struct's size or field offsets differ from the
+// kernel's (callers pass unsafe.Sizeof and unsafe.Offsetof values).
+func CheckLayout(t testing.TB, name string, size, wantSize uintptr, fields ...Field) {
+	t.Helper()
+	if size != wantSize {
+		t.Errorf("sizeof(%s) = %d, want %d", name, size, wantSize)
+	}
+	for _, f := range fields {
+		if f.Got != f.Want {
+			t.Errorf("offsetof(%s.%s) = %d, want %d", name, f.Name, f.Got, f.Want)
+		}
+	}
+}
