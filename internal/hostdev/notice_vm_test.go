@@ -248,6 +248,31 @@ func TestVMNotifiersRegistered(t *testing.T) {
 	}
 }
 
+// TestVMErrorNotifierOnPCIe: on a PCI Express endpoint (the rig's e1000e) both notifiers
+// are registered — the AER error notifier too — and stay registered across a revoke.
+func TestVMErrorNotifierOnPCIe(t *testing.T) {
+	a := vmDevice(t, "MMIOBROKER_VM_PCIE")
+	testutil.FDLeakCheck(t)
+	d, err := Open(a, Options{Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for _, k := range []NoticeKind{NoticeRelease, NoticeError} {
+		if err := d.Notifier(k); err != nil {
+			t.Errorf("%v notifier on PCIe device %s: %v", k, a, err)
+		}
+	}
+	if err := d.Revoke(); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []NoticeKind{NoticeRelease, NoticeError} {
+		if err := d.Notifier(k); err != nil {
+			t.Errorf("%v notifier after Revoke: %v", k, err)
+		}
+	}
+}
+
 // TestVMRevokeBuffersUnsupported: Linux 7.2 has no per-buffer revoke; RevokeBuffers says
 // so (ErrNotSupported) and leaves the buffer alone, so the caller falls back to Revoke.
 func TestVMRevokeBuffersUnsupported(t *testing.T) {

@@ -216,7 +216,9 @@ func QEMUArgs(cfg MachineConfig, shm string, payloadFD int, cmdline []string) ([
 		"-device", "intel-iommu,intremap=on",
 	}
 	shmObj := fmt.Sprintf("memory-backend-file,id=shm0,mem-path=%s,size=%d,share=on", shm, IvshmemSize)
-	devs := []string{"edu", "edu", "ivshmem-plain,memdev=shm0", "pci-testdev,membar=1M"}
+	// e1000e is the PCI Express endpoint (the others are conventional PCI): vfio-pci offers
+	// the AER error notifier only for PCIe devices. It has no network backend.
+	devs := []string{"edu", "edu", "ivshmem-plain,memdev=shm0", "pci-testdev,membar=1M", "e1000e"}
 	args = append(args, "-object", shmObj)
 	for i, d := range devs {
 		slot := 3 + i

@@ -294,7 +294,7 @@ func TestQEMUArgs(t *testing.T) {
 		"-device pcie-root-port,id=rp1,chassis=1,slot=1,addr=03.0 -device edu,bus=rp1",
 		"-device pcie-root-port,id=rp2,chassis=2,slot=2,addr=04.0 -device edu,bus=rp2",
 		"mem-path=/dev/shm/x,size=1048576,share=on", "-device ivshmem-plain,memdev=shm0,bus=rp3",
-		"-device pci-testdev,membar=1M,bus=rp4", "-serial stdio -chardev socket,id=payload,fd=3 -serial chardev:payload",
+		"-device pci-testdev,membar=1M,bus=rp4", "-device pcie-root-port,id=rp5,chassis=5,slot=5,addr=07.0 -device e1000e,bus=rp5", "-serial stdio -chardev socket,id=payload,fd=3 -serial chardev:payload",
 		"-kernel /k/bzImage -initrd /i.cpio.zst -append console=ttyS0 mmb.mode=tests",
 	} {
 		if !strings.Contains(s, want) {

@@ -94,7 +94,7 @@ else
 fi
 
 # --- devices -------------------------------------------------------------------------------
-EDU1= EDU2= IVSHMEM= TESTDEV= DEVS= nedu=0
+EDU1= EDU2= IVSHMEM= TESTDEV= PCIE= DEVS= nedu=0
 for d in /sys/bus/pci/devices/*; do
 	b=${d##*/}
 	case "$(cat "$d/vendor"):$(cat "$d/device")" in
@@ -105,14 +105,15 @@ for d in /sys/bus/pci/devices/*; do
 		;;
 	0x1af4:0x1110) [ -z "$IVSHMEM" ] && IVSHMEM=$b ;;
 	0x1b36:0x0005) [ -z "$TESTDEV" ] && TESTDEV=$b ;;
+	0x8086:0x10d3) [ -z "$PCIE" ] && PCIE=$b ;;
 	*) continue ;;
 	esac
 	DEVS="$DEVS $b"
 done
-if [ -n "$EDU1" ] && [ -n "$EDU2" ] && [ -n "$IVSHMEM" ] && [ -n "$TESTDEV" ]; then
-	check devices ok "edu $EDU1 $EDU2, ivshmem $IVSHMEM, pci-testdev $TESTDEV"
+if [ -n "$EDU1" ] && [ -n "$EDU2" ] && [ -n "$IVSHMEM" ] && [ -n "$TESTDEV" ] && [ -n "$PCIE" ]; then
+	check devices ok "edu $EDU1 $EDU2, ivshmem $IVSHMEM, pci-testdev $TESTDEV, e1000e (PCIe) $PCIE"
 else
-	check devices fail "want 2 edu, ivshmem, pci-testdev; found edu '$EDU1' '$EDU2', ivshmem '$IVSHMEM', pci-testdev '$TESTDEV'"
+	check devices fail "want 2 edu, ivshmem, pci-testdev, e1000e; found edu '$EDU1' '$EDU2', ivshmem '$IVSHMEM', pci-testdev '$TESTDEV', e1000e '$PCIE'"
 fi
 
 # The host reads the ivshmem backing file: put a nonce into BAR2 through /dev/mem while no
@@ -163,8 +164,8 @@ if [ "$KERNEL" = iommufd ]; then
 fi
 
 export MMIOBROKER_VM_EDU1=$EDU1 MMIOBROKER_VM_EDU2=$EDU2 MMIOBROKER_VM_IVSHMEM=$IVSHMEM \
-	MMIOBROKER_VM_TESTDEV=$TESTDEV MMIOBROKER_VM_KERNEL=$KERNEL MMIOBROKER_VM_TOPOLOGY=$TOPOLOGY
-for v in EDU1 EDU2 IVSHMEM TESTDEV KERNEL TOPOLOGY; do
+	MMIOBROKER_VM_TESTDEV=$TESTDEV MMIOBROKER_VM_PCIE=$PCIE MMIOBROKER_VM_KERNEL=$KERNEL MMIOBROKER_VM_TOPOLOGY=$TOPOLOGY
+for v in EDU1 EDU2 IVSHMEM TESTDEV PCIE KERNEL TOPOLOGY; do
 	eval "mark env MMIOBROKER_VM_$v=\$MMIOBROKER_VM_$v"
 done
 mark "ready uptime=$(up)"
@@ -203,7 +204,7 @@ demo)
 shell)
 	echo
 	echo "mmiobroker rig shell: kernel $(uname -r) ($KERNEL), topology $TOPOLOGY"
-	echo "devices (bound to vfio-pci): edu $EDU1 $EDU2, ivshmem $IVSHMEM, pci-testdev $TESTDEV"
+	echo "devices (bound to vfio-pci): edu $EDU1 $EDU2, ivshmem $IVSHMEM, pci-testdev $TESTDEV, e1000e $PCIE"
 	echo "tests: $(ls /tests 2>/dev/null | tr '\n' ' ')  programs: $(cd /bin && ls mmiobroker* 2>/dev/null | tr '\n' ' ')"
 	echo "demo: sh /etc/mmb/demo.sh     leave: exit (or Ctrl-A x)"
 	setsid cttyhack sh -l
