@@ -51,7 +51,14 @@ type device struct {
 	pending   []*revokeReq // revocations waiting for the next device cycle
 	suspended bool         // memory decode off for maintenance
 	errors    uint64       // error notices (AER) since open
+	// released are leases that ended without a revoke after their fd was delivered: the
+	// holder may still use those ranges until the next device cycle, so an allocation that
+	// must not share them cycles the device first.
+	released []Lease
 }
+
+// maxReleased bounds device.released; beyond it the next allocation cycles the device.
+const maxReleased = 1024
 
 // lease is a lease record; guarded by Broker.mu.
 type lease struct {
@@ -65,6 +72,12 @@ type lease struct {
 	grace    *time.Timer // cooperative revoke deadline
 	unwatch  context.CancelFunc
 	pending  bool // being exported: invisible to Get, List and Claim
+	// before is the lease as it was before the last claim, for Unclaim.
+	before struct {
+		state    State
+		token    string
+		deadline time.Time
+	}
 }
 
 // ErrBadToken is the class of claims whose token is wrong, already used, or from an older
@@ -109,9 +122,9 @@ func New(cfg Config, open Opener, log *slog.Logger) (*Broker, error) {
 // openDevice opens d if it is not open. Called with d.opMu held.
 func (b *Broker) openDevice(d *device) {
 	b.mu.Lock()
-	isOpen := d.dev != nil
+	skip := d.dev != nil || b.closed
 	b.mu.Unlock()
-	if isOpen {
+	if skip {
 		return
 	}
 	dev, err := b.open(d.policy.BDF)
@@ -127,10 +140,14 @@ func (b *Broker) openDevice(d *device) {
 		b.log.Warn("device unusable", "bdf", d.policy.BDF, "err", err)
 		return
 	}
-	d.dev, d.info, d.err, d.suspended, d.errors = dev, info, nil, false, 0
+	if b.closed { // closed while opening
+		dev.Close()
+		return
+	}
+	d.dev, d.info, d.err, d.suspended, d.errors, d.released = dev, info, nil, false, 0, nil
 	if n, ok := dev.(Notifier); ok {
 		b.watchers.Add(1)
-		go b.watchNotices(d, n.Notices())
+		go b.watchNotices(d, dev, n.Notices())
 	}
 	b.log.Info("device opened", "bdf", info.BDF, "mode", info.Mode, "driver", info.Driver,
 		"iommu_group", info.IOMMUGroup, "dma_buf", errString(info.DMABuf, "supported"))
@@ -146,10 +163,15 @@ func errString(err error, ok string) string {
 // Devices returns every configured device in configuration order.
 func (b *Broker) Devices() []DeviceStatus {
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	out := make([]DeviceStatus, 0, len(b.order))
+	devs := make([]Device, 0, len(b.order))
 	for _, bdf := range b.order {
-		out = append(out, b.statusLocked(b.devices[bdf]))
+		st, dev := b.statusLocked(b.devices[bdf])
+		out, devs = append(out, st), append(devs, dev)
+	}
+	b.mu.Unlock()
+	for i, dev := range devs {
+		fillInfo(&out[i], dev)
 	}
 	return out
 }
@@ -157,22 +179,30 @@ func (b *Broker) Devices() []DeviceStatus {
 // Device returns the configured device bdf.
 func (b *Broker) Device(bdf string) (DeviceStatus, error) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	d, ok := b.devices[bdf]
 	if !ok {
+		b.mu.Unlock()
 		return DeviceStatus{}, fmt.Errorf("device %s is not configured: %w", bdf, errdefs.ErrNotFound)
 	}
-	return b.statusLocked(d), nil
+	st, dev := b.statusLocked(d)
+	b.mu.Unlock()
+	fillInfo(&st, dev)
+	return st, nil
 }
 
-func (b *Broker) statusLocked(d *device) DeviceStatus {
-	st := DeviceStatus{Info: d.info, Policy: d.policy, Err: d.err, LiveLeases: len(d.live),
-		Suspended: d.suspended, Errors: d.errors}
-	if d.dev != nil {
-		st.Info = d.dev.Info()
-		st.Info.BDF = d.policy.BDF
+// statusLocked returns d's status and its open device, whose fresh Info the caller adds
+// with fillInfo after unlocking: a device's Info may wait for a device cycle in progress,
+// which must not stall the whole broker.
+func (b *Broker) statusLocked(d *device) (DeviceStatus, Device) {
+	return DeviceStatus{Info: d.info, Policy: d.policy, Err: d.err, LiveLeases: len(d.live),
+		Suspended: d.suspended, Errors: d.errors}, d.dev
+}
+
+func fillInfo(st *DeviceStatus, dev Device) {
+	if dev != nil {
+		st.Info = dev.Info()
+		st.Info.BDF = st.Policy.BDF
 	}
-	return st
 }
 
 // Allocate exports the requested ranges as a dma-buf and returns the new lease and its
@@ -217,6 +247,16 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	l, err := b.reserve(d, info, req)
 	if err != nil {
 		return Lease{}, "", err
+	}
+	if b.mustCycleFor(d, req) {
+		if err := b.cycleDevice(d, "released ranges may still be in use by their former holder"); err != nil {
+			b.mu.Lock()
+			delete(d.live, l.ID)
+			delete(b.leases, l.ID)
+			b.countLive(l, -1)
+			b.mu.Unlock()
+			return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
+		}
 	}
 	buf, err := dev.Export(req.BAR, req.Ranges, bufferName(l.ID))
 	b.mu.Lock()
@@ -350,6 +390,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	if err != nil {
 		return Lease{}, nil, fmt.Errorf("lease %s: duplicate dma-buf fd: %w", id, err)
 	}
+	l.before.state, l.before.token, l.before.deadline = l.State, l.token, l.deadline
 	l.token = ""
 	l.ClaimDeadline = time.Time{}
 	if l.timer != nil {
@@ -361,6 +402,26 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	b.emitLocked(EventClaimed, l, "")
 	b.log.Info("lease claimed", "lease_id", id, "generation", l.Generation, "client_pid", peer.PID, "inode", l.Inode)
 	return l.Lease, f, nil
+}
+
+// Unclaim undoes the claim of generation gen of lease id whose fd could not be delivered
+// (the claim socket's sendmsg failed or the peer went away first): the token is valid
+// again, and an allocated lease's claim deadline is what it was. It does nothing if the
+// lease ended or moved on meanwhile.
+func (b *Broker) Unclaim(id string, gen uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	l, ok := b.leases[id]
+	if !ok || !l.Live() || l.Generation != gen || l.token != "" || l.Claimed.IsZero() || l.before.token == "" {
+		return
+	}
+	l.State, l.token, l.Claimed = l.before.state, l.before.token, time.Time{}
+	l.before.token = ""
+	if l.State == StateAllocated {
+		l.deadline, l.ClaimDeadline = l.before.deadline, l.before.deadline
+		l.timer = time.AfterFunc(max(l.deadline.Sub(b.now()), 0), func() { b.expire(id, gen) })
+	}
+	b.log.Warn("claim undone: the fd was not delivered", "lease_id", id, "generation", gen)
 }
 
 // expire releases lease id if generation gen was never claimed.
@@ -418,10 +479,18 @@ func (b *Broker) List(f Filter) []Lease {
 }
 
 // Release ends lease id on behalf of its holder (same uid) or an admin. It does not touch
-// the device: the holder's fd stays usable until the holder closes it.
+// the device: the holder's fd stays usable until the holder closes it, or until the next
+// device cycle — which an allocation that must not share the released ranges (private,
+// or another uid's) triggers first. If a cooperative revoke is pending, the release
+// completes it: the lease's fd is revoked at once.
 func (b *Broker) Release(id string, by Actor) (Lease, error) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	unlock := true
+	defer func() {
+		if unlock {
+			b.mu.Unlock()
+		}
+	}()
 	l, ok := b.leases[id]
 	if !ok || l.pending {
 		return Lease{}, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
@@ -431,6 +500,14 @@ func (b *Broker) Release(id string, by Actor) (Lease, error) {
 	}
 	if !l.Live() {
 		return Lease{}, fmt.Errorf("lease %s has already ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
+	}
+	if !l.RevokeDeadline.IsZero() {
+		unlock = false
+		b.mu.Unlock()
+		return b.enforce(l, StateReleased, ReasonReleased, by.String(), EventReleased)
+	}
+	if d := b.devices[l.BDF]; d != nil && !l.Claimed.IsZero() {
+		d.released = append(d.released, l.Lease)
 	}
 	b.endLocked(l, StateReleased, ReasonReleased, by.String())
 	b.emitLocked(EventReleased, l, "")

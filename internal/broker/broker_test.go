@@ -523,19 +523,25 @@ func TestSubscribeCursor(t *testing.T) {
 }
 
 func TestSlowSubscriberIsCut(t *testing.T) {
-	r := newRig(t, func(c *broker.Config) { c.EventBacklog = 1; c.Limits.MaxLeasesPerHolder = 100 })
+	const leases = 200 // more events than a subscriber may fall behind by (256)
+	r := newRig(t, func(c *broker.Config) { c.Limits.MaxLeasesPerHolder = leases })
 	sub, err := r.b.Subscribe(0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 80 {
-		r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: uint64(i) * page, Length: page}))
+	for i := range leases {
+		l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: uint64(i) * page, Length: page}))
+		_, f, err := r.b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
 	}
 	n := 0
-	for range sub.Events() {
+	for range sub.Events() { // 2 events per lease: the subscription must be cut, or this hangs
 		n++
 	}
-	if n == 0 || n >= 80 || !errors.Is(sub.Err(), broker.ErrSubscriberLagged) {
+	if n == 0 || n >= 2*leases || !errors.Is(sub.Err(), broker.ErrSubscriberLagged) {
 		t.Fatalf("slow subscriber got %d events, err %v; want cut off with ErrSubscriberLagged", n, sub.Err())
 	}
 }

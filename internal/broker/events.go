@@ -7,6 +7,10 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
+// subscriptionBuffer is how many live events a subscriber may fall behind before it is
+// cut off with [ErrSubscriberLagged] (it then resumes with its last sequence number).
+const subscriptionBuffer = 256
+
 // ErrSubscriberLagged ends a [Subscription] whose reader fell too far behind; resubscribe
 // with the last sequence number seen.
 var ErrSubscriberLagged = fmt.Errorf("event subscriber fell behind: %w", errdefs.ErrResourceExhausted)
@@ -132,9 +136,11 @@ func (b *Broker) Subscribe(cursor uint64) (*Subscription, error) {
 			return nil, err
 		}
 	}
-	s := &Subscription{ch: make(chan Event, b.cfg.EventBacklog+64), b: b}
+	// The buffer holds the replay plus subscriptionBuffer live events: memory per
+	// subscriber is bounded by what it asked to replay.
+	s := &Subscription{ch: make(chan Event, len(backlog)+subscriptionBuffer), b: b}
 	for _, e := range backlog {
-		s.ch <- e // fits: the channel holds a whole backlog
+		s.ch <- e // fits: the channel holds the whole replay
 	}
 	b.events.subs[s] = struct{}{}
 	return s, nil

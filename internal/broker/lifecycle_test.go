@@ -129,11 +129,15 @@ func TestCooperativeRevoke(t *testing.T) {
 	})
 }
 
+// TestCooperativeRevokeReleasedInTime: a holder that releases before the deadline ends
+// the lease as released, and the release completes the revoke at once — the fd it had is
+// dead, so the admin's revoke holds — with no second cycle at the deadline.
 func TestCooperativeRevokeReleasedInTime(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		r := newRig(t, nil)
 		l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
 		r.claim(t, l, tok)
+		buf := r.devs[dev0].OpenBuffers()[0]
 		if _, err := r.b.Revoke(l.ID, admin, 5*time.Second); err != nil {
 			t.Fatal(err)
 		}
@@ -141,16 +145,74 @@ func TestCooperativeRevokeReleasedInTime(t *testing.T) {
 		if _, err := r.b.Release(l.ID, broker.Actor{UID: 1000, PID: 1}); err != nil {
 			t.Fatal(err)
 		}
+		if !buf.Revoked() {
+			t.Fatal("the released lease's fd is still alive although a revoke was requested")
+		}
 		time.Sleep(time.Minute)
 		synctest.Wait()
 		now, _ := r.b.Get(l.ID)
 		if now.State != broker.StateReleased || now.EndReason != broker.ReasonReleased {
 			t.Fatalf("released before the deadline: %+v", now)
 		}
-		if c, _ := revokes(r.devs[dev0]); c != 0 {
-			t.Fatalf("%d device cycles after a timely release", c)
+		if c, _ := revokes(r.devs[dev0]); c != 1 {
+			t.Fatalf("%d device cycles, want the one the release triggered", c)
 		}
 	})
+}
+
+// TestReleasedRangesAreNotHandedOver: a released lease's holder may keep using its fd
+// until the next device cycle, so a lease that must not share those ranges — private, or
+// another uid's — cycles the device before it is exported; the same uid's shared lease
+// does not.
+func TestReleasedRangesAreNotHandedOver(t *testing.T) {
+	r := newRig(t, func(c *broker.Config) { c.Devices[0].AllowUnattestedPrivate = true })
+	rel := func(uid uint32, off uint64) *brokertest.Buffer {
+		l, tok := r.allocate(t, req(dev0, 0, uid, 1, broker.Range{Offset: off, Length: page}))
+		r.claim(t, l, tok)
+		var buf *brokertest.Buffer
+		for _, b := range r.devs[dev0].OpenBuffers() {
+			if b.Inode() == l.Inode {
+				buf = b
+			}
+		}
+		if _, err := r.b.Release(l.ID, broker.Actor{UID: uid}); err != nil {
+			t.Fatal(err)
+		}
+		return buf
+	}
+	old := rel(1000, 0)
+	// same uid, shared: no cycle needed
+	r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: 0, Length: page}))
+	if c, _ := revokes(r.devs[dev0]); c != 0 || old.Revoked() {
+		t.Fatalf("%d cycles for a same-uid shared lease over released ranges", c)
+	}
+	// another uid: cycle first
+	r.allocate(t, req(dev0, 0, 1001, 2, broker.Range{Offset: 2 * page, Length: page}))
+	if c, _ := revokes(r.devs[dev0]); c != 0 {
+		t.Fatalf("%d cycles for a disjoint lease", c)
+	}
+	old2 := rel(1000, 4*page)
+	r.allocate(t, req(dev0, 0, 1001, 2, broker.Range{Offset: 4 * page, Length: page}))
+	if c, _ := revokes(r.devs[dev0]); c != 1 || !old.Revoked() || !old2.Revoked() {
+		t.Fatalf("another uid over released ranges: %d cycles, old fds revoked %v %v", c, old.Revoked(), old2.Revoked())
+	}
+	// private over a released range of the same uid: cycle first
+	rel(1000, 8*page)
+	p := req(dev0, 0, 1000, 1, broker.Range{Offset: 8 * page, Length: page})
+	p.Kind = broker.KindPrivate
+	r.allocate(t, p)
+	if c, _ := revokes(r.devs[dev0]); c != 2 {
+		t.Fatalf("private over released ranges: %d cycles, want 2", c)
+	}
+	// a rejected request cycles nothing
+	rel(1000, 12*page)
+	bad := req(dev0, 0, 1001, 2, broker.Range{Offset: 12 * page, Length: 100})
+	if _, _, err := r.b.Allocate(bad); err == nil {
+		t.Fatal("unaligned request accepted")
+	}
+	if c, _ := revokes(r.devs[dev0]); c != 2 {
+		t.Fatalf("a rejected request cycled the device (%d cycles)", c)
+	}
 }
 
 func TestTTLAndRenew(t *testing.T) {
@@ -369,4 +431,25 @@ func TestRevokeCoalesceWindow(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestUnclaim: a claim whose fd never reached the client is undone; the same token claims
+// again, and only once more.
+func TestUnclaim(t *testing.T) {
+	r := newRig(t, nil)
+	l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+	_, f, err := r.b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close() // "delivery failed"
+	r.b.Unclaim(l.ID, 1)
+	if got, _ := r.b.Get(l.ID); got.State != broker.StateAllocated || got.ClaimDeadline.IsZero() || !got.Claimed.IsZero() {
+		t.Fatalf("after Unclaim: %+v", got)
+	}
+	r.claim(t, l, tok) // the token works again
+	r.b.Unclaim(l.ID, 2) // another generation: nothing happens
+	if _, _, err := r.b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 1}); !errors.Is(err, broker.ErrBadToken) {
+		t.Fatalf("third claim: %v, want a bad token", err)
+	}
 }

@@ -143,11 +143,7 @@ func (b *Broker) runRevokes(d *device) {
 	b.mu.Lock()
 	batch := d.pending
 	d.pending = nil
-	dev, suspended := d.dev, d.suspended
-	survivors := make([]*lease, 0, len(d.live))
-	for _, o := range d.live {
-		survivors = append(survivors, o)
-	}
+	dev := d.dev
 	b.mu.Unlock()
 	if len(batch) == 0 {
 		return // another caller's pass took ours
@@ -181,6 +177,26 @@ func (b *Broker) runRevokes(d *device) {
 		}
 		b.log.Warn("per-buffer revoke failed; cycling the device", "bdf", d.policy.BDF, "err", err)
 	}
+	finish(b.cycleDevice(d, fmt.Sprintf("%d revocation(s)", len(batch))))
+}
+
+// cycleDevice makes every dma-buf d exported so far dead for good (one device cycle) and
+// re-exports its live leases as a new generation. Called with d.opMu held. On failure the
+// device is lost: all its leases end.
+func (b *Broker) cycleDevice(d *device, why string) error {
+	b.mu.Lock()
+	dev, suspended := d.dev, d.suspended
+	survivors := make([]*lease, 0, len(d.live))
+	for _, o := range d.live {
+		if !o.pending {
+			survivors = append(survivors, o)
+		}
+	}
+	b.mu.Unlock()
+	if dev == nil {
+		return nil // closed or lost: every dma-buf it exported is dead already
+	}
+	start := b.now()
 	if err := dev.Revoke(); err != nil {
 		b.mu.Lock()
 		closeDev := b.loseDeviceLocked(d, fmt.Errorf("revoke: %w", err))
@@ -188,8 +204,7 @@ func (b *Broker) runRevokes(d *device) {
 		if closeDev != nil {
 			closeDev.Close()
 		}
-		finish(fmt.Errorf("cycling device %s failed, all its leases ended: %w: %w", d.policy.BDF, err, errdefs.ErrUnavailable))
-		return
+		return fmt.Errorf("cycling device %s failed, all its leases ended: %w: %w", d.policy.BDF, err, errdefs.ErrUnavailable)
 	}
 	if suspended {
 		if s, ok := dev.(Suspender); ok {
@@ -198,10 +213,32 @@ func (b *Broker) runRevokes(d *device) {
 			}
 		}
 	}
-	b.log.Info("device cycled to revoke", "bdf", d.policy.BDF, "revocations", len(batch),
+	b.mu.Lock()
+	d.released = nil
+	b.mu.Unlock()
+	b.log.Info("device cycled", "bdf", d.policy.BDF, "why", why,
 		"took", b.now().Sub(start).String(), "reissue", len(survivors))
-	finish(nil)
 	b.reissue(d, dev, survivors)
+	return nil
+}
+
+// mustCycleFor reports whether allocating req on d must first cycle the device: the
+// request overlaps released ranges that their former holder may still be using, and may
+// not share them (a private lease, a private released lease, or another uid's), or too
+// many released leases are waiting for a cycle.
+func (b *Broker) mustCycleFor(d *device, req AllocateRequest) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(d.released) > maxReleased {
+		return true
+	}
+	for _, r := range d.released {
+		if r.BAR == req.BAR && overlaps(r.Ranges, req.Ranges) &&
+			(req.Kind == KindPrivate || r.Kind == KindPrivate || r.Holder.UID != req.Holder.UID) {
+			return true
+		}
+	}
+	return false
 }
 
 // reissue re-exports survivors after their device revoked every dma-buf. Called with
@@ -350,14 +387,16 @@ func (b *Broker) suspendResume(bdf string, by Actor, suspend bool) (DeviceStatus
 		return DeviceStatus{}, fmt.Errorf("%s device %s: %w", verb, bdf, err)
 	}
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	d.suspended = suspend
 	ev := map[bool]EventType{true: EventSuspended, false: EventResumed}[suspend]
 	for _, l := range b.sortedLive(d) {
 		b.emitLocked(ev, l, "")
 	}
 	b.log.Info("device "+done, "bdf", bdf, "by", by.String(), "leases", len(d.live))
-	return b.statusLocked(d), nil
+	st, _ := b.statusLocked(d)
+	b.mu.Unlock()
+	fillInfo(&st, dev) // with opMu still held: dev is the device just suspended or resumed
+	return st, nil
 }
 
 // sortedLive returns d's live leases, oldest first. Called with b.mu held.
@@ -400,8 +439,10 @@ func (b *Broker) DeviceAvailable(bdf string) (DeviceStatus, error) {
 	b.openDevice(d)
 	d.opMu.Unlock()
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.statusLocked(d), d.err
+	st, dev := b.statusLocked(d)
+	b.mu.Unlock()
+	fillInfo(&st, dev)
+	return st, st.Err
 }
 
 // loseDeviceLocked ends all of d's leases and detaches its device, which the caller
@@ -420,10 +461,17 @@ func (b *Broker) loseDeviceLocked(d *device, cause error) Device {
 	return dev
 }
 
-// watchNotices acts on what device d reports until the channel closes (device closed).
-func (b *Broker) watchNotices(d *device, ch <-chan Notice) {
+// watchNotices acts on what the instance dev of device d reports until the channel
+// closes (dev closed). Notices still buffered after dev was replaced are stale and ignored.
+func (b *Broker) watchNotices(d *device, dev Device, ch <-chan Notice) {
 	defer b.watchers.Done()
 	for n := range ch {
+		b.mu.Lock()
+		current := d.dev == dev
+		b.mu.Unlock()
+		if !current {
+			continue
+		}
 		switch n.Kind {
 		case NoticeRelease:
 			b.log.Warn("the kernel asks for the device back", "bdf", d.policy.BDF)

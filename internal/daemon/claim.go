@@ -35,3 +35,11 @@ func (c claimer) Claim(_ context.Context, req fdpass.Request, peer fdpass.Peer) 
 		BAR:        uint32(l.BAR),
 	}, f, nil
 }
+
+// Delivered implements fdpass.DeliveryReporter: a claim whose fd did not reach the peer is
+// undone, so that its token works again.
+func (c claimer) Delivered(req fdpass.Request, grant fdpass.Grant, _ fdpass.Peer, err error) {
+	if err != nil {
+		c.b.Unclaim(grant.LeaseID, grant.Generation)
+	}
+}

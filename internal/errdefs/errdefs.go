@@ -54,8 +54,8 @@ var classes = []struct {
 	{ErrDeadlineExceeded, codes.DeadlineExceeded},
 }
 
-// Code returns the gRPC code of err's class; codes.Unknown for an unclassified error and
-// codes.OK for nil.
+// Code returns the gRPC code of err's class; codes.Internal for an unclassified error (a
+// failure of the daemon or the kernel that no class describes) and codes.OK for nil.
 func Code(err error) codes.Code {
 	switch {
 	case err == nil:
@@ -73,7 +73,7 @@ func Code(err error) codes.Code {
 			return c.code
 		}
 	}
-	return codes.Unknown
+	return codes.Internal
 }
 
 // ToGRPC converts err into a gRPC status error whose code is err's class and whose message

@@ -26,7 +26,7 @@ func TestToGRPC(t *testing.T) {
 		{ErrUnavailable, codes.Unavailable},
 		{ErrDeadlineExceeded, codes.DeadlineExceeded},
 		{context.Canceled, codes.Canceled},
-		{errors.New("plain"), codes.Unknown},
+		{errors.New("plain"), codes.Internal},
 		{status.Error(codes.Aborted, "already a status"), codes.Aborted},
 	} {
 		got := ToGRPC(tc.err)

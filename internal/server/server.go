@@ -26,6 +26,9 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 )
 
+// maxStreamsPerConn bounds the concurrent RPCs of one client connection.
+const maxStreamsPerConn = 64
+
 // DefaultSocket is the conventional path of the control socket.
 const DefaultSocket = "/run/mmiobroker/control.sock"
 
@@ -74,6 +77,7 @@ func New(b *broker.Broker, opt Options) *Server {
 	}
 	s.g = grpc.NewServer(
 		grpc.Creds(peercred.NewTransportCredentials()),
+		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.UnaryInterceptor(s.unaryInterceptor),
 		grpc.StreamInterceptor(s.streamInterceptor),
 	)

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"sync"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -23,6 +24,36 @@ type service struct {
 	claimSocket string
 	// stopping is closed when the server stops; it ends WatchEvents streams.
 	stopping <-chan struct{}
+
+	watchMu sync.Mutex
+	watches map[uint32]int // open WatchEvents streams of non-admin uids; guarded by watchMu
+}
+
+// MaxWatchesPerUID bounds the WatchEvents streams one non-admin uid may have open: each
+// holds a subscription buffer in the daemon.
+const MaxWatchesPerUID = 16
+
+// watchSlot takes one of uid's WatchEvents slots; the returned func gives it back.
+func (s *service) watchSlot(uid uint32, admin bool) (func(), error) {
+	if admin {
+		return func() {}, nil
+	}
+	s.watchMu.Lock()
+	defer s.watchMu.Unlock()
+	if s.watches == nil {
+		s.watches = map[uint32]int{}
+	}
+	if s.watches[uid] >= MaxWatchesPerUID {
+		return nil, fmt.Errorf("uid %d has %d event streams open, the limit: %w", uid, MaxWatchesPerUID, errdefs.ErrResourceExhausted)
+	}
+	s.watches[uid]++
+	return func() {
+		s.watchMu.Lock()
+		defer s.watchMu.Unlock()
+		if s.watches[uid]--; s.watches[uid] <= 0 {
+			delete(s.watches, uid)
+		}
+	}, nil
 }
 
 var _ brokerv1.BrokerServer = (*service)(nil)
@@ -255,6 +286,11 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	if err != nil {
 		return err
 	}
+	done, err := s.watchSlot(id.UID, admin)
+	if err != nil {
+		return errdefs.ToGRPC(err)
+	}
+	defer done()
 	sub, err := s.b.Subscribe(req.GetAfterSeq())
 	if err != nil {
 		return errdefs.ToGRPC(err)
@@ -290,7 +326,7 @@ func subscriptionEnded(err error) error {
 	switch {
 	case err == nil:
 		return fmt.Errorf("event stream ended: %w", errdefs.ErrUnavailable)
-	case errdefs.Code(err) == codes.Unknown:
+	case errdefs.Code(err) == codes.Internal: // unclassified
 		return fmt.Errorf("event stream ended: %w: %w", err, errdefs.ErrUnavailable)
 	}
 	return fmt.Errorf("event stream ended: %w", err)

@@ -189,7 +189,8 @@ const (
 	LeaseState_LEASE_STATE_REVOKED LeaseState = 3
 	// Ended by its holder or an admin releasing it, by its holder process exiting, by its claim
 	// token expiring, or by the broker shutting down. A release by ReleaseLease does not revoke
-	// the fd; a holder exit and a shutdown do (see end_reason).
+	// the fd (unless a cooperative revoke was pending); a holder exit and a shutdown do (see
+	// end_reason).
 	LeaseState_LEASE_STATE_RELEASED LeaseState = 4
 )
 

@@ -142,11 +142,13 @@ type BrokerClient interface {
 	// FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the device could not be
 	// cycled; the lease is revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(ctx context.Context, in *RevokeLeaseRequest, opts ...grpc.CallOption) (*RevokeLeaseResponse, error)
-	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does NOT
+	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does not
 	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
-	// working until the holder closes it (the holder is expected to close it). The broker
-	// closes its own copy and stops accounting the ranges to the holder. Use RevokeLease to
-	// take an fd away.
+	// working until the holder closes it (the holder is expected to close it) or until the
+	// device's next cycle. The broker closes its own copy, and before it hands released ranges
+	// to another uid or to a private lease it cycles the device, so that they are not shared.
+	// Exception: if a cooperative revoke is pending (RevokeLease with a grace period), the
+	// release completes it and the fd is revoked at once. Use RevokeLease to take an fd away.
 	//
 	// Codes: NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
 	// has already ended).
@@ -389,11 +391,13 @@ type BrokerServer interface {
 	// FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the device could not be
 	// cycled; the lease is revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(context.Context, *RevokeLeaseRequest) (*RevokeLeaseResponse, error)
-	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does NOT
+	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does not
 	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
-	// working until the holder closes it (the holder is expected to close it). The broker
-	// closes its own copy and stops accounting the ranges to the holder. Use RevokeLease to
-	// take an fd away.
+	// working until the holder closes it (the holder is expected to close it) or until the
+	// device's next cycle. The broker closes its own copy, and before it hands released ranges
+	// to another uid or to a private lease it cycles the device, so that they are not shared.
+	// Exception: if a cooperative revoke is pending (RevokeLease with a grace period), the
+	// release completes it and the fd is revoked at once. Use RevokeLease to take an fd away.
 	//
 	// Codes: NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
 	// has already ended).
