@@ -447,7 +447,7 @@ func TestUnclaim(t *testing.T) {
 	if got, _ := r.b.Get(l.ID); got.State != broker.StateAllocated || got.ClaimDeadline.IsZero() || !got.Claimed.IsZero() {
 		t.Fatalf("after Unclaim: %+v", got)
 	}
-	r.claim(t, l, tok) // the token works again
+	r.claim(t, l, tok)   // the token works again
 	r.b.Unclaim(l.ID, 2) // another generation: nothing happens
 	if _, _, err := r.b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 1}); !errors.Is(err, broker.ErrBadToken) {
 		t.Fatalf("third claim: %v, want a bad token", err)
