@@ -73,6 +73,9 @@ type Options struct {
 	// MaxConns bounds the claims served at once (default 64); clients beyond it get
 	// RESOURCE_EXHAUSTED.
 	MaxConns int
+	// MaxConnsPerUID bounds the claims of one uid served at once (default MaxConns/4, at
+	// least 1), so that one tenant's idle connections cannot starve the others.
+	MaxConnsPerUID int
 }
 
 // Server serves claims on SOCK_SEQPACKET unix sockets.
@@ -82,6 +85,45 @@ type Server struct {
 	opt     Options
 	slots   chan struct{} // one token per claim in progress, across all Serve calls
 	rejects chan struct{} // one token per busy-rejection in progress
+
+	uidMu sync.Mutex
+	byUID map[uint32]int // claims in progress per peer uid; guarded by uidMu
+}
+
+// takeUID counts a claim of uid in progress, unless uid is at its limit.
+func (s *Server) takeUID(uid uint32) bool {
+	s.uidMu.Lock()
+	defer s.uidMu.Unlock()
+	if s.byUID[uid] >= s.opt.MaxConnsPerUID {
+		return false
+	}
+	s.byUID[uid]++
+	return true
+}
+
+func (s *Server) releaseUID(uid uint32) {
+	s.uidMu.Lock()
+	defer s.uidMu.Unlock()
+	if s.byUID[uid]--; s.byUID[uid] <= 0 {
+		delete(s.byUID, uid)
+	}
+}
+
+// peerUID returns the uid of the process at the other end of c (SO_PEERCRED).
+func peerUID(c *net.UnixConn) (uint32, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { cred, gerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return 0, err
+	}
+	if gerr != nil {
+		return 0, os.NewSyscallError("getsockopt SO_PEERCRED", gerr)
+	}
+	return cred.Uid, nil
 }
 
 // NewServer returns a server that asks c about each claim.
@@ -95,11 +137,14 @@ func NewServer(c Claimer, opt Options) *Server {
 	if opt.MaxConns <= 0 {
 		opt.MaxConns = 64
 	}
+	if opt.MaxConnsPerUID <= 0 {
+		opt.MaxConnsPerUID = max(opt.MaxConns/4, 1)
+	}
 	log := opt.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{claimer: c, log: log, opt: opt,
+	return &Server{claimer: c, log: log, opt: opt, byUID: map[uint32]int{},
 		slots: make(chan struct{}, opt.MaxConns), rejects: make(chan struct{}, opt.MaxConns)}
 }
 
@@ -177,14 +222,23 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			c.Close()
 			continue
 		}
-		select {
-		case s.slots <- struct{}{}:
-			wg.Go(func() {
-				defer func() { <-s.slots }()
-				s.handle(ctx, uc)
-			})
+		uid, err := peerUID(uc)
+		if err != nil {
+			s.log.Warn("claim peer without credentials; dropping connection", "error", err)
+			uc.Close()
 			continue
-		default:
+		}
+		if s.takeUID(uid) {
+			select {
+			case s.slots <- struct{}{}:
+				wg.Go(func() {
+					defer func() { <-s.slots; s.releaseUID(uid) }()
+					s.handle(ctx, uc)
+				})
+				continue
+			default:
+				s.releaseUID(uid)
+			}
 		}
 		select {
 		case s.rejects <- struct{}{}:
@@ -248,7 +302,7 @@ func (s *Server) reject(ctx context.Context, c *net.UnixConn) {
 	if !answer {
 		return
 	}
-	msg := fmt.Sprintf("more than %d claims in progress; retry later", s.opt.MaxConns)
+	msg := fmt.Sprintf("too many claims in progress (at most %d, %d per uid); retry later", s.opt.MaxConns, s.opt.MaxConnsPerUID)
 	s.log.Warn("claim rejected", "lease_id", req.LeaseID, "code", CodeResourceExhausted.String(), "reason", msg)
 	s.writeError(c, CodeResourceExhausted, req.LeaseID, msg)
 }

@@ -363,6 +363,38 @@ func TestServerMaxConns(t *testing.T) {
 	}
 }
 
+// TestServerMaxConnsPerUID: one uid cannot take more than its share of the claim slots,
+// even while slots are free for others.
+func TestServerMaxConnsPerUID(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	buf := memfd(t, "x")
+	entered, release := make(chan struct{}), make(chan struct{})
+	fc := &fakeClaimer{claim: func(context.Context, Request, Peer) (Grant, *os.File, error) {
+		close(entered)
+		<-release
+		f, err := dup(buf)
+		return Grant{}, f, err
+	}}
+	ts := startServer(t, fc, Options{MaxConns: 8, MaxConnsPerUID: 1})
+	first := make(chan error, 1)
+	go func() {
+		f, _, err := Claim(testCtx(t), ts.path, "L", "T")
+		if f != nil {
+			f.Close()
+		}
+		first <- err
+	}()
+	<-entered
+	_, rep, err := Claim(testCtx(t), ts.path, "L2", "T2")
+	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted || !strings.Contains(rep.Message, "1 per uid") {
+		t.Errorf("second claim of the same uid: %v (code %s, %q), want RESOURCE_EXHAUSTED per uid", err, rep.Code, rep.Message)
+	}
+	close(release)
+	if err := <-first; err != nil {
+		t.Errorf("first claim: %v", err)
+	}
+}
+
 func TestServeRejectsStreamSocket(t *testing.T) {
 	testutil.FDLeakCheck(t)
 	path := testutil.ShortTempDir(t) + "/stream.sock"
