@@ -9,6 +9,8 @@ import (
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
 // AuthType is what [AuthInfo.AuthType] returns.
@@ -60,11 +62,43 @@ func FromContext(ctx context.Context) (AuthInfo, bool) {
 // credentials report for unix sockets: nothing outside the kernel can read or change the
 // traffic.
 func NewTransportCredentials() credentials.TransportCredentials {
-	return &transportCredentials{pin: pinPeerPidfd}
+	return &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(MaxConnsPerUID)}
 }
 
+// MaxConnsPerUID bounds the connections one uid may have open to a server using
+// [NewTransportCredentials]: each pins a pidfd, and the daemon's fds must not run out.
+const MaxConnsPerUID = 128
+
 type transportCredentials struct {
-	pin pinMode // pinFallback forces the pre-6.5 path (tests)
+	pin   pinMode    // pinFallback forces the pre-6.5 path (tests)
+	conns *connLimit // shared by clones
+}
+
+// connLimit counts the open server connections of each uid.
+type connLimit struct {
+	max   int
+	mu    sync.Mutex
+	byUID map[uint32]int // guarded by mu
+}
+
+func newConnLimit(max int) *connLimit { return &connLimit{max: max, byUID: map[uint32]int{}} }
+
+func (l *connLimit) take(uid uint32) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.byUID[uid] >= l.max {
+		return false
+	}
+	l.byUID[uid]++
+	return true
+}
+
+func (l *connLimit) release(uid uint32) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.byUID[uid]--; l.byUID[uid] <= 0 {
+		delete(l.byUID, uid)
+	}
 }
 
 func (*transportCredentials) common() credentials.CommonAuthInfo {
@@ -86,7 +120,12 @@ func (c *transportCredentials) ServerHandshake(conn net.Conn) (net.Conn, credent
 	if err != nil {
 		return nil, nil, fmt.Errorf("peercred server handshake from %v: %w", conn.RemoteAddr(), err)
 	}
-	wrapped := &procConn{Conn: conn, proc: proc}
+	if c.conns != nil && !c.conns.take(creds.UID) {
+		proc.Close()
+		return nil, nil, fmt.Errorf("peercred server handshake: uid %d has %d connections open, the limit: %w",
+			creds.UID, c.conns.max, errdefs.ErrResourceExhausted)
+	}
+	wrapped := &procConn{Conn: conn, proc: proc, uid: creds.UID, conns: c.conns}
 	return wrapped, AuthInfo{CommonAuthInfo: c.common(), Creds: creds, Process: proc}, nil
 }
 
@@ -107,9 +146,11 @@ func (*transportCredentials) OverrideServerName(string) error { return nil }
 // procConn is a server connection that owns its peer's Process.
 type procConn struct {
 	net.Conn
-	proc *Process
-	once sync.Once
-	err  error
+	proc  *Process
+	uid   uint32
+	conns *connLimit // nil: not counted
+	once  sync.Once
+	err   error
 }
 
 // Close closes the connection and then the peer's pidfd.
@@ -117,6 +158,9 @@ func (c *procConn) Close() error {
 	c.once.Do(func() {
 		c.err = c.Conn.Close()
 		c.proc.Close()
+		if c.conns != nil {
+			c.conns.release(c.uid)
+		}
 	})
 	return c.err
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -224,4 +225,59 @@ func TestTransportCredentialsInfo(t *testing.T) {
 	if _, ok := FromContext(ctx); ok {
 		t.Error("FromContext with foreign AuthInfo reported ok")
 	}
+}
+
+// TestServerHandshakeConnLimit: a uid cannot open more server connections than the limit;
+// closing one frees its place.
+func TestServerHandshakeConnLimit(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	creds := &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(2)}
+	var open []net.Conn
+	pair := func() (server, client net.Conn) {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mk := func(fd int) net.Conn {
+			f := os.NewFile(uintptr(fd), "pair")
+			defer f.Close()
+			c, err := net.FileConn(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return c
+		}
+		return mk(fds[0]), mk(fds[1])
+	}
+	defer func() {
+		for _, c := range open {
+			c.Close()
+		}
+	}()
+	var handshaken []net.Conn
+	for i := range 3 {
+		s, c := pair()
+		open = append(open, c)
+		conn, _, err := creds.ServerHandshake(s)
+		if i < 2 {
+			if err != nil {
+				t.Fatalf("connection %d: %v", i, err)
+			}
+			handshaken = append(handshaken, conn)
+			continue
+		}
+		s.Close()
+		if !errors.Is(err, errdefs.ErrResourceExhausted) {
+			t.Fatalf("connection beyond the limit: %v, want resource exhausted", err)
+		}
+	}
+	handshaken[0].Close()
+	s, c := pair()
+	open = append(open, c)
+	conn, _, err := creds.ServerHandshake(s)
+	if err != nil {
+		t.Fatalf("after closing one: %v", err)
+	}
+	conn.Close()
+	handshaken[1].Close()
 }
