@@ -145,6 +145,17 @@ func (c *cli) dial() (*client.Client, error) {
 	return client.Dial(c.socket, opts...)
 }
 
+// connect dials the control socket and bounds ctx by -timeout, for one command's RPCs;
+// done closes the connection and releases the context.
+func (c *cli) connect(ctx context.Context) (*client.Client, context.Context, func(), error) {
+	cl, err := c.dial()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := c.rpcContext(ctx)
+	return cl, ctx, func() { cancel(); cl.Close() }, nil
+}
+
 // subcommand returns a flag set for command name.
 func (c *cli) subcommand(name, args string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)

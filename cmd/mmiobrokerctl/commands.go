@@ -12,13 +12,11 @@ func (c *cli) devices(ctx context.Context, args []string) error {
 	if _, _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
-	cl, err := c.dial()
+	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	ctx, cancel := c.rpcContext(ctx)
-	defer cancel()
+	defer done()
 	resp, err := cl.API().ListDevices(ctx, &brokerv1.ListDevicesRequest{})
 	if err != nil {
 		return err
@@ -39,13 +37,11 @@ func (c *cli) device(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	cl, err := c.dial()
+	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	ctx, cancel := c.rpcContext(ctx)
-	defer cancel()
+	defer done()
 	resp, err := cl.API().GetDevice(ctx, &brokerv1.GetDeviceRequest{Bdf: bdf})
 	if err != nil {
 		return err
@@ -79,13 +75,11 @@ func (c *cli) leases(ctx context.Context, args []string) error {
 		u := uint32(*uid)
 		req.HolderUid = &u
 	}
-	cl, err := c.dial()
+	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	ctx, cancel := c.rpcContext(ctx)
-	defer cancel()
+	defer done()
 	resp, err := cl.API().ListLeases(ctx, req)
 	if err != nil {
 		return err
@@ -107,13 +101,11 @@ func (c *cli) revoke(ctx context.Context, args []string) error {
 	if err := nonNegative("revoke: -grace", *grace); err != nil {
 		return err
 	}
-	cl, err := c.dial()
+	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	ctx, cancel := c.rpcContext(ctx)
-	defer cancel()
+	defer done()
 	l, err := cl.RevokeWithGrace(ctx, pos[0], *grace)
 	if err != nil {
 		return err
@@ -142,13 +134,11 @@ func (c *cli) renew(ctx context.Context, args []string) error {
 	if err := nonNegative("renew: -ttl", *ttl); err != nil {
 		return err
 	}
-	cl, err := c.dial()
+	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	ctx, cancel := c.rpcContext(ctx)
-	defer cancel()
+	defer done()
 	l, err := cl.Renew(ctx, pos[0], *ttl)
 	if err != nil {
 		return err
@@ -167,13 +157,11 @@ func (c *cli) releaseLease(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	cl, err := c.dial()
+	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	ctx, cancel := c.rpcContext(ctx)
-	defer cancel()
+	defer done()
 	l, err := cl.Release(ctx, pos[0])
 	if err != nil {
 		return err
@@ -182,7 +170,7 @@ func (c *cli) releaseLease(ctx context.Context, args []string) error {
 		return writeJSON(c.stdout, &brokerv1.ReleaseLeaseResponse{Lease: l})
 	}
 	fmt.Fprintf(c.stdout, "released lease %s (%s)\n", l.GetId(), leaseSummary(l))
-	fmt.Fprintln(c.stdout, "the holder's fd is not revoked: the holder should close it")
+	fmt.Fprintln(c.stdout, "the holder's fd is not revoked (unless a revoke of the lease was pending): the holder should close it")
 	return nil
 }
 
@@ -197,13 +185,11 @@ func (c *cli) suspendResume(ctx context.Context, verb string, args []string) err
 	if err != nil {
 		return err
 	}
-	cl, err := c.dial()
+	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	ctx, cancel := c.rpcContext(ctx)
-	defer cancel()
+	defer done()
 	var d *brokerv1.Device
 	if verb == "suspend" {
 		d, err = cl.Suspend(ctx, bdf)

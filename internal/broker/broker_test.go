@@ -312,7 +312,7 @@ func TestRevokeReissues(t *testing.T) {
 	}
 	defer sub.Close()
 	victim, vtok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
-	vf := r.claim(t, victim, vtok)
+	r.claim(t, victim, vtok)
 	survivor, stok := r.allocate(t, req(dev0, 0, 1001, 2, broker.Range{Offset: page, Length: page}))
 	r.claim(t, survivor, stok)
 	unclaimed, _ := r.allocate(t, req(dev0, 4, 1001, 2, broker.Range{Length: page}))
@@ -346,7 +346,6 @@ func TestRevokeReissues(t *testing.T) {
 	if _, _, err := r.b.Claim(victim.ID, vtok, broker.Peer{UID: 1000, PID: 1}); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("claim of revoked lease: %v", err)
 	}
-	_ = vf
 
 	// survivors: new generation, live buffer, new token in a reissued event
 	tokens := map[string]string{}

@@ -5,9 +5,11 @@ package testutil
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
+	"time"
 )
 
 // OpenFDs returns the open file descriptors of this process with what they point to.
@@ -93,4 +95,21 @@ func CheckLayout(t testing.TB, name string, size, wantSize uintptr, fields ...Fi
 			t.Errorf("offsetof(%s.%s) = %d, want %d", name, f.Name, f.Got, f.Want)
 		}
 	}
+}
+
+// Offset describes a field for [CheckLayout]: its name, Go offset and kernel offset.
+func Offset(name string, got, want uintptr) Field {
+	return Field{Name: name, Got: got, Want: want}
+}
+
+// ReportPercentiles adds the p50 and p99 of ds, in microseconds, to b's results
+// (metrics "p50-µs" and "p99-µs").
+func ReportPercentiles(b *testing.B, ds []time.Duration) {
+	if len(ds) == 0 {
+		return
+	}
+	slices.Sort(ds)
+	at := func(p float64) float64 { return float64(ds[int(p*float64(len(ds)-1))].Nanoseconds()) / 1e3 }
+	b.ReportMetric(at(0.50), "p50-µs")
+	b.ReportMetric(at(0.99), "p99-µs")
 }

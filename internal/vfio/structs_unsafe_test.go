@@ -7,124 +7,117 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
 
-var checkLayout = testutil.CheckLayout
-
-// field names a field of a mirrored struct: its Go offset, and the kernel's.
-func field(name string, got, want uintptr) testutil.Field {
-	return testutil.Field{Name: name, Got: got, Want: want}
-}
-
 // Sizes and offsets from kernel-uapi.md §1-§3 and §10 (printed from the Linux 7.2
 // headers), checked once more against include/uapi/linux/vfio.h of 7.2.13.
 func TestLayout(t *testing.T) {
 	var gs groupStatus
-	checkLayout(t, "vfio_group_status", unsafe.Sizeof(gs), 8,
-		field("argsz", unsafe.Offsetof(gs.Argsz), 0),
-		field("flags", unsafe.Offsetof(gs.Flags), 4))
+	testutil.CheckLayout(t, "vfio_group_status", unsafe.Sizeof(gs), 8,
+		testutil.Offset("argsz", unsafe.Offsetof(gs.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(gs.Flags), 4))
 
 	var di deviceInfo
-	checkLayout(t, "vfio_device_info", unsafe.Sizeof(di), 24,
-		field("argsz", unsafe.Offsetof(di.Argsz), 0),
-		field("flags", unsafe.Offsetof(di.Flags), 4),
-		field("num_regions", unsafe.Offsetof(di.NumRegions), 8),
-		field("num_irqs", unsafe.Offsetof(di.NumIRQs), 12),
-		field("cap_offset", unsafe.Offsetof(di.CapOffset), 16),
-		field("pad", unsafe.Offsetof(di.Pad), 20))
+	testutil.CheckLayout(t, "vfio_device_info", unsafe.Sizeof(di), 24,
+		testutil.Offset("argsz", unsafe.Offsetof(di.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(di.Flags), 4),
+		testutil.Offset("num_regions", unsafe.Offsetof(di.NumRegions), 8),
+		testutil.Offset("num_irqs", unsafe.Offsetof(di.NumIRQs), 12),
+		testutil.Offset("cap_offset", unsafe.Offsetof(di.CapOffset), 16),
+		testutil.Offset("pad", unsafe.Offsetof(di.Pad), 20))
 
 	var ri regionInfo
-	checkLayout(t, "vfio_region_info", unsafe.Sizeof(ri), 32,
-		field("argsz", unsafe.Offsetof(ri.Argsz), 0),
-		field("flags", unsafe.Offsetof(ri.Flags), 4),
-		field("index", unsafe.Offsetof(ri.Index), 8),
-		field("cap_offset", unsafe.Offsetof(ri.CapOffset), 12),
-		field("size", unsafe.Offsetof(ri.Size), 16),
-		field("offset", unsafe.Offsetof(ri.Offset), 24))
+	testutil.CheckLayout(t, "vfio_region_info", unsafe.Sizeof(ri), 32,
+		testutil.Offset("argsz", unsafe.Offsetof(ri.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(ri.Flags), 4),
+		testutil.Offset("index", unsafe.Offsetof(ri.Index), 8),
+		testutil.Offset("cap_offset", unsafe.Offsetof(ri.CapOffset), 12),
+		testutil.Offset("size", unsafe.Offsetof(ri.Size), 16),
+		testutil.Offset("offset", unsafe.Offsetof(ri.Offset), 24))
 
 	var ch infoCapHeader
-	checkLayout(t, "vfio_info_cap_header", unsafe.Sizeof(ch), 8,
-		field("id", unsafe.Offsetof(ch.ID), 0),
-		field("version", unsafe.Offsetof(ch.Version), 2),
-		field("next", unsafe.Offsetof(ch.Next), 4))
+	testutil.CheckLayout(t, "vfio_info_cap_header", unsafe.Sizeof(ch), 8,
+		testutil.Offset("id", unsafe.Offsetof(ch.ID), 0),
+		testutil.Offset("version", unsafe.Offsetof(ch.Version), 2),
+		testutil.Offset("next", unsafe.Offsetof(ch.Next), 4))
 
 	var sm capSparseMmap
-	checkLayout(t, "vfio_region_info_cap_sparse_mmap", unsafe.Sizeof(sm), 16,
-		field("header", unsafe.Offsetof(sm.Header), 0),
-		field("nr_areas", unsafe.Offsetof(sm.NrAreas), 8),
-		field("reserved", unsafe.Offsetof(sm.Reserved), 12))
+	testutil.CheckLayout(t, "vfio_region_info_cap_sparse_mmap", unsafe.Sizeof(sm), 16,
+		testutil.Offset("header", unsafe.Offsetof(sm.Header), 0),
+		testutil.Offset("nr_areas", unsafe.Offsetof(sm.NrAreas), 8),
+		testutil.Offset("reserved", unsafe.Offsetof(sm.Reserved), 12))
 
 	var sa sparseMmapArea
-	checkLayout(t, "vfio_region_sparse_mmap_area", unsafe.Sizeof(sa), 16,
-		field("offset", unsafe.Offsetof(sa.Offset), 0),
-		field("size", unsafe.Offsetof(sa.Size), 8))
+	testutil.CheckLayout(t, "vfio_region_sparse_mmap_area", unsafe.Sizeof(sa), 16,
+		testutil.Offset("offset", unsafe.Offsetof(sa.Offset), 0),
+		testutil.Offset("size", unsafe.Offsetof(sa.Size), 8))
 
 	var ct capType
-	checkLayout(t, "vfio_region_info_cap_type", unsafe.Sizeof(ct), 16,
-		field("header", unsafe.Offsetof(ct.Header), 0),
-		field("type", unsafe.Offsetof(ct.Type), 8),
-		field("subtype", unsafe.Offsetof(ct.Subtype), 12))
+	testutil.CheckLayout(t, "vfio_region_info_cap_type", unsafe.Sizeof(ct), 16,
+		testutil.Offset("header", unsafe.Offsetof(ct.Header), 0),
+		testutil.Offset("type", unsafe.Offsetof(ct.Type), 8),
+		testutil.Offset("subtype", unsafe.Offsetof(ct.Subtype), 12))
 
 	var ii irqInfo
-	checkLayout(t, "vfio_irq_info", unsafe.Sizeof(ii), 16,
-		field("argsz", unsafe.Offsetof(ii.Argsz), 0),
-		field("flags", unsafe.Offsetof(ii.Flags), 4),
-		field("index", unsafe.Offsetof(ii.Index), 8),
-		field("count", unsafe.Offsetof(ii.Count), 12))
+	testutil.CheckLayout(t, "vfio_irq_info", unsafe.Sizeof(ii), 16,
+		testutil.Offset("argsz", unsafe.Offsetof(ii.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(ii.Flags), 4),
+		testutil.Offset("index", unsafe.Offsetof(ii.Index), 8),
+		testutil.Offset("count", unsafe.Offsetof(ii.Count), 12))
 
 	var is irqSet
-	checkLayout(t, "vfio_irq_set", unsafe.Sizeof(is), 20,
-		field("argsz", unsafe.Offsetof(is.Argsz), 0),
-		field("flags", unsafe.Offsetof(is.Flags), 4),
-		field("index", unsafe.Offsetof(is.Index), 8),
-		field("start", unsafe.Offsetof(is.Start), 12),
-		field("count", unsafe.Offsetof(is.Count), 16))
+	testutil.CheckLayout(t, "vfio_irq_set", unsafe.Sizeof(is), 20,
+		testutil.Offset("argsz", unsafe.Offsetof(is.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(is.Flags), 4),
+		testutil.Offset("index", unsafe.Offsetof(is.Index), 8),
+		testutil.Offset("start", unsafe.Offsetof(is.Start), 12),
+		testutil.Offset("count", unsafe.Offsetof(is.Count), 16))
 
 	var ie irqSetEventfd
-	checkLayout(t, "vfio_irq_set+s32", unsafe.Sizeof(ie), 24,
-		field("header", unsafe.Offsetof(ie.Header), 0),
-		field("data[0]", unsafe.Offsetof(ie.Eventfd), 20))
+	testutil.CheckLayout(t, "vfio_irq_set+s32", unsafe.Sizeof(ie), 24,
+		testutil.Offset("header", unsafe.Offsetof(ie.Header), 0),
+		testutil.Offset("data[0]", unsafe.Offsetof(ie.Eventfd), 20))
 
 	var fr featureDMABufRevoke
-	checkLayout(t, "vfio_device_feature+vfio_device_feature_dma_buf_revoke", unsafe.Sizeof(fr), 12,
-		field("header", unsafe.Offsetof(fr.Header), 0),
-		field("dmabuf_fd", unsafe.Offsetof(fr.DMABufFD), 8))
+	testutil.CheckLayout(t, "vfio_device_feature+vfio_device_feature_dma_buf_revoke", unsafe.Sizeof(fr), 12,
+		testutil.Offset("header", unsafe.Offsetof(fr.Header), 0),
+		testutil.Offset("dmabuf_fd", unsafe.Offsetof(fr.DMABufFD), 8))
 
 	var fh featureHeader
-	checkLayout(t, "vfio_device_feature", unsafe.Sizeof(fh), 8,
-		field("argsz", unsafe.Offsetof(fh.Argsz), 0),
-		field("flags", unsafe.Offsetof(fh.Flags), 4))
+	testutil.CheckLayout(t, "vfio_device_feature", unsafe.Sizeof(fh), 8,
+		testutil.Offset("argsz", unsafe.Offsetof(fh.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(fh.Flags), 4))
 
 	var fd featureDMABuf
-	checkLayout(t, "vfio_device_feature_dma_buf", unsafe.Sizeof(fd), 16,
-		field("region_index", unsafe.Offsetof(fd.RegionIndex), 0),
-		field("open_flags", unsafe.Offsetof(fd.OpenFlags), 4),
-		field("flags", unsafe.Offsetof(fd.Flags), 8),
-		field("nr_ranges", unsafe.Offsetof(fd.NrRanges), 12))
+	testutil.CheckLayout(t, "vfio_device_feature_dma_buf", unsafe.Sizeof(fd), 16,
+		testutil.Offset("region_index", unsafe.Offsetof(fd.RegionIndex), 0),
+		testutil.Offset("open_flags", unsafe.Offsetof(fd.OpenFlags), 4),
+		testutil.Offset("flags", unsafe.Offsetof(fd.Flags), 8),
+		testutil.Offset("nr_ranges", unsafe.Offsetof(fd.NrRanges), 12))
 
 	var dr regionDMARange
-	checkLayout(t, "vfio_region_dma_range", unsafe.Sizeof(dr), 16,
-		field("offset", unsafe.Offsetof(dr.Offset), 0),
-		field("length", unsafe.Offsetof(dr.Length), 8))
+	testutil.CheckLayout(t, "vfio_region_dma_range", unsafe.Sizeof(dr), 16,
+		testutil.Offset("offset", unsafe.Offsetof(dr.Offset), 0),
+		testutil.Offset("length", unsafe.Offsetof(dr.Length), 8))
 
 	var b bindIOMMUFD
-	checkLayout(t, "vfio_device_bind_iommufd", unsafe.Sizeof(b), 24,
-		field("argsz", unsafe.Offsetof(b.Argsz), 0),
-		field("flags", unsafe.Offsetof(b.Flags), 4),
-		field("iommufd", unsafe.Offsetof(b.IOMMUFD), 8),
-		field("out_devid", unsafe.Offsetof(b.OutDevID), 12),
-		field("token_uuid_ptr", unsafe.Offsetof(b.TokenUUIDPtr), 16))
+	testutil.CheckLayout(t, "vfio_device_bind_iommufd", unsafe.Sizeof(b), 24,
+		testutil.Offset("argsz", unsafe.Offsetof(b.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(b.Flags), 4),
+		testutil.Offset("iommufd", unsafe.Offsetof(b.IOMMUFD), 8),
+		testutil.Offset("out_devid", unsafe.Offsetof(b.OutDevID), 12),
+		testutil.Offset("token_uuid_ptr", unsafe.Offsetof(b.TokenUUIDPtr), 16))
 
 	var at attachIOMMUFDPT
-	checkLayout(t, "vfio_device_attach_iommufd_pt", unsafe.Sizeof(at), 16,
-		field("argsz", unsafe.Offsetof(at.Argsz), 0),
-		field("flags", unsafe.Offsetof(at.Flags), 4),
-		field("pt_id", unsafe.Offsetof(at.PtID), 8),
-		field("pasid", unsafe.Offsetof(at.Pasid), 12))
+	testutil.CheckLayout(t, "vfio_device_attach_iommufd_pt", unsafe.Sizeof(at), 16,
+		testutil.Offset("argsz", unsafe.Offsetof(at.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(at.Flags), 4),
+		testutil.Offset("pt_id", unsafe.Offsetof(at.PtID), 8),
+		testutil.Offset("pasid", unsafe.Offsetof(at.Pasid), 12))
 
 	var dt detachIOMMUFDPT
-	checkLayout(t, "vfio_device_detach_iommufd_pt", unsafe.Sizeof(dt), 12,
-		field("argsz", unsafe.Offsetof(dt.Argsz), 0),
-		field("flags", unsafe.Offsetof(dt.Flags), 4),
-		field("pasid", unsafe.Offsetof(dt.Pasid), 8))
+	testutil.CheckLayout(t, "vfio_device_detach_iommufd_pt", unsafe.Sizeof(dt), 12,
+		testutil.Offset("argsz", unsafe.Offsetof(dt.Argsz), 0),
+		testutil.Offset("flags", unsafe.Offsetof(dt.Flags), 4),
+		testutil.Offset("pasid", unsafe.Offsetof(dt.Pasid), 8))
 }
 
 func TestConstructorsSetArgsz(t *testing.T) {

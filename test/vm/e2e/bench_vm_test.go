@@ -5,7 +5,6 @@ package e2e
 import (
 	"os"
 	"os/exec"
-	"slices"
 	"testing"
 	"time"
 
@@ -13,6 +12,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/hostdev"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
+	"github.com/mmiobroker/mmiobroker/internal/testutil"
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
@@ -21,16 +21,6 @@ import (
 // broker's RevokeLease path on a real device, the device cycle alone, and a bare VFIO ioctl
 // as the floor, all in the same guest. Under QEMU's software emulation absolute numbers are
 // far slower than on hardware; the ratios are what to read.
-
-func percentiles(b *testing.B, ds []time.Duration) {
-	if len(ds) == 0 {
-		return
-	}
-	slices.Sort(ds)
-	at := func(p float64) float64 { return float64(ds[int(p*float64(len(ds)-1))].Nanoseconds()) / 1e3 }
-	b.ReportMetric(at(0.50), "p50-µs")
-	b.ReportMetric(at(0.99), "p99-µs")
-}
 
 func benchAddr(b *testing.B, name string) pci.Address {
 	v := os.Getenv("MMIOBROKER_VM_" + name)
@@ -75,7 +65,7 @@ func BenchmarkVMDeviceCycle(b *testing.B) {
 		ds = append(ds, time.Since(start))
 	}
 	b.StopTimer()
-	percentiles(b, ds)
+	testutil.ReportPercentiles(b, ds)
 }
 
 func benchBroker(b *testing.B, bdf pci.Address) *broker.Broker {
@@ -132,7 +122,7 @@ func BenchmarkVMRevoke(b *testing.B) {
 		ds = append(ds, time.Since(start))
 	}
 	b.StopTimer()
-	percentiles(b, ds)
+	testutil.ReportPercentiles(b, ds)
 }
 
 // BenchmarkVMHolderExit measures holder-death reclaim on the real kernel: a child process
@@ -177,5 +167,5 @@ func BenchmarkVMHolderExit(b *testing.B) {
 		b.StopTimer()
 		child.Wait()
 	}
-	percentiles(b, ds)
+	testutil.ReportPercentiles(b, ds)
 }

@@ -71,11 +71,6 @@ func TestE2EHolderExit(t *testing.T) {
 	if err != nil || got.Lease.State != brokerv1.LeaseState_LEASE_STATE_ACTIVE {
 		t.Fatalf("held lease %v, %v; want ACTIVE", got, err)
 	}
-	last, err := c.API().ListLeases(ctx(t), &brokerv1.ListLeasesRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = last
 	start := time.Now()
 	hold.Process.Kill()
 	e := watchFor(t, c, 1, held.Lease.ID, brokerv1.EventType_EVENT_TYPE_RELEASED)
