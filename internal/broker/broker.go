@@ -33,6 +33,9 @@ type Broker struct {
 	live    int                // leases not ended (pending included)
 	liveUID map[uint32]int     // live leases by holder uid
 	events  *eventLog
+	store   Store    // nil: nothing recorded
+	dropped []string // ended leases forgotten since the last commit
+	repin   func(pid int32, start uint64) (Process, error)
 
 	watchers sync.WaitGroup // holder and notice watchers
 }
@@ -65,7 +68,7 @@ type lease struct {
 	Lease
 	holder   Holder
 	buf      Buffer
-	token    string // current unclaimed claim token, "" once claimed
+	digest   []byte // sha256 of the current unclaimed claim token; nil once claimed
 	deadline time.Time
 	timer    *time.Timer // claim expiry
 	ttl      *time.Timer // time to live
@@ -75,7 +78,7 @@ type lease struct {
 	// before is the lease as it was before the last claim, for Unclaim.
 	before struct {
 		state    State
-		token    string
+		digest   []byte
 		deadline time.Time
 	}
 }
@@ -91,6 +94,12 @@ const maxEndedLeases = 1024
 // device now; a device that fails to open stays listed with its error and is retried when
 // someone asks to lease it.
 func New(cfg Config, open Opener, log *slog.Logger) (*Broker, error) {
+	return NewWithOptions(cfg, open, log, Options{})
+}
+
+// NewWithOptions is [New] with a [Store] that records every lease transition and, with
+// Options.Restore, the state a previous run recorded: see [Options].
+func NewWithOptions(cfg Config, open Opener, log *slog.Logger, opt Options) (*Broker, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("broker config: %w", err)
 	}
@@ -107,6 +116,11 @@ func New(cfg Config, open Opener, log *slog.Logger) (*Broker, error) {
 		leases:  map[string]*lease{},
 		liveUID: map[uint32]int{},
 		events:  newEventLog(cfg.EventBacklog),
+		store:   opt.Store,
+		repin:   opt.Repin,
+	}
+	if opt.Restore != nil {
+		b.events.restore(opt.Restore.Events, opt.Restore.LastSeq)
 	}
 	for _, dc := range cfg.Devices {
 		d := &device{policy: dc, live: map[string]*lease{}, info: DeviceInfo{BDF: dc.BDF, IOMMUGroup: -1}}
@@ -115,6 +129,9 @@ func New(cfg Config, open Opener, log *slog.Logger) (*Broker, error) {
 		d.opMu.Lock()
 		b.openDevice(d)
 		d.opMu.Unlock()
+	}
+	if opt.Restore != nil {
+		b.restore(opt.Restore.Records)
 	}
 	return b, nil
 }
@@ -276,7 +293,8 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	l.buf = buf
 	l.Inode, l.Size = buf.Inode(), buf.Size()
 	l.Created = now
-	l.token = newToken()
+	token = newToken()
+	l.digest = tokenDigest(token)
 	l.deadline = now.Add(b.cfg.ClaimTimeout)
 	l.ClaimDeadline = l.deadline
 	id, gen := l.ID, l.Generation
@@ -286,10 +304,16 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 		l.ttl = time.AfterFunc(req.TTL, func() { b.enforceID(id, StateRevoked, ReasonExpired, "broker (ttl)", EventExpired) })
 	}
 	b.watchHolder(l)
-	b.emitLocked(EventAllocated, l, "")
+	if err := b.emitLocked(EventAllocated, l, ""); err != nil {
+		// Not recorded, so not granted: a restart would not know it.
+		b.endLocked(l, StateReleased, ReasonJournalFailed, "broker")
+		delete(b.leases, l.ID)
+		b.ended = b.ended[:len(b.ended)-1]
+		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
+	}
 	b.log.Info("lease allocated", "lease_id", l.ID, "bdf", l.BDF, "bar", l.BAR, "ranges", fmt.Sprint(l.Ranges),
 		"kind", l.Kind.String(), "uid", l.Holder.UID, "client_pid", l.Holder.PID, "inode", l.Inode, "unattested", l.Unattested)
-	return l.Lease, l.token, nil
+	return l.Lease, token, nil
 }
 
 func (b *Broker) deviceFor(bdf string) (*device, error) {
@@ -373,7 +397,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	if !l.Live() {
 		return Lease{}, nil, fmt.Errorf("lease %s has ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
 	}
-	if l.token == "" || subtle.ConstantTimeCompare([]byte(l.token), []byte(token)) != 1 {
+	if l.digest == nil || subtle.ConstantTimeCompare(l.digest, tokenDigest(token)) != 1 {
 		return Lease{}, nil, fmt.Errorf("lease %s: %w", id, ErrBadToken)
 	}
 	if l.State == StateAllocated && !b.now().Before(l.deadline) {
@@ -390,8 +414,8 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	if err != nil {
 		return Lease{}, nil, fmt.Errorf("lease %s: duplicate dma-buf fd: %w", id, err)
 	}
-	l.before.state, l.before.token, l.before.deadline = l.State, l.token, l.deadline
-	l.token = ""
+	l.before.state, l.before.digest, l.before.deadline = l.State, l.digest, l.deadline
+	l.digest = nil
 	l.ClaimDeadline = time.Time{}
 	if l.timer != nil {
 		l.timer.Stop()
@@ -399,7 +423,18 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	}
 	l.State = StateActive
 	l.Claimed = b.now()
-	b.emitLocked(EventClaimed, l, "")
+	if err := b.emitLocked(EventClaimed, l, ""); err != nil {
+		// Not recorded: a restart would hand the token out again. Undo the claim.
+		f.Close()
+		l.State, l.digest, l.Claimed = l.before.state, l.before.digest, time.Time{}
+		l.before.digest = nil
+		if l.State == StateAllocated {
+			l.deadline, l.ClaimDeadline = l.before.deadline, l.before.deadline
+			gen := l.Generation
+			l.timer = time.AfterFunc(max(l.deadline.Sub(b.now()), 0), func() { b.expire(id, gen) })
+		}
+		return Lease{}, nil, fmt.Errorf("lease %s: %w", id, err)
+	}
 	b.log.Info("lease claimed", "lease_id", id, "generation", l.Generation, "client_pid", peer.PID, "inode", l.Inode)
 	return l.Lease, f, nil
 }
@@ -412,14 +447,17 @@ func (b *Broker) Unclaim(id string, gen uint64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	l, ok := b.leases[id]
-	if !ok || !l.Live() || l.Generation != gen || l.token != "" || l.Claimed.IsZero() || l.before.token == "" {
+	if !ok || !l.Live() || l.Generation != gen || l.digest != nil || l.Claimed.IsZero() || l.before.digest == nil {
 		return
 	}
-	l.State, l.token, l.Claimed = l.before.state, l.before.token, time.Time{}
-	l.before.token = ""
+	l.State, l.digest, l.Claimed = l.before.state, l.before.digest, time.Time{}
+	l.before.digest = nil
 	if l.State == StateAllocated {
 		l.deadline, l.ClaimDeadline = l.before.deadline, l.before.deadline
 		l.timer = time.AfterFunc(max(l.deadline.Sub(b.now()), 0), func() { b.expire(id, gen) })
+	}
+	if err := b.persistLocked(l); err != nil {
+		b.log.Error("recording an undone claim failed", "lease_id", id, "err", err)
 	}
 	b.log.Warn("claim undone: the fd was not delivered", "lease_id", id, "generation", gen)
 }
@@ -429,7 +467,7 @@ func (b *Broker) expire(id string, gen uint64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	l, ok := b.leases[id]
-	if !ok || l.State != StateAllocated || l.Generation != gen || l.token == "" {
+	if !ok || l.State != StateAllocated || l.Generation != gen || l.digest == nil {
 		return
 	}
 	b.endLocked(l, StateReleased, ReasonClaimExpired, "broker")
@@ -518,7 +556,7 @@ func (b *Broker) Release(id string, by Actor) (Lease, error) {
 // endLocked moves l to a final state and frees what it holds.
 func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	l.State, l.EndReason, l.EndedBy, l.Ended = st, why, by, b.now()
-	l.token = ""
+	l.digest = nil
 	l.ClaimDeadline, l.RevokeDeadline = time.Time{}, time.Time{}
 	for _, t := range []**time.Timer{&l.timer, &l.ttl, &l.grace} {
 		if *t != nil {
@@ -545,13 +583,11 @@ func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	b.ended = append(b.ended, l.ID)
 	for len(b.ended) > maxEndedLeases {
 		delete(b.leases, b.ended[0])
+		b.dropped = append(b.dropped, b.ended[0])
 		b.ended = b.ended[1:]
 	}
 }
 
-func (b *Broker) emitLocked(t EventType, l *lease, token string) {
-	b.events.append(Event{Time: b.now(), Type: t, Lease: l.Lease, Token: token})
-}
 
 // Close ends every live lease (reason broker_shutdown), closes every device and ends all
 // subscriptions. Closing the devices revokes every dma-buf they exported.
@@ -592,6 +628,79 @@ func (b *Broker) Close() error {
 			}
 		}
 		d.opMu.Unlock()
+	}
+	b.watchers.Wait()
+	return errors.Join(errs...)
+}
+
+// Detach stops the broker without ending any lease, for a restart that must revoke
+// nothing: timers and holder watches stop, subscriptions end, the broker's copies of
+// dma-bufs are closed and devices are detached ([Detacher]: kept open outside the
+// process) — devices that cannot be detached are closed, which revokes their dma-bufs.
+// Nothing is recorded: the [Store] already has the state the next run restores. The
+// caller makes sure closing the dma-buf copies does not drop what the fd store keeps.
+func (b *Broker) Detach() error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closed = true
+	var bufs []Buffer
+	for _, l := range b.leases {
+		for _, t := range []**time.Timer{&l.timer, &l.ttl, &l.grace} {
+			if *t != nil {
+				(*t).Stop()
+				*t = nil
+			}
+		}
+		if l.unwatch != nil {
+			l.unwatch()
+			l.unwatch = nil
+		}
+		if l.buf != nil {
+			bufs = append(bufs, l.buf) // closed once the devices are detached
+			l.buf = nil
+		}
+		if l.holder.Proc != nil {
+			l.holder.Proc.Close()
+			l.holder.Proc = nil
+		}
+	}
+	for s := range b.events.subs {
+		s.end(errBrokerRestarting)
+	}
+	clear(b.events.subs)
+	devs := make([]*device, 0, len(b.devices))
+	for _, d := range b.devices {
+		devs = append(devs, d)
+	}
+	b.mu.Unlock()
+
+	var errs []error
+	for _, d := range devs {
+		d.opMu.Lock()
+		b.mu.Lock()
+		dev := d.dev
+		d.dev = nil
+		d.err = fmt.Errorf("device %s: broker detached: %w", d.policy.BDF, errdefs.ErrUnavailable)
+		b.mu.Unlock()
+		if dev != nil {
+			var err error
+			if dt, ok := dev.(Detacher); ok {
+				err = dt.Detach()
+			} else {
+				b.log.Warn("device cannot be kept across a restart; closing it revokes its dma-bufs", "bdf", d.policy.BDF)
+				err = dev.Close()
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("device %s: detach: %w", d.policy.BDF, err))
+			}
+		}
+		d.opMu.Unlock()
+	}
+	for _, buf := range bufs {
+		buf.Close()
 	}
 	b.watchers.Wait()
 	return errors.Join(errs...)

@@ -18,32 +18,61 @@ var ErrSubscriberLagged = fmt.Errorf("event subscriber fell behind: %w", errdefs
 // eventLog keeps the last events for replay and fans new ones out to subscribers.
 // Its methods are called with Broker.mu held.
 type eventLog struct {
-	ring []Event // ring[(seq-1) % cap], the last len(ring) events
-	next uint64  // sequence number of the next event
+	ring []Event // the last len(ring) events: ring[(head+i)%len(ring)] is the i-th oldest
+	head int
+	next uint64 // sequence number of the next event
 	size int
 	subs map[*Subscription]struct{}
 }
 
 func newEventLog(backlog int) *eventLog {
-	return &eventLog{ring: make([]Event, 0, backlog), next: 1, size: backlog, subs: map[*Subscription]struct{}{}}
+	return &eventLog{ring: make([]Event, 0, min(backlog, 1024)), next: 1, size: backlog, subs: map[*Subscription]struct{}{}}
 }
 
 func (l *eventLog) append(e Event) Event {
 	e.Seq = l.next
 	l.next++
-	if l.size > 0 {
-		if len(l.ring) < l.size {
-			l.ring = append(l.ring, e)
-		} else {
-			l.ring[(e.Seq-1)%uint64(l.size)] = e
-		}
-	}
+	l.retain(e)
 	for s := range l.subs {
 		if !s.push(e) {
 			delete(l.subs, s)
 		}
 	}
 	return e
+}
+
+// retain keeps e (the newest event) for replay, dropping the oldest beyond size.
+func (l *eventLog) retain(e Event) {
+	switch {
+	case l.size == 0:
+	case len(l.ring) < l.size:
+		l.ring = append(l.ring, e)
+	default:
+		l.ring[l.head] = e
+		l.head = (l.head + 1) % l.size
+	}
+}
+
+// restore continues the sequence of a previous run: evs are its retained events (oldest
+// first), last its last sequence number. Only the newest contiguous run of evs ending at
+// last is kept for replay.
+func (l *eventLog) restore(evs []Event, last uint64) {
+	l.ring, l.head, l.next = l.ring[:0], 0, last+1
+	start := len(evs)
+	for i := len(evs) - 1; i >= 0; i-- {
+		want := last - uint64(len(evs)-1-i)
+		if evs[i].Seq != want || want == 0 {
+			break
+		}
+		start = i
+	}
+	evs = evs[start:]
+	if len(evs) > l.size {
+		evs = evs[len(evs)-l.size:]
+	}
+	for _, e := range evs {
+		l.retain(e)
+	}
 }
 
 // oldest returns the sequence number of the oldest retained event (next if none).
@@ -62,7 +91,7 @@ func (l *eventLog) since(cursor uint64) ([]Event, error) {
 	}
 	out := make([]Event, 0, l.next-1-cursor)
 	for seq := cursor + 1; seq < l.next; seq++ {
-		out = append(out, l.ring[(seq-1)%uint64(l.size)])
+		out = append(out, l.ring[(l.head+int(seq-l.oldest()))%len(l.ring)])
 	}
 	return out, nil
 }
@@ -120,6 +149,10 @@ func (s *Subscription) Close() {
 
 // errBrokerClosed ends subscriptions when the broker closes.
 var errBrokerClosed = fmt.Errorf("broker closed: %w", errdefs.ErrUnavailable)
+
+// errBrokerRestarting ends subscriptions when the broker stops for a restart that keeps
+// every lease: resume with the last sequence number once it is back.
+var errBrokerRestarting = fmt.Errorf("broker restarting, leases kept; resume from your last event: %w", errdefs.ErrUnavailable)
 
 // Subscribe returns the events after sequence number cursor (0: only new events). It fails
 // with errdefs.ErrFailedPrecondition if events after cursor are no longer retained.

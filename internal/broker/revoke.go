@@ -273,7 +273,8 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
 		o.Generation++
 		o.Inode, o.Size = buf.Inode(), buf.Size()
 		o.Claimed = time.Time{}
-		o.token = newToken()
+		token := newToken()
+		o.digest = tokenDigest(token)
 		o.deadline, o.ClaimDeadline = time.Time{}, time.Time{}
 		if o.State == StateAllocated { // never claimed: the claim window starts again
 			o.deadline = b.now().Add(b.cfg.ClaimTimeout)
@@ -281,7 +282,7 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
 			id, gen := o.ID, o.Generation
 			o.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
 		}
-		b.emitLocked(EventReissued, o, o.token)
+		b.emitLocked(EventReissued, o, token)
 		b.log.Info("lease reissued", "lease_id", o.ID, "generation", o.Generation, "inode", o.Inode)
 		b.mu.Unlock()
 	}

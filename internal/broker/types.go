@@ -91,6 +91,23 @@ type Notice struct {
 	Count uint64
 }
 
+// Restorer is implemented by devices that can come back from a previous run of the
+// broker's process (the systemd fd store keeps their fds across a restart).
+type Restorer interface {
+	// Restored reports whether the device was kept open across the restart: the dma-bufs
+	// the previous run exported are live.
+	Restored() bool
+	// AdoptBuffer takes back the broker's copy of the dma-buf with inode ino, exported by
+	// the previous run.
+	AdoptBuffer(ino uint64) (Buffer, error)
+}
+
+// Detacher is implemented by devices that can be let go without revoking: the device
+// stays open outside the process (the fd store) for its next run.
+type Detacher interface {
+	Detach() error
+}
+
 // Notifier is implemented by devices that report notices. The channel is closed when the
 // device is closed.
 type Notifier interface {
@@ -154,6 +171,10 @@ type Holder struct {
 	GID    uint32
 	Groups []uint32
 	PID    int32
+	// Start is the holder process's start time (clock ticks since boot, /proc/<pid>/stat
+	// field 22), so that a restarted broker can tell it from a later process with the
+	// same pid; 0 if unknown.
+	Start uint64
 	// Proc pins the holder process; may be nil only in tests.
 	Proc Process
 }
@@ -256,6 +277,11 @@ const (
 	ReasonDeviceLost    Reason = "device_lost"    // the device failed or went away
 	ReasonReissueFailed Reason = "reissue_failed" // re-export after a device revoke failed
 	ReasonShutdown      Reason = "broker_shutdown"
+	// ReasonJournalFailed: the lease could not be recorded, so it was never granted.
+	ReasonJournalFailed Reason = "journal_failed"
+	// ReasonRestoreFailed: after a restart the broker could not take the lease back (its
+	// device did not reopen); it ended instead.
+	ReasonRestoreFailed Reason = "restore_failed"
 )
 
 // Lease is a snapshot of one lease.

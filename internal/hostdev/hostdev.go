@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 
@@ -32,6 +33,10 @@ type Options struct {
 	Log *slog.Logger
 	// NoticeBuffer is the capacity of the [Device.Notices] channel; 0 means 16.
 	NoticeBuffer int
+	// Keeper, when set, keeps the device's VFIO fds and its exported dma-bufs outside the
+	// process (the systemd fd store), and Open takes back what a previous run kept: see
+	// vfio.Keeper, [Device.Restored], [Device.AdoptBuffer] and [Device.Detach].
+	Keeper vfio.Keeper
 }
 
 // vfioDevice is the part of *vfio.Device that Device uses; tests substitute a fake.
@@ -45,6 +50,8 @@ type vfioDevice interface {
 	RevokeDMABuf(buf *os.File) error
 	Reopen() error
 	Close() error
+	Detach() error
+	Restored() bool
 }
 
 // Device is an opened host PCI device, usable by the broker. It implements broker.Device.
@@ -77,6 +84,7 @@ type Device struct {
 // errdefs.ErrFailedPrecondition.
 func Open(bdf pci.Address, opt Options) (*Device, error) {
 	return open(bdf, opt, func(a pci.Address, o vfio.OpenOptions) (vfioDevice, pci.Device, error) {
+		o.Keeper = opt.Keeper
 		d, err := vfio.Open(a, o)
 		if err != nil {
 			return nil, pci.Device{}, err
@@ -202,7 +210,66 @@ func (d *Device) Export(bar int, ranges []broker.Range, name string) (broker.Buf
 			return nil, errors.Join(fmt.Errorf("device %s bar %d: export: %w", d.bdf, bar, err), buf.Close())
 		}
 	}
-	return buf, nil
+	if d.opt.Keeper == nil {
+		return buf, nil
+	}
+	kb := &keptBuffer{Buffer: buf, keeper: d.opt.Keeper, name: BufferKeepName(buf.Inode())}
+	if err := d.opt.Keeper.Keep(kb.name, buf.File()); err != nil {
+		return nil, errors.Join(fmt.Errorf("device %s bar %d: export: keep the dma-buf: %w", d.bdf, bar, err), buf.Close())
+	}
+	return kb, nil
+}
+
+// BufferKeepPrefix starts the names under which exported dma-bufs are kept.
+const BufferKeepPrefix = "dmabuf."
+
+// BufferKeepName is the name under which the dma-buf with inode ino is kept: inodes are
+// unique per boot, so a reissued lease's new buffer never shares its old one's name.
+func BufferKeepName(ino uint64) string { return BufferKeepPrefix + strconv.FormatUint(ino, 10) }
+
+// keptBuffer is an exported dma-buf whose copy the Keeper holds; Close drops that too.
+type keptBuffer struct {
+	*dmabuf.Buffer
+	keeper vfio.Keeper
+	name   string
+	once   sync.Once
+}
+
+// Close drops the kept copy, then closes the buffer. It revokes nothing.
+func (b *keptBuffer) Close() error {
+	var err error
+	b.once.Do(func() { err = errors.Join(b.keeper.Forget(b.name), b.Buffer.Close()) })
+	return err
+}
+
+// AdoptBuffer takes back the dma-buf with inode ino that a previous run of the process
+// exported from this device and kept (see [Options.Keeper]). It is live only if the
+// device was restored too ([Device.Restored]).
+func (d *Device) AdoptBuffer(ino uint64) (broker.Buffer, error) {
+	if d.opt.Keeper == nil {
+		return nil, fmt.Errorf("device %s: adopt dma-buf ino %d: nothing is kept: %w", d.bdf, ino, errdefs.ErrNotFound)
+	}
+	name := BufferKeepName(ino)
+	f := d.opt.Keeper.Take(name)
+	if f == nil {
+		return nil, fmt.Errorf("device %s: adopt dma-buf ino %d: not kept: %w", d.bdf, ino, errdefs.ErrNotFound)
+	}
+	buf, err := dmabuf.New(f) // closes f on error
+	if err != nil {
+		return nil, fmt.Errorf("device %s: adopt dma-buf ino %d: %w", d.bdf, ino, err)
+	}
+	if buf.Inode() != ino {
+		return nil, errors.Join(fmt.Errorf("device %s: adopt dma-buf: kept as ino %d but is ino %d: %w", d.bdf, ino, buf.Inode(), errdefs.ErrFailedPrecondition), buf.Close())
+	}
+	return &keptBuffer{Buffer: buf, keeper: d.opt.Keeper, name: name}, nil
+}
+
+// Restored reports whether the device fd came back from the Keeper: the previous run's
+// dma-bufs are still live, and nothing was revoked by the restart.
+func (d *Device) Restored() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.dev.Restored()
 }
 
 // Revoke makes every dma-buf exported so far dead for good: memory decode off, device fd
@@ -251,6 +318,22 @@ func (d *Device) Close() error {
 	}
 	err = errors.Join(err, d.stopNotifiers())
 	d.log.Info("closed device", "bdf", d.bdf)
+	return err
+}
+
+// Detach lets go of the device without revoking anything: this process's fds are closed,
+// the kept copies stay (see [Options.Keeper]), the previous driver is not restored, and
+// the notifiers stop. The next run of the process takes the device back with Open.
+// Without a Keeper it is Close. Close after Detach does nothing.
+func (d *Device) Detach() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	err := errors.Join(d.dev.Detach(), d.stopNotifiers())
+	d.log.Info("detached device (kept open for the next run)", "bdf", d.bdf)
 	return err
 }
 

@@ -137,6 +137,8 @@ func (f *fakeVFIO) SetMemoryEnable(on bool) error {
 
 func (f *fakeVFIO) Reopen() error { f.record("reopen"); return f.reopenErr }
 func (f *fakeVFIO) Close() error  { f.record("close"); f.closed = true; return nil }
+func (f *fakeVFIO) Detach() error  { f.record("detach"); f.closed = true; return nil }
+func (f *fakeVFIO) Restored() bool { return false }
 
 var edu = pci.MustParseAddress("0000:00:03.0")
 

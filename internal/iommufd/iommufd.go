@@ -80,6 +80,10 @@ func Open(devRoot string) (*FD, error) {
 	return &FD{f: f}, nil
 }
 
+// FromFile wraps an iommufd fd opened earlier (for example one a previous run of the
+// process kept in the systemd fd store). It takes ownership of f.
+func FromFile(f *os.File) *FD { return &FD{f: f} }
+
 // File returns the /dev/iommu file, borrowed: it stays owned by d. It is what
 // VFIO_DEVICE_BIND_IOMMUFD takes.
 func (d *FD) File() *os.File { return d.f }

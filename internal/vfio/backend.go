@@ -133,3 +133,15 @@ func (kernelBackend) cdevDevice(i *iommuRef, path string) (*os.File, error) {
 }
 
 func (kernelBackend) query(f *os.File) (deviceState, error) { return queryDevice(f) }
+
+func (kernelBackend) checkGroup(grp *os.File) error {
+	st := newGroupStatus()
+	if _, err := ioctl.Ioctl(grp, "VFIO_GROUP_GET_STATUS", VFIO_GROUP_GET_STATUS, &st); err != nil {
+		return err
+	}
+	const want = VFIO_GROUP_FLAGS_VIABLE | VFIO_GROUP_FLAGS_CONTAINER_SET
+	if st.Flags&want != want {
+		return fmt.Errorf("kept group: status %#x, want viable and in a container: %w", st.Flags, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}

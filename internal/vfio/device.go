@@ -48,6 +48,11 @@ type OpenOptions struct {
 	// IOAS is the IO address space within IOMMUFD to attach to (iommufd.FD.AllocIOAS);
 	// only used with IOMMUFD.
 	IOAS uint32
+	// Keeper, when set, keeps the fds Open opens (device, group and container, or iommufd)
+	// outside the process and gives back those a previous run kept, so that a restart of
+	// the process revokes nothing (see [Keeper]). Devices of one group or iommufd share
+	// the Keeper of the first of them opened.
+	Keeper Keeper
 }
 
 // DeviceInfo is what VFIO_DEVICE_GET_INFO reports.
@@ -121,6 +126,8 @@ type Device struct {
 	iommu    *iommuRef // ModeCdev
 	openFD   func() (*os.File, error)
 	pageSize uint64
+	keeper   Keeper // nil: nothing kept
+	restored bool   // the device fd came from the Keeper
 
 	mu          sync.RWMutex
 	file        *os.File // guarded by mu; nil after a failed Reopen
@@ -185,17 +192,17 @@ func (r *registry) open(addr pci.Address, opt OpenOptions) (_ *Device, err error
 	if err := r.claimDevice(bdf); err != nil {
 		return nil, err
 	}
-	d := &Device{addr: addr, bdf: bdf, pdev: pdev, reg: r, pageSize: uint64(os.Getpagesize())}
+	d := &Device{addr: addr, bdf: bdf, pdev: pdev, reg: r, pageSize: uint64(os.Getpagesize()), keeper: opt.Keeper}
 	defer func() {
 		if err != nil {
-			d.release()
+			d.release(true)
 		}
 	}()
 
 	if opt.IOMMUFD != nil {
 		d.iommu = &iommuRef{fd: opt.IOMMUFD, ioas: opt.IOAS, borrowed: true}
 	} else if mode == ModeCdev || (mode == ModeAuto && hasCdev) {
-		d.iommu, err = r.acquireIOMMU(devRoot)
+		d.iommu, err = r.acquireIOMMU(devRoot, opt.Keeper)
 		switch {
 		case err == nil:
 			mode = ModeCdev
@@ -216,34 +223,82 @@ func (r *registry) open(addr pci.Address, opt OpenOptions) (_ *Device, err error
 		if pdev.IOMMUGroup < 0 {
 			return nil, fmt.Errorf("no iommu group (IOMMU disabled?): %w", errdefs.ErrFailedPrecondition)
 		}
-		if d.grp, err = r.acquireGroup(devRoot, pdev.IOMMUGroup); err != nil {
+		if d.grp, err = r.acquireGroup(devRoot, pdev.IOMMUGroup, opt.Keeper); err != nil {
 			return nil, fmt.Errorf("iommu group %d: %w", pdev.IOMMUGroup, err)
 		}
 		d.openFD = func() (*os.File, error) { return r.be.groupDevice(d.grp, bdf) }
 	}
-	if d.file, err = d.openFD(); err != nil {
-		return nil, err
+	if d.keeper != nil && opt.IOMMUFD == nil {
+		if f := d.keeper.Take(KeepName(bdf)); f != nil {
+			d.file, d.restored = f, true
+			if err := d.refreshLocked(); err != nil {
+				// Unusable: closing it is its last close (revokes its dma-bufs); start over.
+				f.Close()
+				d.file, d.restored = nil, false
+			}
+		}
 	}
-	if err := d.refreshLocked(); err != nil {
-		return nil, err
+	if d.file == nil {
+		if d.file, err = d.openFD(); err != nil {
+			return nil, err
+		}
+		if err := d.refreshLocked(); err != nil {
+			return nil, err
+		}
+		if err := d.keep(); err != nil {
+			return nil, err
+		}
 	}
 	return d, nil
 }
 
-// release closes the device fd and drops the registry references. Callers hold d.mu or
+// keep keeps the current device fd with the Keeper, if any.
+func (d *Device) keep() error {
+	if d.keeper == nil || d.iommu != nil && d.iommu.borrowed {
+		return nil
+	}
+	if err := d.keeper.Keep(KeepName(d.bdf), d.file); err != nil {
+		return fmt.Errorf("keep the device fd: %w", err)
+	}
+	return nil
+}
+
+// forget drops the kept copy of the device fd, if any, before its close.
+func (d *Device) forget() error {
+	if d.keeper == nil || d.iommu != nil && d.iommu.borrowed {
+		return nil
+	}
+	if err := d.keeper.Forget(KeepName(d.bdf)); err != nil {
+		return fmt.Errorf("drop the kept device fd: %w", err)
+	}
+	return nil
+}
+
+// Restored reports whether Open got the device fd back from the [Keeper] (a previous run
+// kept it open): dma-bufs exported by that run are still live.
+func (d *Device) Restored() bool { return d.restored }
+
+// release closes the device fd and drops the registry references; with forget, kept
+// copies are dropped first, so that the closes are the last ones. Callers hold d.mu or
 // own d exclusively.
-func (d *Device) release() error {
+func (d *Device) release(forget bool) error {
 	var errs []error
 	if d.file != nil {
+		if forget {
+			if err := d.forget(); err != nil {
+				// Closing now would not revoke; keep going, but say so.
+				errs = append(errs, err)
+			}
+		}
 		errs = append(errs, d.file.Close())
 		d.file = nil
 	}
 	if d.grp != nil {
-		errs = append(errs, d.reg.releaseGroup(d.grp))
+		errs = append(errs, d.reg.releaseGroup(d.grp, forget))
 		d.grp = nil
 	}
 	if d.iommu != nil {
-		errs = append(errs, d.reg.releaseIOMMU(d.iommu))
+		errs = append(errs, d.reg.releaseIOMMU(d.iommu, forget))
 		d.iommu = nil
 	}
 	d.reg.releaseDevice(d.bdf)
@@ -606,6 +661,10 @@ func (d *Device) Reopen() error {
 	}
 	var closeErr error
 	if d.file != nil {
+		// The kept copy goes first: the close below must be the device's last.
+		if err := d.forget(); err != nil {
+			return opError("reopen", d.bdf, err)
+		}
 		closeErr = d.file.Close()
 		d.file = nil
 	}
@@ -616,6 +675,9 @@ func (d *Device) Reopen() error {
 	}
 	d.file, d.reopenErr = f, nil
 	if err := d.refreshLocked(); err != nil {
+		return opError("reopen", d.bdf, err)
+	}
+	if err := d.keep(); err != nil {
 		return opError("reopen", d.bdf, err)
 	}
 	return opError("reopen", d.bdf, closeErr)
@@ -631,7 +693,21 @@ func (d *Device) Close() error {
 		return nil
 	}
 	d.closed = true
-	return opError("close", d.bdf, d.release())
+	return opError("close", d.bdf, d.release(true))
+}
+
+// Detach closes this process's fds of the device like Close, but leaves the copies the
+// [Keeper] kept: the device stays open, and its dma-bufs live, for the next run of the
+// process, which gets them back through Open. Without a Keeper it is Close. It is
+// idempotent, and Close after it does nothing.
+func (d *Device) Detach() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	return opError("detach", d.bdf, d.release(d.keeper == nil))
 }
 
 // getDeviceInfo runs VFIO_DEVICE_GET_INFO, growing the buffer once if the capability

@@ -117,6 +117,8 @@ func (b *fakeBackend) cdevDevice(i *iommuRef, path string) (*os.File, error) {
 	return b.device("cdev-" + filepath.Base(path))
 }
 
+func (b *fakeBackend) checkGroup(*os.File) error { return nil }
+
 func (b *fakeBackend) query(f *os.File) (deviceState, error) {
 	var st deviceState
 	st.info = DeviceInfo{Flags: VFIO_DEVICE_FLAGS_PCI, NumRegions: 9, NumIRQs: 5}

@@ -24,6 +24,9 @@ type backend interface {
 	cdevDevice(i *iommuRef, path string) (*os.File, error)
 	// query reads what a Device caches about a freshly opened device fd.
 	query(f *os.File) (deviceState, error)
+	// checkGroup checks that a group fd kept by an earlier run is viable and in its
+	// container.
+	checkGroup(group *os.File) error
 }
 
 // registry tracks what this process has open, so that devices share what the kernel lets
@@ -51,6 +54,7 @@ type groupRef struct {
 	refs      int // guarded by registry.mu
 	group     *os.File
 	container *os.File
+	keeper    Keeper // nil: not kept
 }
 
 // iommuRef is an open iommufd with the IOAS that cdev devices attach to.
@@ -59,6 +63,7 @@ type iommuRef struct {
 	refs    int // guarded by registry.mu
 	fd      *iommufd.FD
 	ioas    uint32
+	keeper  Keeper // nil: not kept
 	// borrowed marks an iommufd the caller of Open passed in (OpenOptions.IOMMUFD): it is
 	// not in the registry, counts no references and is never closed here.
 	borrowed bool
@@ -94,8 +99,9 @@ func (r *registry) releaseDevice(bdf string) {
 	delete(r.devices, bdf)
 }
 
-// acquireGroup returns group n, opening it (and its container) on first use.
-func (r *registry) acquireGroup(devRoot string, n int) (*groupRef, error) {
+// acquireGroup returns group n, opening it (and its container) on first use: from the
+// Keeper if a previous run kept them and they still check out, else from devRoot.
+func (r *registry) acquireGroup(devRoot string, n int, kp Keeper) (*groupRef, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	k := groupKey{devRoot, n}
@@ -103,17 +109,39 @@ func (r *registry) acquireGroup(devRoot string, n int) (*groupRef, error) {
 		g.refs++
 		return g, nil
 	}
+	gname, cname := groupKeepNames(n)
+	if kp != nil {
+		grp, ctr := kp.Take(gname), kp.Take(cname)
+		if grp != nil && ctr != nil && r.be.checkGroup(grp) == nil {
+			g := &groupRef{key: k, refs: 1, group: grp, container: ctr, keeper: kp}
+			r.groups[k] = g
+			return g, nil
+		}
+		for _, f := range []*os.File{grp, ctr} {
+			if f != nil {
+				f.Close()
+			}
+		}
+	}
 	grp, ctr, err := r.be.openGroup(devRoot, n)
 	if err != nil {
 		return nil, err
 	}
-	g := &groupRef{key: k, refs: 1, group: grp, container: ctr}
+	if kp != nil {
+		if err := errors.Join(kp.Keep(cname, ctr), kp.Keep(gname, grp)); err != nil {
+			kp.Forget(gname)
+			kp.Forget(cname)
+			return nil, errors.Join(fmt.Errorf("keep the group and container fds: %w", err), grp.Close(), ctr.Close())
+		}
+	}
+	g := &groupRef{key: k, refs: 1, group: grp, container: ctr, keeper: kp}
 	r.groups[k] = g
 	return g, nil
 }
 
-// releaseGroup drops a reference; the last one closes the group, then its container.
-func (r *registry) releaseGroup(g *groupRef) error {
+// releaseGroup drops a reference; the last one closes the group, then its container
+// (with forget, their kept copies are dropped first).
+func (r *registry) releaseGroup(g *groupRef, forget bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	g.refs--
@@ -121,29 +149,47 @@ func (r *registry) releaseGroup(g *groupRef) error {
 		return nil
 	}
 	delete(r.groups, g.key)
-	return errors.Join(g.group.Close(), g.container.Close())
+	var errs []error
+	if forget && g.keeper != nil {
+		gname, cname := groupKeepNames(g.key.group)
+		errs = append(errs, g.keeper.Forget(gname), g.keeper.Forget(cname))
+	}
+	return errors.Join(append(errs, g.group.Close(), g.container.Close())...)
 }
 
 // acquireIOMMU returns the iommufd for devRoot, opening it and allocating its IOAS on
-// first use.
-func (r *registry) acquireIOMMU(devRoot string) (*iommuRef, error) {
+// first use, or taking them from the Keeper if a previous run kept them.
+func (r *registry) acquireIOMMU(devRoot string, kp Keeper) (*iommuRef, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if i := r.iommus[devRoot]; i != nil {
 		i.refs++
 		return i, nil
 	}
+	if kp != nil {
+		if fd, ioas, ok := takeIOMMUFD(kp); ok {
+			i := &iommuRef{devRoot: devRoot, refs: 1, fd: fd, ioas: ioas, keeper: kp}
+			r.iommus[devRoot] = i
+			return i, nil
+		}
+	}
 	fd, ioas, err := r.be.openIOMMUFD(devRoot)
 	if err != nil {
 		return nil, err
 	}
-	i := &iommuRef{devRoot: devRoot, refs: 1, fd: fd, ioas: ioas}
+	if kp != nil {
+		if err := kp.Keep(iommufdKeepName(ioas), fd.File()); err != nil {
+			return nil, errors.Join(fmt.Errorf("keep the iommufd: %w", err), fd.Close())
+		}
+	}
+	i := &iommuRef{devRoot: devRoot, refs: 1, fd: fd, ioas: ioas, keeper: kp}
 	r.iommus[devRoot] = i
 	return i, nil
 }
 
-// releaseIOMMU drops a reference; the last one closes the iommufd (and with it the IOAS).
-func (r *registry) releaseIOMMU(i *iommuRef) error {
+// releaseIOMMU drops a reference; the last one closes the iommufd (and with it the IOAS;
+// with forget, its kept copy is dropped first).
+func (r *registry) releaseIOMMU(i *iommuRef, forget bool) error {
 	if i.borrowed {
 		return nil
 	}
@@ -154,5 +200,9 @@ func (r *registry) releaseIOMMU(i *iommuRef) error {
 		return nil
 	}
 	delete(r.iommus, i.devRoot)
-	return i.fd.Close()
+	var err error
+	if forget && i.keeper != nil {
+		err = i.keeper.Forget(iommufdKeepName(i.ioas))
+	}
+	return errors.Join(err, i.fd.Close())
 }

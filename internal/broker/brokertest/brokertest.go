@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 
@@ -41,6 +42,13 @@ type Device struct {
 	RevokeHook func()
 
 	notices chan broker.Notice
+
+	// The fd store: a copy of every exported buffer until the broker closes its own while
+	// the device is attached. Detach leaves the device open "outside the process"; the
+	// next Opener call then restores it.
+	store    map[uint64]*Buffer
+	detached bool
+	restored bool
 }
 
 // NewDevice returns a fake device with one 1 MiB memory BAR 0, one 256-byte memory BAR 1,
@@ -103,6 +111,10 @@ func (d *Device) Export(bar int, ranges []broker.Range, name string) (broker.Buf
 	}
 	b := &Buffer{f: f, inode: st.Ino, size: size, dev: d, gen: d.generation, Name: name, BAR: bar}
 	d.open = append(d.open, b)
+	if d.store == nil {
+		d.store = map[uint64]*Buffer{}
+	}
+	d.store[b.inode] = b
 	return b, nil
 }
 
@@ -124,11 +136,60 @@ func (d *Device) Revoke() error {
 	return nil
 }
 
+// Detach implements broker.Detacher: the device stays open (its buffers live) for the
+// next broker, which gets it back as restored.
+func (d *Device) Detach() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.closed, d.detached = true, true
+	if d.notices != nil {
+		close(d.notices)
+		d.notices = nil
+	}
+	return nil
+}
+
+// Restored implements broker.Restorer.
+func (d *Device) Restored() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.restored
+}
+
+// AdoptBuffer implements broker.Restorer: a buffer exported before a Detach whose copy
+// the broker never closed while attached.
+func (d *Device) AdoptBuffer(ino uint64) (broker.Buffer, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	old := d.store[ino]
+	if old == nil || !d.restored {
+		return nil, fmt.Errorf("fake device %s: no kept buffer ino %d: %w", d.info.BDF, ino, os.ErrNotExist)
+	}
+	nb := &Buffer{f: old.f, inode: old.inode, size: old.size, dev: d, gen: old.gen, Name: old.Name, BAR: old.BAR}
+	old.handedOn = true
+	d.store[ino] = nb
+	d.open = append(d.open, nb)
+	return nb, nil
+}
+
+// Kept returns the inodes of the buffers the fake fd store holds.
+func (d *Device) Kept() []uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []uint64
+	for ino := range d.store {
+		out = append(out, ino)
+	}
+	slices.Sort(out)
+	return out
+}
+
 // Close implements broker.Device: every buffer exported so far counts as revoked.
 func (d *Device) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.closed = true
+	clear(d.store)
 	d.generation++
 	if d.notices != nil {
 		close(d.notices)
@@ -224,8 +285,9 @@ type Buffer struct {
 	size    uint64
 	dev     *Device
 	gen     int
-	closed  bool // guarded by dev.mu
-	revoked bool // by RevokeBuffer; guarded by dev.mu
+	closed   bool // guarded by dev.mu
+	revoked  bool // by RevokeBuffer; guarded by dev.mu
+	handedOn bool // its file went to an adopted Buffer; guarded by dev.mu
 	// Name and BAR are what the buffer was exported with.
 	Name string
 	BAR  int
@@ -271,7 +333,14 @@ func (b *Buffer) Close() error {
 		return nil
 	}
 	b.closed = true
+	keep := b.dev.detached || b.handedOn
+	if !keep && b.dev.store[b.inode] == b {
+		delete(b.dev.store, b.inode)
+	}
 	b.dev.mu.Unlock()
+	if keep {
+		return nil // the fd store's copy stays open
+	}
 	return b.f.Close()
 }
 
@@ -290,7 +359,11 @@ func Opener(devs ...*Device) broker.Opener {
 		for _, d := range devs {
 			if d.info.BDF == bdf {
 				d.mu.Lock()
-				d.closed = false
+				d.restored = d.detached
+				d.closed, d.detached = false, false
+				if !d.restored {
+					clear(d.store)
+				}
 				d.mu.Unlock()
 				return d, nil
 			}

@@ -1,0 +1,224 @@
+package broker
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// Record is a lease as the broker records it in its [Store] and takes it back after a
+// restart: the public [Lease] plus what only the broker knows.
+type Record struct {
+	Lease
+	// HolderGID is the holder's gid; HolderStart its start time (see [Holder]).
+	HolderGID   uint32
+	HolderStart uint64
+	// TokenDigest is the SHA-256 of the current unclaimed claim token; nil once claimed.
+	// Tokens themselves are not recorded with the lease.
+	TokenDigest []byte
+	// Seq is the sequence number of the event this record was written with (0: none).
+	Seq uint64
+}
+
+// Store records lease transitions durably (internal/journal). Commit is called with the
+// broker's lock held, before anyone hears of the transitions it records: a restarted
+// broker knows at least everything its clients were told.
+type Store interface {
+	// Commit records events (ascending, contiguous sequence numbers), the records of the
+	// leases they changed, and forgets the leases in drop, in one atomic step.
+	Commit(events []Event, records []Record, drop []string) error
+}
+
+// Snapshot is what a Store recorded, for [Options.Restore].
+type Snapshot struct {
+	Records []Record
+	Events  []Event // retained events, oldest first
+	LastSeq uint64
+}
+
+// Options are the optional parts of a [Broker]; see [NewWithOptions].
+type Options struct {
+	// Store records every lease transition; nil records nothing (a restart ends every
+	// lease).
+	Store Store
+	// Restore is the state a previous run recorded. The broker takes its leases back:
+	// devices the [Opener] restored ([Restorer]) keep their leases and dma-bufs as they
+	// were; on a device opened afresh the previous run's dma-bufs died with it, so its
+	// leases are reissued (event reissued). Event sequence numbers continue after
+	// LastSeq. Holders are pinned again with Repin; one that is gone (or whose pid now
+	// names another process) ends its leases (holder_exited). Deadlines are re-armed.
+	Restore *Snapshot
+	// Repin pins the holder process pid that started at start (clock ticks since boot);
+	// it fails if pid is gone or names another process. Nil: holders are not re-pinned
+	// (tests), and restored leases have no holder watch.
+	Repin func(pid int32, start uint64) (Process, error)
+}
+
+func tokenDigest(token string) []byte {
+	d := sha256.Sum256([]byte(token))
+	return d[:]
+}
+
+// record returns l's Record.
+func (l *lease) record() Record {
+	return Record{Lease: l.Lease, HolderGID: l.holder.GID, HolderStart: l.holder.Start, TokenDigest: slices.Clone(l.digest)}
+}
+
+// emitLocked records and publishes the transition t of l. token is the new claim token
+// of a reissued lease (only its holder may see it). An error means the transition could
+// not be recorded; it is still published (it happened), and callers that grant
+// something undo it instead of reporting it.
+func (b *Broker) emitLocked(t EventType, l *lease, token string) error {
+	e := Event{Seq: b.events.next, Time: b.now(), Type: t, Lease: l.Lease, Token: token}
+	err := b.commitLocked([]Event{e}, l)
+	b.events.append(e)
+	return err
+}
+
+// persistLocked records l without an event (a change no client was told of).
+func (b *Broker) persistLocked(l *lease) error { return b.commitLocked(nil, l) }
+
+func (b *Broker) commitLocked(evs []Event, l *lease) error {
+	if b.store == nil {
+		b.dropped = b.dropped[:0]
+		return nil
+	}
+	rec := l.record()
+	if len(evs) > 0 {
+		rec.Seq = evs[len(evs)-1].Seq
+	}
+	drop := b.dropped
+	if err := b.store.Commit(evs, []Record{rec}, drop); err != nil {
+		b.log.Error("recording a lease transition failed: a restart would not know it", "lease_id", l.ID, "err", err)
+		return fmt.Errorf("record lease %s: %w", l.ID, err)
+	}
+	b.dropped = b.dropped[:0]
+	return nil
+}
+
+// restore takes back the leases a previous run recorded (see [Options.Restore]). Called
+// from NewWithOptions after the devices were opened, before the broker is shared.
+func (b *Broker) restore(recs []Record) {
+	recs = slices.Clone(recs)
+	slices.SortFunc(recs, func(x, y Record) int {
+		if c := x.Created.Compare(y.Created); c != 0 {
+			return c
+		}
+		return cmpString(x.ID, y.ID)
+	})
+	type exited struct {
+		id  string
+		pid int32
+	}
+	var gone []exited
+	reissue := map[*device][]*lease{}
+	now := b.now()
+	b.mu.Lock()
+	for _, r := range recs {
+		if _, dup := b.leases[r.ID]; dup || r.ID == "" {
+			continue
+		}
+		l := &lease{Lease: r.Lease, digest: slices.Clone(r.TokenDigest)}
+		l.holder = Holder{UID: r.Holder.UID, GID: r.HolderGID, PID: r.Holder.PID, Start: r.HolderStart}
+		d := b.devices[r.BDF]
+		if !l.Live() {
+			b.leases[l.ID] = l
+			b.ended = append(b.ended, l.ID)
+			// A released lease whose fd was delivered may still be in use until its
+			// device cycles — if the device is still the one that exported it.
+			if d != nil && l.State == StateReleased && !l.Claimed.IsZero() && restoredDevice(d.dev) {
+				d.released = append(d.released, l.Lease)
+			}
+			continue
+		}
+		b.leases[l.ID] = l
+		if d == nil || d.dev == nil {
+			why := "the device is no longer configured"
+			if d != nil {
+				why = fmt.Sprint(d.err)
+			}
+			b.countLive(l, +1)
+			if d != nil {
+				d.live[l.ID] = l
+			}
+			b.endLocked(l, StateRevoked, ReasonRestoreFailed, "broker (restart)")
+			b.emitLocked(EventRevoked, l, "")
+			b.log.Warn("lease ended at restart: its device is unusable", "lease_id", l.ID, "bdf", l.BDF, "why", why)
+			continue
+		}
+		d.live[l.ID] = l
+		b.countLive(l, +1)
+		switch {
+		case !restoredDevice(d.dev):
+			// The previous run's dma-bufs died with its device fd: a new generation.
+			reissue[d] = append(reissue[d], l)
+		case l.digest != nil:
+			// A token is outstanding: the broker needs its copy of the dma-buf to hand out.
+			buf, err := d.dev.(Restorer).AdoptBuffer(l.Inode)
+			if err != nil {
+				b.log.Warn("a lease's dma-buf was not kept; reissuing it", "lease_id", l.ID, "inode", l.Inode, "err", err)
+				reissue[d] = append(reissue[d], l)
+				break
+			}
+			l.buf = buf
+		}
+		if b.repin != nil {
+			p, err := b.repin(l.Holder.PID, l.holder.Start)
+			if err != nil {
+				gone = append(gone, exited{l.ID, l.Holder.PID})
+				b.log.Info("lease holder gone across the restart", "lease_id", l.ID, "client_pid", l.Holder.PID, "err", err)
+			} else {
+				l.holder.Proc = p
+				b.watchHolder(l)
+			}
+		}
+		b.rearmLocked(l, now)
+	}
+	b.mu.Unlock()
+	b.log.Info("leases restored", "leases", len(recs), "live", b.live, "reissue", len(reissue), "holders_gone", len(gone),
+		"last_seq", b.events.next-1)
+
+	for d, ls := range reissue {
+		d.opMu.Lock()
+		b.log.Warn("device was not kept open across the restart: its dma-bufs died with the previous run; reissuing its leases",
+			"bdf", d.policy.BDF, "leases", len(ls))
+		b.reissue(d, d.dev, ls)
+		d.opMu.Unlock()
+	}
+	for _, g := range gone {
+		b.enforceID(g.id, StateReleased, ReasonHolderExited, fmt.Sprintf("pid %d exited", g.pid), EventReleased)
+	}
+}
+
+// rearmLocked starts l's timers again from its recorded deadlines: those already past fire
+// at once.
+func (b *Broker) rearmLocked(l *lease, now time.Time) {
+	id, gen := l.ID, l.Generation
+	if l.State == StateAllocated && l.digest != nil && !l.ClaimDeadline.IsZero() {
+		l.deadline = l.ClaimDeadline
+		l.timer = time.AfterFunc(max(l.deadline.Sub(now), 0), func() { b.expire(id, gen) })
+	}
+	if !l.Expires.IsZero() {
+		l.ttl = time.AfterFunc(max(l.Expires.Sub(now), 0), func() { b.enforceID(id, StateRevoked, ReasonExpired, "broker (ttl)", EventExpired) })
+	}
+	if !l.RevokeDeadline.IsZero() {
+		who := "broker (revoke deadline)"
+		l.grace = time.AfterFunc(max(l.RevokeDeadline.Sub(now), 0), func() { b.enforceID(id, StateRevoked, ReasonRevoked, who, EventRevoked) })
+	}
+}
+
+func restoredDevice(dev Device) bool {
+	r, ok := dev.(Restorer)
+	return ok && r.Restored()
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}

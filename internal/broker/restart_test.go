@@ -1,0 +1,207 @@
+package broker_test
+
+import (
+	"errors"
+	"maps"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mmiobroker/mmiobroker/internal/broker"
+	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
+)
+
+// memStore is a Store in memory: what a journal would hold.
+type memStore struct {
+	mu      sync.Mutex
+	records map[string]broker.Record
+	events  []broker.Event
+	last    uint64
+	fail    error
+}
+
+func newMemStore() *memStore { return &memStore{records: map[string]broker.Record{}} }
+
+func (s *memStore) Commit(evs []broker.Event, recs []broker.Record, drop []string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fail != nil {
+		return s.fail
+	}
+	for _, e := range evs {
+		if e.Seq != s.last+1 {
+			return errors.New("events out of order")
+		}
+		s.last = e.Seq
+		s.events = append(s.events, e)
+	}
+	for _, r := range recs {
+		s.records[r.ID] = r
+	}
+	for _, id := range drop {
+		delete(s.records, id)
+	}
+	return nil
+}
+
+func (s *memStore) snapshot() *broker.Snapshot {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return &broker.Snapshot{Records: slices.Collect(maps.Values(s.records)), Events: slices.Clone(s.events), LastSeq: s.last}
+}
+
+// procs is the process table Repin consults.
+type procs map[int32]*brokertest.Process
+
+func (p procs) repin(pid int32, start uint64) (broker.Process, error) {
+	if pr := p[pid]; pr != nil && pr.Alive() {
+		return pr, nil
+	}
+	return nil, errors.New("no such process")
+}
+
+var restartCfg = broker.Config{Devices: []broker.DeviceConfig{{BDF: dev0, UIDs: []uint32{1000, 1001}}}}
+
+func TestRestartKeepsLeases(t *testing.T) {
+	dev := brokertest.NewDevice(dev0)
+	st := newMemStore()
+	p1, p2 := &brokertest.Process{Pid: 41}, &brokertest.Process{Pid: 42}
+	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1, tok1, err := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, f1, err := b1.Claim(l1.ID, tok1, broker.Peer{UID: 1000, PID: 41})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f1.Close()
+	l2, tok2, err := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{page, page}}, Holder: broker.Holder{UID: 1001, PID: 42, Proc: p2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lastSeq := st.snapshot().LastSeq
+	if lastSeq != 3 {
+		t.Fatalf("recorded %d events, want 3 (allocated, claimed, allocated)", lastSeq)
+	}
+	if err := b1.Detach(); err != nil {
+		t.Fatal(err)
+	}
+
+	ps := procs{41: p1, 42: p2}
+	b2, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st, Restore: st.snapshot(), Repin: ps.repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b2.Close()
+	if dev.Revokes != 0 {
+		t.Errorf("restart cycled the device %d times", dev.Revokes)
+	}
+	got1, err := b2.Get(l1.ID)
+	if err != nil || got1.State != broker.StateActive || got1.Generation != 1 || got1.Inode != l1.Inode {
+		t.Errorf("claimed lease after restart: %+v, %v; want active generation 1 inode %d", got1, err, l1.Inode)
+	}
+	// The unclaimed lease's token still works, and hands out the same dma-buf.
+	_, f2, err := b2.Claim(l2.ID, tok2, broker.Peer{UID: 1001, PID: 42})
+	if err != nil {
+		t.Fatalf("claim with the token from before the restart: %v", err)
+	}
+	defer f2.Close()
+	if inode(t, f2) != l2.Inode {
+		t.Errorf("claimed inode %d after restart, want %d", inode(t, f2), l2.Inode)
+	}
+	// Cursors from before the restart resume; numbering continues.
+	sub, err := b2.Subscribe(1)
+	if err != nil {
+		t.Fatalf("Subscribe(1) after restart: %v", err)
+	}
+	defer sub.Close()
+	var seqs []uint64
+	for range 3 {
+		seqs = append(seqs, (<-sub.Events()).Seq)
+	}
+	if !slices.Equal(seqs, []uint64{2, 3, 4}) {
+		t.Errorf("events after cursor 1: %v, want [2 3 4] (4 = the claim after restart)", seqs)
+	}
+	// The holder exiting after the restart is still noticed.
+	p1.Exit()
+	if e := next(t, sub, broker.EventReleased); e.Lease.ID != l1.ID || e.Lease.EndReason != broker.ReasonHolderExited {
+		t.Fatalf("after the re-pinned holder exited: %+v", e)
+	}
+}
+
+func TestRestartHolderGoneAndDeviceNotKept(t *testing.T) {
+	dev := brokertest.NewDevice(dev0)
+	st := newMemStore()
+	p1, p2 := &brokertest.Process{Pid: 41}, &brokertest.Process{Pid: 42}
+	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1, tok1, _ := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p1}})
+	_, f1, err := b1.Claim(l1.ID, tok1, broker.Peer{UID: 1000, PID: 41})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f1.Close()
+	l2, _, _ := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{page, page}}, Holder: broker.Holder{UID: 1001, PID: 42, Proc: p2}})
+	if err := b1.Detach(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Holder 41 died while the broker was down: its lease ends and the device cycles
+	// (its fd left the broker); 42's lease is reissued by that cycle.
+	ps := procs{42: p2}
+	b2, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st, Restore: st.snapshot(), Repin: ps.repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := b2.Get(l1.ID); got.State != broker.StateReleased || got.EndReason != broker.ReasonHolderExited {
+		t.Errorf("lease of a holder gone across the restart: %s/%s, want released/holder_exited", got.State, got.EndReason)
+	}
+	if dev.Revokes != 1 {
+		t.Errorf("device cycled %d times, want 1", dev.Revokes)
+	}
+	if got, _ := b2.Get(l2.ID); got.State != broker.StateAllocated || got.Generation != 2 {
+		t.Errorf("surviving lease: %s generation %d, want allocated generation 2", got.State, got.Generation)
+	}
+	if err := b2.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// A device that was not kept (a fresh open) killed every dma-buf: leases come back
+	// reissued, without a cycle.
+	fresh := brokertest.NewDevice(dev0)
+	st2 := newMemStore()
+	b3, _ := broker.NewWithOptions(restartCfg, brokertest.Opener(fresh), nil, broker.Options{Store: st2})
+	l3, tok3, _ := b3.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p1}})
+	_, f3, err := b3.Claim(l3.ID, tok3, broker.Peer{UID: 1000, PID: 41})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f3.Close()
+	if err := b3.Close(); err != nil { // like a restart without the fd store
+		t.Fatal(err)
+	}
+	snap := st2.snapshot()
+	for i := range snap.Records { // pretend the close never ended it (a crash)
+		r := &snap.Records[i]
+		r.State, r.EndReason, r.EndedBy, r.Ended = broker.StateActive, "", "", time.Time{}
+	}
+	p1b := &brokertest.Process{Pid: 41}
+	b4, err := broker.NewWithOptions(restartCfg, brokertest.Opener(fresh), nil, broker.Options{Store: st2, Restore: snap, Repin: procs{41: p1b}.repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b4.Close()
+	if got, _ := b4.Get(l3.ID); got.State != broker.StateActive || got.Generation != 2 {
+		t.Errorf("lease on a device not kept: %s generation %d, want active generation 2 (reissued)", got.State, got.Generation)
+	}
+	if fresh.Revokes != 0 {
+		t.Errorf("a device opened afresh was cycled %d times", fresh.Revokes)
+	}
+}
