@@ -588,7 +588,6 @@ func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	}
 }
 
-
 // Close ends every live lease (reason broker_shutdown), closes every device and ends all
 // subscriptions. Closing the devices revokes every dma-buf they exported.
 func (b *Broker) Close() error {

@@ -135,8 +135,8 @@ func (f *fakeVFIO) SetMemoryEnable(on bool) error {
 	return f.memErr
 }
 
-func (f *fakeVFIO) Reopen() error { f.record("reopen"); return f.reopenErr }
-func (f *fakeVFIO) Close() error  { f.record("close"); f.closed = true; return nil }
+func (f *fakeVFIO) Reopen() error  { f.record("reopen"); return f.reopenErr }
+func (f *fakeVFIO) Close() error   { f.record("close"); f.closed = true; return nil }
 func (f *fakeVFIO) Detach() error  { f.record("detach"); f.closed = true; return nil }
 func (f *fakeVFIO) Restored() bool { return false }
 

@@ -280,11 +280,11 @@ func (d *Device) OpenBuffers() []*Buffer {
 
 // Buffer is a fake dma-buf backed by a memfd.
 type Buffer struct {
-	f       *os.File
-	inode   uint64
-	size    uint64
-	dev     *Device
-	gen     int
+	f        *os.File
+	inode    uint64
+	size     uint64
+	dev      *Device
+	gen      int
 	closed   bool // guarded by dev.mu
 	revoked  bool // by RevokeBuffer; guarded by dev.mu
 	handedOn bool // its file went to an adopted Buffer; guarded by dev.mu
