@@ -1,0 +1,161 @@
+package journal
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// Range is a byte range of a BAR, as the broker's Range.
+type Range struct {
+	Offset uint64 `json:"off,omitzero"`
+	Length uint64 `json:"len,omitzero"`
+}
+
+// Lease is the stored record of one lease, live or ended. It mirrors the broker's lease
+// with plain types (strings for kind, state and reasons) so that this package does not
+// depend on the broker; the broker converts. Unknown future states are stored as given.
+//
+// Nil and empty slices and maps are not told apart: both are stored as absent and come
+// back nil. Times come back without a monotonic reading and in a fixed zone; compare them
+// with time.Time.Equal.
+type Lease struct {
+	ID     string  `json:"id"`
+	BDF    string  `json:"bdf,omitzero"`
+	BAR    int     `json:"bar,omitzero"`
+	Ranges []Range `json:"ranges,omitzero"`
+	// Kind is "shared" or "private".
+	Kind string `json:"kind,omitzero"`
+	// State is "allocated", "active", "revoked" or "released" (or a later state).
+	State      string `json:"state,omitzero"`
+	Generation uint64 `json:"gen,omitzero"`
+	Inode      uint64 `json:"inode,omitzero"`
+	Size       uint64 `json:"size,omitzero"`
+	HolderUID  uint32 `json:"holder_uid,omitzero"`
+	HolderGID  uint32 `json:"holder_gid,omitzero"`
+	HolderPID  int32  `json:"holder_pid,omitzero"`
+	// HolderStart is the holder's start time in clock ticks since boot
+	// (/proc/<pid>/stat field 22), which tells the holder from a later process that
+	// reuses its pid.
+	HolderStart uint64 `json:"holder_start,omitzero"`
+	// Tenant is the holder's tenant identity; may be empty.
+	Tenant     string `json:"tenant,omitzero"`
+	VMName     string `json:"vm_name,omitzero"`
+	Unattested bool   `json:"unattested,omitzero"`
+	// TokenDigest is the SHA-256 of the current claim token; empty once claimed. The
+	// token itself is never stored in a lease record.
+	TokenDigest    []byte            `json:"token_digest,omitzero"`
+	Created        time.Time         `json:"created,omitzero"`
+	Claimed        time.Time         `json:"claimed,omitzero"`
+	ClaimDeadline  time.Time         `json:"claim_deadline,omitzero"`
+	Expires        time.Time         `json:"expires,omitzero"`
+	RevokeDeadline time.Time         `json:"revoke_deadline,omitzero"`
+	Ended          time.Time         `json:"ended,omitzero"`
+	TTL            time.Duration     `json:"ttl,omitzero"`
+	EndReason      string            `json:"end_reason,omitzero"`
+	EndedBy        string            `json:"ended_by,omitzero"`
+	Delivered      bool              `json:"delivered,omitzero"` // an fd of the current generation may have left the daemon
+	Seq            uint64            `json:"seq,omitzero"`       // the seq of the event that produced this record
+	Labels         map[string]string `json:"labels,omitzero"`
+}
+
+// Event is one stored lease transition, kept for replay to watchers after a restart.
+type Event struct {
+	Seq  uint64    `json:"seq"`
+	Time time.Time `json:"time,omitzero"`
+	// Type is the broker's event type ("allocated", "claimed", "reissued", …).
+	Type string `json:"type,omitzero"`
+	// Lease is the lease after the transition.
+	Lease Lease `json:"lease"`
+	// Token is the new claim token of a reissued event, stored so that the holder can
+	// still collect it after a restart; only the holder may be shown it.
+	Token string `json:"token,omitzero"`
+}
+
+// RecordError reports a stored record that cannot be decoded. It matches [ErrCorrupt].
+type RecordError struct {
+	Bucket string // "leases", "events" or "meta"
+	Key    string // printable form of the key: the lease id, the event seq, a meta name
+	Err    error
+}
+
+func (e *RecordError) Error() string {
+	return fmt.Sprintf("corrupt %s record %s: %v", e.Bucket, e.Key, e.Err)
+}
+
+// Unwrap returns the decoding error.
+func (e *RecordError) Unwrap() error { return e.Err }
+
+// Is reports whether target is [ErrCorrupt].
+func (e *RecordError) Is(target error) bool { return target == ErrCorrupt }
+
+func encodeLease(l *Lease) ([]byte, error) { return json.Marshal(l) }
+
+func encodeEvent(e *Event) ([]byte, error) { return json.Marshal(e) }
+
+// seqKey is the key of the event with sequence number seq: 8 bytes big-endian, so that
+// bbolt's byte order is seq order.
+func seqKey(seq uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 8), seq) }
+
+// printKey renders a key for an error message: quoted if it is a lease id, decimal if it is
+// an event key, hex otherwise.
+func printKey(bucket string, key []byte) string {
+	if bucket == bucketEvents {
+		if len(key) == 8 {
+			return fmt.Sprintf("seq %d", binary.BigEndian.Uint64(key))
+		}
+		return "0x" + hex.EncodeToString(key)
+	}
+	return fmt.Sprintf("%q", key)
+}
+
+// decodeStrict decodes exactly one JSON object from b into v, refusing unknown fields and
+// trailing data.
+func decodeStrict(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("trailing data after record")
+	}
+	return nil
+}
+
+// decodeLease decodes the lease stored under key. The record's id must equal the key.
+func decodeLease(key, val []byte) (Lease, error) {
+	var l Lease
+	if err := decodeStrict(val, &l); err != nil {
+		return Lease{}, &RecordError{Bucket: bucketLeases, Key: printKey(bucketLeases, key), Err: err}
+	}
+	if l.ID != string(key) {
+		return Lease{}, &RecordError{Bucket: bucketLeases, Key: printKey(bucketLeases, key),
+			Err: fmt.Errorf("record id %q differs from its key", l.ID)}
+	}
+	return l, nil
+}
+
+// decodeEvent decodes the event stored under key. The key must be the record's seq, 8 bytes
+// big-endian, and seq 0 is never stored.
+func decodeEvent(key, val []byte) (Event, error) {
+	fail := func(err error) (Event, error) {
+		return Event{}, &RecordError{Bucket: bucketEvents, Key: printKey(bucketEvents, key), Err: err}
+	}
+	if len(key) != 8 {
+		return fail(fmt.Errorf("key is %d bytes, want 8", len(key)))
+	}
+	var e Event
+	if err := decodeStrict(val, &e); err != nil {
+		return fail(err)
+	}
+	if e.Seq == 0 || e.Seq != binary.BigEndian.Uint64(key) {
+		return fail(fmt.Errorf("record seq %d differs from its key", e.Seq))
+	}
+	return e, nil
+}
