@@ -11,7 +11,10 @@
 #   3. unpacks the stock kernel and its modules (the "stock" guest kernel);
 #   4. builds the same source with test/vm/kernel/iommufd.config (the "iommufd" guest kernel),
 #      once per (version, config) pair;
-#   5. writes $CACHE/rig.env, which the Go harness (test/vm) reads.
+#   5. debootstraps a Debian trixie root filesystem with systemd (the "systemd" boot mode's
+#      guest: real systemd 257 as PID 1, the whole rootfs packed as the initramfs), once per
+#      hash of its package list and build steps;
+#   6. writes $CACHE/rig.env, which the Go harness (test/vm) reads.
 #
 # Everything lives under $CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/mmiobroker/vm),
 # keyed by version and config. A warm run does no network access and no rebuild.
@@ -21,12 +24,15 @@
 #   MMIOBROKER_VM_REFRESH=1  re-resolve the current sid kernel version (network)
 #   MMIOBROKER_VM_KERNELS    "stock iommufd" (default) or a subset
 #   MMIOBROKER_VM_JOBS       make -j for the kernel build (default: nproc)
+#   MMIOBROKER_VM_MODES      "busybox systemd" (default) or "busybox": skip the systemd rootfs
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 CACHE=${MMIOBROKER_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmiobroker/vm}
 KERNELS=${MMIOBROKER_VM_KERNELS:-stock iommufd}
 JOBS=${MMIOBROKER_VM_JOBS:-$(nproc)}
+MODES=${MMIOBROKER_VM_MODES:-busybox systemd}
+MODES=${MODES//,/ }
 mkdir -p "$CACHE"
 log() { printf 'setup: %s\n' "$*" >&2; }
 t0=$(date +%s)
@@ -34,6 +40,7 @@ t0=$(date +%s)
 # --- 1. host packages -------------------------------------------------------------------
 host_pkgs=(qemu-system-x86 busybox-static cpio zstd xz-utils kmod protobuf-compiler libprotobuf-dev
 	build-essential flex bison bc libelf-dev libssl-dev)
+[[ " $MODES " == *" systemd "* ]] && host_pkgs+=(debootstrap debian-archive-keyring)
 missing=()
 for p in "${host_pkgs[@]}"; do
 	dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -146,13 +153,69 @@ if [[ " $KERNELS " == *" iommufd "* ]] && [ ! -f "$build/.done" ]; then
 	log "iommufd kernel built in $(($(date +%s) - b0)) s"
 fi
 
-# --- 5. rig.env -------------------------------------------------------------------------
+# --- 5. systemd root filesystem (boot mode "systemd") -----------------------------------
+# Debian trixie minbase with systemd 257 (FileDescriptorStorePreserve=, systemd-analyze
+# fdstore), trimmed, and packed as a whole initramfs: the kernel unpacks it into its tmpfs
+# rootfs and runs systemd there as PID 1 (no switch_root; /etc/initrd-release is absent, so
+# systemd treats it as the real system). The iommufd kernel has no ext4 or 9p, which this
+# avoids. The Go harness appends the project's payload and units as a second cpio archive.
+sd_suite=trixie
+sd_pkgs=systemd,systemd-sysv,udev,kmod,busybox,procps,util-linux
+
+# systemd_finish DIR: make the debootstrapped tree boot fast and quietly as a test guest.
+systemd_finish() {
+	local r=$1 u
+	# the guest needs no apt sources (and must not carry the mirror's name)
+	echo "# no sources: mmiobroker rig guest" >"$r/etc/apt/sources.list"
+	rm -rf "$r"/etc/apt/sources.list.d/* "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/* \
+		"$r"/var/log/bootstrap.log "$r"/var/log/*.log "$r"/var/cache/debconf/*-old \
+		"$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/info/* "$r"/usr/share/locale/* \
+		"$r"/usr/lib/udev/hwdb.bin "$r"/usr/lib/udev/hwdb.d "$r"/usr/lib/x86_64-linux-gnu/gconv
+	# not a first boot: no firstboot prompts, a fixed machine id
+	echo 6d6d696f62726f6b6572726967000001 >"$r/etc/machine-id"
+	echo mmb-rig >"$r/etc/hostname"
+	# no gettys (the rig's payload channel is ttyS1; the kernel console ttyS0 stays quiet),
+	# no firstboot, no timers that only cost boot time
+	for u in serial-getty@ttyS0.service serial-getty@ttyS1.service getty@tty1.service \
+		getty-static.service systemd-firstboot.service apt-daily.timer apt-daily-upgrade.timer \
+		dpkg-db-backup.timer systemd-tmpfiles-clean.timer fstrim.timer e2scrub_all.timer; do
+		ln -sfn /dev/null "$r/etc/systemd/system/$u"
+	done
+	# ConditionNeedsUpdate=: /etc and /var are up to date (no ldconfig, hwdb, catalog rebuilds)
+	touch "$r/usr" "$r/etc/.updated" "$r/var/.updated"
+	ln -sfn /sbin/init "$r/init" # the kernel runs /init of the initramfs
+}
+
+sd_key=$({ echo "$sd_suite $sd_pkgs"; declare -f systemd_finish; } | sha256sum | cut -c1-12)
+sd_dir=$CACHE/systemd/$sd_suite-$sd_key
+if [[ " $MODES " == *" systemd "* ]] && [ ! -f "$sd_dir/.done" ]; then
+	[ "$(id -u)" = 0 ] || { log "need root to debootstrap the systemd rootfs"; exit 1; }
+	mirror=$(debian_mirror) || { log "no Debian mirror found in the apt configuration"; exit 1; }
+	log "debootstrap $sd_suite minbase + $sd_pkgs (mirror from apt configuration; about 30 s)"
+	s0=$(date +%s)
+	rm -rf "$sd_dir" && mkdir -p "$sd_dir"
+	debootstrap --variant=minbase --include="$sd_pkgs" \
+		--keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+		"$sd_suite" "$sd_dir/rootfs" "$mirror" >"$sd_dir/debootstrap.log" 2>&1 ||
+		{ tail -n 20 "$sd_dir/debootstrap.log" >&2; log "debootstrap failed (log: $sd_dir/debootstrap.log)"; exit 1; }
+	chroot "$sd_dir/rootfs" dpkg-query -W systemd udev libc6 kmod busybox util-linux >"$sd_dir/versions.txt"
+	systemd_finish "$sd_dir/rootfs"
+	(cd "$sd_dir/rootfs" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) |
+		zstd -q -3 -T0 -o "$sd_dir/rootfs.cpio.zst.tmp"
+	mv "$sd_dir/rootfs.cpio.zst.tmp" "$sd_dir/rootfs.cpio.zst"
+	touch "$sd_dir/.done"
+	log "systemd rootfs ready in $(($(date +%s) - s0)) s: $(du -sh "$sd_dir/rootfs" | cut -f1) tree," \
+		"$(du -h "$sd_dir/rootfs.cpio.zst" | cut -f1) initramfs; $(tr '\n' ' ' <"$sd_dir/versions.txt")"
+fi
+
+# --- 6. rig.env -------------------------------------------------------------------------
 {
 	echo "KVER=$KVER"
 	echo "KSRCVER=$KSRCVER"
 	[ -n "$moddir" ] && echo "STOCK_KERNEL=$moddir/vmlinuz" && echo "STOCK_MODULES=$moddir"
 	[ -f "$build/.done" ] && echo "IOMMUFD_KERNEL=$build/arch/x86/boot/bzImage"
 	echo "BUSYBOX=$(command -v busybox || echo /bin/busybox)"
+	[ -f "$sd_dir/.done" ] && echo "SYSTEMD_ROOTFS=$sd_dir/rootfs" && echo "SYSTEMD_INITRAMFS=$sd_dir/rootfs.cpio.zst"
 } >"$CACHE/rig.env"
 log "ready in $(($(date +%s) - t0)) s: $CACHE/rig.env"
 cat "$CACHE/rig.env"

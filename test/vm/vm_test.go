@@ -12,13 +12,17 @@ import (
 	"github.com/mmiobroker/mmiobroker/test/vm/vmrig"
 )
 
-// TestVM boots each guest kernel once, runs every vmtest binary inside it and reports each
-// guest test as a subtest: TestVM/<kernel>/<binary>/<TestName>[/<subtest>...]. The rig's
-// own checks (modules loaded, devices bound to vfio-pci, bus reset available, the ivshmem
-// BAR visible in its host file) are TestVM/<kernel>/rig/<check>.
+// TestVM boots each guest kernel once per boot mode, runs the mode's guest test binaries
+// inside it and reports each guest test as a subtest. Boot mode busybox (the vmtest
+// binaries) is TestVM/<kernel>/<binary>/<TestName>[/<subtest>...], boot mode systemd (real
+// systemd as PID 1 with deploy/'s units, the vmsystemd binaries) is
+// TestVM/<kernel>-systemd/<binary>/<TestName>. The rig's own checks (modules loaded,
+// devices bound to vfio-pci, bus reset available, the ivshmem BAR visible in its host
+// file; under systemd also no failed unit) are TestVM/<kernel>[-systemd]/rig/<check>.
 //
 // Environment: MMIOBROKER_VM=1 enables it; MMIOBROKER_VM_KERNELS="stock iommufd" (default
-// both) picks kernels; MMIOBROKER_VM_RUN is passed to the guest binaries as -test.run;
+// both) picks kernels; MMIOBROKER_VM_MODES="busybox,systemd" (default both) picks boot
+// modes; MMIOBROKER_VM_RUN is passed to the guest binaries as -test.run;
 // MMIOBROKER_VM_TESTS="vfio,dmabuf" runs only those binaries; MMIOBROKER_VM_TOPOLOGY=flat
 // puts the devices on the root bus.
 func TestVM(t *testing.T) {
@@ -50,6 +54,17 @@ func TestVM(t *testing.T) {
 			kernels = append(kernels, k)
 		}
 	}
+	modes := vmrig.BootModes
+	if s := os.Getenv("MMIOBROKER_VM_MODES"); s != "" {
+		modes = nil
+		for _, f := range strings.Fields(strings.ReplaceAll(s, ",", " ")) {
+			m, err := vmrig.ParseBootMode(f)
+			if err != nil {
+				t.Fatalf("MMIOBROKER_VM_MODES: %v", err)
+			}
+			modes = append(modes, m)
+		}
+	}
 	opts := vmrig.RunOptions{Run: os.Getenv("MMIOBROKER_VM_RUN")}
 	if s := os.Getenv("MMIOBROKER_VM_TESTS"); s != "" {
 		opts.Tests = strings.Split(s, ",")
@@ -57,18 +72,27 @@ func TestVM(t *testing.T) {
 	if s := os.Getenv("MMIOBROKER_VM_TOPOLOGY"); s != "" {
 		opts.Topology = vmrig.Topology(s)
 	}
-	for _, k := range kernels {
-		t.Run(string(k), func(t *testing.T) {
-			start := time.Now()
-			rep, err := r.Run(ctx, k, opts)
-			if err != nil {
-				t.Fatalf("rig: %v", err)
+	for _, mode := range modes {
+		for _, k := range kernels {
+			name := string(k)
+			if mode != vmrig.Busybox {
+				name += "-" + string(mode)
 			}
-			o := rep.Outcome
-			fmt.Printf("vm: %s: kernel %s: /init after %.1fs, tests done after %.1fs, %d attempt(s), %.1fs with build; serial log %s\n",
-				k, o.KernelRelease, o.InitAt.Seconds(), o.Total.Seconds(), len(rep.Attempts), time.Since(start).Seconds(), o.LogPath)
-			report(t, rep, opts)
-		})
+			t.Run(name, func(t *testing.T) {
+				start := time.Now()
+				opts := opts
+				opts.Boot = mode
+				rep, err := r.Run(ctx, k, opts)
+				if err != nil {
+					t.Fatalf("rig: %v", err)
+				}
+				o := rep.Outcome
+				fmt.Printf("vm: %s: kernel %s: /init marker after %.1fs, ready after %.1fs, tests done after %.1fs, %d attempt(s), %.1fs with build%s; serial log %s\n",
+					name, o.KernelRelease, o.InitAt.Seconds(), o.ReadyAt.Seconds(), o.Total.Seconds(), len(rep.Attempts),
+					time.Since(start).Seconds(), o.GuestTimes(), o.LogPath)
+				report(t, rep, opts)
+			})
+		}
 	}
 }
 
@@ -111,7 +135,7 @@ func report(t *testing.T, rep *vmrig.Report, opts vmrig.RunOptions) {
 	}
 	ran := map[string]bool{}
 	for _, b := range o.Binaries {
-		if b.Name == "vfio" {
+		if b.Name == "vfio" && rep.Boot == vmrig.Busybox {
 			checkK9FromHost(t, b, o.Ivshmem)
 		}
 		ran[b.Name] = true

@@ -21,6 +21,11 @@
 //     into [TestCase] results; a kernel panic, a hang or a missing result is a failure, and
 //     [Outcome.InfraFailure] tells a guest that never got to run anything from a test
 //     failure.
+//   - Boot mode [Systemd] instead boots real systemd (setup.sh's Debian trixie rootfs) as
+//     PID 1: [BuildSystemdImage] appends the payload, deploy/'s units and the rig's units
+//     (guest/systemd: mmb-vfio-bind.service binds the devices, mmb-rig.service runs the
+//     `vmsystemd` binaries, *_vmsd_test.go) to that rootfs archive. The markers on the
+//     payload channel are the same, so everything below applies to both modes.
 //   - [Rig] glues it together, with one retry on infrastructure failure and the serial
 //     logs kept under bin/vm-logs.
 package vmrig

@@ -48,6 +48,9 @@ type Env struct {
 	StockModules  string // /lib/modules/$KVER tree of the stock kernel (with modules.dep)
 	IOMMUFDKernel string // bzImage of the iommufd kernel
 	Busybox       string // a statically linked busybox
+	// The systemd boot mode's Debian root filesystem: the tree and its initramfs archive.
+	SystemdRootfs    string
+	SystemdInitramfs string
 }
 
 // CacheDir returns the rig's cache directory: $MMIOBROKER_VM_CACHE, else
@@ -98,6 +101,9 @@ func LoadEnvFile(path string) (Env, error) {
 		StockModules:  vars["STOCK_MODULES"],
 		IOMMUFDKernel: vars["IOMMUFD_KERNEL"],
 		Busybox:       vars["BUSYBOX"],
+
+		SystemdRootfs:    vars["SYSTEMD_ROOTFS"],
+		SystemdInitramfs: vars["SYSTEMD_INITRAMFS"],
 	}, nil
 }
 
@@ -169,4 +175,15 @@ func (e Env) BusyboxPath() (string, error) {
 		return "", fmt.Errorf("busybox: %w (install busybox-static: %s)", err, setupHint)
 	}
 	return p, nil
+}
+
+// SystemdBase returns the systemd boot mode's root filesystem archive, checking it exists.
+func (e Env) SystemdBase() (string, error) {
+	if e.SystemdInitramfs == "" {
+		return "", fmt.Errorf("systemd boot mode: no SYSTEMD_INITRAMFS in %s: %s", e.Path, setupHint)
+	}
+	if _, err := os.Stat(e.SystemdInitramfs); err != nil {
+		return "", fmt.Errorf("systemd boot mode: %w: %s", err, setupHint)
+	}
+	return e.SystemdInitramfs, nil
 }

@@ -52,6 +52,7 @@ type MachineConfig struct {
 	QEMU        string // default qemu-system-x86_64
 	Kernel      KernelImage
 	Initrd      string
+	Boot        BootMode // what runs as PID 1 (default Busybox)
 	Mode        Mode
 	Topology    Topology      // default RootPort
 	Run         string        // -test.run for the guest test binaries
@@ -60,7 +61,7 @@ type MachineConfig struct {
 	TestTimeout time.Duration // -test.timeout per guest binary (default 3m)
 	BootTimeout time.Duration // limit until the init's first marker (default 90s)
 	Timeout     time.Duration // limit for the whole run (default 6m)
-	Memory      string        // default 512M
+	Memory      string        // default 512M (busybox) or 1G (systemd: the rootfs lives in RAM)
 	SMP         int           // default 1 (two vCPUs under TCG occasionally panic a loaded guest)
 	LogPath     string        // serial log; "" = none
 	ExtraArgs   []string      // more QEMU arguments
@@ -79,6 +80,9 @@ func (c *MachineConfig) defaults() {
 	if c.Mode == "" {
 		c.Mode = ModeTests
 	}
+	if c.Boot == "" {
+		c.Boot = Busybox
+	}
 	if c.Topology == "" {
 		c.Topology = RootPort
 	}
@@ -93,6 +97,9 @@ func (c *MachineConfig) defaults() {
 	}
 	if c.Memory == "" {
 		c.Memory = "512M"
+		if c.Boot == Systemd {
+			c.Memory = "1G"
+		}
 	}
 	if c.SMP == 0 {
 		c.SMP = 1
@@ -110,6 +117,7 @@ type Check struct {
 // Outcome is everything one boot produced.
 type Outcome struct {
 	Kernel        Kernel
+	Boot          BootMode
 	Mode          Mode
 	LogPath       string
 	KernelRelease string
@@ -119,6 +127,10 @@ type Outcome struct {
 
 	InitAt, ReadyAt, DoneAt time.Duration // since QEMU start; 0 = marker not seen
 	Total                   time.Duration
+	// The guest's own clock (seconds since its kernel booted): when PID 1 started (the
+	// systemd boot mode's init marker says; 0 = unknown) and the uptime of the init and
+	// ready markers.
+	GuestPID1, GuestInit, GuestReady float64
 
 	StartErr error    // QEMU could not be started
 	ExitErr  error    // QEMU's exit status (nil = 0)
@@ -160,6 +172,21 @@ func (o *Outcome) death() string {
 		why = append(why, "QEMU exited without a done marker")
 	}
 	return strings.Join(why, "; ")
+}
+
+// GuestTimes describes the boot on the guest's clock: when PID 1 started (the systemd
+// boot mode's "/init"), when the init marker and the ready marker were printed; "" if the
+// guest did not say.
+func (o *Outcome) GuestTimes() string {
+	if o.GuestReady == 0 {
+		return ""
+	}
+	if o.GuestPID1 > 0 {
+		return fmt.Sprintf("; guest clock: PID 1 at %.2fs, ready at %.2fs (/init to ready %.2fs)",
+			o.GuestPID1, o.GuestReady, o.GuestReady-o.GuestPID1)
+	}
+	return fmt.Sprintf("; guest clock: /init at %.2fs, ready at %.2fs (/init to ready %.2fs)",
+		o.GuestInit, o.GuestReady, o.GuestReady-o.GuestInit)
 }
 
 // Problems lists run-level failures that are not any one binary's: a failed self-check,
@@ -256,6 +283,7 @@ func KernelCmdline(cfg MachineConfig, payloadOnTTYS1 bool, nonce uint32) ([]stri
 		"no_timer_check", // the IO-APIC timer check races under TCG + interrupt remapping
 		"tsc=reliable",   // on a loaded host TSC calibration fails and the HPET fallback crawls
 		"mmb.mode=" + string(cfg.Mode),
+		"mmb.boot=" + string(cfg.Boot),
 		"mmb.kernel=" + string(cfg.Kernel.Kernel),
 		"mmb.topology=" + string(cfg.Topology),
 		"mmb.timeout=" + cfg.TestTimeout.String(),
@@ -263,6 +291,10 @@ func KernelCmdline(cfg MachineConfig, payloadOnTTYS1 bool, nonce uint32) ([]stri
 	}
 	if payloadOnTTYS1 {
 		cl = append(cl, "mmb.out=ttyS1")
+	}
+	if cfg.Boot == Systemd {
+		// unit status lines on the console (the serial log shows how far the boot got)
+		cl = append(cl, "systemd.show_status=1")
 	}
 	if cfg.Run != "" {
 		if strings.ContainsAny(cfg.Run, " \t\n\"'\\") {
@@ -332,7 +364,7 @@ func Boot(ctx context.Context, cfg MachineConfig) (*Outcome, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	m := &machine{cfg: cfg, out: &Outcome{Kernel: cfg.Kernel.Kernel, Mode: cfg.Mode, LogPath: cfg.LogPath,
+	m := &machine{cfg: cfg, out: &Outcome{Kernel: cfg.Kernel.Kernel, Boot: cfg.Boot, Mode: cfg.Mode, LogPath: cfg.LogPath,
 		Env: map[string]string{}}, initSeen: make(chan struct{}), nonce: rand.Uint32() | 1}
 	m.shm, err = ivshmemFile(dir)
 	if err != nil {
@@ -547,8 +579,14 @@ func (m *machine) payloadLine(line string) {
 	case "init":
 		m.out.InitAt = m.since()
 		for _, kv := range strings.Fields(args) {
-			if v, ok := strings.CutPrefix(kv, "kernel="); ok {
+			k, v, _ := strings.Cut(kv, "=")
+			switch k {
+			case "kernel":
 				m.out.KernelRelease = v
+			case "uptime":
+				m.out.GuestInit, _ = strconv.ParseFloat(v, 64)
+			case "pid1":
+				m.out.GuestPID1, _ = strconv.ParseFloat(v, 64)
 			}
 		}
 		m.initOnce.Do(func() { close(m.initSeen) })
@@ -562,6 +600,9 @@ func (m *machine) payloadLine(line string) {
 		}
 	case "ready":
 		m.out.ReadyAt = m.since()
+		if v, ok := strings.CutPrefix(strings.TrimSpace(args), "uptime="); ok {
+			m.out.GuestReady, _ = strconv.ParseFloat(v, 64)
+		}
 		m.checkIvshmem()
 	case "begin":
 		if m.cur != nil {

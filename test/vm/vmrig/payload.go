@@ -75,8 +75,16 @@ func FindRepoRoot(dir string) (string, error) {
 }
 
 // FindVMTestPackages returns the repository-relative directories of every package that
-// has a *_vm_test.go file, sorted. testdata, vendor, bin and hidden directories are skipped.
+// has a *_vm_test.go file (the busybox boot mode's guest tests), sorted. testdata, vendor,
+// bin and hidden directories are skipped.
 func FindVMTestPackages(root string) ([]string, error) {
+	return FindGuestTestPackages(root, Busybox)
+}
+
+// FindGuestTestPackages returns the packages with guest tests of boot mode b: files named
+// *_vm_test.go for busybox, *_vmsd_test.go for systemd.
+func FindGuestTestPackages(root string, b BootMode) ([]string, error) {
+	suffix, _ := b.testSpec()
 	seen := map[string]bool{}
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -90,7 +98,7 @@ func FindVMTestPackages(root string) ([]string, error) {
 			}
 			return nil
 		}
-		if strings.HasSuffix(name, "_vm_test.go") {
+		if strings.HasSuffix(name, suffix) {
 			rel, err := filepath.Rel(root, filepath.Dir(p))
 			if err != nil {
 				return err
@@ -100,7 +108,7 @@ func FindVMTestPackages(root string) ([]string, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("find vm test packages under %s: %w", root, err)
+		return nil, fmt.Errorf("find %s guest test packages under %s: %w", b, root, err)
 	}
 	pkgs := make([]string, 0, len(seen))
 	for p := range seen {
@@ -154,11 +162,16 @@ type BuildOptions struct {
 	Go   string            // go command ("" = "go" from PATH)
 	Log  func(msg string)  // progress lines (may be nil)
 	Env  map[string]string // extra environment for the go command
+	// Boot selects the guest tests: busybox (default) builds `go test -c -tags vmtest` of
+	// every package with *_vm_test.go files, systemd `-tags vmsystemd` of *_vmsd_test.go.
+	Boot BootMode
+	// Programs, if not nil, are programs already built (for another boot mode) to reuse.
+	Programs []Binary
 }
 
 // BuildPayload compiles the guest binaries: static builds (CGO_ENABLED=0) of the
-// programs in Programs that exist, and a vmtest test binary for every package with a
-// *_vm_test.go file. A package that fails to compile is recorded in Failures and the
+// programs in Programs that exist, and a test binary for every package with guest tests
+// of the boot mode (vmtest: *_vm_test.go; vmsystemd: *_vmsd_test.go). A package that fails to compile is recorded in Failures and the
 // rest are still built; only a failure to run the go command at all is an error.
 func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 	start := time.Now()
@@ -196,7 +209,12 @@ func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 		return true, nil
 	}
 	ldflags := "-ldflags=-s -w"
-	for _, prog := range Programs {
+	programs := Programs
+	if opt.Programs != nil {
+		p.Programs = opt.Programs
+		programs = nil
+	}
+	for _, prog := range programs {
 		name := path.Base(prog)
 		if !hasGoFiles(filepath.Join(opt.Root, filepath.FromSlash(prog))) {
 			p.Missing = append(p.Missing, prog)
@@ -213,7 +231,12 @@ func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 			p.Programs = append(p.Programs, Binary{Name: name, Package: prog, Path: out})
 		}
 	}
-	pkgs, err := FindVMTestPackages(opt.Root)
+	boot := opt.Boot
+	if boot == "" {
+		boot = Busybox
+	}
+	_, tag := boot.testSpec()
+	pkgs, err := FindGuestTestPackages(opt.Root, boot)
 	if err != nil {
 		return nil, err
 	}
@@ -221,8 +244,8 @@ func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 	for _, pkg := range pkgs {
 		name := names[pkg]
 		out := filepath.Join(opt.Dir, "tests", name+".test")
-		logf("build %s (go test -c -tags vmtest)", pkg)
-		ok, err := run(name, pkg, "test", "-c", "-tags", "vmtest", "-trimpath", ldflags, "-o", out, "./"+pkg)
+		logf("build %s (go test -c -tags %s)", pkg, tag)
+		ok, err := run(name, pkg, "test", "-c", "-tags", tag, "-trimpath", ldflags, "-o", out, "./"+pkg)
 		if err != nil {
 			return nil, err
 		}

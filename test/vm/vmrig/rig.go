@@ -16,13 +16,18 @@ type Rig struct {
 	Root     string // repository root
 	Env      Env
 	CacheDir string
-	LogDir   string       // serial logs (default Root/bin/vm-logs)
-	Log      func(string) // progress lines (may be nil)
-	QEMU     string       // default qemu-system-x86_64
-	Level    int          // initramfs zstd level; negative: uncompressed (see ImageOptions)
-	payload  *Payload     // built once per Rig
-	workDir  string       // holds the payload
-	images   map[Kernel]*Image
+	LogDir   string                // serial logs (default Root/bin/vm-logs)
+	Log      func(string)          // progress lines (may be nil)
+	QEMU     string                // default qemu-system-x86_64
+	Level    int                   // initramfs zstd level; negative: uncompressed (see ImageOptions)
+	payloads map[BootMode]*Payload // built once per Rig and boot mode
+	workDir  string                // holds the payloads
+	images   map[imageKey]*Image
+}
+
+type imageKey struct {
+	boot   BootMode
+	kernel Kernel
 }
 
 // Open finds the repository around dir and reads the rig environment. It fails, saying
@@ -42,7 +47,7 @@ func Open(dir string) (*Rig, error) {
 		return nil, err
 	}
 	r := &Rig{Root: root, Env: env, CacheDir: cache, LogDir: filepath.Join(root, "bin", "vm-logs"),
-		images: map[Kernel]*Image{}}
+		images: map[imageKey]*Image{}, payloads: map[BootMode]*Payload{}}
 	if os.Getenv("MMIOBROKER_VM_COMPRESS") == "none" {
 		r.Level = -1
 	}
@@ -63,23 +68,37 @@ func (r *Rig) Close() error {
 	return nil
 }
 
-// Payload builds the guest binaries from the tree once and returns them.
+// Payload builds the busybox boot mode's guest binaries from the tree once and returns them.
 func (r *Rig) Payload(ctx context.Context) (*Payload, error) {
-	if r.payload != nil {
-		return r.payload, nil
+	return r.PayloadFor(ctx, Busybox)
+}
+
+// PayloadFor builds the guest binaries of boot mode b from the tree once and returns them.
+// The programs are built once for all boot modes.
+func (r *Rig) PayloadFor(ctx context.Context, b BootMode) (*Payload, error) {
+	if p := r.payloads[b]; p != nil {
+		return p, nil
 	}
-	dir, err := os.MkdirTemp("", "mmbvm-payload-")
+	if r.workDir == "" {
+		dir, err := os.MkdirTemp("", "mmbvm-payload-")
+		if err != nil {
+			return nil, err
+		}
+		r.workDir = dir
+	}
+	opt := BuildOptions{Root: r.Root, Dir: filepath.Join(r.workDir, string(b)), Log: r.Log, Boot: b}
+	for _, other := range r.payloads {
+		if other.Programs != nil {
+			opt.Programs = other.Programs
+		}
+	}
+	p, err := BuildPayload(ctx, opt)
 	if err != nil {
 		return nil, err
 	}
-	r.workDir = dir
-	p, err := BuildPayload(ctx, BuildOptions{Root: r.Root, Dir: dir, Log: r.Log})
-	if err != nil {
-		return nil, err
-	}
-	r.logf("payload: %d test binaries, programs %v, missing %v, %d build failures (%.1fs)",
-		len(p.Tests), names(p.Programs), p.Missing, len(p.Failures), p.Took.Seconds())
-	r.payload = p
+	r.logf("payload (%s): %d test binaries, programs %v, missing %v, %d build failures (%.1fs)",
+		b, len(p.Tests), names(p.Programs), p.Missing, len(p.Failures), p.Took.Seconds())
+	r.payloads[b] = p
 	return p, nil
 }
 
@@ -91,24 +110,45 @@ func names(bs []Binary) []string {
 	return n
 }
 
-// Image returns the initramfs of kernel k (built or from the cache) and the kernel itself.
+// Image returns the busybox initramfs of kernel k (built or from the cache) and the kernel
+// itself.
 func (r *Rig) Image(ctx context.Context, k Kernel) (KernelImage, *Image, error) {
+	return r.ImageFor(ctx, Busybox, k)
+}
+
+// ImageFor returns the initramfs of boot mode b for kernel k (built or from the cache) and
+// the kernel itself.
+func (r *Rig) ImageFor(ctx context.Context, b BootMode, k Kernel) (KernelImage, *Image, error) {
 	ki, err := r.Env.Kernel(k)
 	if err != nil {
 		return ki, nil, err
 	}
-	if img, ok := r.images[k]; ok {
+	if img, ok := r.images[imageKey{b, k}]; ok {
 		return ki, img, nil
 	}
-	p, err := r.Payload(ctx)
+	var base, bb string
+	switch b {
+	case Systemd:
+		base, err = r.Env.SystemdBase()
+	case Busybox:
+		bb, err = r.Env.BusyboxPath()
+	default:
+		err = fmt.Errorf("unknown boot mode %q", b)
+	}
 	if err != nil {
 		return ki, nil, err
 	}
-	bb, err := r.Env.BusyboxPath()
+	p, err := r.PayloadFor(ctx, b)
 	if err != nil {
 		return ki, nil, err
 	}
-	img, err := BuildImage(ctx, ImageOptions{Kernel: ki, Busybox: bb, Payload: p, CacheDir: r.CacheDir, Level: r.Level})
+	var img *Image
+	if b == Systemd {
+		img, err = BuildSystemdImage(ctx, SystemdImageOptions{Kernel: ki, Base: base, DeployDir: filepath.Join(r.Root, "deploy"),
+			Payload: p, CacheDir: r.CacheDir, Level: r.Level})
+	} else {
+		img, err = BuildImage(ctx, ImageOptions{Kernel: ki, Busybox: bb, Payload: p, CacheDir: r.CacheDir, Level: r.Level})
+	}
 	if err != nil {
 		return ki, nil, err
 	}
@@ -116,13 +156,14 @@ func (r *Rig) Image(ctx context.Context, k Kernel) (KernelImage, *Image, error) 
 	if img.Cached {
 		how = "cached"
 	}
-	r.logf("initramfs %s: %s %s (%.1f MB, %.1fs), modules %v", k, how, img.Path, float64(img.Size)/1e6, img.Took.Seconds(), img.Modules)
-	r.images[k] = img
+	r.logf("initramfs %s/%s: %s %s (%.1f MB, %.1fs), modules %v", k, b, how, img.Path, float64(img.Size)/1e6, img.Took.Seconds(), img.Modules)
+	r.images[imageKey{b, k}] = img
 	return ki, img, nil
 }
 
 // RunOptions configures Run.
 type RunOptions struct {
+	Boot        BootMode // default Busybox
 	Mode        Mode
 	Topology    Topology
 	Run         string   // -test.run in the guest
@@ -140,6 +181,7 @@ type RunOptions struct {
 // Report is the result of Run: the last attempt's outcome plus what came before it.
 type Report struct {
 	Kernel   Kernel
+	Boot     BootMode
 	Image    *Image
 	Payload  *Payload
 	Outcome  *Outcome
@@ -155,7 +197,10 @@ func (rep *Report) Failed() bool {
 // Run boots kernel k and runs the payload, retrying once (by default) when the guest died
 // before it ran anything. The serial log of each attempt stays in LogDir.
 func (r *Rig) Run(ctx context.Context, k Kernel, opt RunOptions) (*Report, error) {
-	ki, img, err := r.Image(ctx, k)
+	if opt.Boot == "" {
+		opt.Boot = Busybox
+	}
+	ki, img, err := r.ImageFor(ctx, opt.Boot, k)
 	if err != nil {
 		return nil, err
 	}
@@ -164,6 +209,9 @@ func (r *Rig) Run(ctx context.Context, k Kernel, opt RunOptions) (*Report, error
 	}
 	if opt.LogName == "" {
 		opt.LogName = fmt.Sprintf("%s-%s", k, opt.Mode)
+		if opt.Boot != Busybox {
+			opt.LogName = fmt.Sprintf("%s-%s-%s", k, opt.Boot, opt.Mode)
+		}
 		if opt.Topology == Flat {
 			opt.LogName += "-flat"
 		}
@@ -174,13 +222,13 @@ func (r *Rig) Run(ctx context.Context, k Kernel, opt RunOptions) (*Report, error
 	} else if retries < 0 {
 		retries = 0
 	}
-	rep := &Report{Kernel: k, Image: img, Payload: r.payload}
+	rep := &Report{Kernel: k, Boot: opt.Boot, Image: img, Payload: r.payloads[opt.Boot]}
 	err = retryInfra(ctx, retries, func(attempt int) (*Outcome, error) {
 		logPath := filepath.Join(r.LogDir, opt.LogName+".log")
 		if attempt > 0 {
 			logPath = filepath.Join(r.LogDir, fmt.Sprintf("%s.retry%d.log", opt.LogName, attempt))
 		}
-		o, err := Boot(ctx, MachineConfig{QEMU: r.QEMU, Kernel: ki, Initrd: img.Path, Mode: opt.Mode,
+		o, err := Boot(ctx, MachineConfig{QEMU: r.QEMU, Kernel: ki, Initrd: img.Path, Boot: opt.Boot, Mode: opt.Mode,
 			Topology: opt.Topology, Run: opt.Run, Bench: opt.Bench, Tests: opt.Tests, Timeout: opt.Timeout,
 			BootTimeout: opt.BootTimeout, TestTimeout: opt.TestTimeout, LogPath: logPath,
 			Transcript: opt.Transcript, Progress: opt.Progress})
@@ -217,8 +265,8 @@ func retryInfra(ctx context.Context, retries int, boot func(attempt int) (*Outco
 // WriteText prints a report the way `go test -v` would, plus the rig's checks and timings.
 func (rep *Report) WriteText(w io.Writer, verbose bool) {
 	o := rep.Outcome
-	fmt.Fprintf(w, "== %s kernel %s: boot to /init %.1fs, ready %.1fs, total %.1fs (attempts %d)\n",
-		rep.Kernel, o.KernelRelease, o.InitAt.Seconds(), o.ReadyAt.Seconds(), o.Total.Seconds(), len(rep.Attempts))
+	fmt.Fprintf(w, "== %s kernel %s (%s): boot to /init %.1fs, ready %.1fs, total %.1fs (attempts %d)%s\n",
+		rep.Kernel, o.KernelRelease, rep.Boot, o.InitAt.Seconds(), o.ReadyAt.Seconds(), o.Total.Seconds(), len(rep.Attempts), o.GuestTimes())
 	if rep.Infra != "" {
 		fmt.Fprintf(w, "INFRASTRUCTURE FAILURE: %s\n", rep.Infra)
 		writeTail(w, o)

@@ -1,9 +1,11 @@
 // Command rig boots mmiobroker's real-kernel test VM (see package vmrig).
 //
-//	rig run   [-kernel stock|iommufd|all] [-run REGEX] [-tests a,b] [-v]   run the guest suites
+//	rig run   [-kernel stock|iommufd|all] [-mode busybox|systemd|all] [-run REGEX] [-tests a,b] [-v]
 //	rig demo  [-kernel stock|iommufd]                                      the daemon demo
-//	rig shell [-kernel stock|iommufd]                                      a shell in the VM
+//	rig shell [-kernel stock|iommufd] [-mode busybox|systemd]              a shell in the VM
 //
+// -mode picks the boot mode: busybox (guest/init.sh, the vmtest binaries) or systemd (real
+// systemd as PID 1 with deploy/'s units, the vmsystemd binaries); run defaults to busybox.
 // Common flags: -topology rootport|flat, -timeout DURATION. test/vm/setup.sh (make setup)
 // must have run. Serial logs go to bin/vm-logs/.
 package main
@@ -63,6 +65,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	bench := fs.String("bench", "", "run: -test.bench for the guest test binaries (with -run '^$' to run only benchmarks)")
 	tests := fs.String("tests", "", "run: only these test binaries (comma separated, e.g. vfio,dmabuf)")
 	verbose := fs.Bool("v", false, "run: print every test and its output, and progress")
+	mode := fs.String("mode", string(vmrig.Busybox), "boot mode: busybox or systemd (run: also all)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return exitError(2)
 	}
@@ -81,6 +84,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		kernels = []vmrig.Kernel{k}
+	}
+	var modes []vmrig.BootMode
+	if *mode == "all" && cmd == "run" {
+		modes = vmrig.BootModes
+	} else {
+		m, err := vmrig.ParseBootMode(*mode)
+		if err != nil {
+			return err
+		}
+		if m != vmrig.Busybox && cmd == "demo" {
+			return errors.New("demo: only -mode busybox")
+		}
+		modes = []vmrig.BootMode{m}
 	}
 	topo := vmrig.Topology(*topology)
 	if topo != vmrig.RootPort && topo != vmrig.Flat {
@@ -112,16 +128,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 			opts.Progress = func(s string) { fmt.Fprintln(stderr, "guest:", s) }
 		}
 		failed := false
-		for _, k := range kernels {
-			rep, err := r.Run(ctx, k, opts)
-			if err != nil {
-				return err
+		for _, m := range modes {
+			for _, k := range kernels {
+				opts.Boot = m
+				rep, err := r.Run(ctx, k, opts)
+				if err != nil {
+					return err
+				}
+				rep.WriteText(stdout, *verbose)
+				if *bench != "" {
+					writeBenchmarks(stdout, k, rep)
+				}
+				failed = failed || rep.Failed()
 			}
-			rep.WriteText(stdout, *verbose)
-			if *bench != "" {
-				writeBenchmarks(stdout, k, rep)
-			}
-			failed = failed || rep.Failed()
 		}
 		if failed {
 			fmt.Fprintln(stdout, "FAIL")
@@ -138,12 +157,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 		if len(kernels) != 1 {
 			return errors.New("shell: pick one -kernel")
 		}
-		ki, img, err := r.Image(ctx, kernels[0])
+		ki, img, err := r.ImageFor(ctx, modes[0], kernels[0])
 		if err != nil {
 			return err
 		}
 		fmt.Fprintln(stderr, "rig: booting; the shell starts when the devices are bound. Ctrl-A x leaves QEMU.")
-		return vmrig.Shell(ctx, vmrig.MachineConfig{Kernel: ki, Initrd: img.Path, Topology: topo})
+		return vmrig.Shell(ctx, vmrig.MachineConfig{Kernel: ki, Initrd: img.Path, Boot: modes[0], Topology: topo})
 	default:
 		fmt.Fprintln(stderr, usage)
 		return exitError(2)
