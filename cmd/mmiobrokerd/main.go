@@ -15,8 +15,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/config"
 	"github.com/mmiobroker/mmiobroker/internal/daemon"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
 func main() {
@@ -123,7 +125,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	err = daemon.Run(ctx, daemon.Options{
 		Config:       cfg,
 		Resolved:     res,
-		Opener:       daemon.HostOpener(res, log),
+		Opener:       func(k vfio.Keeper) broker.Opener { return daemon.HostOpener(res, log, k) },
 		Log:          log,
 		StopTimeout:  o.stopTimeout,
 		WatchDevices: true,

@@ -439,6 +439,27 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	return l.Lease, f, nil
 }
 
+// CommitClaim completes the claim of generation gen of lease id once its fd reached the
+// holder: the broker closes its own copy of the dma-buf, so that the holder's close frees
+// it, unless the device revokes dma-bufs one by one ([BufferRevoker]), which needs the
+// copy. It does nothing if the lease ended or moved on meanwhile.
+func (b *Broker) CommitClaim(id string, gen uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	l, ok := b.leases[id]
+	if !ok || !l.Live() || l.Generation != gen || l.digest != nil || l.Claimed.IsZero() || l.buf == nil {
+		return
+	}
+	l.before.digest = nil
+	if d := b.devices[l.BDF]; d != nil {
+		if br, ok := d.dev.(BufferRevoker); ok && br.CanRevokeBuffers() {
+			return
+		}
+	}
+	l.buf.Close()
+	l.buf = nil
+}
+
 // Unclaim undoes the claim of generation gen of lease id whose fd could not be delivered
 // (the claim socket's sendmsg failed or the peer went away first): the token is valid
 // again, and an allocated lease's claim deadline is what it was. It does nothing if the
@@ -728,4 +749,23 @@ func randomHex(n int) string {
 	buf := make([]byte, n)
 	rand.Read(buf) // never fails (crypto/rand, Go 1.24+)
 	return hex.EncodeToString(buf)
+}
+
+// Ping is a liveness check for a service watchdog: it returns nil once the broker's lock
+// could be taken, or ctx's error if it stays held (a hung device operation or a
+// deadlock).
+func (b *Broker) Ping(ctx context.Context) error {
+	got := make(chan struct{})
+	go func() {
+		b.mu.Lock()
+		//lint:ignore SA2001 taking the lock is the check
+		b.mu.Unlock()
+		close(got)
+	}()
+	select {
+	case <-got:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("broker lock not free: %w", context.Cause(ctx))
+	}
 }

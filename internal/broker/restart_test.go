@@ -205,3 +205,26 @@ func TestRestartHolderGoneAndDeviceNotKept(t *testing.T) {
 		t.Errorf("a device opened afresh was cycled %d times", fresh.Revokes)
 	}
 }
+
+func TestCommitClaimClosesTheBrokersCopy(t *testing.T) {
+	r := newRig(t, nil)
+	l, tok := r.allocate(t, req(dev0, 0, 1000, 7, broker.Range{Offset: 0, Length: page}))
+	f := r.claim(t, l, tok)
+	if n := len(r.devs[dev0].OpenBuffers()); n != 1 {
+		t.Fatalf("%d broker copies open between claim and commit, want 1 (an undelivered claim is undone with it)", n)
+	}
+	r.b.CommitClaim(l.ID, l.Generation)
+	if n := len(r.devs[dev0].OpenBuffers()); n != 0 {
+		t.Errorf("%d broker copies open after the claim was committed, want 0", n)
+	}
+	if inode(t, f) != l.Inode {
+		t.Errorf("holder's fd changed")
+	}
+	// Revoking still works without the copy: the device cycles.
+	if _, err := r.b.Revoke(l.ID, admin, 0); err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := revokes(r.devs[dev0]); c != 1 {
+		t.Errorf("%d device cycles for the revoke, want 1", c)
+	}
+}

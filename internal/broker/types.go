@@ -171,8 +171,8 @@ type Holder struct {
 	GID    uint32
 	Groups []uint32
 	PID    int32
-	// Start is the holder process's start time (clock ticks since boot, /proc/<pid>/stat
-	// field 22), so that a restarted broker can tell it from a later process with the
+	// Start stamps the holder process (peercred.Process.Stamp: its pidfs inode, or its
+	// start time), so that a restarted broker can tell it from a later process with the
 	// same pid; 0 if unknown.
 	Start uint64
 	// Proc pins the holder process; may be nil only in tests.
@@ -259,6 +259,16 @@ func (s State) String() string {
 		return "released"
 	}
 	return fmt.Sprintf("state(%d)", int(s))
+}
+
+// ParseState parses a [State]'s String form.
+func ParseState(s string) (State, error) {
+	for st := StateAllocated; st <= StateReleased; st++ {
+		if st.String() == s {
+			return st, nil
+		}
+	}
+	return 0, fmt.Errorf("unknown lease state %q", s)
 }
 
 // Ended reports whether s is a final state.

@@ -28,6 +28,8 @@ const (
 	DefaultDevRoot                = "/dev"
 	DefaultLogLevel               = "info"
 	DefaultLogFormat              = "text"
+	DefaultJournal                = "/run/mmiobroker/journal.db"
+	DefaultOnStop                 = "keep"
 )
 
 // Defaults of the [limits] table. They match the broker's own defaults.
@@ -84,6 +86,14 @@ type Daemon struct {
 	LogLevel string `toml:"log_level"`
 	// LogFormat is "text" or "json".
 	LogFormat string `toml:"log_format"`
+	// Journal is the lease journal (bbolt) that lets a restarted daemon take its leases
+	// back; "" disables it (a restart then ends every lease). It belongs in the runtime
+	// directory: leases do not survive a reboot.
+	Journal string `toml:"journal"`
+	// OnStop is what a stop does to leases: "keep" (under systemd with the fd store: the
+	// next start takes them back, nothing is revoked) or "drain" (end every lease and
+	// revoke its dma-buf first; always the case without the fd store).
+	OnStop string `toml:"on_stop"`
 }
 
 // Limits is the [limits] table.
@@ -138,6 +148,8 @@ func Default() *Config {
 			DevRoot:           DefaultDevRoot,
 			LogLevel:          DefaultLogLevel,
 			LogFormat:         DefaultLogFormat,
+			Journal:           DefaultJournal,
+			OnStop:            DefaultOnStop,
 		},
 		Limits: Limits{
 			MaxLeasesPerHolder: DefaultMaxLeasesPerHolder,

@@ -561,7 +561,7 @@ func TestOverride(t *testing.T) {
 	for key, val := range map[string]string{
 		"control_socket": "/x/c.sock", "claim_socket": "/x/f.sock", "access_mode": "group",
 		"sysfs_root": "/fake/sys", "dev_root": "/fake/dev", "log_level": "warn", "log_format": "json",
-		"socket_group": "kvm", "admin_group": "0",
+		"socket_group": "kvm", "admin_group": "0", "journal": "/x/j.db", "on_stop": "drain",
 	} {
 		if err := c.Override(key, val); err != nil {
 			t.Errorf("Override(%s): %v", key, err)
@@ -569,7 +569,8 @@ func TestOverride(t *testing.T) {
 	}
 	want := Daemon{ControlSocket: "/x/c.sock", ControlSocketMode: 0o660, ClaimSocket: "/x/f.sock",
 		ClaimSocketMode: 0o660, SocketGroup: "kvm", AdminGroup: "0", AccessMode: "group",
-		SysfsRoot: "/fake/sys", DevRoot: "/fake/dev", LogLevel: "warn", LogFormat: "json"}
+		SysfsRoot: "/fake/sys", DevRoot: "/fake/dev", LogLevel: "warn", LogFormat: "json",
+		Journal: "/x/j.db", OnStop: "drain"}
 	if diff := cmp.Diff(want, c.Daemon); diff != "" {
 		t.Errorf("daemon (-want +got):\n%s", diff)
 	}

@@ -186,7 +186,8 @@ func appendNew(ids []uint32, id uint32) []uint32 {
 // Override sets the [daemon] key (e.g. "log_level") to value, for a command-line flag.
 // Problems with the value are then reported as coming from the command line. The keys
 // that can be overridden are the string-valued ones: control_socket, claim_socket,
-// socket_group, admin_group, access_mode, sysfs_root, dev_root, log_level and log_format.
+// socket_group, admin_group, access_mode, sysfs_root, dev_root, log_level, log_format,
+// journal and on_stop.
 func (c *Config) Override(key, value string) error {
 	d := &c.Daemon
 	fields := map[string]*string{
@@ -197,6 +198,8 @@ func (c *Config) Override(key, value string) error {
 		"dev_root":       &d.DevRoot,
 		"log_level":      &d.LogLevel,
 		"log_format":     &d.LogFormat,
+		"journal":        &d.Journal,
+		"on_stop":        &d.OnStop,
 	}
 	switch key {
 	case "socket_group":

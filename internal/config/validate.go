@@ -20,6 +20,7 @@ var (
 	AccessModes = []string{"auto", "group", "cdev"}
 	LogLevels   = []string{"debug", "info", "warn", "error"}
 	LogFormats  = []string{"text", "json"}
+	OnStops     = []string{"keep", "drain"}
 )
 
 // MinClaimTimeout is the shortest claim_timeout accepted.
@@ -83,6 +84,10 @@ func (v *validator) daemon() {
 	v.absDir("daemon.dev_root", d.DevRoot)
 	v.oneOf("daemon.log_level", d.LogLevel, LogLevels)
 	v.oneOf("daemon.log_format", d.LogFormat, LogFormats)
+	v.oneOf("daemon.on_stop", d.OnStop, OnStops)
+	if d.Journal != "" && !filepath.IsAbs(d.Journal) {
+		v.bad("daemon.journal", "daemon.journal: %q is not an absolute path", d.Journal)
+	}
 }
 
 func (v *validator) socket(key, path string) {

@@ -36,10 +36,13 @@ func (c claimer) Claim(_ context.Context, req fdpass.Request, peer fdpass.Peer) 
 	}, f, nil
 }
 
-// Delivered implements fdpass.DeliveryReporter: a claim whose fd did not reach the peer is
-// undone, so that its token works again.
+// Delivered implements fdpass.DeliveryReporter, the second phase of a claim: a claim
+// whose fd reached the peer is committed (the broker closes its own copy of the dma-buf);
+// one whose fd did not is undone, so that its token works again.
 func (c claimer) Delivered(req fdpass.Request, grant fdpass.Grant, _ fdpass.Peer, err error) {
 	if err != nil {
 		c.b.Unclaim(grant.LeaseID, grant.Generation)
+		return
 	}
+	c.b.CommitClaim(grant.LeaseID, grant.Generation)
 }

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"time"
 
-	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 
@@ -20,7 +19,9 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/server"
+	"github.com/mmiobroker/mmiobroker/internal/systemd"
 	"github.com/mmiobroker/mmiobroker/internal/uevent"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
 // DefaultStopTimeout is how long a stop waits for in-flight RPCs and claims.
@@ -31,12 +32,18 @@ type Options struct {
 	// Config is the daemon's configuration; Resolved is Config resolved (config.Resolve).
 	Config   *config.Config
 	Resolved *config.Resolved
-	// Opener opens the configured devices.
-	Opener broker.Opener
+	// Opener returns the opener of the configured devices. keeper is nil unless the
+	// systemd fd store is in use; openers of real devices pass it on (hostdev.Options),
+	// so that device fds and dma-bufs survive a restart.
+	Opener func(keeper vfio.Keeper) broker.Opener
 	// Log receives the daemon's log; nil discards.
 	Log *slog.Logger
-	// Notify sends a state to the service manager ("READY=1", "STOPPING=1", "STATUS=…").
-	// Nil means sd_notify, which does nothing outside systemd.
+	// Systemd is the service manager connection; nil means systemd.FromEnv. Outside
+	// systemd (no NOTIFY_SOCKET) or without the fd store (no $FDSTORE) every lease ends
+	// at stop, as their dma-bufs die with the daemon's fds.
+	Systemd *systemd.Manager
+	// Notify, if set, receives the states sent to the service manager ("READY=1",
+	// "STOPPING=1", "STATUS=…", "WATCHDOG=1") instead of Systemd (tests).
 	Notify func(state string) error
 	// StopTimeout bounds the graceful part of a stop; zero means DefaultStopTimeout.
 	StopTimeout time.Duration
@@ -56,36 +63,61 @@ func Run(ctx context.Context, opt Options) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	notify := opt.Notify
-	if notify == nil {
-		notify = func(state string) error {
-			_, err := sddaemon.SdNotify(false, state)
-			return err
-		}
-	}
 	stopTimeout := opt.StopTimeout
 	if stopTimeout <= 0 {
 		stopTimeout = DefaultStopTimeout
 	}
 	d, res := opt.Config.Daemon, opt.Resolved
+	sd := opt.Systemd
+	if sd == nil {
+		var err error
+		if sd, err = systemd.FromEnv(); err != nil {
+			return fmt.Errorf("service manager environment: %w", err)
+		}
+	}
+	notify := sd.Notify
+	if opt.Notify != nil {
+		notify = opt.Notify
+	}
+	restored := sd.Restored()
+	defer restored.Close()
 
-	b, err := broker.New(res.Broker, opt.Opener, log)
+	st, err := openState(sd, d, res, log)
+	if err != nil {
+		return err
+	}
+	defer st.close()
+	var b *broker.Broker
+	err = extendWhile(notify, func() (err error) {
+		b, err = broker.NewWithOptions(res.Broker, opt.Opener(st.keeper()), log, st.brokerOptions())
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
-	defer b.Close()
+	stopped := false
+	defer func() {
+		if !stopped {
+			b.Close()
+		}
+	}()
 
 	// The control socket first: its listen fails if another daemon is serving.
-	ctl, err := listen(d.ControlSocket, d.ControlSocketMode, res.SocketGID, server.Listen)
+	ctl, err := activated(restored, "control", func() (net.Listener, error) {
+		return listen(d.ControlSocket, d.ControlSocketMode, res.SocketGID, server.Listen)
+	})
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
 	}
-	claimL, err := listen(d.ClaimSocket, d.ClaimSocketMode, res.SocketGID,
-		func(path string, perm os.FileMode) (net.Listener, error) { return fdpass.Listen(path, perm) })
+	claimL, err := activated(restored, "claim", func() (net.Listener, error) {
+		return listen(d.ClaimSocket, d.ClaimSocketMode, res.SocketGID,
+			func(path string, perm os.FileMode) (net.Listener, error) { return fdpass.Listen(path, perm) })
+	})
 	if err != nil {
 		ctl.Close()
 		return fmt.Errorf("claim socket: %w", err)
 	}
+	st.started()
 
 	var admins []uint32
 	if res.AdminGID >= 0 {
@@ -142,15 +174,30 @@ func Run(ctx context.Context, opt Options) error {
 		log.Warn("no devices configured: add [[device]] tables to the configuration or -device flags")
 	}
 	log.Info("serving", "control_socket", d.ControlSocket, "claim_socket", d.ClaimSocket,
-		"devices", len(devs), "usable_devices", usable)
+		"devices", len(devs), "usable_devices", usable, "live_leases", len(b.List(broker.Filter{Live: true})),
+		"keeps_leases_across_restarts", st.keeps())
 	notifyLog(log, notify, "READY=1")
 	notifyLog(log, notify, fmt.Sprintf("STATUS=serving %d of %d devices", usable, len(devs)))
+	if wd := sd.WatchdogInterval(); wd > 0 {
+		g.Go(func() error { watchdog(gctx, b, notify, wd, log); return nil })
+	}
 
 	// Started after READY=1, so that STOPPING=1 always follows it.
+	var stopErr error
 	g.Go(func() error {
 		<-gctx.Done()
-		log.Info("stopping", "reason", context.Cause(gctx))
+		keep := st.keeps() && d.OnStop == "keep"
+		log.Info("stopping", "reason", context.Cause(gctx), "keep_leases", keep)
 		notifyLog(log, notify, "STOPPING=1")
+		// The broker first: that ends the event streams, whose last events (the leases
+		// ended by a drain) reach their watchers before the server stops.
+		stopped = true
+		if keep {
+			st.freeze()
+			stopErr = b.Detach()
+		} else {
+			stopErr = extendWhile(notify, func() error { return b.Close() })
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 		defer cancel()
 		if err := srv.Stop(sctx); err != nil {
@@ -161,8 +208,12 @@ func Run(ctx context.Context, opt Options) error {
 	})
 
 	err = g.Wait()
-	if cerr := b.Close(); cerr != nil {
-		err = errors.Join(err, fmt.Errorf("broker close: %w", cerr))
+	if !stopped {
+		stopped = true
+		stopErr = b.Close()
+	}
+	if stopErr != nil {
+		err = errors.Join(err, fmt.Errorf("broker stop: %w", stopErr))
 	}
 	log.Info("stopped")
 	return err

@@ -13,11 +13,13 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
 	"github.com/mmiobroker/mmiobroker/internal/config"
 	"github.com/mmiobroker/mmiobroker/internal/daemon"
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
 func TestMain(m *testing.M) {
@@ -42,7 +44,7 @@ func runOnce(t *testing.T, text string) error {
 	cfg, res := resolve(t, text)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel() // a start-up error returns at once; a successful start stops at once
-	return daemon.Run(ctx, daemon.Options{Config: cfg, Resolved: res, Opener: brokertest.Opener(),
+	return daemon.Run(ctx, daemon.Options{Config: cfg, Resolved: res, Opener: func(vfio.Keeper) broker.Opener { return brokertest.Opener() },
 		Notify: func(string) error { return nil }})
 }
 
@@ -56,7 +58,7 @@ func TestSocketsModeAndGroup(t *testing.T) {
 	done := make(chan error, 1)
 	ready := make(chan struct{})
 	go func() {
-		done <- daemon.Run(ctx, daemon.Options{Config: cfg, Resolved: res, Opener: brokertest.Opener(),
+		done <- daemon.Run(ctx, daemon.Options{Config: cfg, Resolved: res, Opener: func(vfio.Keeper) broker.Opener { return brokertest.Opener() },
 			Notify: func(s string) error {
 				if s == "READY=1" {
 					close(ready)
@@ -142,7 +144,7 @@ func TestRunNeedsOptions(t *testing.T) {
 func TestHostOpener(t *testing.T) {
 	dir := t.TempDir()
 	_, res := resolve(t, fmt.Sprintf("[daemon]\nsysfs_root = %q\ndev_root = %q\n[[device]]\naddress = \"0000:00:03.0\"\n", dir, dir))
-	open := daemon.HostOpener(res, nil)
+	open := daemon.HostOpener(res, nil, nil)
 	d, err := open("0000:00:03.0")
 	if err == nil || d != nil || !strings.Contains(err.Error(), "0000:00:03.0") {
 		t.Errorf("open on an empty sysfs = %v, %v; want a nil device and an error naming it", d, err)

@@ -9,11 +9,13 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/hostdev"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
 // HostOpener returns the broker's opener of real devices: internal/hostdev with each
-// device's configured access mode, sysfs and /dev roots and managed binding.
-func HostOpener(res *config.Resolved, log *slog.Logger) broker.Opener {
+// device's configured access mode, sysfs and /dev roots and managed binding, keeping
+// their fds with keeper (nil: none kept).
+func HostOpener(res *config.Resolved, log *slog.Logger, keeper vfio.Keeper) broker.Opener {
 	return func(bdf string) (broker.Device, error) {
 		o, ok := res.DeviceOpen(bdf)
 		if !ok {
@@ -25,6 +27,7 @@ func HostOpener(res *config.Resolved, log *slog.Logger) broker.Opener {
 			DevRoot:     o.DevRoot,
 			ManagedBind: o.ManagedBind,
 			Log:         log,
+			Keeper:      keeper,
 		})
 		if err != nil {
 			return nil, err // not a typed nil in the interface

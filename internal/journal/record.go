@@ -39,9 +39,9 @@ type Lease struct {
 	HolderUID  uint32 `json:"holder_uid,omitzero"`
 	HolderGID  uint32 `json:"holder_gid,omitzero"`
 	HolderPID  int32  `json:"holder_pid,omitzero"`
-	// HolderStart is the holder's start time in clock ticks since boot
-	// (/proc/<pid>/stat field 22), which tells the holder from a later process that
-	// reuses its pid.
+	// HolderStart stamps the holder process (its pidfs inode, or on kernels before 6.9
+	// its start time in clock ticks since boot), which tells the holder from a later
+	// process that reuses its pid (peercred.Process.Stamp).
 	HolderStart uint64 `json:"holder_start,omitzero"`
 	// Tenant is the holder's tenant identity; may be empty.
 	Tenant     string `json:"tenant,omitzero"`

@@ -114,7 +114,14 @@ func (s *service) AllocateLease(ctx context.Context, req *brokerv1.AllocateLease
 	if err != nil {
 		return nil, errdefs.ToGRPC(fmt.Errorf("device %s: pin the calling process (%s): %w: %w", r.BDF, id, err, errdefs.ErrUnavailable))
 	}
-	r.Holder = broker.Holder{UID: id.UID, GID: id.GID, Groups: id.Groups, PID: id.PID, Proc: proc}
+	var stamp uint64
+	if st, ok := proc.(interface{ Stamp() (uint64, error) }); ok {
+		if stamp, err = st.Stamp(); err != nil {
+			proc.Close()
+			return nil, errdefs.ToGRPC(fmt.Errorf("device %s: identify the calling process (%s) for restarts: %w: %w", r.BDF, id, err, errdefs.ErrUnavailable))
+		}
+	}
+	r.Holder = broker.Holder{UID: id.UID, GID: id.GID, Groups: id.Groups, PID: id.PID, Start: stamp, Proc: proc}
 	r.Admin = admin
 	l, token, err := s.b.Allocate(r) // owns proc from here on, even on error
 	if err != nil {

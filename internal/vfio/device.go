@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/ioctl"
@@ -668,7 +669,7 @@ func (d *Device) Reopen() error {
 		closeErr = d.file.Close()
 		d.file = nil
 	}
-	f, err := d.openFD()
+	f, err := d.openAfterClose()
 	if err != nil {
 		d.reopenErr = err
 		return opError("reopen", d.bdf, err)
@@ -681,6 +682,31 @@ func (d *Device) Reopen() error {
 		return opError("reopen", d.bdf, err)
 	}
 	return opError("reopen", d.bdf, closeErr)
+}
+
+// releaseWait bounds how long Reopen waits for a kept copy of the old device fd to be
+// closed by its keeper.
+const releaseWait = 5 * time.Second
+
+// openAfterClose opens the device again after this process closed its fd. A kept copy
+// (see [Keeper]) may still be on its way to being closed: systemd closes the fds it drops
+// from its store asynchronously, after it has answered. Until the old open file is gone,
+// the device is still open, and opening it again would keep the dma-bufs exported through
+// the old file alive. The VFIO cdev path makes that visible: binding a second open of a
+// device fails with EINVAL while another is open, so Reopen retries until the old file is
+// released (bounded by releaseWait). The group path allows several opens and has no such
+// signal; see the package documentation.
+func (d *Device) openAfterClose() (*os.File, error) {
+	deadline := time.Now().Add(releaseWait)
+	wait := 50 * time.Microsecond
+	for {
+		f, err := d.openFD()
+		if err == nil || d.mode != ModeCdev || d.keeper == nil || !errors.Is(err, unix.EINVAL) || time.Now().After(deadline) {
+			return f, err
+		}
+		time.Sleep(wait)
+		wait = min(2*wait, 10*time.Millisecond)
+	}
 }
 
 // Close closes the device fd, which revokes every dma-buf of the device for good, and

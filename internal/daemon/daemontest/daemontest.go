@@ -13,10 +13,14 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
 	"github.com/mmiobroker/mmiobroker/internal/config"
 	"github.com/mmiobroker/mmiobroker/internal/daemon"
+	"github.com/mmiobroker/mmiobroker/internal/systemd"
+	"github.com/mmiobroker/mmiobroker/internal/systemd/systemdtest"
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
 // Daemon is a running test daemon.
@@ -25,6 +29,8 @@ type Daemon struct {
 	Control, Claim string
 	// Config is the configuration it runs with.
 	Config *config.Config
+	// Dir holds the sockets and the journal.
+	Dir string
 
 	stop     func()
 	done     chan error
@@ -40,14 +46,34 @@ type Daemon struct {
 // tables for the fake devices devs. The daemon logs to t.
 func Start(t testing.TB, devices string, devs ...*brokertest.Device) *Daemon {
 	t.Helper()
-	dir := testutil.ShortTempDir(t)
+	return StartWith(t, Options{}, devices, devs...)
+}
+
+// Options are the optional parts of [StartWith].
+type Options struct {
+	// Dir holds the sockets and the journal; "" means a new temporary directory. A
+	// restarted daemon reuses the first one's.
+	Dir string
+	// Systemd is a fake service manager: with its fd store on, the daemon keeps its
+	// leases across a stop and restart (the journal lives in Dir).
+	Systemd *systemdtest.Manager
+}
+
+// StartWith is [Start] with [Options]: a daemon under a fake systemd, restartable.
+func StartWith(t testing.TB, opt Options, devices string, devs ...*brokertest.Device) *Daemon {
+	t.Helper()
+	dir := opt.Dir
+	if dir == "" {
+		dir = testutil.ShortTempDir(t)
+	}
 	d := &Daemon{
 		Control: filepath.Join(dir, "control.sock"),
 		Claim:   filepath.Join(dir, "fd.sock"),
+		Dir:     dir,
 		done:    make(chan error, 1),
 	}
-	text := fmt.Sprintf("[daemon]\ncontrol_socket = %q\nclaim_socket = %q\nadmin_group = %d\nlog_level = \"debug\"\n\n%s",
-		d.Control, d.Claim, os.Getgid(), devices)
+	text := fmt.Sprintf("[daemon]\ncontrol_socket = %q\nclaim_socket = %q\nadmin_group = %d\nlog_level = \"debug\"\njournal = %q\n\n%s",
+		d.Control, d.Claim, os.Getgid(), filepath.Join(dir, "journal.db"), devices)
 	cfg, err := config.Decode("daemontest.toml", []byte(text))
 	if err != nil {
 		t.Fatal(err)
@@ -60,9 +86,18 @@ func Start(t testing.TB, devices string, devs ...*brokertest.Device) *Daemon {
 	ctx, cancel := context.WithCancel(context.Background())
 	d.stop = cancel
 	ready := make(chan struct{})
+	var sd *systemd.Manager
+	if opt.Systemd != nil {
+		if sd, err = opt.Systemd.Client(); err != nil {
+			t.Fatal(err)
+		}
+	} else if sd, err = systemd.New(systemd.Config{}); err != nil {
+		t.Fatal(err)
+	}
 	go func() {
 		d.done <- daemon.Run(ctx, daemon.Options{
-			Config: cfg, Resolved: res, Opener: brokertest.Opener(devs...),
+			Systemd: sd,
+			Config:  cfg, Resolved: res, Opener: fakeOpener(devs...),
 			Log: slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 			Notify: func(s string) error {
 				d.mu.Lock()
@@ -110,4 +145,10 @@ type logWriter struct{ t testing.TB }
 func (w logWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimSuffix(string(b), "\n"))
 	return len(b), nil
+}
+
+// fakeOpener serves the fake devices whatever the keeper: the fakes keep their own
+// "fd store" (brokertest.Device.Detach).
+func fakeOpener(devs ...*brokertest.Device) func(vfio.Keeper) broker.Opener {
+	return func(vfio.Keeper) broker.Opener { return brokertest.Opener(devs...) }
 }

@@ -1,0 +1,136 @@
+package daemon_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/client"
+	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
+	"github.com/mmiobroker/mmiobroker/internal/daemon/daemontest"
+	"github.com/mmiobroker/mmiobroker/internal/systemd/systemdtest"
+)
+
+// TestRestartKeepsLeases stops a daemon run by a (fake) systemd with the fd store on and
+// starts it again: leases, tokens and event numbers carry over, and no device cycled.
+func TestRestartKeepsLeases(t *testing.T) {
+	const bdf = "0000:00:03.0"
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sdm := systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})
+	dev := brokertest.NewDevice(bdf)
+	devices := fmt.Sprintf("[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid())
+	d1 := daemontest.StartWith(t, daemontest.Options{Systemd: sdm}, devices, dev)
+	c1, err := client.Dial(d1.Control, client.WithClaimSocket(d1.Claim))
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, err := c1.Allocate(ctx, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.File.Close()
+	pending, err := c1.API().AllocateLease(ctx, &brokerv1.AllocateLeaseRequest{Bdf: bdf, Bar: 0, Ranges: []*brokerv1.Range{{Offset: 4096, Length: 4096}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1.Close()
+	if err := d1.Stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	d2 := daemontest.StartWith(t, daemontest.Options{Systemd: sdm, Dir: d1.Dir}, devices, dev)
+	c2, err := client.Dial(d2.Control, client.WithClaimSocket(d2.Claim))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	got, err := c2.API().GetLease(ctx, &brokerv1.GetLeaseRequest{LeaseId: held.ID})
+	if err != nil {
+		t.Fatalf("GetLease after restart: %v", err)
+	}
+	if l := got.GetLease(); l.GetState() != brokerv1.LeaseState_LEASE_STATE_ACTIVE || l.GetGeneration() != 1 {
+		t.Errorf("claimed lease after restart: state %v generation %d, want ACTIVE generation 1", l.GetState(), l.GetGeneration())
+	}
+	// The token handed out before the restart still claims the same dma-buf.
+	f, info, err := c2.Claim(ctx, pending.GetLease().GetId(), pending.GetClaimToken())
+	if err != nil {
+		t.Fatalf("claim with a token from before the restart: %v", err)
+	}
+	f.Close()
+	if info.Inode != pending.GetLease().GetInode() || info.Generation != 1 {
+		t.Errorf("claimed inode %d generation %d after restart, want %d and 1", info.Inode, info.Generation, pending.GetLease().GetInode())
+	}
+	// Event numbering continues: a cursor from before the restart replays what followed.
+	var types []brokerv1.EventType
+	var seqs []uint64
+	for ev, err := range c2.Watch(ctx, 1) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		types, seqs = append(types, ev.GetType()), append(seqs, ev.GetSeq())
+		if len(seqs) == 3 {
+			break
+		}
+	}
+	if seqs[0] != 2 || seqs[2] != 4 || types[2] != brokerv1.EventType_EVENT_TYPE_CLAIMED {
+		t.Errorf("events after cursor 1: seqs %v types %v; want 2..4 ending with the claim after the restart", seqs, types)
+	}
+	if err := d2.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	dev.Locked(func(d *brokertest.Device) {
+		if d.Revokes != 0 {
+			t.Errorf("the restart cycled the device %d times", d.Revokes)
+		}
+	})
+}
+
+// TestDrainingStopReachesWatchers stops a daemon that drains (on_stop = "drain", and
+// always without the fd store): every lease ends, and watchers get those events before
+// their stream ends.
+func TestDrainingStopReachesWatchers(t *testing.T) {
+	const bdf = "0000:00:03.0"
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sdm := systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})
+	dev := brokertest.NewDevice(bdf)
+	cfg := fmt.Sprintf("on_stop = \"drain\"\n[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid())
+	d := daemontest.StartWith(t, daemontest.Options{Systemd: sdm}, cfg, dev)
+	c, err := client.Dial(d.Control, client.WithClaimSocket(d.Claim))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	l, err := c.Allocate(ctx, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.File.Close()
+	stream, err := c.API().WatchEvents(ctx, &brokerv1.WatchEventsRequest{AfterSeq: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The cursor replays the claim: the subscription exists once that arrives.
+	if ev, err := stream.Recv(); err != nil || ev.GetEvent().GetType() != brokerv1.EventType_EVENT_TYPE_CLAIMED {
+		t.Fatalf("replayed event: %v, %v", ev, err)
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- d.Stop() }()
+	ev, err := stream.Recv()
+	if err != nil {
+		t.Fatalf("stream ended without the stop's event: %v", err)
+	}
+	if ev.GetEvent().GetLease().GetId() != l.ID || ev.GetEvent().GetLease().GetEndReason() != brokerv1.EndReason_END_REASON_BROKER_SHUTDOWN {
+		t.Errorf("event at a draining stop: %v", ev)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+	if kept := dev.Kept(); len(kept) != 0 {
+		t.Errorf("a draining stop left dma-bufs kept: %v", kept)
+	}
+}
