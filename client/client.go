@@ -340,6 +340,13 @@ func (c *Client) Resume(ctx context.Context, bdf string) (*brokerv1.Device, erro
 }
 
 // durationOrNil converts d, leaving 0 unset.
+// Drain ends every lease and revokes their dma-bufs, and makes the daemon refuse new
+// leases until it restarts (admins only): what to run before a stop that must leave
+// nothing behind. It returns how many leases ended and how many devices cycled.
+func (c *Client) Drain(ctx context.Context) (*brokerv1.DrainResponse, error) {
+	return c.api.Drain(ctx, &brokerv1.DrainRequest{})
+}
+
 func durationOrNil(d time.Duration) *durationpb.Duration {
 	if d == 0 {
 		return nil

@@ -42,6 +42,9 @@ Commands:
   release LEASE_ID                 release a lease (does not revoke its fd)
   suspend BDF                      pause a device for maintenance (admins)
   resume BDF                       end a suspend (admins)
+  drain                            end every lease and revoke its fd, refuse new leases
+                                   until the daemon restarts (admins; before a stop that
+                                   must leave nothing behind)
   watch [-cursor SEQ]              print lease events as they happen
 
 Global flags:
@@ -127,6 +130,8 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return c.suspendResume(ctx, "suspend", args)
 	case "resume":
 		return c.suspendResume(ctx, "resume", args)
+	case "drain":
+		return c.drain(ctx, args)
 	case "watch":
 		return c.watch(ctx, args)
 	case "help":

@@ -240,3 +240,25 @@ func (c *cli) watch(ctx context.Context, args []string) error {
 	}
 	return nil
 }
+
+func (c *cli) drain(ctx context.Context, args []string) error {
+	fs := c.subcommand("drain", "")
+	if _, _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	cl, ctx, done, err := c.connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	r, err := cl.Drain(ctx)
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return writeJSON(c.stdout, r)
+	}
+	fmt.Fprintf(c.stdout, "drained: %d lease(s) ended and revoked, %d device(s) cycled; new leases are refused until the daemon restarts\n",
+		r.GetEndedLeases(), r.GetCycledDevices())
+	return nil
+}

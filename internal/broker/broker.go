@@ -24,18 +24,19 @@ type Broker struct {
 	log  *slog.Logger
 	now  func() time.Time
 
-	mu      sync.Mutex // guards everything below, and every device's state and leases
-	closed  bool
-	devices map[string]*device // by BDF
-	order   []string           // BDFs in configuration order
-	leases  map[string]*lease  // every lease ever granted, live or ended (ended ones bounded)
-	ended   []string           // ended lease IDs, oldest first, for bounded retention
-	live    int                // leases not ended (pending included)
-	liveUID map[uint32]int     // live leases by holder uid
-	events  *eventLog
-	store   Store    // nil: nothing recorded
-	dropped []string // ended leases forgotten since the last commit
-	repin   func(pid int32, start uint64) (Process, error)
+	mu       sync.Mutex // guards everything below, and every device's state and leases
+	closed   bool
+	draining bool               // Drain ran: new leases are refused
+	devices  map[string]*device // by BDF
+	order    []string           // BDFs in configuration order
+	leases   map[string]*lease  // every lease ever granted, live or ended (ended ones bounded)
+	ended    []string           // ended lease IDs, oldest first, for bounded retention
+	live     int                // leases not ended (pending included)
+	liveUID  map[uint32]int     // live leases by holder uid
+	events   *eventLog
+	store    Store    // nil: nothing recorded
+	dropped  []string // ended leases forgotten since the last commit
+	repin    func(pid int32, start uint64) (Process, error)
 
 	watchers sync.WaitGroup // holder and notice watchers
 }
@@ -321,6 +322,9 @@ func (b *Broker) deviceFor(bdf string) (*device, error) {
 	defer b.mu.Unlock()
 	if b.closed {
 		return nil, fmt.Errorf("broker is shutting down: %w", errdefs.ErrUnavailable)
+	}
+	if b.draining {
+		return nil, fmt.Errorf("the daemon was drained for a stop and grants no leases until it restarts: %w", errdefs.ErrFailedPrecondition)
 	}
 	d, ok := b.devices[bdf]
 	if !ok {
@@ -651,6 +655,54 @@ func (b *Broker) Close() error {
 	}
 	b.watchers.Wait()
 	return errors.Join(errs...)
+}
+
+// Drain ends every live lease (reason broker_shutdown) and revokes their dma-bufs, device
+// by device (one cycle for a device whose ended leases had delivered fds), and refuses new
+// leases from then on (admins only). Each ended lease's revoked event follows its device
+// cycle. It returns how many leases ended and how many devices cycled.
+func (b *Broker) Drain(by Actor) (ended, cycled int, err error) {
+	if !by.Admin {
+		return 0, 0, fmt.Errorf("drain: %s is not an admin: %w", by, errdefs.ErrPermissionDenied)
+	}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return 0, 0, fmt.Errorf("drain: broker is shutting down: %w", errdefs.ErrUnavailable)
+	}
+	b.draining = true
+	b.mu.Unlock()
+	var errs []error
+	for _, bdf := range b.order {
+		d := b.devices[bdf]
+		d.opMu.Lock()
+		b.mu.Lock()
+		var done []*lease
+		delivered := len(d.released) > 0
+		for _, l := range b.sortedLive(d) {
+			delivered = delivered || !l.Claimed.IsZero()
+			b.endLocked(l, StateRevoked, ReasonShutdown, by.String())
+			done = append(done, l)
+		}
+		b.mu.Unlock()
+		if delivered {
+			if err := b.cycleDevice(d, "drain"); err != nil {
+				errs = append(errs, err)
+			}
+			cycled++
+		}
+		b.mu.Lock()
+		for _, l := range done {
+			b.emitLocked(EventRevoked, l, "")
+		}
+		b.mu.Unlock()
+		d.opMu.Unlock()
+		ended += len(done)
+		if len(done) > 0 {
+			b.log.Info("device drained", "bdf", bdf, "leases", len(done), "cycled", delivered, "by", by.String())
+		}
+	}
+	return ended, cycled, errors.Join(errs...)
 }
 
 // Detach stops the broker without ending any lease, for a restart that must revoke

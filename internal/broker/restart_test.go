@@ -10,6 +10,7 @@ import (
 
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
 // memStore is a Store in memory: what a journal would hold.
@@ -226,5 +227,39 @@ func TestCommitClaimClosesTheBrokersCopy(t *testing.T) {
 	}
 	if c, _ := revokes(r.devs[dev0]); c != 1 {
 		t.Errorf("%d device cycles for the revoke, want 1", c)
+	}
+}
+
+func TestDrain(t *testing.T) {
+	r := newRig(t, nil)
+	l1, tok := r.allocate(t, req(dev0, 0, 1000, 7, broker.Range{Offset: 0, Length: page}))
+	r.claim(t, l1, tok)
+	l2, _ := r.allocate(t, req(dev0, 0, 1000, 7, broker.Range{Offset: page, Length: page}))
+	sub, err := r.b.Subscribe(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if _, _, err := r.b.Drain(broker.Actor{UID: 1000, PID: 7}); err == nil {
+		t.Fatal("a non-admin drained the broker")
+	}
+	ended, cycled, err := r.b.Drain(admin)
+	if err != nil || ended != 2 || cycled != 1 {
+		t.Fatalf("Drain = %d ended, %d cycled, %v; want 2, 1 (dev0 had a delivered fd), nil", ended, cycled, err)
+	}
+	for _, id := range []string{l1.ID, l2.ID} {
+		if got, _ := r.b.Get(id); got.State != broker.StateRevoked || got.EndReason != broker.ReasonShutdown {
+			t.Errorf("lease %s after drain: %s/%s", id, got.State, got.EndReason)
+		}
+	}
+	// Revoked events come after the cycle: by then the dma-buf is dead.
+	for range 2 {
+		e := next(t, sub, broker.EventRevoked)
+		if c, _ := revokes(r.devs[dev0]); c != 1 {
+			t.Errorf("revoked event for %s seen with %d device cycles done", e.Lease.ID, c)
+		}
+	}
+	if _, _, err := r.b.Allocate(req(dev0, 0, 1000, 7, broker.Range{Offset: 0, Length: page})); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("Allocate after drain = %v, want FailedPrecondition", err)
 	}
 }

@@ -564,3 +564,21 @@ func TestHolderExitRealProcess(t *testing.T) {
 		t.Errorf("device cycled %d times, want 1", c)
 	}
 }
+
+func TestDrainRPC(t *testing.T) {
+	e := newEnv(t)
+	l := e.allocateClaimed(holder, oneRange(bdfA, 0, 0, page(1)))
+	_, err := e.client.Drain(holder.ctx(t), &brokerv1.DrainRequest{})
+	wantCode(t, err, codes.PermissionDenied, "drain: uid 1000 pid", "is not an admin")
+	resp, err := e.client.Drain(root.ctx(t), &brokerv1.DrainRequest{})
+	if err != nil || resp.GetEndedLeases() != 1 || resp.GetCycledDevices() != 1 {
+		t.Fatalf("Drain = %v, %v; want 1 lease ended, 1 device cycled", resp, err)
+	}
+	got, err := e.client.GetLease(root.ctx(t), &brokerv1.GetLeaseRequest{LeaseId: l.GetId()})
+	if err != nil || got.GetLease().GetState() != brokerv1.LeaseState_LEASE_STATE_REVOKED ||
+		got.GetLease().GetEndReason() != brokerv1.EndReason_END_REASON_BROKER_SHUTDOWN {
+		t.Errorf("lease after drain: %v, %v", got, err)
+	}
+	_, err = e.client.AllocateLease(holder.ctx(t), oneRange(bdfA, 0, 0, page(1)))
+	wantCode(t, err, codes.FailedPrecondition, "drained")
+}

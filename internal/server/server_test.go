@@ -107,7 +107,7 @@ func TestReflection(t *testing.T) {
 		}
 	}
 	wantMethods := []string{"ListDevices", "GetDevice", "AllocateLease", "GetLease", "ListLeases", "RevokeLease", "ReleaseLease", "WatchEvents",
-		"RenewLease", "SuspendDevice", "ResumeDevice"}
+		"RenewLease", "SuspendDevice", "ResumeDevice", "Drain"}
 	if diff := cmp.Diff(wantMethods, methods); diff != "" {
 		t.Errorf("methods (-want +got):\n%s", diff)
 	}

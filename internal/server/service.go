@@ -358,3 +358,16 @@ func eventFor(ev broker.Event, id Identity, admin bool) *brokerv1.Event {
 	}
 	return e
 }
+
+// Drain implements brokerv1.BrokerServer.
+func (s *service) Drain(ctx context.Context, _ *brokerv1.DrainRequest) (*brokerv1.DrainResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ended, cycled, err := s.b.Drain(broker.Actor{UID: id.UID, PID: id.PID, Admin: admin})
+	if err != nil {
+		return nil, errdefs.ToGRPC(err)
+	}
+	return &brokerv1.DrainResponse{EndedLeases: uint32(ended), CycledDevices: uint32(cycled)}, nil
+}

@@ -2401,6 +2401,98 @@ func (x *ResumeDeviceResponse) GetDevice() *Device {
 	return nil
 }
 
+// DrainRequest asks to end every lease; it has no fields.
+type DrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
+}
+
+// DrainResponse says what a Drain ended.
+type DrainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How many live leases the drain ended.
+	EndedLeases uint32 `protobuf:"varint,1,opt,name=ended_leases,json=endedLeases,proto3" json:"ended_leases,omitempty"`
+	// How many devices it cycled to revoke delivered dma-bufs.
+	CycledDevices uint32 `protobuf:"varint,2,opt,name=cycled_devices,json=cycledDevices,proto3" json:"cycled_devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *DrainResponse) GetEndedLeases() uint32 {
+	if x != nil {
+		return x.EndedLeases
+	}
+	return 0
+}
+
+func (x *DrainResponse) GetCycledDevices() uint32 {
+	if x != nil {
+		return x.CycledDevices
+	}
+	return 0
+}
+
 var File_mmiobroker_v1_broker_proto protoreflect.FileDescriptor
 
 const file_mmiobroker_v1_broker_proto_rawDesc = "" +
@@ -2547,7 +2639,11 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x13ResumeDeviceRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\"E\n" +
 	"\x14ResumeDeviceResponse\x12-\n" +
-	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device*V\n" +
+	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"\x0e\n" +
+	"\fDrainRequest\"Y\n" +
+	"\rDrainResponse\x12!\n" +
+	"\fended_leases\x18\x01 \x01(\rR\vendedLeases\x12%\n" +
+	"\x0ecycled_devices\x18\x02 \x01(\rR\rcycledDevices*V\n" +
 	"\n" +
 	"AccessMode\x12\x1b\n" +
 	"\x17ACCESS_MODE_UNSPECIFIED\x10\x00\x12\x15\n" +
@@ -2587,7 +2683,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x12EVENT_TYPE_RENEWED\x10\t\x12\x18\n" +
 	"\x14EVENT_TYPE_SUSPENDED\x10\n" +
 	"\x12\x16\n" +
-	"\x12EVENT_TYPE_RESUMED\x10\v2\xb9\a\n" +
+	"\x12EVENT_TYPE_RESUMED\x10\v2\xfd\a\n" +
 	"\x06Broker\x12T\n" +
 	"\vListDevices\x12!.mmiobroker.v1.ListDevicesRequest\x1a\".mmiobroker.v1.ListDevicesResponse\x12N\n" +
 	"\tGetDevice\x12\x1f.mmiobroker.v1.GetDeviceRequest\x1a .mmiobroker.v1.GetDeviceResponse\x12Z\n" +
@@ -2601,7 +2697,8 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\n" +
 	"RenewLease\x12 .mmiobroker.v1.RenewLeaseRequest\x1a!.mmiobroker.v1.RenewLeaseResponse\x12Z\n" +
 	"\rSuspendDevice\x12#.mmiobroker.v1.SuspendDeviceRequest\x1a$.mmiobroker.v1.SuspendDeviceResponse\x12W\n" +
-	"\fResumeDevice\x12\".mmiobroker.v1.ResumeDeviceRequest\x1a#.mmiobroker.v1.ResumeDeviceResponseBAZ?github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1;brokerv1b\x06proto3"
+	"\fResumeDevice\x12\".mmiobroker.v1.ResumeDeviceRequest\x1a#.mmiobroker.v1.ResumeDeviceResponse\x12B\n" +
+	"\x05Drain\x12\x1b.mmiobroker.v1.DrainRequest\x1a\x1c.mmiobroker.v1.DrainResponseBAZ?github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1;brokerv1b\x06proto3"
 
 var (
 	file_mmiobroker_v1_broker_proto_rawDescOnce sync.Once
@@ -2616,7 +2713,7 @@ func file_mmiobroker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_mmiobroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(AccessMode)(0),               // 0: mmiobroker.v1.AccessMode
 	(LeaseKind)(0),                // 1: mmiobroker.v1.LeaseKind
@@ -2653,8 +2750,10 @@ var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(*SuspendDeviceResponse)(nil), // 32: mmiobroker.v1.SuspendDeviceResponse
 	(*ResumeDeviceRequest)(nil),   // 33: mmiobroker.v1.ResumeDeviceRequest
 	(*ResumeDeviceResponse)(nil),  // 34: mmiobroker.v1.ResumeDeviceResponse
-	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 36: google.protobuf.Duration
+	(*DrainRequest)(nil),          // 35: mmiobroker.v1.DrainRequest
+	(*DrainResponse)(nil),         // 36: mmiobroker.v1.DrainResponse
+	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 38: google.protobuf.Duration
 }
 var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: mmiobroker.v1.DevicePolicy.allowed_kinds:type_name -> mmiobroker.v1.LeaseKind
@@ -2666,31 +2765,31 @@ var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 6: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
 	2,  // 7: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
 	10, // 8: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
-	35, // 9: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	35, // 10: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
-	35, // 11: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	37, // 9: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	37, // 10: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
+	37, // 11: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 12: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
-	36, // 13: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
-	35, // 14: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	35, // 15: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
-	35, // 16: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
-	35, // 17: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
+	38, // 13: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	37, // 14: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	37, // 15: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
+	37, // 16: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
+	37, // 17: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
 	4,  // 18: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
 	11, // 19: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
 	8,  // 20: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
 	8,  // 21: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
 	9,  // 22: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
 	1,  // 23: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
-	36, // 24: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 24: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
 	11, // 25: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	35, // 26: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
+	37, // 26: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
 	11, // 27: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
 	11, // 28: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
-	36, // 29: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
+	38, // 29: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
 	11, // 30: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
 	11, // 31: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
 	12, // 32: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
-	36, // 33: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	38, // 33: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
 	11, // 34: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
 	8,  // 35: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
 	8,  // 36: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
@@ -2705,19 +2804,21 @@ var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	29, // 45: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
 	31, // 46: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
 	33, // 47: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
-	14, // 48: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
-	16, // 49: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
-	18, // 50: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
-	20, // 51: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
-	22, // 52: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
-	24, // 53: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
-	26, // 54: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
-	28, // 55: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
-	30, // 56: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
-	32, // 57: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
-	34, // 58: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
-	48, // [48:59] is the sub-list for method output_type
-	37, // [37:48] is the sub-list for method input_type
+	35, // 48: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
+	14, // 49: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
+	16, // 50: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
+	18, // 51: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
+	20, // 52: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
+	22, // 53: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
+	24, // 54: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
+	26, // 55: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
+	28, // 56: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
+	30, // 57: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
+	32, // 58: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
+	34, // 59: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
+	36, // 60: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
+	49, // [49:61] is the sub-list for method output_type
+	37, // [37:49] is the sub-list for method input_type
 	37, // [37:37] is the sub-list for extension type_name
 	37, // [37:37] is the sub-list for extension extendee
 	0,  // [0:37] is the sub-list for field type_name
@@ -2735,7 +2836,7 @@ func file_mmiobroker_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mmiobroker_v1_broker_proto_rawDesc), len(file_mmiobroker_v1_broker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   30,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

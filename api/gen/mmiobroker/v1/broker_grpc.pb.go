@@ -69,6 +69,7 @@ const (
 	Broker_RenewLease_FullMethodName    = "/mmiobroker.v1.Broker/RenewLease"
 	Broker_SuspendDevice_FullMethodName = "/mmiobroker.v1.Broker/SuspendDevice"
 	Broker_ResumeDevice_FullMethodName  = "/mmiobroker.v1.Broker/ResumeDevice"
+	Broker_Drain_FullMethodName         = "/mmiobroker.v1.Broker/Drain"
 )
 
 // BrokerClient is the client API for Broker service.
@@ -191,6 +192,16 @@ type BrokerClient interface {
 	//
 	// Codes: as SuspendDevice; FAILED_PRECONDITION if the device is not suspended.
 	ResumeDevice(ctx context.Context, in *ResumeDeviceRequest, opts ...grpc.CallOption) (*ResumeDeviceResponse, error)
+	// Drain ends every live lease (end reason BROKER_SHUTDOWN) and revokes their dma-bufs
+	// (one device cycle per device that had delivered fds), and refuses new leases from then
+	// on (AllocateLease: FAILED_PRECONDITION) until the daemon restarts. Admins only. It is
+	// what to run before a stop that must leave nothing behind (a host going into
+	// maintenance): a plain stop under systemd keeps every lease for the next start. Each
+	// ended lease gets its REVOKED event once its dma-buf is dead. Idempotent.
+	//
+	// Codes: PERMISSION_DENIED (not an admin), UNAVAILABLE (a device cycle failed; the
+	// device's leases ended as DEVICE_LOST).
+	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
 }
 
 type brokerClient struct {
@@ -320,6 +331,16 @@ func (c *brokerClient) ResumeDevice(ctx context.Context, in *ResumeDeviceRequest
 	return out, nil
 }
 
+func (c *brokerClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainResponse)
+	err := c.cc.Invoke(ctx, Broker_Drain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BrokerServer is the server API for Broker service.
 // All implementations must embed UnimplementedBrokerServer
 // for forward compatibility.
@@ -440,6 +461,16 @@ type BrokerServer interface {
 	//
 	// Codes: as SuspendDevice; FAILED_PRECONDITION if the device is not suspended.
 	ResumeDevice(context.Context, *ResumeDeviceRequest) (*ResumeDeviceResponse, error)
+	// Drain ends every live lease (end reason BROKER_SHUTDOWN) and revokes their dma-bufs
+	// (one device cycle per device that had delivered fds), and refuses new leases from then
+	// on (AllocateLease: FAILED_PRECONDITION) until the daemon restarts. Admins only. It is
+	// what to run before a stop that must leave nothing behind (a host going into
+	// maintenance): a plain stop under systemd keeps every lease for the next start. Each
+	// ended lease gets its REVOKED event once its dma-buf is dead. Idempotent.
+	//
+	// Codes: PERMISSION_DENIED (not an admin), UNAVAILABLE (a device cycle failed; the
+	// device's leases ended as DEVICE_LOST).
+	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
 	mustEmbedUnimplementedBrokerServer()
 }
 
@@ -482,6 +513,9 @@ func (UnimplementedBrokerServer) SuspendDevice(context.Context, *SuspendDeviceRe
 }
 func (UnimplementedBrokerServer) ResumeDevice(context.Context, *ResumeDeviceRequest) (*ResumeDeviceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ResumeDevice not implemented")
+}
+func (UnimplementedBrokerServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
 }
 func (UnimplementedBrokerServer) mustEmbedUnimplementedBrokerServer() {}
 func (UnimplementedBrokerServer) testEmbeddedByValue()                {}
@@ -695,6 +729,24 @@ func _Broker_ResumeDevice_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Broker_Drain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).Drain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_Drain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).Drain(ctx, req.(*DrainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Broker_ServiceDesc is the grpc.ServiceDesc for Broker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -741,6 +793,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ResumeDevice",
 			Handler:    _Broker_ResumeDevice_Handler,
+		},
+		{
+			MethodName: "Drain",
+			Handler:    _Broker_Drain_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
