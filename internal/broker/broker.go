@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/failpoint"
 )
 
 // Broker owns the configured devices and their leases. Its methods are safe for
@@ -277,6 +278,9 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 		}
 	}
 	buf, err := dev.Export(req.BAR, req.Ranges, bufferName(l.ID))
+	if err == nil {
+		failpoint.Hit(failpoint.AfterExport)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if err == nil && b.closed {
@@ -312,6 +316,7 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 		b.ended = b.ended[:len(b.ended)-1]
 		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
 	}
+	failpoint.Hit(failpoint.AfterJournal)
 	b.log.Info("lease allocated", "lease_id", l.ID, "bdf", l.BDF, "bar", l.BAR, "ranges", fmt.Sprint(l.Ranges),
 		"kind", l.Kind.String(), "uid", l.Holder.UID, "client_pid", l.Holder.PID, "inode", l.Inode, "unattested", l.Unattested)
 	return l.Lease, token, nil
@@ -439,6 +444,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 		}
 		return Lease{}, nil, fmt.Errorf("lease %s: %w", id, err)
 	}
+	failpoint.Hit(failpoint.AfterJournal)
 	b.log.Info("lease claimed", "lease_id", id, "generation", l.Generation, "client_pid", peer.PID, "inode", l.Inode)
 	return l.Lease, f, nil
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/failpoint"
 )
 
 // revokeReq is one revocation waiting for its device's next revoke pass.
@@ -283,6 +284,7 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
 			o.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
 		}
 		b.emitLocked(EventReissued, o, token)
+		failpoint.Hit(failpoint.MidReissue)
 		b.log.Info("lease reissued", "lease_id", o.ID, "generation", o.Generation, "inode", o.Inode)
 		b.mu.Unlock()
 	}

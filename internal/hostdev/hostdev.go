@@ -12,6 +12,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/dmabuf"
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/failpoint"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
 	"golang.org/x/sys/unix"
@@ -283,6 +284,7 @@ func (d *Device) Revoke() error {
 		return fmt.Errorf("device %s: revoke: device is closed: %w", d.bdf, os.ErrClosed)
 	}
 	errOff := d.dev.SetMemoryEnable(false)
+	failpoint.Hit(failpoint.MidCycle)
 	errReopen := d.dev.Reopen()
 	var errOn error
 	if errReopen == nil {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/failpoint"
 	"github.com/mmiobroker/mmiobroker/internal/ioctl"
 	"github.com/mmiobroker/mmiobroker/internal/iommufd"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
@@ -665,6 +666,9 @@ func (d *Device) Reopen() error {
 		// The kept copy goes first: the close below must be the device's last.
 		if err := d.forget(); err != nil {
 			return opError("reopen", d.bdf, err)
+		}
+		if d.keeper != nil {
+			failpoint.Hit(failpoint.AfterFDStoreRemove)
 		}
 		closeErr = d.file.Close()
 		d.file = nil
