@@ -145,3 +145,21 @@ func (kernelBackend) checkGroup(grp *os.File) error {
 	}
 	return nil
 }
+
+func (kernelBackend) rejoin(g *groupRef) error {
+	if _, err := ioctl.Value(g.group, "VFIO_GROUP_UNSET_CONTAINER", VFIO_GROUP_UNSET_CONTAINER, 0); err != nil {
+		return err // EBUSY: a device of the group is still open
+	}
+	err := ioctl.WithFD(g.container, func(cfd int) error {
+		fd := int32(cfd)
+		_, err := ioctl.Ioctl(g.group, "VFIO_GROUP_SET_CONTAINER", VFIO_GROUP_SET_CONTAINER, &fd)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("group %d: rejoin its container: %w", g.key.group, err)
+	}
+	if _, err := ioctl.Value(g.container, "VFIO_SET_IOMMU", VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU); err != nil {
+		return fmt.Errorf("group %d: rejoin its container: %w", g.key.group, err)
+	}
+	return nil
+}

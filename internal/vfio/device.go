@@ -700,16 +700,43 @@ const releaseWait = 5 * time.Second
 // device fails with EINVAL while another is open, so Reopen retries until the old file is
 // released (bounded by releaseWait). The group path allows several opens and has no such
 // signal; see the package documentation.
+//
+// The group path allows several opens of a device, but a group cannot leave its container
+// while a device of it is open (VFIO_GROUP_UNSET_CONTAINER fails with EBUSY). When this
+// device is the only one of its group this process has open, Reopen takes the group out
+// of its container and puts it back until that succeeds — then the old file is gone —
+// and opens the device after. With several devices of the group open that signal is
+// unavailable: the reopen does not wait (see the package documentation).
 func (d *Device) openAfterClose() (*os.File, error) {
+	if d.keeper == nil || d.iommu != nil && d.iommu.borrowed {
+		return d.openFD()
+	}
 	deadline := time.Now().Add(releaseWait)
 	wait := 50 * time.Microsecond
-	for {
-		f, err := d.openFD()
-		if err == nil || d.mode != ModeCdev || d.keeper == nil || !errors.Is(err, unix.EINVAL) || time.Now().After(deadline) {
-			return f, err
+	retry := func(err error) bool {
+		if time.Now().After(deadline) {
+			return false
 		}
 		time.Sleep(wait)
 		wait = min(2*wait, 10*time.Millisecond)
+		return true
+	}
+	if d.mode == ModeGroup && d.reg.onlyDevice(d.grp) {
+		for {
+			err := d.reg.be.rejoin(d.grp)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, unix.EBUSY) || !retry(err) {
+				return nil, fmt.Errorf("wait for the kept copy of the old device fd to close: %w", err)
+			}
+		}
+	}
+	for {
+		f, err := d.openFD()
+		if err == nil || d.mode != ModeCdev || !errors.Is(err, unix.EINVAL) || !retry(err) {
+			return f, err
+		}
 	}
 }
 

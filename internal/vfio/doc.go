@@ -59,6 +59,22 @@
 //     [Device.Reopen] closes and reopens the device fd (keeping group, container or
 //     iommufd) exactly to do that; [Device.Close] does it too.
 //
+// # Keeping fds across restarts
+//
+// With [OpenOptions.Keeper] (the systemd fd store, in mmiobrokerd) every fd Open opens —
+// device, group and container, or iommufd — is kept outside the process too, and the next
+// run's Open takes them back ([Device.Restored]): the device was never closed, so its
+// dma-bufs stayed live. For the last close to still revoke, a kept copy is forgotten
+// before this process closes its own, and Reopen opens the device again only once the
+// kept copy is really gone: systemd closes dropped fds asynchronously, after it answered.
+// The cdev path shows it (binding a second open of a device fails with EINVAL while
+// another is open); the group path shows it through the container (a group cannot leave
+// its container while one of its devices is open), which Reopen can use while the device
+// is the only one of its group open in this process. With several devices of one group
+// open, a group-mode Reopen under a Keeper cannot tell, and may reopen while the old file
+// still exists: then the old dma-bufs are revoked only until memory decode is set again.
+// [Device.Detach] closes this process's fds and leaves the kept ones.
+//
 // # Errors
 //
 // Errors are *[Error] values naming the device and operation

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/mmiobroker/mmiobroker/internal/iommufd"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/pci/pcitest"
@@ -25,6 +27,8 @@ type fakeBackend struct {
 	failGroup   error       // guarded by mu
 	failIOMMU   error       // guarded by mu
 	failDevice  error       // guarded by mu
+	busy        int         // guarded by mu; rejoin answers EBUSY this many times
+	rejoins     int         // guarded by mu
 }
 
 const fakeCfgOffset = 0x1000
@@ -118,6 +122,17 @@ func (b *fakeBackend) cdevDevice(i *iommuRef, path string) (*os.File, error) {
 }
 
 func (b *fakeBackend) checkGroup(*os.File) error { return nil }
+
+func (b *fakeBackend) rejoin(*groupRef) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.rejoins++
+	if b.busy > 0 {
+		b.busy--
+		return unix.EBUSY
+	}
+	return nil
+}
 
 func (b *fakeBackend) query(f *os.File) (deviceState, error) {
 	var st deviceState

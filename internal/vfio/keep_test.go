@@ -227,3 +227,40 @@ func TestKeeperFailureFailsOpen(t *testing.T) {
 }
 
 func dupCloexec(fd int) (int, error) { return unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0) }
+
+// TestReopenWaitsForKeptCopy: with a Keeper, a group-mode Reopen waits (leaving and
+// rejoining the container, EBUSY while the old file is open anywhere) before it opens
+// the device again; without one it does not need to.
+func TestReopenWaitsForKeptCopy(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	be, tr := newFakeBackend(t), fakeTree(t, false)
+	r := newRegistry(be)
+	k := newFakeKeeper()
+	defer k.closeAll()
+	d, err := r.open(pci.MustParseAddress("0000:00:03.0"), OpenOptions{Mode: "group", Sysfs: tr.Sysfs(), DevRoot: "/fakedev", Keeper: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	be.set(func(b *fakeBackend) { b.busy = 3 })
+	if err := d.Reopen(); err != nil {
+		t.Fatal(err)
+	}
+	be.set(func(b *fakeBackend) {
+		if b.rejoins != 4 || b.busy != 0 {
+			t.Errorf("rejoin tried %d times (%d EBUSY left), want 4: three EBUSY, then success", b.rejoins, b.busy)
+		}
+	})
+	closeOK(t, d)
+
+	plain := mustOpen(t, r, tr, "0000:00:03.0", "group")
+	be.set(func(b *fakeBackend) { b.rejoins = 0 })
+	if err := plain.Reopen(); err != nil {
+		t.Fatal(err)
+	}
+	be.set(func(b *fakeBackend) {
+		if b.rejoins != 0 {
+			t.Errorf("Reopen without a Keeper left and rejoined the container %d times", b.rejoins)
+		}
+	})
+	closeOK(t, plain)
+}

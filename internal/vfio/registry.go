@@ -27,6 +27,10 @@ type backend interface {
 	// checkGroup checks that a group fd kept by an earlier run is viable and in its
 	// container.
 	checkGroup(group *os.File) error
+	// rejoin takes the group out of its container and puts it back (type1v2 IOMMU set
+	// again). Taking it out fails with EBUSY while any device of the group is open:
+	// Reopen uses that to learn that a kept copy of the device fd has been closed.
+	rejoin(g *groupRef) error
 }
 
 // registry tracks what this process has open, so that devices share what the kernel lets
@@ -137,6 +141,13 @@ func (r *registry) acquireGroup(devRoot string, n int, kp Keeper) (*groupRef, er
 	g := &groupRef{key: k, refs: 1, group: grp, container: ctr, keeper: kp}
 	r.groups[k] = g
 	return g, nil
+}
+
+// onlyDevice reports whether g has one device open in this process.
+func (r *registry) onlyDevice(g *groupRef) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return g.refs == 1
 }
 
 // releaseGroup drops a reference; the last one closes the group, then its container
