@@ -3,7 +3,6 @@
 package systemd
 
 import (
-	"flag"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -197,11 +196,4 @@ func TestStopReactivates(t *testing.T) {
 	devicesListed(t)
 	t.Logf("re-activation + mmiobrokerctl devices took %v", time.Since(start).Round(time.Millisecond))
 	waitUnit(t, "re-activated", 30*time.Second, active)
-}
-
-// explicitlySelected reports whether -test.run names the test (a skipped-by-default test
-// runs when asked for by name: MMIOBROKER_VM_RUN=TestRestartKeepsLease).
-func explicitlySelected(name string) bool {
-	f := flag.Lookup("test.run")
-	return f != nil && strings.Contains(f.Value.String(), name)
 }

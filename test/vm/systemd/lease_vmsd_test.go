@@ -15,14 +15,9 @@ import (
 
 // TestRestartKeepsLease: a lease allocated and claimed before `systemctl restart` is still
 // live afterwards, and its holder's dma-buf still imports (iommufd kernel: maps into a
-// fresh IOAS). It needs the daemon to keep its devices across restarts (fd store,
-// journal) — not implemented yet, so the test is skipped unless selected by name:
-//
-//	MMIOBROKER_VM=1 MMIOBROKER_VM_MODES=systemd MMIOBROKER_VM_RUN=TestRestartKeepsLease go test -run TestVM ./test/vm/
+// fresh IOAS, which a revoked buffer refuses). The daemon keeps its devices across the
+// restart in systemd's fd store and its leases in the journal.
 func TestRestartKeepsLease(t *testing.T) {
-	if !explicitlySelected("TestRestartKeepsLease") {
-		t.Skip("restart survival not implemented yet: see issue 7 (run it with MMIOBROKER_VM_RUN=TestRestartKeepsLease)")
-	}
 	requireDaemon(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
