@@ -5,9 +5,12 @@
 //
 // Points are armed only through the environment of the process, for tests:
 //
-//	MMIOBROKER_FAILPOINTS=name[:n][,name[:n]...]
+//	MMIOBROKER_FAILPOINTS=name[:n][@file][,...]
 //
 // kills the process with SIGKILL the n-th time (default 1st) it passes the point name.
+// With @file the point is armed only while file exists, and the kill removes it first:
+// a service manager that restarts the process with the same environment gets a process
+// that survives the point (one crash per arming).
 // Unset (every production run), [Hit] is one atomic load. The names in use are the
 // constants below; docs/operations.md lists them with the invariant each one tests.
 package failpoint
@@ -42,6 +45,7 @@ const (
 
 type point struct {
 	after int64        // kill on this hit
+	file  string       // "": always armed; else armed while it exists, removed on the kill
 	hits  atomic.Int64 // hits so far
 }
 
@@ -57,7 +61,8 @@ func parse(s string) map[string]*point {
 	}
 	m := map[string]*point{}
 	for _, e := range strings.Split(s, ",") {
-		name, n, hasN := strings.Cut(strings.TrimSpace(e), ":")
+		e, file, _ := strings.Cut(strings.TrimSpace(e), "@")
+		name, n, hasN := strings.Cut(e, ":")
 		after := int64(1)
 		if hasN {
 			v, err := strconv.ParseInt(n, 10, 64)
@@ -67,7 +72,7 @@ func parse(s string) map[string]*point {
 			after = v
 		}
 		if name != "" {
-			m[name] = &point{after: after}
+			m[name] = &point{after: after, file: file}
 		}
 	}
 	return m
@@ -80,7 +85,12 @@ func Hit(name string) {
 	if m == nil {
 		return
 	}
-	if p := m[name]; p != nil && p.hits.Add(1) == p.after {
-		kill()
+	p := m[name]
+	if p == nil || p.hits.Add(1) != p.after {
+		return
 	}
+	if p.file != "" && os.Remove(p.file) != nil {
+		return // not armed (or no longer)
+	}
+	kill()
 }

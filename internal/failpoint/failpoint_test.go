@@ -8,8 +8,8 @@ import (
 )
 
 func TestParse(t *testing.T) {
-	m := parse(" after-export:3, mid-cycle ,bad:x,neg:0,:2")
-	if len(m) != 2 || m[AfterExport].after != 3 || m[MidCycle].after != 1 {
+	m := parse(" after-export:3, mid-cycle ,bad:x,neg:0,:2,mid-reissue:2@/run/x")
+	if len(m) != 3 || m[AfterExport].after != 3 || m[MidCycle].after != 1 || m[MidReissue].after != 2 || m[MidReissue].file != "/run/x" {
 		t.Errorf("parse = %v", m)
 	}
 	if parse("") != nil {
@@ -47,5 +47,19 @@ func TestHitKills(t *testing.T) {
 	}
 	if string(out) != "first\n" {
 		t.Errorf("child output %q, want it killed at the second hit", out)
+	}
+
+	// Armed by a file: the kill removes it, so the next run passes the point.
+	file := t.TempDir() + "/armed"
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []string{"first\n", "first\nsecond\n"} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestHitKills$")
+		cmd.Env = append(os.Environ(), "FAILPOINT_CHILD=1", Env+"="+AfterJournal+":2@"+file)
+		out, _ := cmd.Output()
+		if string(out) != want {
+			t.Errorf("run %d with the point armed by a file: output %q, want %q", i+1, out, want)
+		}
 	}
 }
