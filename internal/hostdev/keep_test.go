@@ -64,17 +64,6 @@ func (k *storeKeeper) Forget(name string) error {
 	return nil
 }
 
-func (k *storeKeeper) names() []string {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	var out []string
-	for n := range k.fds {
-		out = append(out, n)
-	}
-	slices.Sort(out)
-	return out
-}
-
 func dup(f *os.File) *os.File {
 	c, err := os.Open("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
 	if err != nil {
