@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"iter"
 	"os"
 	"path/filepath"
@@ -34,6 +33,8 @@ type Client struct {
 	api  brokerv1.BrokerClient
 	// claimSocket overrides the claim socket path the daemon reports; "" uses the daemon's.
 	claimSocket string
+	// reconnect bounds how long event streams wait for a restarting daemon.
+	reconnect time.Duration
 
 	mu       sync.Mutex
 	reported string // the claim socket path of the last AllocateLease response; guarded by mu
@@ -46,6 +47,13 @@ type Option func(*Client)
 // daemon reports (for a daemon whose sockets are mounted elsewhere, e.g. in a container).
 func WithClaimSocket(path string) Option {
 	return func(c *Client) { c.claimSocket = path }
+}
+
+// WithReconnectTimeout sets how long [Client.Watch] and held leases wait for a daemon
+// that ended their event stream to come back (default [ReconnectTimeout]; 0 never waits:
+// the stream's end is reported at once).
+func WithReconnectTimeout(d time.Duration) Option {
+	return func(c *Client) { c.reconnect = max(d, 0) }
 }
 
 // Dial returns a client of the daemon listening on the unix socket at socketPath. It does
@@ -61,7 +69,7 @@ func Dial(socketPath string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control socket %s: %w", socketPath, err)
 	}
-	c := &Client{conn: conn, api: brokerv1.NewBrokerClient(conn)}
+	c := &Client{conn: conn, api: brokerv1.NewBrokerClient(conn), reconnect: ReconnectTimeout}
 	for _, o := range opts {
 		o(c)
 	}
@@ -355,32 +363,33 @@ func durationOrNil(d time.Duration) *durationpb.Duration {
 }
 
 // Watch streams lease events: with afterSeq 0 those that happen from now on, else first
-// the retained events after seq afterSeq. The sequence ends without an error when ctx is
-// done; it yields one error and ends when the stream fails (for example
-// codes.Unavailable when the daemon stops).
+// the retained events after seq afterSeq. It follows the daemon across restarts: when the
+// stream ends with codes.Unavailable (a restart, an upgrade, a crash restarted by
+// systemd) it subscribes again after the last event it yielded, waiting up to
+// [ReconnectTimeout], so no event is missed or repeated. The sequence ends without an
+// error when ctx is done; it yields one error and ends when the stream fails otherwise
+// (or the daemon does not come back in time).
 func (c *Client) Watch(ctx context.Context, afterSeq uint64) iter.Seq2[*brokerv1.Event, error] {
 	return func(yield func(*brokerv1.Event, error) bool) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		stream, err := c.api.WatchEvents(ctx, &brokerv1.WatchEventsRequest{AfterSeq: afterSeq})
+		es, err := c.openEvents(ctx, ctx, afterSeq, false)
 		if err != nil {
 			if ctx.Err() == nil {
 				yield(nil, err)
 			}
 			return
 		}
+		defer es.close()
 		for {
-			resp, err := stream.Recv()
-			if errors.Is(err, io.EOF) {
-				err = status.Error(codes.Unavailable, "the daemon ended the event stream")
-			}
+			e, err := es.recv(ctx)
 			if err != nil {
 				if ctx.Err() == nil {
 					yield(nil, err)
 				}
 				return
 			}
-			if !yield(resp.GetEvent(), nil) {
+			if !yield(e, nil) {
 				return
 			}
 		}

@@ -193,7 +193,14 @@ func TestDaemonGone(t *testing.T) {
 }
 
 func TestWatchEndsWhenDaemonStops(t *testing.T) {
-	d, c := start(t)
+	d, _ := start(t)
+	// A daemon that does not come back: the stream's end is reported once the client
+	// stopped waiting for it.
+	c, err := client.Dial(d.Control, client.WithClaimSocket(d.Claim), client.WithReconnectTimeout(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
 	l, err := c.Allocate(ctx(t), client.AllocateOptions{BDF: bdf, BAR: 0})
 	if err != nil {
 		t.Fatal(err)

@@ -2,14 +2,11 @@ package client
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"sync"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -147,14 +144,10 @@ func (c *Client) Hold(ctx context.Context, l *Lease, hopt HoldOptions) (*HeldLea
 
 // subscribe opens the event stream of a new hold and waits until the daemon has
 // subscribed (its response headers), so that every later event reaches the hold.
-func (c *Client) subscribe(ctx context.Context, hopt HoldOptions) (*HeldLease, grpc.ServerStreamingClient[brokerv1.WatchEventsResponse], error) {
+func (c *Client) subscribe(ctx context.Context, hopt HoldOptions) (*HeldLease, *eventStream, error) {
 	hctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	h := &HeldLease{c: c, opt: hopt, ctx: hctx, cancel: cancel, done: make(chan struct{})}
-	stop := context.AfterFunc(ctx, cancel)
-	stream, err := h.watch(hctx)
-	if !stop() {
-		err = ctx.Err()
-	}
+	stream, err := c.openEvents(hctx, ctx, 0, false)
 	if err != nil {
 		cancel()
 		return nil, nil, err
@@ -162,20 +155,8 @@ func (c *Client) subscribe(ctx context.Context, hopt HoldOptions) (*HeldLease, g
 	return h, stream, nil
 }
 
-// watch opens an event stream of new events and waits for its headers.
-func (h *HeldLease) watch(ctx context.Context) (grpc.ServerStreamingClient[brokerv1.WatchEventsResponse], error) {
-	stream, err := h.c.api.WatchEvents(ctx, &brokerv1.WatchEventsRequest{})
-	if err != nil {
-		return nil, err
-	}
-	if _, err := stream.Header(); err != nil {
-		return nil, err
-	}
-	return stream, nil
-}
-
 // start takes over l and starts following the lease's events on stream.
-func (h *HeldLease) start(l *Lease, stream grpc.ServerStreamingClient[brokerv1.WatchEventsResponse]) {
+func (h *HeldLease) start(l *Lease, stream *eventStream) {
 	h.ID, h.file, h.claim, h.lease = l.ID, l.File, l.Claim, l.Lease
 	go h.follow(stream)
 }
@@ -249,19 +230,16 @@ func (h *HeldLease) finish(err error) {
 }
 
 // follow acts on the lease's events until it ends, the stream fails or Close.
-func (h *HeldLease) follow(stream grpc.ServerStreamingClient[brokerv1.WatchEventsResponse]) {
+func (h *HeldLease) follow(stream *eventStream) {
 	defer close(h.done)
+	defer stream.close()
 	ctx := h.ctx
 	for {
-		resp, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			err = status.Error(codes.Unavailable, "the daemon ended the event stream")
-		}
+		e, err := stream.recv(ctx)
 		if err != nil {
 			h.finish(fmt.Errorf("lease %s: event stream: %w", h.ID, err))
 			return
 		}
-		e := resp.GetEvent()
 		l := e.GetLease()
 		if l.GetId() != h.ID {
 			continue

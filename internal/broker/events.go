@@ -99,12 +99,18 @@ func (l *eventLog) since(cursor uint64) ([]Event, error) {
 // Subscription delivers events in order. Read [Subscription.Events] until it is closed,
 // then [Subscription.Err] says why.
 type Subscription struct {
+	last   uint64 // the sequence number of the last event before the subscription
 	ch     chan Event
 	b      *Broker
 	mu     sync.Mutex
 	err    error
 	closed bool
 }
+
+// Last returns the sequence number of the last event that happened before the
+// subscription (0 if none): live events follow it. A client that saw no event yet resumes
+// from it after a restart.
+func (s *Subscription) Last() uint64 { return s.last }
 
 // Events returns the channel of events; it is closed when the subscription ends.
 func (s *Subscription) Events() <-chan Event { return s.ch }
@@ -171,7 +177,7 @@ func (b *Broker) Subscribe(cursor uint64) (*Subscription, error) {
 	}
 	// The buffer holds the replay plus subscriptionBuffer live events: memory per
 	// subscriber is bounded by what it asked to replay.
-	s := &Subscription{ch: make(chan Event, len(backlog)+subscriptionBuffer), b: b}
+	s := &Subscription{ch: make(chan Event, len(backlog)+subscriptionBuffer), b: b, last: b.events.next - 1}
 	for _, e := range backlog {
 		s.ch <- e // fits: the channel holds the whole replay
 	}

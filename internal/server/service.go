@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -304,8 +305,9 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	}
 	defer sub.Close()
 	// The response headers tell the client that the subscription is in place: every event
-	// from now on will be delivered.
-	if err := stream.SendHeader(metadata.MD{}); err != nil {
+	// from now on will be delivered. They carry the sequence number of the last event
+	// before it, the cursor to resume from if the stream ends before any event arrives.
+	if err := stream.SendHeader(metadata.Pairs(LastSeqHeader, strconv.FormatUint(sub.Last(), 10))); err != nil {
 		return err
 	}
 	for {
@@ -326,6 +328,10 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 		}
 	}
 }
+
+// LastSeqHeader is the WatchEvents response header that carries the sequence number of
+// the last event before the subscription (docs/api.md).
+const LastSeqHeader = "mmiobroker-last-seq"
 
 // subscriptionEnded classifies why the broker ended a subscription. Lagging behind comes
 // classified (ResourceExhausted); an unclassified end means the broker is going away.

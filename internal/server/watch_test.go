@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/client"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 )
 
@@ -270,5 +271,21 @@ func TestWatchEventsLagging(t *testing.T) {
 			return
 		}
 		n++
+	}
+}
+
+func TestLastSeqHeader(t *testing.T) {
+	if LastSeqHeader != client.LastSeqHeader {
+		t.Errorf("server sends %q, client reads %q", LastSeqHeader, client.LastSeqHeader)
+	}
+	e := newEnv(t)
+	e.allocateClaimed(holder, oneRange(bdfA, 0, 0, page(1))) // events 1 and 2
+	s, err := e.client.WatchEvents(root.ctx(t), &brokerv1.WatchEventsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	md, err := s.Header()
+	if got := md.Get(LastSeqHeader); err != nil || len(got) != 1 || got[0] != "2" {
+		t.Errorf("header %s = %q, %v; want [\"2\"], the last event before the subscription", LastSeqHeader, got, err)
 	}
 }
