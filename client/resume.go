@@ -31,7 +31,7 @@ type eventStream struct {
 	c      *Client
 	stream grpc.ServerStreamingClient[brokerv1.WatchEventsResponse]
 	cancel context.CancelFunc // ends stream
-	seq    uint64 // the last event seen (or the header's last before the subscription)
+	seq    uint64             // the last event seen (or the header's last before the subscription)
 }
 
 // openEvents subscribes after cursor after (0: from now) and waits until the daemon has
