@@ -1,8 +1,9 @@
 // Package devwatch keeps the broker's view of its devices in step with the kernel. It
 // turns kobject uevents of the configured PCI devices into broker calls — removal and
-// driver unbind end the device's leases (reason device_lost), a bind to vfio-pci makes
-// the device leasable again — and resyncs from sysfs when the uevent socket overflowed and
-// events were lost.
+// driver unbind end the device's leases (reason device_lost), a bind to a VFIO PCI driver
+// (vfio-pci or a vfio variant, [pci.Device.VFIOBound]) makes the device leasable again, a
+// bind to any other driver keeps it lost — and resyncs from sysfs when the uevent socket
+// overflowed and events were lost.
 //
 // The kernel's own request to release a device (VFIO_PCI_REQ_IRQ_INDEX, which blocks an
 // unbind or hot-unplug until the device fd is closed) reaches the broker directly from
@@ -39,7 +40,8 @@ type Broker interface {
 type Watcher struct {
 	Source Source
 	Broker Broker
-	// Sysfs is read to resync after an overflow.
+	// Sysfs is read on a bind event, to tell a VFIO driver by its vfio-dev entry, and to
+	// resync after an overflow.
 	Sysfs pci.Sysfs
 	Log   *slog.Logger
 }
@@ -95,18 +97,35 @@ func (w *Watcher) Apply(ev uevent.Event, log *slog.Logger) {
 	case "remove":
 		w.lost(bdf, errors.New("device removed (hot-unplug)"), log)
 	case "unbind":
-		w.lost(bdf, errors.New("device unbound from vfio-pci"), log)
+		w.lost(bdf, errors.New("device unbound from its driver"), log)
 	case "bind":
-		if ev.Driver != pci.VFIODriver {
-			w.lost(bdf, fmt.Errorf("device bound to %s, not vfio-pci", ev.Driver), log)
+		// The event names the driver; sysfs tells whether it is a VFIO one (its vfio-dev
+		// entry exists by the time the kernel sends the event) and what is bound now. A
+		// device gone meanwhile is judged by the event's driver name; its remove follows.
+		dev := pci.Device{Driver: ev.Driver}
+		if addr, err := pci.ParseAddress(bdf); err == nil {
+			if d, err := w.Sysfs.Device(addr); err == nil {
+				dev = d
+			}
+		}
+		if !dev.VFIOBound() {
+			w.lost(bdf, notVFIO(dev), log)
 			return
 		}
 		w.available(bdf, log)
 	}
 }
 
-// Resync compares every configured device with sysfs: a device bound to vfio-pci is made
-// available, any other is lost.
+// notVFIO says why dev, not bound to a VFIO driver, cannot be leased.
+func notVFIO(dev pci.Device) error {
+	if dev.Driver == "" {
+		return errors.New("device not bound to a driver")
+	}
+	return fmt.Errorf("device bound to %s, not a VFIO driver (vfio-pci or a vfio variant)", dev.Driver)
+}
+
+// Resync compares every configured device with sysfs: a device bound to a VFIO PCI driver
+// ([pci.Device.VFIOBound]) is made available, any other is lost.
 func (w *Watcher) Resync(log *slog.Logger) {
 	for bdf, st := range w.configured() {
 		addr, err := pci.ParseAddress(bdf)
@@ -119,9 +138,9 @@ func (w *Watcher) Resync(log *slog.Logger) {
 			if st.Err == nil {
 				w.lost(bdf, fmt.Errorf("device gone from sysfs: %w", err), log)
 			}
-		case dev.Driver != pci.VFIODriver:
+		case !dev.VFIOBound():
 			if st.Err == nil {
-				w.lost(bdf, fmt.Errorf("device bound to %q, not vfio-pci", dev.Driver), log)
+				w.lost(bdf, notVFIO(dev), log)
 			}
 		case st.Err != nil:
 			w.available(bdf, log)
@@ -138,7 +157,7 @@ func (w *Watcher) lost(bdf string, cause error, log *slog.Logger) {
 
 func (w *Watcher) available(bdf string, log *slog.Logger) {
 	if _, err := w.Broker.DeviceAvailable(bdf); err != nil {
-		log.Warn("device bound to vfio-pci but not usable", "bdf", bdf, "err", err)
+		log.Warn("device bound to a VFIO driver but not usable", "bdf", bdf, "err", err)
 		return
 	}
 	log.Info("device available again", "bdf", bdf)

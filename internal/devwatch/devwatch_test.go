@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -121,6 +122,7 @@ func usable(t *testing.T, b *broker.Broker, bdf string) bool {
 func TestUnbindAndRebind(t *testing.T) {
 	r := newRig(t)
 	la, lb := r.lease(t, bdfA), r.lease(t, bdfB)
+	r.tree.Rebind(t, pci.MustParseAddress(bdfA), "")
 	if err := r.apply(t,
 		pciEvent("unbind", bdfA, ""),
 		uevent.Event{Action: "unbind", Subsystem: "usb", DevPath: "/devices/usb1"}, // ignored
@@ -138,12 +140,14 @@ func TestUnbindAndRebind(t *testing.T) {
 		t.Fatal("unbound device still usable")
 	}
 	// bound elsewhere: stays unusable; bound to vfio-pci again: usable
+	r.tree.Rebind(t, pci.MustParseAddress(bdfA), "edu")
 	if err := r.apply(t, pciEvent("bind", bdfA, "edu")); err != nil {
 		t.Fatal(err)
 	}
 	if usable(t, r.b, bdfA) {
 		t.Fatal("device bound to another driver is usable")
 	}
+	r.tree.Rebind(t, pci.MustParseAddress(bdfA), pci.VFIODriver)
 	if err := r.apply(t, pciEvent("bind", bdfA, "vfio-pci")); err != nil {
 		t.Fatal(err)
 	}
@@ -207,5 +211,98 @@ func TestRunStopsAndReportsSourceErrors(t *testing.T) {
 	w.Source = &events{}
 	if err := w.Run(ctx); err != nil {
 		t.Fatalf("cancelled Run = %v, want nil", err)
+	}
+}
+
+// cause returns why bdf is unusable, "" if it is usable.
+func cause(t *testing.T, b *broker.Broker, bdf string) string {
+	t.Helper()
+	st, err := b.Device(bdf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Err == nil {
+		return ""
+	}
+	return st.Err.Error()
+}
+
+const wantNotVFIO = "device bound to e1000e, not a VFIO driver (vfio-pci or a vfio variant)"
+
+// A device rebound from vfio-pci to a variant driver (vfio_pci_core-based, with its
+// vfio-dev entry) is leasable again; one rebound to a driver outside VFIO is lost.
+func TestRebindToVariantDriver(t *testing.T) {
+	r := newRig(t)
+	r.tree.AddVFIODriver(t, "mlx5_vfio_pci")
+	r.tree.AddVFIODriver(t, "acme_passthru") // a variant only its vfio-dev entry reveals
+	a := pci.MustParseAddress(bdfA)
+	la := r.lease(t, bdfA)
+
+	r.tree.Rebind(t, a, "")
+	r.tree.Rebind(t, a, "mlx5_vfio_pci")
+	if err := r.apply(t, pciEvent("unbind", bdfA, ""), pciEvent("bind", bdfA, "mlx5_vfio_pci")); err != nil {
+		t.Fatal(err)
+	}
+	if l := state(t, r.b, la.ID); l.EndReason != broker.ReasonDeviceLost {
+		t.Fatalf("lease across the unbind: %+v", l)
+	}
+	if c := cause(t, r.b, bdfA); c != "" {
+		t.Fatalf("device bound to mlx5_vfio_pci is not usable: %s", c)
+	}
+	lv := r.lease(t, bdfA)
+
+	r.tree.Rebind(t, a, "acme_passthru")
+	if err := r.apply(t, pciEvent("bind", bdfA, "acme_passthru")); err != nil {
+		t.Fatal(err)
+	}
+	if c := cause(t, r.b, bdfA); c != "" {
+		t.Fatalf("device bound to a variant named acme_passthru is not usable: %s", c)
+	}
+	if l := state(t, r.b, lv.ID); !l.Live() {
+		t.Fatalf("a bind between VFIO drivers ended a lease: %+v", l)
+	}
+
+	r.tree.Rebind(t, a, "e1000e")
+	if err := r.apply(t, pciEvent("bind", bdfA, "e1000e")); err != nil {
+		t.Fatal(err)
+	}
+	if l := state(t, r.b, lv.ID); l.EndReason != broker.ReasonDeviceLost {
+		t.Fatalf("lease of the device bound to e1000e: %+v", l)
+	}
+	if c := cause(t, r.b, bdfA); !strings.Contains(c, wantNotVFIO) {
+		t.Fatalf("device bound to e1000e: cause %q, want it to contain %q", c, wantNotVFIO)
+	}
+}
+
+// A resync keeps a device that is bound to a variant driver from the start, and loses one
+// that moved to a driver outside VFIO while events were lost.
+func TestResyncVariantDriver(t *testing.T) {
+	r := newRig(t)
+	r.tree.AddVFIODriver(t, "mlx5_vfio_pci")
+	a, b := pci.MustParseAddress(bdfA), pci.MustParseAddress(bdfB)
+	r.tree.Rebind(t, a, "mlx5_vfio_pci")
+	r.tree.Rebind(t, b, "mlx5_vfio_pci")
+	la, lb := r.lease(t, bdfA), r.lease(t, bdfB)
+	if err := r.apply(t, fmt.Errorf("recv: %w", uevent.ErrOverflow)); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []broker.Lease{la, lb} {
+		if s := state(t, r.b, l.ID); !s.Live() {
+			t.Fatalf("resync ended a lease on a device bound to mlx5_vfio_pci: %+v", s)
+		}
+	}
+
+	r.tree.Rebind(t, b, "e1000e")
+	if err := r.apply(t, fmt.Errorf("recv: %w", uevent.ErrOverflow)); err != nil {
+		t.Fatal(err)
+	}
+	if s := state(t, r.b, la.ID); !s.Live() {
+		t.Fatalf("resync ended the lease of device A, still on mlx5_vfio_pci: %+v", s)
+	}
+	if s := state(t, r.b, lb.ID); s.EndReason != broker.ReasonDeviceLost {
+		t.Fatalf("lease of device B, moved to e1000e: %+v", s)
+	}
+	if c := cause(t, r.b, bdfB); !strings.Contains(c, wantNotVFIO) {
+		t.Fatalf("device B: cause %q, want it to contain %q", c, wantNotVFIO)
 	}
 }

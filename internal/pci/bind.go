@@ -13,8 +13,11 @@ import (
 // BindVFIO binds device a to vfio-pci and returns the driver it was bound to before ("" if
 // it was unbound), for [Sysfs.RestoreDriver].
 //
-// If a is already bound to vfio-pci, BindVFIO changes nothing and returns "vfio-pci".
-// Otherwise it writes "vfio-pci" to driver_override, unbinds a from its current driver
+// If a is already bound to a VFIO PCI driver, vfio-pci or a vfio variant such as
+// mlx5_vfio_pci ([Device.VFIOBound]), BindVFIO changes nothing and returns "vfio-pci"
+// ([VFIODriver]), which tells the caller and RestoreDriver that there is nothing to undo:
+// VFIO opens the device as it is, and moving it from its variant to vfio-pci would only
+// lose the variant's features. Otherwise it writes "vfio-pci" to driver_override, unbinds a from its current driver
 // (driver/unbind), asks the kernel to probe it again (bus/pci/drivers_probe) and checks that
 // vfio-pci took it. If any step fails it tries to put the device back where it was and
 // returns the error, which names the device and the sysfs file. If the vfio-pci driver is
@@ -28,7 +31,7 @@ func (s Sysfs) BindVFIO(a Address) (previous string, err error) {
 	if err != nil {
 		return "", err
 	}
-	if d.Driver == VFIODriver {
+	if d.VFIOBound() {
 		return VFIODriver, nil
 	}
 	if _, err := os.Stat(s.DriverPath(VFIODriver)); err != nil {
@@ -68,7 +71,7 @@ func (s Sysfs) BindVFIO(a Address) (previous string, err error) {
 // from vfio-pci, clears driver_override and binds a to previous again (by writing to
 // bus/pci/drivers/<previous>/bind, or through drivers_probe if that driver has no
 // directory). With previous "" the device is left unbound; with previous "vfio-pci" (BindVFIO
-// found the device bound there already) RestoreDriver does nothing. A driver_override that
+// found the device bound to vfio-pci or a vfio variant already) RestoreDriver does nothing. A driver_override that
 // was set before BindVFIO is not brought back: RestoreDriver leaves it cleared.
 //
 // If a is bound to a driver other than vfio-pci and previous, someone else moved it and

@@ -93,6 +93,30 @@ func TestBindAlreadyVFIO(t *testing.T) {
 	}
 }
 
+// A device on a vfio variant driver is already where a VFIO open needs it: BindVFIO leaves
+// it there (no vfio-pci downgrade) and RestoreDriver has nothing to undo.
+func TestBindAlreadyVariant(t *testing.T) {
+	tr := pcitest.New(t)
+	tr.AddVFIODriver(t, "mlx5_vfio_pci")
+	spec := eduSpec()
+	spec.Driver = "mlx5_vfio_pci"
+	tr.AddDevice(t, spec)
+	s := tr.Sysfs()
+	prev, err := s.BindVFIO(edu)
+	if err != nil || prev != pci.VFIODriver {
+		t.Fatalf("BindVFIO = %q, %v; want vfio-pci (nothing changed), nil", prev, err)
+	}
+	if err := s.RestoreDriver(edu, prev); err != nil {
+		t.Fatal(err)
+	}
+	if w := tr.Writes(); len(w) != 0 {
+		t.Fatalf("bind and restore of a device on a vfio variant driver wrote %v", w)
+	}
+	if d := driverOf(t, s, edu); d.Driver != "mlx5_vfio_pci" {
+		t.Fatalf("driver is %q, want mlx5_vfio_pci", d.Driver)
+	}
+}
+
 func TestBindUnbound(t *testing.T) {
 	tr := pcitest.New(t)
 	tr.AddDevice(t, pcitest.DeviceSpec{Address: nic, IOMMUGroup: 7})

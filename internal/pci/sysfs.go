@@ -13,7 +13,8 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
-// VFIODriver is the name of the vfio-pci driver in /sys/bus/pci/drivers.
+// VFIODriver is the name of the vfio-pci driver in /sys/bus/pci/drivers. Devices bound to
+// it are not the only ones VFIO serves: see [Device.VFIOBound].
 const VFIODriver = "vfio-pci"
 
 // Sysfs reads and writes the PCI part of a sysfs tree.
@@ -50,8 +51,8 @@ type Device struct {
 	DriverOverride string
 	// IOMMUGroup is the number of the "iommu_group" link; -1 if the device has none.
 	IOMMUGroup int
-	// VFIODev is the name of the VFIO device object, "vfio0" if
-	// "vfio-dev/vfio0" exists (a vfio driver is bound); "" otherwise.
+	// VFIODev is the name of the VFIO device object, "vfio0" if "vfio-dev/vfio0" exists
+	// (a VFIO driver registered the device, see [Device.VFIOBound]); "" otherwise.
 	VFIODev string
 	// CdevNode is "/dev/vfio/devices/vfioN" if "vfio-dev/vfioN/dev" exists, that is if the
 	// kernel has CONFIG_VFIO_DEVICE_CDEV; "" otherwise. It names the node as udev creates it
@@ -62,6 +63,40 @@ type Device struct {
 	BARs [6]BAR
 	// TSM is the PCI TSM (TDISP link) state.
 	TSM TSMState
+}
+
+// VFIOBound reports whether d is bound to a VFIO PCI driver: vfio-pci or one of its
+// variant drivers built on vfio_pci_core (mlx5_vfio_pci, hisi_acc_vfio_pci,
+// nvgrace_gpu_vfio_pci, virtio_vfio_pci, ...), which VFIO opens alike. It is the one test
+// of "can VFIO open this PCI device" in this module.
+//
+// The structural signal decides: the device's vfio-dev/vfioN entry ([Device.VFIODev]).
+// Every such driver registers a vfio_device for the PCI device in its probe
+// (vfio_pci_core_register_device -> vfio_register_group_dev -> __vfio_register_dev ->
+// vfio_device_add, drivers/vfio/vfio_main.c and drivers/vfio/vfio.h), a device of class
+// "vfio-dev" whose parent is the PCI device, so sysfs shows it under the device; the
+// driver's remove deletes it (vfio_unregister_group_dev -> vfio_device_del). The entry does
+// not depend on CONFIG_VFIO_DEVICE_CDEV: since the cdev arrived (Linux 6.6; checked up to
+// the current mainline source), vfio_device_add is cdev_device_add with the option and
+// plain device_add without it (and for a noiommu device), so only the entry's "dev"
+// attribute ([Device.CdevNode]) needs the option; before 6.6 registration called
+// device_add directly. The "vfio-dev" class exists since Linux 6.1. An mdev's vfio_device hangs below the mdev, not its parent PCI
+// device, so a PCI device whose driver offers mdevs is not VFIO-bound, nor is one with no
+// driver link: the kernel removes that link before the driver's remove, so a device whose
+// unbind waits for its VFIO fds to close still shows vfio-dev but no driver.
+//
+// Without the entry (a kernel before 6.1, a probe still running, a Device filled from a
+// uevent's DRIVER alone) the driver's name decides: "vfio-pci", or a name ending in
+// "_vfio_pci" (or "-vfio-pci"), as every in-tree variant's does.
+func (d Device) VFIOBound() bool {
+	if d.Driver == "" {
+		return false
+	}
+	if d.VFIODev != "" {
+		return true
+	}
+	n := strings.ReplaceAll(d.Driver, "-", "_")
+	return n == "vfio_pci" || strings.HasSuffix(n, "_vfio_pci")
 }
 
 // BAR is one base address register as the kernel assigned it.

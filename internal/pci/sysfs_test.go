@@ -223,3 +223,47 @@ func TestRealSysfs(t *testing.T) {
 		t.Logf("%v %04x:%04x class %06x driver %q group %d", a, d.Vendor, d.DeviceID, d.Class, d.Driver, d.IOMMUGroup)
 	}
 }
+
+func TestVFIOBound(t *testing.T) {
+	tr := pcitest.New(t)
+	tr.AddVFIODriver(t, "mlx5_vfio_pci")
+	tr.AddVFIODriver(t, "acme_passthru") // a variant whose name says nothing
+	for i, drv := range []string{"vfio-pci", "mlx5_vfio_pci", "acme_passthru", "e1000e", "vfio_shim", ""} {
+		spec := eduSpec()
+		spec.Address = pci.Address{Bus: 2, Device: uint8(i)}
+		spec.Driver = drv
+		spec.Cdev = i%2 == 0
+		tr.AddDevice(t, spec)
+		d, err := tr.Sysfs().Device(spec.Address)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := i < 3
+		if got := d.VFIOBound(); got != want || (d.VFIODev != "") != want {
+			t.Errorf("device on %q: VFIOBound %v, VFIODev %q; want %v", drv, got, d.VFIODev, want)
+		}
+	}
+
+	// Without a vfio-dev entry (a kernel before 6.1, a Device from a uevent) the name decides.
+	for _, tt := range []struct {
+		d    pci.Device
+		want bool
+	}{
+		{pci.Device{Driver: "vfio-pci"}, true},
+		{pci.Device{Driver: "mlx5_vfio_pci"}, true},
+		{pci.Device{Driver: "nvgrace-gpu-vfio-pci"}, true},
+		{pci.Device{Driver: "acme_passthru"}, false},
+		{pci.Device{Driver: "vfio_shim"}, false},
+		{pci.Device{Driver: "vfio-platform"}, false},
+		{pci.Device{Driver: "e1000e"}, false},
+		{pci.Device{}, false},
+		// Unbinding: the kernel drops the driver link before the driver's remove deletes
+		// vfio-dev (and remove waits for the VFIO fds to close).
+		{pci.Device{VFIODev: "vfio3"}, false},
+		{pci.Device{Driver: "acme_passthru", VFIODev: "vfio3"}, true},
+	} {
+		if got := tt.d.VFIOBound(); got != tt.want {
+			t.Errorf("Device{Driver: %q, VFIODev: %q}.VFIOBound() = %v, want %v", tt.d.Driver, tt.d.VFIODev, got, tt.want)
+		}
+	}
+}

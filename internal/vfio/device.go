@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -177,8 +176,8 @@ func (r *registry) open(addr pci.Address, opt OpenOptions) (_ *Device, err error
 	switch {
 	case pdev.Driver == "":
 		return nil, fmt.Errorf("not bound to a driver (bind it to %s): %w", pci.VFIODriver, errdefs.ErrFailedPrecondition)
-	case !strings.Contains(pdev.Driver, "vfio"):
-		return nil, fmt.Errorf("bound to %s, not %s: %w", pdev.Driver, pci.VFIODriver, errdefs.ErrFailedPrecondition)
+	case !pdev.VFIOBound():
+		return nil, fmt.Errorf("bound to %s, not a VFIO driver (vfio-pci or a vfio variant): %w", pdev.Driver, errdefs.ErrFailedPrecondition)
 	}
 	hasCdev := pdev.VFIODev != "" && pdev.CdevNode != ""
 	if opt.IOMMUFD != nil {

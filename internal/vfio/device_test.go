@@ -116,6 +116,8 @@ func TestOpenErrors(t *testing.T) {
 	be, tr := newFakeBackend(t), fakeTree(t, false)
 	tr.AddDevice(t, otherDevice("0000:00:06.0", "", 5))
 	tr.AddDevice(t, otherDevice("0000:00:07.0", "e1000e", 6))
+	// A driver with "vfio" in its name that registers no vfio_device (no vfio-dev entry).
+	tr.AddDevice(t, otherDevice("0000:00:0a.0", "vfio_shim", 7))
 	// vfio-pci refuses devices without an IOMMU group, so fake the binding by hand.
 	tr.AddDevice(t, otherDevice("0000:00:08.0", "", -1))
 	if err := os.Symlink(filepath.Join(tr.Root, "bus/pci/drivers", pci.VFIODriver),
@@ -131,7 +133,8 @@ func TestOpenErrors(t *testing.T) {
 		{"0000:00:03.0", "bogus", errdefs.ErrInvalidArgument, `vfio 0000:00:03.0: open: mode "bogus": want auto, group or cdev`},
 		{"0000:00:09.0", "", errdefs.ErrNotFound, "vfio 0000:00:09.0: open: pci device 0000:00:09.0: not found"},
 		{"0000:00:06.0", "", errdefs.ErrFailedPrecondition, "vfio 0000:00:06.0: open: not bound to a driver (bind it to vfio-pci)"},
-		{"0000:00:07.0", "", errdefs.ErrFailedPrecondition, "vfio 0000:00:07.0: open: bound to e1000e, not vfio-pci"},
+		{"0000:00:07.0", "", errdefs.ErrFailedPrecondition, "vfio 0000:00:07.0: open: bound to e1000e, not a VFIO driver (vfio-pci or a vfio variant)"},
+		{"0000:00:0a.0", "", errdefs.ErrFailedPrecondition, "vfio 0000:00:0a.0: open: bound to vfio_shim, not a VFIO driver (vfio-pci or a vfio variant)"},
 		{"0000:00:08.0", "group", errdefs.ErrFailedPrecondition, "vfio 0000:00:08.0: open: no iommu group"},
 		{"0000:00:03.0", "cdev", errdefs.ErrNotSupported, "vfio 0000:00:03.0: open: no VFIO cdev for the device"},
 	}
@@ -159,6 +162,26 @@ func TestOpenErrors(t *testing.T) {
 		t.Errorf("error %q does not name the group", err)
 	}
 	assertEmpty(t, r)
+}
+
+// A device bound to a vfio_pci_core-based variant driver opens like one bound to vfio-pci,
+// whatever the variant's name: its vfio-dev entry tells.
+func TestOpenVariantDriver(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	be, tr := newFakeBackend(t), fakeTree(t, true)
+	for _, drv := range []string{"mlx5_vfio_pci", "acme_passthru"} {
+		tr.AddVFIODriver(t, drv)
+		tr.Rebind(t, pci.MustParseAddress("0000:00:05.0"), drv)
+		r := newRegistry(be)
+		for _, mode := range []string{"group", "cdev"} {
+			d := mustOpen(t, r, tr, "0000:00:05.0", mode)
+			if d.Mode() != Mode(mode) {
+				t.Errorf("%s: mode %s, want %s", drv, d.Mode(), mode)
+			}
+			closeOK(t, d)
+		}
+		assertEmpty(t, r)
+	}
 }
 
 func otherDevice(bdf, driver string, group int) pcitest.DeviceSpec {

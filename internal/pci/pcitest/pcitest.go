@@ -34,6 +34,7 @@ type Tree struct {
 	writes  []Write                     // guarded by mu
 	fail    map[string]error            // guarded by mu; relative path -> error
 	nextVF  int                         // guarded by mu
+	vfio    map[string]bool             // guarded by mu; drivers built on vfio_pci_core
 }
 
 // Write is one attribute write the code under test made.
@@ -47,12 +48,14 @@ type DeviceSpec struct {
 	Address          pci.Address
 	Vendor, DeviceID uint16
 	Class            uint32
-	Driver           string // bound driver, "" for none; the driver directory is created
+	// Driver is the bound driver, "" for none. A missing driver directory is created as a
+	// plain (non-VFIO) driver; add a VFIO variant with [Tree.AddVFIODriver] first.
+	Driver string
 	// DefaultDriver is the driver drivers_probe binds the device to when no driver_override
 	// is set (what the kernel would match by ID); "" for none.
 	DefaultDriver string
-	IOMMUGroup    int  // -1 for none; vfio-pci refuses to bind a device without a group
-	Cdev          bool // vfio-dev/vfioN gets a "dev" attribute while bound to vfio-pci
+	IOMMUGroup    int  // -1 for none; VFIO drivers refuse to bind a device without a group
+	Cdev          bool // vfio-dev/vfioN gets a "dev" attribute while bound to a VFIO driver
 	// BARs lists the implemented BARs (Index, Start, Size, Flags used); the resource file
 	// gets 13 lines as the kernel writes for an endpoint.
 	BARs []pci.BAR
@@ -61,19 +64,21 @@ type DeviceSpec struct {
 	TSM      *pci.TSMState // nil: no tsm directory
 }
 
-// New returns an empty tree with bus/pci/drivers_probe and the vfio-pci driver directory.
+// New returns an empty tree with bus/pci/drivers_probe and the vfio-pci driver directory
+// (a VFIO driver, see [Tree.AddVFIODriver]).
 func New(t testing.TB) *Tree {
 	t.Helper()
 	tr := &Tree{
 		Root:    t.TempDir(),
 		devices: make(map[pci.Address]*DeviceSpec),
 		fail:    make(map[string]error),
+		vfio:    make(map[string]bool),
 	}
 	for _, d := range []string{"bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups", "devices"} {
 		must(t, os.MkdirAll(filepath.Join(tr.Root, d), 0o755))
 	}
 	must(t, os.WriteFile(filepath.Join(tr.Root, "bus/pci/drivers_probe"), nil, 0o200))
-	tr.AddDriver(t, pci.VFIODriver)
+	tr.AddVFIODriver(t, pci.VFIODriver)
 	return tr
 }
 
@@ -87,6 +92,45 @@ func (tr *Tree) AddDriver(t testing.TB, name string) {
 	must(t, os.MkdirAll(dir, 0o755))
 	for _, f := range []string{"bind", "unbind", "new_id", "remove_id"} {
 		must(t, os.WriteFile(filepath.Join(dir, f), nil, 0o200))
+	}
+}
+
+// AddVFIODriver creates the driver directory like [Tree.AddDriver] and makes name a VFIO
+// PCI driver: vfio-pci or a variant built on vfio_pci_core, such as "mlx5_vfio_pci". Like
+// the kernel's, binding a device to it registers a vfio_device, which creates
+// <device>/vfio-dev/vfioN (with a "dev" attribute if the device's spec has Cdev), and it
+// refuses a device without an IOMMU group with EINVAL. Any name works, so a test can
+// tell the vfio-dev entry from the driver's name.
+func (tr *Tree) AddVFIODriver(t testing.TB, name string) {
+	t.Helper()
+	tr.AddDriver(t, name)
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	tr.vfio[name] = true
+}
+
+// Rebind moves device a to driver as someone outside the code under test would (an
+// administrator, another tool): it unbinds a from its current driver, if any, and binds it
+// to driver, creating a plain driver directory if there is none; with driver "" the device
+// is left unbound. The writes are not recorded. A VFIO driver refusing the device fails t.
+func (tr *Tree) Rebind(t testing.TB, a pci.Address, driver string) {
+	t.Helper()
+	if driver != "" {
+		if _, err := os.Stat(filepath.Join(tr.Root, "bus/pci/drivers", driver)); err != nil {
+			tr.AddDriver(t, driver)
+		}
+	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	d, ok := tr.devices[a]
+	if !ok {
+		t.Fatalf("pcitest: rebind %s: no such device", a)
+	}
+	if d.Driver != "" {
+		must(t, tr.unbindLocked(a.String(), d.Driver))
+	}
+	if driver != "" {
+		must(t, tr.bindLocked(a, driver))
 	}
 }
 
@@ -292,13 +336,14 @@ func (tr *Tree) probeLocked(bdf string) error {
 	return nil // a failed probe leaves the device unbound, drivers_probe still succeeds
 }
 
-// bindLocked binds a to drv, creating the links the kernel creates. vfio-pci refuses a
-// device without an IOMMU group with EINVAL.
+// bindLocked binds a to drv, creating the links the kernel creates, and for a VFIO driver
+// the vfio-dev/vfioN entry of the vfio_device it registers. A VFIO driver refuses a device
+// without an IOMMU group with EINVAL.
 func (tr *Tree) bindLocked(a pci.Address, drv string) error {
 	d := tr.devices[a]
 	dir := tr.DevicePath(a)
 	ddir := filepath.Join(tr.Root, "bus/pci/drivers", drv)
-	if drv == pci.VFIODriver {
+	if tr.vfio[drv] {
 		if d.IOMMUGroup < 0 {
 			return unix.EINVAL
 		}
