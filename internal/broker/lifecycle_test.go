@@ -298,11 +298,28 @@ func TestRevocationsCoalesce(t *testing.T) {
 		wg.Add(1)
 		go revoke(l.ID)
 	}
-	for range 4 { // 1 + 3 revoked events: all three are queued
-		next(t, sub, broker.EventRevoked)
+	// A lease ends and joins the device's pending batch in one step: once all three show
+	// ended, all three are queued behind the running cycle. (Their revoked events come
+	// only after the cycle that kills their dma-bufs.)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		queued := 0
+		for _, l := range leases[1:4] {
+			if got, _ := r.b.Get(l.ID); !got.Live() {
+				queued++
+			}
+		}
+		if queued == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of 3 revocations queued", queued)
+		}
 	}
 	close(gate)
 	wg.Wait()
+	for range 4 {
+		next(t, sub, broker.EventRevoked)
+	}
 	if c, _ := revokes(r.devs[dev0]); c != 2 {
 		t.Fatalf("%d device cycles for 4 revocations, want 2 (one for the first, one shared)", c)
 	}
@@ -451,5 +468,38 @@ func TestUnclaim(t *testing.T) {
 	r.b.Unclaim(l.ID, 2) // another generation: nothing happens
 	if _, _, err := r.b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 1}); !errors.Is(err, broker.ErrBadToken) {
 		t.Fatalf("third claim: %v, want a bad token", err)
+	}
+}
+
+// TestRevokedAfterTheKernel: a revoked (or holder-exited, expired) lease's event is sent
+// only once the device revoked its dma-buf; before, a watcher must not see it.
+func TestRevokedAfterTheKernel(t *testing.T) {
+	r := newRig(t, nil)
+	sub := subscribe(t, r.b)
+	l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
+	r.claim(t, l, tok)
+	next(t, sub, broker.EventAllocated)
+	next(t, sub, broker.EventClaimed)
+	var early []broker.Event
+	r.devs[dev0].Locked(func(d *brokertest.Device) {
+		d.RevokeHook = func() { // runs as the kernel is asked to revoke
+			for {
+				select {
+				case e := <-sub.Events():
+					early = append(early, e)
+				default:
+					return
+				}
+			}
+		}
+	})
+	if _, err := r.b.Revoke(l.ID, admin, 0); err != nil {
+		t.Fatal(err)
+	}
+	if len(early) != 0 {
+		t.Errorf("events sent before the device revoked the dma-buf: %+v", early)
+	}
+	if e := next(t, sub, broker.EventRevoked); e.Lease.ID != l.ID {
+		t.Errorf("revoked event %+v", e)
 	}
 }

@@ -14,6 +14,8 @@ import (
 // revokeReq is one revocation waiting for its device's next revoke pass.
 type revokeReq struct {
 	buf  Buffer // the broker's copy of the dead lease's dma-buf; nil if none
+	l    *lease // the ended lease; its event (ev) is sent once its dma-buf is dead
+	ev   EventType
 	done chan struct{}
 	err  error
 }
@@ -109,17 +111,18 @@ func (b *Broker) enforce(l *lease, st State, why Reason, by string, ev EventType
 	buf := l.buf
 	l.buf = nil
 	b.endLocked(l, st, why, by)
-	b.emitLocked(ev, l, "")
 	snapshot := l.Lease
 	b.log.Info("lease ended", "lease_id", l.ID, "bdf", l.BDF, "reason", string(why), "by", by, "revoke", delivered)
 	if !delivered {
+		b.emitLocked(ev, l, "") // its dma-buf never left the broker
 		b.mu.Unlock()
 		if buf != nil {
 			buf.Close()
 		}
 		return snapshot, nil
 	}
-	req := &revokeReq{buf: buf, done: make(chan struct{})}
+	// The event follows the kernel: it is sent once the device revoked the dma-buf.
+	req := &revokeReq{buf: buf, l: l, ev: ev, done: make(chan struct{})}
 	d.pending = append(d.pending, req)
 	b.mu.Unlock()
 
@@ -149,7 +152,24 @@ func (b *Broker) runRevokes(d *device) {
 	if len(batch) == 0 {
 		return // another caller's pass took ours
 	}
+	// dead sends the ended leases' events: their dma-bufs are dead (revoked, or their
+	// device closed or lost).
+	sent := false
+	dead := func() {
+		if sent {
+			return
+		}
+		sent = true
+		b.mu.Lock()
+		for _, r := range batch {
+			if r.l != nil {
+				b.emitLocked(r.ev, r.l, "")
+			}
+		}
+		b.mu.Unlock()
+	}
 	finish := func(err error) {
+		dead()
 		for _, r := range batch {
 			if r.buf != nil {
 				r.buf.Close()
@@ -178,13 +198,19 @@ func (b *Broker) runRevokes(d *device) {
 		}
 		b.log.Warn("per-buffer revoke failed; cycling the device", "bdf", d.policy.BDF, "err", err)
 	}
-	finish(b.cycleDevice(d, fmt.Sprintf("%d revocation(s)", len(batch))))
+	finish(b.cycleDevice(d, fmt.Sprintf("%d revocation(s)", len(batch)), dead))
 }
 
 // cycleDevice makes every dma-buf d exported so far dead for good (one device cycle) and
 // re-exports its live leases as a new generation. Called with d.opMu held. On failure the
 // device is lost: all its leases end.
-func (b *Broker) cycleDevice(d *device, why string) error {
+//
+// dead, if not nil, runs once the old dma-bufs are dead (before the reissue), or when the
+// cycle failed and the device is lost.
+func (b *Broker) cycleDevice(d *device, why string, dead func()) error {
+	if dead == nil {
+		dead = func() {}
+	}
 	b.mu.Lock()
 	dev, suspended := d.dev, d.suspended
 	survivors := make([]*lease, 0, len(d.live))
@@ -195,6 +221,7 @@ func (b *Broker) cycleDevice(d *device, why string) error {
 	}
 	b.mu.Unlock()
 	if dev == nil {
+		dead()
 		return nil // closed or lost: every dma-buf it exported is dead already
 	}
 	start := b.now()
@@ -205,8 +232,10 @@ func (b *Broker) cycleDevice(d *device, why string) error {
 		if closeDev != nil {
 			closeDev.Close()
 		}
+		dead()
 		return fmt.Errorf("cycling device %s failed, all its leases ended: %w: %w", d.policy.BDF, err, errdefs.ErrUnavailable)
 	}
+	dead()
 	if suspended {
 		if s, ok := dev.(Suspender); ok {
 			if err := s.Suspend(); err != nil {
