@@ -28,6 +28,7 @@ type Broker struct {
 	mu       sync.Mutex // guards everything below, and every device's state and leases
 	closed   bool
 	draining bool               // Drain ran: new leases are refused
+	detached bool               // Detach ran: devices are kept open outside the process, not closed
 	devices  map[string]*device // by BDF
 	order    []string           // BDFs in configuration order
 	leases   map[string]*lease  // every lease ever granted, live or ended (ended ones bounded)
@@ -419,6 +420,9 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	if l.holder.Proc != nil && !l.holder.Proc.Alive() {
 		return Lease{}, nil, fmt.Errorf("lease %s: the allocating process %d has exited (pid reused?): %w", id, l.Holder.PID, errdefs.ErrPermissionDenied)
 	}
+	if b.closed || l.buf == nil {
+		return Lease{}, nil, fmt.Errorf("lease %s: the broker is stopping: %w", id, errdefs.ErrUnavailable)
+	}
 	f, err := l.buf.Dup()
 	if err != nil {
 		return Lease{}, nil, fmt.Errorf("lease %s: duplicate dma-buf fd: %w", id, err)
@@ -457,10 +461,18 @@ func (b *Broker) CommitClaim(id string, gen uint64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	l, ok := b.leases[id]
-	if !ok || !l.Live() || l.Generation != gen || l.digest != nil || l.Claimed.IsZero() || l.buf == nil {
+	if !ok || !l.Live() || l.Generation != gen || l.digest != nil || l.Claimed.IsZero() {
 		return
 	}
-	l.before.digest = nil
+	if l.before.digest != nil {
+		l.before.digest = nil
+		if err := b.persistLocked(l); err != nil {
+			b.log.Error("recording a delivered claim failed", "lease_id", id, "err", err)
+		}
+	}
+	if l.buf == nil {
+		return
+	}
 	if d := b.devices[l.BDF]; d != nil {
 		if br, ok := d.dev.(BufferRevoker); ok && br.CanRevokeBuffers() {
 			return
@@ -587,6 +599,7 @@ func (b *Broker) Release(id string, by Actor) (Lease, error) {
 // endLocked moves l to a final state and frees what it holds.
 func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	l.State, l.EndReason, l.EndedBy, l.Ended = st, why, by, b.now()
+	l.Dead = l.Claimed.IsZero() // an fd of it never left the broker
 	l.digest = nil
 	l.ClaimDeadline, l.RevokeDeadline = time.Time{}, time.Time{}
 	for _, t := range []**time.Timer{&l.timer, &l.ttl, &l.grace} {
@@ -688,6 +701,9 @@ func (b *Broker) Drain(by Actor) (ended, cycled int, err error) {
 		for _, l := range b.sortedLive(d) {
 			delivered = delivered || !l.Claimed.IsZero()
 			b.endLocked(l, StateRevoked, ReasonShutdown, by.String())
+			if err := b.persistLocked(l); err != nil {
+				b.log.Error("recording a lease's end failed", "lease_id", l.ID, "err", err)
+			}
 			done = append(done, l)
 		}
 		b.mu.Unlock()
@@ -699,6 +715,7 @@ func (b *Broker) Drain(by Actor) (ended, cycled int, err error) {
 		}
 		b.mu.Lock()
 		for _, l := range done {
+			l.Dead = true
 			b.emitLocked(EventRevoked, l, "")
 		}
 		b.mu.Unlock()
@@ -723,7 +740,7 @@ func (b *Broker) Detach() error {
 		b.mu.Unlock()
 		return nil
 	}
-	b.closed = true
+	b.closed, b.detached = true, true
 	var bufs []Buffer
 	for _, l := range b.leases {
 		for _, t := range []**time.Timer{&l.timer, &l.ttl, &l.grace} {

@@ -60,9 +60,15 @@ func tokenDigest(token string) []byte {
 	return d[:]
 }
 
-// record returns l's Record.
+// record returns l's Record. A claim granted but not yet committed (its fd may or may not
+// have reached the holder) keeps its token's digest in the record: a broker restarted in
+// between lets the holder claim again with the same token.
 func (l *lease) record() Record {
-	return Record{Lease: l.Lease, HolderGID: l.holder.GID, HolderStart: l.holder.Start, TokenDigest: slices.Clone(l.digest)}
+	digest := l.digest
+	if digest == nil && l.Live() && !l.Claimed.IsZero() {
+		digest = l.before.digest
+	}
+	return Record{Lease: l.Lease, HolderGID: l.holder.GID, HolderStart: l.holder.Start, TokenDigest: slices.Clone(digest)}
 }
 
 // emitLocked records and publishes the transition t of l. token is the new claim token
@@ -113,6 +119,7 @@ func (b *Broker) restore(recs []Record) {
 	}
 	var gone []exited
 	reissue := map[*device][]*lease{}
+	cycle := map[*device]bool{}
 	now := b.now()
 	b.mu.Lock()
 	for _, r := range recs {
@@ -125,9 +132,22 @@ func (b *Broker) restore(recs []Record) {
 		if !l.Live() {
 			b.leases[l.ID] = l
 			b.ended = append(b.ended, l.ID)
-			// A released lease whose fd was delivered may still be in use until its
-			// device cycles — if the device is still the one that exported it.
-			if d != nil && l.State == StateReleased && !l.Claimed.IsZero() && restoredDevice(d.dev) {
+			if l.Dead {
+				continue
+			}
+			switch {
+			case d == nil || !restoredDevice(d.dev):
+				// Its fd died with the previous run's device fd.
+				l.Dead = true
+				b.persistLocked(l)
+			case l.State == StateRevoked:
+				// Revoked, but the run that revoked it stopped before the device cycle
+				// completed: cycle now, before anyone can use the device.
+				cycle[d] = true
+				d.released = append(d.released, l.Lease) // marked dead by that cycle
+			default:
+				// Released, expired or its holder exited: its fd may still be in use
+				// until the device's next cycle.
 				d.released = append(d.released, l.Lease)
 			}
 			continue
@@ -179,7 +199,18 @@ func (b *Broker) restore(recs []Record) {
 	b.log.Info("leases restored", "leases", len(recs), "live", b.live, "reissue", len(reissue), "holders_gone", len(gone),
 		"last_seq", b.events.next-1)
 
+	for d := range cycle {
+		d.opMu.Lock()
+		b.log.Warn("a revoke was recorded but its device cycle did not complete before the restart; cycling the device now", "bdf", d.policy.BDF)
+		if err := b.cycleDevice(d, "revoke interrupted by a restart", nil); err != nil {
+			b.log.Error("cycling a device at restart failed", "bdf", d.policy.BDF, "err", err)
+		}
+		d.opMu.Unlock()
+	}
 	for d, ls := range reissue {
+		if cycle[d] {
+			continue // the cycle above reissued them
+		}
 		d.opMu.Lock()
 		b.log.Warn("device was not kept open across the restart: its dma-bufs died with the previous run; reissuing its leases",
 			"bdf", d.policy.BDF, "leases", len(ls))

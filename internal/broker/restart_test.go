@@ -263,3 +263,91 @@ func TestDrain(t *testing.T) {
 		t.Errorf("Allocate after drain = %v, want FailedPrecondition", err)
 	}
 }
+
+// TestRestartMidRevoke: a revoke whose end was recorded but whose device cycle had not
+// completed when the broker stopped is finished by the next start (the device cycles
+// before anyone uses it), and the lease is then dead.
+func TestRestartMidRevoke(t *testing.T) {
+	dev := brokertest.NewDevice(dev0)
+	st := newMemStore()
+	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &brokertest.Process{Pid: 41}
+	l, tok, _ := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p}})
+	_, f, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	var mid *broker.Snapshot
+	dev.Locked(func(d *brokertest.Device) { d.RevokeHook = func() { mid = st.snapshot() } })
+	if _, err := b1.Revoke(l.ID, admin, 0); err != nil {
+		t.Fatal(err)
+	}
+	dev.Locked(func(d *brokertest.Device) { d.RevokeHook = nil })
+	if err := b1.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	var rec broker.Record
+	for _, r := range mid.Records {
+		if r.ID == l.ID {
+			rec = r
+		}
+	}
+	if rec.State != broker.StateRevoked || rec.Dead {
+		t.Fatalf("recorded mid-cycle: %s dead=%v, want revoked and not dead yet", rec.State, rec.Dead)
+	}
+	cycles := dev.Revokes
+	b2, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st, Restore: mid, Repin: procs{41: p}.repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b2.Close()
+	if dev.Revokes != cycles+1 {
+		t.Errorf("restart cycled the device %d times, want once (to finish the revoke)", dev.Revokes-cycles)
+	}
+	if got, _ := b2.Get(l.ID); !got.Dead || got.State != broker.StateRevoked {
+		t.Errorf("lease after the restart: %s dead=%v, want revoked and dead", got.State, got.Dead)
+	}
+}
+
+// TestRestartClaimInFlight: a claim granted but not committed (the broker stopped before
+// it knew whether the fd arrived) can be made again with the same token after a restart.
+func TestRestartClaimInFlight(t *testing.T) {
+	dev := brokertest.NewDevice(dev0)
+	st := newMemStore()
+	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &brokertest.Process{Pid: 41}
+	l, tok, _ := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p}})
+	_, f, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := b1.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	// A claim after the stop is refused cleanly (it used to panic on the closed copy).
+	if _, _, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41}); err == nil {
+		t.Error("claim on a detached broker succeeded")
+	}
+	b2, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st, Restore: st.snapshot(), Repin: procs{41: p}.repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b2.Close()
+	_, f2, err := b2.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
+	if err != nil {
+		t.Fatalf("claim again after a restart with the claim in flight: %v", err)
+	}
+	f2.Close()
+	b2.CommitClaim(l.ID, l.Generation)
+	if _, _, err := b2.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41}); err == nil {
+		t.Error("a committed claim's token works again")
+	}
+}

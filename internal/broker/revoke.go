@@ -121,7 +121,12 @@ func (b *Broker) enforce(l *lease, st State, why Reason, by string, ev EventType
 		}
 		return snapshot, nil
 	}
-	// The event follows the kernel: it is sent once the device revoked the dma-buf.
+	// The event follows the kernel: it is sent once the device revoked the dma-buf. The
+	// end is recorded now (not dead yet), so that a broker restarted before the cycle
+	// completes still revokes it.
+	if err := b.persistLocked(l); err != nil {
+		b.log.Error("recording a lease's end failed", "lease_id", l.ID, "err", err)
+	}
 	req := &revokeReq{buf: buf, l: l, ev: ev, done: make(chan struct{})}
 	d.pending = append(d.pending, req)
 	b.mu.Unlock()
@@ -163,6 +168,7 @@ func (b *Broker) runRevokes(d *device) {
 		b.mu.Lock()
 		for _, r := range batch {
 			if r.l != nil {
+				r.l.Dead = true
 				b.emitLocked(r.ev, r.l, "")
 			}
 		}
@@ -178,8 +184,23 @@ func (b *Broker) runRevokes(d *device) {
 			close(r.done)
 		}
 	}
-	if dev == nil { // closed or lost: every dma-buf it exported is dead already
-		finish(nil)
+	if dev == nil {
+		b.mu.Lock()
+		detached := b.detached
+		b.mu.Unlock()
+		if detached {
+			// Kept open for the next run, not closed: nothing died. The ends stay
+			// recorded as not dead, and the next run cycles the device.
+			for _, r := range batch {
+				if r.buf != nil {
+					r.buf.Close() // the broker's copy; the fd store keeps its own
+				}
+				r.err = fmt.Errorf("the broker stopped for a restart before the device cycled; the next start revokes it: %w", errdefs.ErrUnavailable)
+				close(r.done)
+			}
+			return
+		}
+		finish(nil) // closed or lost: every dma-buf it exported is dead already
 		return
 	}
 	start := b.now()
@@ -244,7 +265,7 @@ func (b *Broker) cycleDevice(d *device, why string, dead func()) error {
 		}
 	}
 	b.mu.Lock()
-	d.released = nil
+	b.buryLocked(d)
 	b.mu.Unlock()
 	b.log.Info("device cycled", "bdf", d.policy.BDF, "why", why,
 		"took", b.now().Sub(start).String(), "reissue", len(survivors))
@@ -482,8 +503,10 @@ func (b *Broker) DeviceAvailable(bdf string) (DeviceStatus, error) {
 func (b *Broker) loseDeviceLocked(d *device, cause error) Device {
 	for _, o := range b.sortedLive(d) {
 		b.endLocked(o, StateRevoked, ReasonDeviceLost, "broker")
+		o.Dead = true // the device is closed next
 		b.emitLocked(EventDeviceLost, o, "")
 	}
+	b.buryLocked(d)
 	dev := d.dev
 	d.dev, d.suspended = nil, false
 	d.err = fmt.Errorf("device %s: %w", d.policy.BDF, cause)
@@ -517,4 +540,18 @@ func (b *Broker) watchNotices(d *device, dev Device, ch <-chan Notice) {
 			b.log.Warn("device reported an error", "bdf", d.policy.BDF, "count", n.Count)
 		}
 	}
+}
+
+// buryLocked marks the device's released leases dead: the device cycled or closed, so
+// their fds died with it. Called with b.mu held.
+func (b *Broker) buryLocked(d *device) {
+	for _, r := range d.released {
+		if l := b.leases[r.ID]; l != nil && !l.Dead {
+			l.Dead = true
+			if err := b.persistLocked(l); err != nil {
+				b.log.Error("recording a dead lease failed", "lease_id", l.ID, "err", err)
+			}
+		}
+	}
+	d.released = nil
 }

@@ -330,6 +330,10 @@ type Lease struct {
 	Ended          time.Time // zero while live
 	EndReason      Reason
 	EndedBy        string
+	// Dead is set on an ended lease once its dma-buf is dead in every process: it never
+	// left the broker, or its device cycled or closed since. An ended lease that is not
+	// Dead still works for whoever holds its fd until the device's next cycle.
+	Dead bool
 }
 
 // Live reports whether the lease has not ended.

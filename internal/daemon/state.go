@@ -136,7 +136,7 @@ func toJournal(r broker.Record) journal.Lease {
 		VMName: l.VMName, Unattested: l.Unattested, TokenDigest: r.TokenDigest,
 		Created: l.Created, Claimed: l.Claimed, ClaimDeadline: l.ClaimDeadline, Expires: l.Expires,
 		RevokeDeadline: l.RevokeDeadline, Ended: l.Ended, TTL: l.TTL,
-		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Delivered: !l.Claimed.IsZero(), Seq: r.Seq,
+		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Delivered: !l.Claimed.IsZero(), Dead: l.Dead, Seq: r.Seq,
 	}
 	for _, rg := range l.Ranges {
 		jl.Ranges = append(jl.Ranges, journal.Range{Offset: rg.Offset, Length: rg.Length})
@@ -163,7 +163,7 @@ func fromJournal(jl journal.Lease) (broker.Record, error) {
 	l.VMName, l.Unattested = jl.VMName, jl.Unattested
 	l.Created, l.Claimed, l.ClaimDeadline, l.Expires = jl.Created, jl.Claimed, jl.ClaimDeadline, jl.Expires
 	l.RevokeDeadline, l.Ended, l.TTL = jl.RevokeDeadline, jl.Ended, jl.TTL
-	l.EndReason, l.EndedBy = broker.Reason(jl.EndReason), jl.EndedBy
+	l.EndReason, l.EndedBy, l.Dead = broker.Reason(jl.EndReason), jl.EndedBy, jl.Dead
 	for _, rg := range jl.Ranges {
 		l.Ranges = append(l.Ranges, broker.Range{Offset: rg.Offset, Length: rg.Length})
 	}

@@ -108,6 +108,7 @@ func fullLease(id string, seq uint64) Lease {
 		EndReason:      "revoked",
 		EndedBy:        "uid 0 (admin) pid 1",
 		Delivered:      true,
+		Dead:           true,
 		Seq:            seq,
 		Labels:         map[string]string{"team": "gpu", "ünicode": "✓ \"quoted\""},
 	}
