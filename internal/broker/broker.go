@@ -78,6 +78,9 @@ type lease struct {
 	grace    *time.Timer // cooperative revoke deadline
 	unwatch  context.CancelFunc
 	pending  bool // being exported: invisible to Get, List and Claim
+	// reissuing is set (and recorded) while a device cycle kills this live lease's fd and
+	// before the lease is reissued: a broker restarted in between cycles the device again.
+	reissuing bool
 	// before is the lease as it was before the last claim, for Unclaim.
 	before struct {
 		state    State

@@ -19,6 +19,9 @@ type Record struct {
 	TokenDigest []byte
 	// Seq is the sequence number of the event this record was written with (0: none).
 	Seq uint64
+	// Reissuing marks a live lease whose device was being cycled (its fd killed) and which
+	// was not reissued yet: a restart cycles the device again and reissues it.
+	Reissuing bool
 }
 
 // Store records lease transitions durably (internal/journal). Commit is called with the
@@ -68,7 +71,7 @@ func (l *lease) record() Record {
 	if digest == nil && l.Live() && !l.Claimed.IsZero() {
 		digest = l.before.digest
 	}
-	return Record{Lease: l.Lease, HolderGID: l.holder.GID, HolderStart: l.holder.Start, TokenDigest: slices.Clone(digest)}
+	return Record{Lease: l.Lease, HolderGID: l.holder.GID, HolderStart: l.holder.Start, TokenDigest: slices.Clone(digest), Reissuing: l.reissuing}
 }
 
 // emitLocked records and publishes the transition t of l. token is the new claim token
@@ -170,6 +173,10 @@ func (b *Broker) restore(recs []Record) {
 		d.live[l.ID] = l
 		b.countLive(l, +1)
 		switch {
+		case r.Reissuing && restoredDevice(d.dev):
+			// A cycle killed (or was about to kill) its fd, and the run stopped before
+			// the reissue: cycle again, which reissues it.
+			cycle[d] = true
 		case !restoredDevice(d.dev):
 			// The previous run's dma-bufs died with its device fd: a new generation.
 			reissue[d] = append(reissue[d], l)

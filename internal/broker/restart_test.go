@@ -351,3 +351,79 @@ func TestRestartClaimInFlight(t *testing.T) {
 		t.Error("a committed claim's token works again")
 	}
 }
+
+// snapStore records like memStore and takes a snapshot when an event of type at is
+// committed (what a crash right after it would leave).
+type snapStore struct {
+	*memStore
+	at   broker.EventType
+	snap *broker.Snapshot
+}
+
+func (s *snapStore) Commit(evs []broker.Event, recs []broker.Record, drop []string) error {
+	if err := s.memStore.Commit(evs, recs, drop); err != nil {
+		return err
+	}
+	for _, e := range evs {
+		if e.Type == s.at && s.snap == nil {
+			s.snap = s.snapshot()
+		}
+	}
+	return nil
+}
+
+// TestRestartMidReissue: a stop after a device cycle reissued some of its surviving
+// leases, not all, is finished by the next start: it cycles again and reissues them all.
+func TestRestartMidReissue(t *testing.T) {
+	dev := brokertest.NewDevice(dev0)
+	st := &snapStore{memStore: newMemStore(), at: broker.EventReissued}
+	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &brokertest.Process{Pid: 41}
+	var ids []string
+	for i := range 3 {
+		l, tok, err := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{uint64(i) * page, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, f, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		b1.CommitClaim(l.ID, l.Generation)
+		ids = append(ids, l.ID)
+	}
+	if _, err := b1.Revoke(ids[0], admin, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := b1.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	reissuing := 0
+	for _, r := range st.snap.Records {
+		if r.Reissuing {
+			reissuing++
+		}
+	}
+	if reissuing != 1 {
+		t.Fatalf("snapshot after the first reissue: %d leases marked reissuing, want 1", reissuing)
+	}
+	cycles := dev.Revokes
+	b2, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st.memStore, Restore: st.snap, Repin: procs{41: p}.repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b2.Close()
+	if dev.Revokes != cycles+1 {
+		t.Errorf("restart cycled the device %d times, want once", dev.Revokes-cycles)
+	}
+	for _, id := range ids[1:] {
+		l, _ := b2.Get(id)
+		if !l.Live() || l.Generation < 2 {
+			t.Errorf("survivor %s after the restart: %s generation %d, want live and reissued", id, l.State, l.Generation)
+		}
+	}
+}

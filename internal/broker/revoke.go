@@ -238,6 +238,12 @@ func (b *Broker) cycleDevice(d *device, why string, dead func()) error {
 	for _, o := range d.live {
 		if !o.pending {
 			survivors = append(survivors, o)
+			if dev != nil && !o.reissuing {
+				o.reissuing = true
+				if err := b.persistLocked(o); err != nil {
+					b.log.Error("recording a lease about to be reissued failed", "lease_id", o.ID, "err", err)
+				}
+			}
 		}
 	}
 	b.mu.Unlock()
@@ -321,6 +327,7 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
 			o.timer = nil
 		}
 		o.buf = buf
+		o.reissuing = false
 		o.Generation++
 		o.Inode, o.Size = buf.Inode(), buf.Size()
 		o.Claimed = time.Time{}

@@ -137,6 +137,7 @@ func toJournal(r broker.Record) journal.Lease {
 		Created: l.Created, Claimed: l.Claimed, ClaimDeadline: l.ClaimDeadline, Expires: l.Expires,
 		RevokeDeadline: l.RevokeDeadline, Ended: l.Ended, TTL: l.TTL,
 		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Delivered: !l.Claimed.IsZero(), Dead: l.Dead, Seq: r.Seq,
+		Reissuing: r.Reissuing,
 	}
 	for _, rg := range l.Ranges {
 		jl.Ranges = append(jl.Ranges, journal.Range{Offset: rg.Offset, Length: rg.Length})
@@ -167,7 +168,7 @@ func fromJournal(jl journal.Lease) (broker.Record, error) {
 	for _, rg := range jl.Ranges {
 		l.Ranges = append(l.Ranges, broker.Range{Offset: rg.Offset, Length: rg.Length})
 	}
-	r.HolderGID, r.HolderStart, r.TokenDigest, r.Seq = jl.HolderGID, jl.HolderStart, jl.TokenDigest, jl.Seq
+	r.HolderGID, r.HolderStart, r.TokenDigest, r.Seq, r.Reissuing = jl.HolderGID, jl.HolderStart, jl.TokenDigest, jl.Seq, jl.Reissuing
 	return r, nil
 }
 

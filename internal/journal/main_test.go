@@ -109,6 +109,7 @@ func fullLease(id string, seq uint64) Lease {
 		EndedBy:        "uid 0 (admin) pid 1",
 		Delivered:      true,
 		Dead:           true,
+		Reissuing:      true,
 		Seq:            seq,
 		Labels:         map[string]string{"team": "gpu", "ünicode": "✓ \"quoted\""},
 	}

@@ -61,6 +61,7 @@ type Lease struct {
 	EndedBy        string            `json:"ended_by,omitzero"`
 	Delivered      bool              `json:"delivered,omitzero"` // an fd of the current generation may have left the daemon
 	Dead           bool              `json:"dead,omitzero"`      // an ended lease's dma-buf is dead in every process
+	Reissuing      bool              `json:"reissuing,omitzero"` // a device cycle killed its fd; not reissued yet
 	Seq            uint64            `json:"seq,omitzero"`       // the seq of the event that produced this record
 	Labels         map[string]string `json:"labels,omitzero"`
 }
