@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"testing"
@@ -12,9 +13,11 @@ import (
 
 	"github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
+	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
 	"github.com/mmiobroker/mmiobroker/internal/daemon/daemontest"
 	"github.com/mmiobroker/mmiobroker/internal/systemd/systemdtest"
+	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
 // TestRestartKeepsLeases stops a daemon run by a (fake) systemd with the fd store on and
@@ -216,5 +219,49 @@ func TestClientResumesAcrossRestart(t *testing.T) {
 	stopWatch()
 	if err := <-watchDone; err != nil {
 		t.Errorf("watch ended with %v", err)
+	}
+}
+
+// TestFreshJournalDropsKeptFds: fds in the store with no journal to account for them (it
+// was lost) are dropped at start: their dma-bufs must not outlive it unaccounted.
+func TestFreshJournalDropsKeptFds(t *testing.T) {
+	sdm := systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})
+	prev, err := sdm.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := prev.StoreFD("vfio-device.0000_00_09.0", w); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	// A configured device would take its kept fd back unless the daemon dropped it first.
+	const bdf = "0000:00:09.0"
+	var taken *os.File
+	opener := func(k vfio.Keeper) broker.Opener {
+		return func(string) (broker.Device, error) {
+			if k != nil {
+				taken = k.Take(vfio.KeepName(bdf))
+			}
+			return brokertest.NewDevice(bdf), nil
+		}
+	}
+	daemontest.StartWith(t, daemontest.Options{Systemd: sdm, Opener: opener}, fmt.Sprintf("[[device]]\naddress = %q\n", bdf))
+	if taken != nil {
+		taken.Close()
+		t.Error("the device took back a kept fd that no journal accounts for")
+	}
+	if got := sdm.Stored(); len(got) != 0 {
+		t.Errorf("fd store after a start with an empty journal: %v, want empty", got)
+	}
+	// The kept copy was the last write end of the pipe: EOF proves it was closed.
+	buf := make([]byte, 1)
+	r.SetReadDeadline(time.Now().Add(10 * time.Second)) // a bound, not a timing assertion
+	if n, err := r.Read(buf); n != 0 || err != io.EOF {
+		t.Errorf("read = %d, %v; want EOF (the kept fd closed)", n, err)
 	}
 }

@@ -91,6 +91,22 @@ func (s *fdStore) drop(name string, f *os.File) {
 	f.Close()
 }
 
+// dropKept drops every restored fd the daemon kept (all but the socket units' control and
+// claim) and returns how many.
+func (s *fdStore) dropKept() int {
+	n := 0
+	for _, name := range s.restored.Names() {
+		if name == "control" || name == "claim" {
+			continue
+		}
+		if f := s.restored.Take(name); f != nil {
+			s.drop(name, f)
+			n++
+		}
+	}
+	return n
+}
+
 // dropLeftovers drops every restored fd that start-up did not take back: dma-bufs no
 // lease needs (claimed ones live on in their holders), and VFIO fds of devices no longer
 // configured (closing the last one revokes what they exported). It returns how many
@@ -242,7 +258,8 @@ func openState(sd *systemd.Manager, d config.Daemon, res *config.Resolved, log *
 	if err != nil {
 		return nil, fmt.Errorf("lease journal: %w", err)
 	}
-	if fresh, why := j.Fresh(); fresh {
+	fresh, why := j.Fresh()
+	if fresh {
 		log.Info("lease journal starts empty", "journal", d.Journal, "why", why)
 	}
 	snap, err := snapshot(j, log)
@@ -252,6 +269,14 @@ func openState(sd *systemd.Manager, d config.Daemon, res *config.Resolved, log *
 	}
 	s.j, s.snap = j, snap
 	s.store = &fdStore{m: sd, restored: sd.Restored(), log: log}
+	if fresh {
+		// Kept fds with no journal to account for them (it was lost, or is from another
+		// schema): their dma-bufs may be in use by holders no lease knows. Closing the
+		// device fds is their last close, which revokes every one of them.
+		if n := s.store.dropKept(); n > 0 {
+			log.Warn("the fd store held fds the lease journal does not account for; dropped them, which revokes their dma-bufs", "fds", n)
+		}
+	}
 	log.Info("leases are kept across restarts", "journal", d.Journal, "fd_store_max", sd.FDStoreMax(),
 		"restored_fds", len(sd.Restored().Names()), "journal_leases", len(snap.Records), "last_seq", snap.LastSeq)
 	return s, nil

@@ -57,6 +57,8 @@ type Options struct {
 	// Systemd is a fake service manager: with its fd store on, the daemon keeps its
 	// leases across a stop and restart (the journal lives in Dir).
 	Systemd *systemdtest.Manager
+	// Opener replaces the opener of the fake devices (to see the keeper it is given).
+	Opener func(vfio.Keeper) broker.Opener
 }
 
 // StartWith is [Start] with [Options]: a daemon under a fake systemd, restartable.
@@ -94,10 +96,14 @@ func StartWith(t testing.TB, opt Options, devices string, devs ...*brokertest.De
 	} else if sd, err = systemd.New(systemd.Config{}); err != nil {
 		t.Fatal(err)
 	}
+	opener := fakeOpener(devs...)
+	if opt.Opener != nil {
+		opener = opt.Opener
+	}
 	go func() {
 		d.done <- daemon.Run(ctx, daemon.Options{
 			Systemd: sd,
-			Config:  cfg, Resolved: res, Opener: fakeOpener(devs...),
+			Config:  cfg, Resolved: res, Opener: opener,
 			Log: slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 			Notify: func(s string) error {
 				d.mu.Lock()
