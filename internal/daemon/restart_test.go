@@ -239,6 +239,9 @@ func TestFreshJournalDropsKeptFds(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Close()
+	if err := prev.Barrier(t.Context()); err != nil { // the store has it before the next start
+		t.Fatal(err)
+	}
 	// A configured device would take its kept fd back unless the daemon dropped it first.
 	const bdf = "0000:00:09.0"
 	var taken *os.File
