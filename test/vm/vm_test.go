@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -72,6 +73,13 @@ func TestVM(t *testing.T) {
 	if s := os.Getenv("MMIOBROKER_VM_TOPOLOGY"); s != "" {
 		opts.Topology = vmrig.Topology(s)
 	}
+	if s := os.Getenv("MMIOBROKER_VM_SOAK"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 {
+			t.Fatalf("MMIOBROKER_VM_SOAK=%q: want the number of kill -9 restarts of the soak", s)
+		}
+		opts.Soak = n
+	}
 	for _, mode := range modes {
 		for _, k := range kernels {
 			name := string(k)
@@ -137,6 +145,9 @@ func report(t *testing.T, rep *vmrig.Report, opts vmrig.RunOptions) {
 	for _, b := range o.Binaries {
 		if b.Name == "vfio" && rep.Boot == vmrig.Busybox {
 			checkK9FromHost(t, b, o.Ivshmem)
+		}
+		if b.Name == "systemd" && rep.Boot == vmrig.Systemd && rep.Kernel == vmrig.IOMMUFD {
+			checkRestartDMAFromHost(t, b, o.Ivshmem)
 		}
 		ran[b.Name] = true
 		t.Run(b.Name, func(t *testing.T) {
@@ -215,6 +226,43 @@ func checkK9FromHost(t *testing.T, b *vmrig.BinaryResult, shm []byte) {
 		}
 		if bytes.Contains(shm, []byte("MMB-K9-REVOKED")) {
 			t.Error("the DMA issued after the revoke landed in the ivshmem backing file")
+		}
+	})
+}
+
+// restartDMAModes and restartDMAOffset mirror test/vm/systemd's TestRestartModes: before
+// the first restart and after each way of replacing the daemon, its ivshmem holder has the
+// edu DMA "MMB-RESTART-<mode>" through its IOAS mapping of the brokered BAR2 dma-buf
+// (made once, before the first restart), one page apart from restartDMAOffset.
+var restartDMAModes = []string{"BEFORE", "RESTART", "KILL", "SWAP", "STOP-REACTIVATE"}
+
+const restartDMAOffset = 0x40000
+
+// checkRestartDMAFromHost checks, on the host, that every peer-to-peer DMA of
+// TestRestartModes landed in the ivshmem BAR (its host backing file): the mapping of the
+// dma-buf taken before the restarts still reached the device memory after each of them.
+func checkRestartDMAFromHost(t *testing.T, b *vmrig.BinaryResult, shm []byte) {
+	var tc *vmrig.TestCase
+	for _, c := range b.Tests {
+		if c.Name == "TestRestartModes" {
+			tc = c
+		}
+	}
+	if tc == nil || tc.Status != vmrig.Pass {
+		return // not run, skipped or failed in the guest: reported there
+	}
+	t.Run("RestartModesHostSeesDMA", func(t *testing.T) {
+		for i, m := range restartDMAModes {
+			off, want := restartDMAOffset+i*0x1000, "MMB-RESTART-"+m
+			if len(shm) < off+len(want) || string(shm[off:off+len(want)]) != want {
+				got := ""
+				if len(shm) >= off+len(want) {
+					got = fmt.Sprintf(" (found %q)", shm[off:off+len(want)])
+				}
+				t.Errorf("ivshmem backing file at %#x lacks %q%s", off, want, got)
+			} else {
+				t.Logf("ivshmem backing file at %#x: %q", off, want)
+			}
 		}
 	})
 }

@@ -58,7 +58,7 @@ func run(limit time.Duration, name string, args ...string) (string, error) {
 }
 
 // must runs a command that has to succeed.
-func must(t *testing.T, name string, args ...string) string {
+func must(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := run(time.Minute, name, args...)
 	if err != nil {
@@ -83,7 +83,7 @@ func (s unitState) String() string {
 	return fmt.Sprintf("ActiveState=%s SubState=%s MainPID=%d NRestarts=%d", s.Active, s.Sub, s.MainPID, s.NRestarts)
 }
 
-func show(t *testing.T, unit string) unitState {
+func show(t testing.TB, unit string) unitState {
 	t.Helper()
 	out := must(t, "systemctl", "show", "-p", "ActiveState,SubState,MainPID,NRestarts", unit)
 	var s unitState

@@ -58,14 +58,17 @@ type MachineConfig struct {
 	Run         string        // -test.run for the guest test binaries
 	Bench       string        // -test.bench for the guest test binaries ("" = none)
 	Tests       []string      // run only these test binaries
-	TestTimeout time.Duration // -test.timeout per guest binary (default 3m)
+	TestTimeout time.Duration // -test.timeout per guest binary (default 3m; systemd: 8m, see SoakBudget)
 	BootTimeout time.Duration // limit until the init's first marker (default 90s)
-	Timeout     time.Duration // limit for the whole run (default 6m)
-	Memory      string        // default 512M (busybox) or 1G (systemd: the rootfs lives in RAM)
-	SMP         int           // default 1 (two vCPUs under TCG occasionally panic a loaded guest)
-	LogPath     string        // serial log; "" = none
-	ExtraArgs   []string      // more QEMU arguments
-	Cmdline     []string      // more kernel command line words
+	Timeout     time.Duration // limit for the whole run (default 6m; systemd: 12m, see SoakBudget)
+	// Soak, if not zero, is the number of kill -9 restarts the systemd guest's soak test
+	// runs (kernel command line mmb.soak=N, MMIOBROKER_VM_SOAK in the tests' environment).
+	Soak      int
+	Memory    string   // default 512M (busybox) or 1G (systemd: the rootfs lives in RAM)
+	SMP       int      // default 1 (two vCPUs under TCG occasionally panic a loaded guest)
+	LogPath   string   // serial log; "" = none
+	ExtraArgs []string // more QEMU arguments
+	Cmdline   []string // more kernel command line words
 
 	// Transcript receives the payload channel's lines that are not markers, as they arrive
 	// (the demo's transcript). Progress receives one line per marker. Both may be nil.
@@ -88,12 +91,19 @@ func (c *MachineConfig) defaults() {
 	}
 	if c.TestTimeout == 0 {
 		c.TestTimeout = 3 * time.Minute
+		if c.Boot == Systemd {
+			// the restart, crash and short soak tests restart the daemon some 80 times
+			c.TestTimeout = 8*time.Minute + SoakBudget(c.Soak)
+		}
 	}
 	if c.BootTimeout == 0 {
 		c.BootTimeout = 90 * time.Second
 	}
 	if c.Timeout == 0 {
 		c.Timeout = 6 * time.Minute
+		if c.Boot == Systemd {
+			c.Timeout = c.TestTimeout + 4*time.Minute
+		}
 	}
 	if c.Memory == "" {
 		c.Memory = "512M"
@@ -273,6 +283,10 @@ func QEMUArgs(cfg MachineConfig, shm string, payloadFD int, cmdline []string) ([
 	return append(args, cfg.ExtraArgs...), nil
 }
 
+// SoakBudget is the time a soak of n kill -9 restarts may take in the systemd guest: 10 s
+// a restart (about 3 s are measured under TCG: kill to READY plus the checks).
+func SoakBudget(n int) time.Duration { return time.Duration(n) * 10 * time.Second }
+
 // KernelCmdline returns the guest kernel command line for cfg.
 func KernelCmdline(cfg MachineConfig, payloadOnTTYS1 bool, nonce uint32) ([]string, error) {
 	cfg.defaults()
@@ -310,6 +324,9 @@ func KernelCmdline(cfg MachineConfig, payloadOnTTYS1 bool, nonce uint32) ([]stri
 	}
 	if len(cfg.Tests) > 0 {
 		cl = append(cl, "mmb.tests="+strings.Join(cfg.Tests, ","))
+	}
+	if cfg.Soak > 0 {
+		cl = append(cl, fmt.Sprintf("mmb.soak=%d", cfg.Soak))
 	}
 	return append(cl, cfg.Cmdline...), nil
 }

@@ -18,8 +18,18 @@ import (
 const ModulePath = "github.com/mmiobroker/mmiobroker"
 
 // Programs are the binaries the guest gets when their packages exist: the project's
-// daemon and CLI, and the rig's demo importer.
-var Programs = []string{"cmd/mmiobrokerd", "cmd/mmiobrokerctl", "test/vm/cmd/iommufd-import"}
+// daemon and CLI, the rig's demo importer and the systemd guest tests' lease holder.
+var Programs = []string{"cmd/mmiobrokerd", "cmd/mmiobrokerctl", "test/vm/cmd/iommufd-import", "test/vm/cmd/mmb-holder"}
+
+// SwapDaemon is the second build of cmd/mmiobrokerd that the payload carries for the
+// systemd guest tests' binary swap (an upgrade: another binary installed at
+// /usr/bin/mmiobrokerd, then a restart). Its link flags differ (-X of SwapDaemonStamp), so
+// its Go build id and its content differ from mmiobrokerd's. Only the systemd image
+// installs it.
+const (
+	SwapDaemon      = "mmiobrokerd-swap"
+	SwapDaemonStamp = "main.mmbRigSwap=swap"
+)
 
 // Binary is one program or test binary built for the guest.
 type Binary struct {
@@ -229,6 +239,17 @@ func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 		}
 		if ok {
 			p.Programs = append(p.Programs, Binary{Name: name, Package: prog, Path: out})
+		}
+		if ok && prog == "cmd/mmiobrokerd" {
+			out := filepath.Join(opt.Dir, SwapDaemon)
+			logf("build %s (-X %s)", prog, SwapDaemonStamp)
+			ok, err := run(SwapDaemon, prog, "build", "-trimpath", ldflags+" -X "+SwapDaemonStamp, "-o", out, "./"+prog)
+			if err != nil {
+				return nil, err
+			}
+			if ok {
+				p.Programs = append(p.Programs, Binary{Name: SwapDaemon, Package: prog, Path: out})
+			}
 		}
 	}
 	boot := opt.Boot

@@ -172,6 +172,7 @@ type RunOptions struct {
 	Timeout     time.Duration
 	BootTimeout time.Duration
 	TestTimeout time.Duration
+	Soak        int    // kill -9 restarts of the systemd guest's soak test (0: its short default)
 	Retries     int    // infrastructure-failure retries (default 1; -1 for none)
 	LogName     string // log file base name (default "<kernel>-<mode>[-flat]")
 	Transcript  io.Writer
@@ -230,7 +231,7 @@ func (r *Rig) Run(ctx context.Context, k Kernel, opt RunOptions) (*Report, error
 		}
 		o, err := Boot(ctx, MachineConfig{QEMU: r.QEMU, Kernel: ki, Initrd: img.Path, Boot: opt.Boot, Mode: opt.Mode,
 			Topology: opt.Topology, Run: opt.Run, Bench: opt.Bench, Tests: opt.Tests, Timeout: opt.Timeout,
-			BootTimeout: opt.BootTimeout, TestTimeout: opt.TestTimeout, LogPath: logPath,
+			BootTimeout: opt.BootTimeout, TestTimeout: opt.TestTimeout, Soak: opt.Soak, LogPath: logPath,
 			Transcript: opt.Transcript, Progress: opt.Progress})
 		if err == nil {
 			if infra := o.InfraFailure(); infra != "" && attempt < retries {

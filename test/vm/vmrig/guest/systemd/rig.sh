@@ -6,7 +6,8 @@
 # env markers and written MMIOBROKER_VM_* (this unit's EnvironmentFile=).
 #
 # Kernel command line: mmb.mode=tests|shell, mmb.out, mmb.run, mmb.bench, mmb.tests,
-# mmb.timeout as for guest/init.sh.
+# mmb.timeout as for guest/init.sh; mmb.soak=N exports MMIOBROKER_VM_SOAK=N (the number of
+# kill -9 restarts of the soak test; `make soak`).
 
 MODE=tests OUT=console RUN= BENCH= ONLY= TIMEOUT=3m
 set -f
@@ -18,6 +19,7 @@ for kv in $(cat /proc/cmdline); do
 	mmb.bench=*) BENCH=${kv#*=} ;;
 	mmb.tests=*) ONLY=$(echo "${kv#*=}" | tr ',' ' ') ;;
 	mmb.timeout=*) TIMEOUT=${kv#*=} ;;
+	mmb.soak=*) export MMIOBROKER_VM_SOAK="${kv#*=}" ;;
 	esac
 done
 set +f
