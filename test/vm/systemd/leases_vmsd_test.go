@@ -465,7 +465,7 @@ type loadGen struct {
 	released   int
 	unavail    int // UNAVAILABLE errors (restart windows)
 	unexpected []string
-	leases     []*told // every lease we were told about, in order
+	leases     []*told  // every lease we were told about, in order
 	lostClaims []string // leases whose claim was spent without the fd reaching us
 	held       []*told
 
