@@ -3,6 +3,7 @@ package broker
 import (
 	"crypto/sha256"
 	"fmt"
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"slices"
 	"time"
 )
@@ -100,7 +101,7 @@ func (b *Broker) commitLocked(evs []Event, l *lease) error {
 	drop := b.dropped
 	if err := b.store.Commit(evs, []Record{rec}, drop); err != nil {
 		b.log.Error("recording a lease transition failed: a restart would not know it", "lease_id", l.ID, "err", err)
-		return fmt.Errorf("record lease %s: %w", l.ID, err)
+		return fmt.Errorf("record lease %s: %w: %w", l.ID, err, errdefs.ErrUnavailable)
 	}
 	b.dropped = b.dropped[:0]
 	return nil

@@ -163,7 +163,7 @@ func schemaKeys() []string {
 	return []string{
 		"control_socket", "control_socket_mode", "claim_socket", "claim_socket_mode",
 		"socket_group", "admin_group", "access_mode", "sysfs_root", "dev_root", "log_level",
-		"log_format", "max_leases_per_holder", "max_leases", "max_ranges_per_lease",
+		"log_format", "journal", "on_stop", "max_leases_per_holder", "max_leases", "max_ranges_per_lease",
 		"claim_timeout", "event_backlog", "revoke_coalesce_window", "address", "bars", "kinds", "allow_uids", "allow_gids",
 		"allow_users", "allow_groups", "allow_unattested_private", "managed_bind",
 	}

@@ -197,6 +197,10 @@ func reasonToProto(r broker.Reason) brokerv1.EndReason {
 		return brokerv1.EndReason_END_REASON_HOLDER_EXITED
 	case broker.ReasonExpired:
 		return brokerv1.EndReason_END_REASON_EXPIRED
+	case broker.ReasonJournalFailed:
+		return brokerv1.EndReason_END_REASON_JOURNAL_FAILED
+	case broker.ReasonRestoreFailed:
+		return brokerv1.EndReason_END_REASON_RESTORE_FAILED
 	}
 	return brokerv1.EndReason_END_REASON_UNSPECIFIED
 }

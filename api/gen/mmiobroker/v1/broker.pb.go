@@ -267,20 +267,27 @@ const (
 	// Its time to live (Lease.ttl) ran out without a renewal; its dma-buf was revoked. State
 	// REVOKED, event EXPIRED, ended_by "broker (ttl)".
 	EndReason_END_REASON_EXPIRED EndReason = 8
+	// The daemon could not record the lease, so it never granted it (internal error).
+	EndReason_END_REASON_JOURNAL_FAILED EndReason = 9
+	// After a restart the daemon could not take the lease back (its device did not open
+	// again, or is no longer configured).
+	EndReason_END_REASON_RESTORE_FAILED EndReason = 10
 )
 
 // Enum value maps for EndReason.
 var (
 	EndReason_name = map[int32]string{
-		0: "END_REASON_UNSPECIFIED",
-		1: "END_REASON_RELEASED",
-		2: "END_REASON_REVOKED",
-		3: "END_REASON_CLAIM_EXPIRED",
-		4: "END_REASON_DEVICE_LOST",
-		5: "END_REASON_REISSUE_FAILED",
-		6: "END_REASON_BROKER_SHUTDOWN",
-		7: "END_REASON_HOLDER_EXITED",
-		8: "END_REASON_EXPIRED",
+		0:  "END_REASON_UNSPECIFIED",
+		1:  "END_REASON_RELEASED",
+		2:  "END_REASON_REVOKED",
+		3:  "END_REASON_CLAIM_EXPIRED",
+		4:  "END_REASON_DEVICE_LOST",
+		5:  "END_REASON_REISSUE_FAILED",
+		6:  "END_REASON_BROKER_SHUTDOWN",
+		7:  "END_REASON_HOLDER_EXITED",
+		8:  "END_REASON_EXPIRED",
+		9:  "END_REASON_JOURNAL_FAILED",
+		10: "END_REASON_RESTORE_FAILED",
 	}
 	EndReason_value = map[string]int32{
 		"END_REASON_UNSPECIFIED":     0,
@@ -292,6 +299,8 @@ var (
 		"END_REASON_BROKER_SHUTDOWN": 6,
 		"END_REASON_HOLDER_EXITED":   7,
 		"END_REASON_EXPIRED":         8,
+		"END_REASON_JOURNAL_FAILED":  9,
+		"END_REASON_RESTORE_FAILED":  10,
 	}
 )
 
@@ -2659,7 +2668,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x15LEASE_STATE_ALLOCATED\x10\x01\x12\x16\n" +
 	"\x12LEASE_STATE_ACTIVE\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_REVOKED\x10\x03\x12\x18\n" +
-	"\x14LEASE_STATE_RELEASED\x10\x04*\x87\x02\n" +
+	"\x14LEASE_STATE_RELEASED\x10\x04*\xc5\x02\n" +
 	"\tEndReason\x12\x1a\n" +
 	"\x16END_REASON_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13END_REASON_RELEASED\x10\x01\x12\x16\n" +
@@ -2669,7 +2678,10 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x19END_REASON_REISSUE_FAILED\x10\x05\x12\x1e\n" +
 	"\x1aEND_REASON_BROKER_SHUTDOWN\x10\x06\x12\x1c\n" +
 	"\x18END_REASON_HOLDER_EXITED\x10\a\x12\x16\n" +
-	"\x12END_REASON_EXPIRED\x10\b*\xc2\x02\n" +
+	"\x12END_REASON_EXPIRED\x10\b\x12\x1d\n" +
+	"\x19END_REASON_JOURNAL_FAILED\x10\t\x12\x1d\n" +
+	"\x19END_REASON_RESTORE_FAILED\x10\n" +
+	"*\xc2\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14EVENT_TYPE_ALLOCATED\x10\x01\x12\x16\n" +

@@ -199,8 +199,8 @@ type BrokerClient interface {
 	// maintenance): a plain stop under systemd keeps every lease for the next start. Each
 	// ended lease gets its REVOKED event once its dma-buf is dead. Idempotent.
 	//
-	// Codes: PERMISSION_DENIED (not an admin), UNAVAILABLE (a device cycle failed; the
-	// device's leases ended as DEVICE_LOST).
+	// Codes: PERMISSION_DENIED (not an admin), UNAVAILABLE (a device cycle failed: the
+	// device is lost and closed, which killed the drained leases' dma-bufs too).
 	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
 }
 
@@ -468,8 +468,8 @@ type BrokerServer interface {
 	// maintenance): a plain stop under systemd keeps every lease for the next start. Each
 	// ended lease gets its REVOKED event once its dma-buf is dead. Idempotent.
 	//
-	// Codes: PERMISSION_DENIED (not an admin), UNAVAILABLE (a device cycle failed; the
-	// device's leases ended as DEVICE_LOST).
+	// Codes: PERMISSION_DENIED (not an admin), UNAVAILABLE (a device cycle failed: the
+	// device is lost and closed, which killed the drained leases' dma-bufs too).
 	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
 	mustEmbedUnimplementedBrokerServer()
 }
