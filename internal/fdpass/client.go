@@ -138,3 +138,23 @@ func recvReply(c *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err error)
 // IsProtocolError reports whether err says the server broke the claim protocol (as
 // opposed to refusing the claim or an I/O failure).
 func IsProtocolError(err error) bool { return errors.Is(err, errProtocol) }
+
+// parseRights returns the fds of all SCM_RIGHTS messages in oob. On malformed control
+// data it returns what it parsed before, so the caller can still close those.
+func parseRights(oob []byte) []int {
+	var fds []int
+	for len(oob) > 0 {
+		hdr, data, rest, err := unix.ParseOneSocketControlMessage(oob)
+		if err != nil {
+			break
+		}
+		if hdr.Level == unix.SOL_SOCKET && hdr.Type == unix.SCM_RIGHTS {
+			m := unix.SocketControlMessage{Header: hdr, Data: data}
+			if r, err := unix.ParseUnixRights(&m); err == nil {
+				fds = append(fds, r...)
+			}
+		}
+		oob = rest
+	}
+	return fds
+}

@@ -25,6 +25,35 @@
 // returns an error: a reply with more than one fd, an fd on an error reply, or an fd whose
 // inode differs from the reply's. On success the caller owns the returned *os.File.
 //
+// # Fds from clients
+//
+// The claim socket accepts no fds from clients, and [Server] never calls close(2) on a
+// file a client sent: a close runs the file's ->flush in the closing thread, and a FUSE
+// file whose FLUSH is never answered (or a hung NFS file) would block it uninterruptibly,
+// pinning a claim slot (16 per uid, 64 shared for rejections) and Serve's return.
+//
+//   - Linux 6.16 and later: [Listen] and Serve set SO_PASSRIGHTS to 0 on the listener
+//     (net/core/sock.c sk_setsockopt sets sk_scm_rights). Connections inherit it when the
+//     client connects, before accept (net/unix/af_unix.c unix_stream_connect copies
+//     sk_scm_recv_flags), and the server sets it again on each accepted socket. A
+//     client's sendmsg that attaches SCM_RIGHTS then fails with EPERM in the client
+//     (unix_dgram_sendmsg, which SOCK_SEQPACKET uses): nothing is queued, the client keeps
+//     its fds, and no file of a client reaches the broker. Exception: a listener created
+//     by someone else (systemd socket activation) has the flag at 1 until Serve starts,
+//     and connections made before that are handled as on an older kernel.
+//   - Older kernels (setsockopt answers ENOPROTOOPT): requests are read without a control
+//     buffer. The kernel then installs no fd, sets MSG_CTRUNC (scm_recv) and drops the
+//     files (scm_destroy → fput), and the server answers INVALID_REQUEST. No close(2) and
+//     no ->flush happens, so the stuck-FLUSH attack blocks nothing. What remains: the
+//     last reference of a dropped file is put in the thread that called recvmsg (or that
+//     closes a connection with messages still queued): fput defers __fput to task_work,
+//     which runs in that thread before the syscall returns, and __fput calls ->release.
+//     FUSE sends RELEASE without waiting for it, but a file whose ->release itself waits
+//     (a FUSE mount with writeback cache and dirty pages, which writes them back first; a
+//     fuseblk mount, whose RELEASE is synchronous; a hung NFSv4 mount) can still hold
+//     that goroutine, its slot, and Serve's return, until the file system answers. Only
+//     SO_PASSRIGHTS removes that; Serve logs a warning when the kernel lacks it.
+//
 // Revocation does not go through this package: when the broker revokes, the kernel makes
 // the delivered fd useless; surviving leases of the same device come back as a new
 // generation that their holders claim again with the new token from the event stream.

@@ -102,3 +102,12 @@ func inodeOf(t testing.TB, f *os.File) uint64 {
 	}
 	return st.Ino
 }
+
+// closeRights closes every fd in SCM_RIGHTS messages of oob and returns how many.
+func closeRights(oob []byte) int {
+	fds := parseRights(oob)
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+	return len(fds)
+}

@@ -76,6 +76,9 @@ type Options struct {
 	// MaxConnsPerUID bounds the claims of one uid served at once (default MaxConns/4, at
 	// least 1), so that one tenant's idle connections cannot starve the others.
 	MaxConnsPerUID int
+
+	// noPassRights makes Serve behave as on a kernel without SO_PASSRIGHTS (tests).
+	noPassRights bool
 }
 
 // Server serves claims on SOCK_SEQPACKET unix sockets.
@@ -165,6 +168,9 @@ func Listen(path string, mode os.FileMode) (*net.UnixListener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("claim socket %s: %w", path, err)
 	}
+	// As early as possible: connections made before Serve runs inherit the flag too.
+	// Serve sets it again (a listener from systemd) and logs when the kernel lacks it.
+	_ = refuseRights(l)
 	if err := os.Chmod(path, mode); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("claim socket %s: %w", path, err)
@@ -180,6 +186,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	if err := checkSeqpacket(l); err != nil {
 		return err
 	}
+	refusing := s.refuseListenerRights(l)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	// Closing l wakes Accept. Serve must not return before that close has finished (the
@@ -221,6 +228,11 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		if !ok {
 			c.Close()
 			continue
+		}
+		if refusing {
+			// Inherited from the listener at connect already (see refuseRights); this
+			// only guards against a kernel that would not copy the flag.
+			_ = refuseRights(uc)
 		}
 		uid, err := peerUID(uc)
 		if err != nil {
@@ -317,18 +329,17 @@ func (s *Server) writeError(c *net.UnixConn, code Code, leaseID, msg string) {
 	c.Write(b)
 }
 
-// maxStrayFDs is how many fds a (misbehaving) client's request may carry before the
-// kernel truncates; every one received is closed.
-const maxStrayFDs = 8
-
 // readRequest reads and decodes one request. answer is false when there is nobody to
 // reply to (the client hung up, timed out or the server is stopping); otherwise err says
 // what is wrong with the request, if anything.
+//
+// It receives without a control buffer, so no fd a client attaches is ever installed in
+// this process: on a kernel without SO_PASSRIGHTS the kernel drops them (and sets
+// MSG_CTRUNC), and nothing here calls close(2) on a client's file. See the package
+// documentation, "Fds from clients".
 func (s *Server) readRequest(ctx context.Context, c *net.UnixConn, log *slog.Logger) (req Request, answer bool, err error) {
 	buf := make([]byte, MaxRequestSize+1)
-	oob := make([]byte, unix.CmsgSpace(4*maxStrayFDs))
-	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
-	stray := closeRights(oob[:oobn])
+	n, _, flags, _, err := c.ReadMsgUnix(buf, nil)
 	if err != nil {
 		switch {
 		case errors.Is(err, io.EOF):
@@ -342,8 +353,8 @@ func (s *Server) readRequest(ctx context.Context, c *net.UnixConn, log *slog.Log
 		return Request{}, false, nil
 	}
 	switch {
-	case stray > 0 || oobn > 0 || flags&unix.MSG_CTRUNC != 0:
-		return Request{}, true, invalid("request carries ancillary data (%d fds); send none", stray)
+	case flags&unix.MSG_CTRUNC != 0:
+		return Request{}, true, invalid("request carries ancillary data (fds); the claim socket accepts none")
 	case n > MaxRequestSize || flags&unix.MSG_TRUNC != 0:
 		return Request{}, true, invalid("request larger than %d bytes", MaxRequestSize)
 	}
@@ -474,31 +485,61 @@ func (s *Server) send(c *net.UnixConn, reply []byte, leaseID string, f *os.File)
 	return nil
 }
 
-// closeRights closes every fd in SCM_RIGHTS messages of oob and returns how many.
-func closeRights(oob []byte) int {
-	fds := parseRights(oob)
-	for _, fd := range fds {
-		unix.Close(fd)
+// refuseListenerRights sets SO_PASSRIGHTS to 0 on the claim listener, so that the
+// kernel refuses any client's sendmsg that attaches fds (EPERM) and no client's file
+// ever reaches this process. It reports whether the flag is set; without it (Linux
+// before 6.16, or a listener without a socket) requests are still read without a
+// control buffer (readRequest).
+func (s *Server) refuseListenerRights(l net.Listener) bool {
+	if _, ok := l.(syscall.Conn); !ok || s.opt.noPassRights {
+		return false // a listener without a socket (test doubles), or forced off (tests)
 	}
-	return len(fds)
+	err := refuseRights(l)
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, errNoPassRights):
+		s.log.Warn("claim socket: the kernel has no SO_PASSRIGHTS (Linux 6.16+); fds that clients attach are dropped unread, "+
+			"but a file whose final release blocks can still hold up a claim slot", "addr", l.Addr())
+	default:
+		s.log.Warn("claim socket: cannot refuse clients' fds with SO_PASSRIGHTS; they are dropped unread", "addr", l.Addr(), "error", err)
+	}
+	return false
 }
 
-// parseRights returns the fds of all SCM_RIGHTS messages in oob. On malformed control
-// data it returns what it parsed before, so the caller can still close those.
-func parseRights(oob []byte) []int {
-	var fds []int
-	for len(oob) > 0 {
-		hdr, data, rest, err := unix.ParseOneSocketControlMessage(oob)
-		if err != nil {
-			break
-		}
-		if hdr.Level == unix.SOL_SOCKET && hdr.Type == unix.SCM_RIGHTS {
-			m := unix.SocketControlMessage{Header: hdr, Data: data}
-			if r, err := unix.ParseUnixRights(&m); err == nil {
-				fds = append(fds, r...)
-			}
-		}
-		oob = rest
+// errNoPassRights says the kernel does not know SO_PASSRIGHTS.
+var errNoPassRights = errors.New("SO_PASSRIGHTS not supported by the kernel")
+
+// refuseRights sets SO_PASSRIGHTS to 0 on a unix socket (a listener or a connection).
+//
+// SO_PASSRIGHTS (Linux 6.16, commit "af_unix: Introduce SO_PASSRIGHTS"; 83 in
+// include/uapi/asm-generic/socket.h, unix.SO_PASSRIGHTS) is a per-socket flag, 1 by
+// default. net/core/sock.c sk_setsockopt sets sk->sk_scm_rights for AF_UNIX sockets
+// (EOPNOTSUPP for others); older kernels answer ENOPROTOOPT for the unknown option. With
+// it 0, net/unix/af_unix.c fails the peer's sendmsg with EPERM when the message carries
+// SCM_RIGHTS (unix_dgram_sendmsg, which also serves SOCK_SEQPACKET, unix_stream_sendmsg,
+// queue_oob): the message is not queued and the sender keeps its fds. An accepted socket
+// inherits the listener's flags when the client connects (unix_stream_connect copies
+// sk_scm_recv_flags into the embryo socket; "af_unix: Inherit sk_flags at connect()",
+// same series), so the flag on the listener covers a request sent before accept.
+func refuseRights(c any) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return errNoPassRights
 	}
-	return fds
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSRIGHTS, 0) }); err != nil {
+		return err
+	}
+	if errors.Is(serr, unix.ENOPROTOOPT) || errors.Is(serr, unix.EINVAL) {
+		return errNoPassRights
+	}
+	if serr != nil {
+		return os.NewSyscallError("setsockopt SO_PASSRIGHTS", serr)
+	}
+	return nil
 }

@@ -58,11 +58,23 @@ type testServer struct {
 
 func startServer(t testing.TB, c Claimer, opt Options) *testServer {
 	t.Helper()
-	path := testutil.ShortTempDir(t) + "/fd.sock"
-	l, err := Listen(path, 0o600)
+	return serveOn(t, listenTest(t), c, opt)
+}
+
+// listenTest creates a claim socket in a temporary directory.
+func listenTest(t testing.TB) *net.UnixListener {
+	t.Helper()
+	l, err := Listen(testutil.ShortTempDir(t)+"/fd.sock", 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return l
+}
+
+// serveOn runs Serve on l until the test ends.
+func serveOn(t testing.TB, l *net.UnixListener, c Claimer, opt Options) *testServer {
+	t.Helper()
+	path := l.Addr().String()
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := NewServer(c, opt)
 	errc := make(chan error, 1)
@@ -234,26 +246,19 @@ func TestServerRejectsMalformed(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		msg  []byte
-		fd   bool
 		code Code
 	}{
-		{"garbage", []byte("GET / HTTP/1.1\r\n\r\n"), false, CodeInvalidRequest},
-		{"one byte", []byte{0}, false, CodeInvalidRequest},
-		{"bad magic", append([]byte("XXXX"), good[4:]...), false, CodeInvalidRequest},
-		{"reply type", func() []byte { b, _ := EncodeReply(Reply{Code: CodeInternal}); return b }(), false, CodeInvalidRequest},
-		{"version 2", v2, false, CodeUnsupportedVersion},
-		{"oversized", append(good, make([]byte, 4096)...), false, CodeInvalidRequest},
-		{"oversized 64k", make([]byte, 65536), false, CodeInvalidRequest},
-		{"fd attached", good, true, CodeInvalidRequest},
+		{"garbage", []byte("GET / HTTP/1.1\r\n\r\n"), CodeInvalidRequest},
+		{"one byte", []byte{0}, CodeInvalidRequest},
+		{"bad magic", append([]byte("XXXX"), good[4:]...), CodeInvalidRequest},
+		{"reply type", func() []byte { b, _ := EncodeReply(Reply{Code: CodeInternal}); return b }(), CodeInvalidRequest},
+		{"version 2", v2, CodeUnsupportedVersion},
+		{"oversized", append(good, make([]byte, 4096)...), CodeInvalidRequest},
+		{"oversized 64k", make([]byte, 65536), CodeInvalidRequest},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := rawConn(t, ts.path)
-			var oob []byte
-			if tc.fd {
-				f := memfd(t, "stray")
-				oob = unix.UnixRights(int(f.Fd()))
-			}
-			if _, _, err := c.WriteMsgUnix(tc.msg, oob, nil); err != nil {
+			if _, err := c.Write(tc.msg); err != nil {
 				t.Fatal(err)
 			}
 			rep, err := readReply(t, c)
@@ -275,9 +280,111 @@ func TestServerRejectsMalformed(t *testing.T) {
 			t.Errorf("read = %v, want EOF", err)
 		}
 	})
-	// The server closed the stray fds it received: FDLeakCheck sees this process's fds,
-	// the server's included, once Serve has returned.
 	ts.stop()
+}
+
+// withoutPassRights makes a server behave as on a kernel without SO_PASSRIGHTS.
+func withoutPassRights(o Options) Options {
+	o.noPassRights = true
+	return o
+}
+
+// setPassRights sets SO_PASSRIGHTS on a listener.
+func setPassRights(l *net.UnixListener, v int) error {
+	rc, err := l.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSRIGHTS, v) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// kernelHasPassRights reports whether the kernel knows SO_PASSRIGHTS (Linux 6.16+).
+func kernelHasPassRights(t testing.TB) bool {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PASSRIGHTS, 0) == nil
+}
+
+// A client that attaches fds to its request gets the documented answer (EPERM from its
+// own sendmsg with SO_PASSRIGHTS, INVALID_REQUEST without), and the server holds none of
+// them: the pipe's read end sees EOF once the client closes its write end.
+func TestServerRefusesClientFds(t *testing.T) {
+	good, _ := EncodeRequest(Request{LeaseID: "L", Token: "T"})
+	for _, tc := range []struct {
+		name     string
+		fallback bool
+	}{
+		{"passrights", false},
+		{"no-passrights", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if !tc.fallback && !kernelHasPassRights(t) {
+				t.Skip("the kernel has no SO_PASSRIGHTS (Linux 6.16+)")
+			}
+			testutil.FDLeakCheck(t)
+			opt := Options{}
+			if tc.fallback {
+				opt = withoutPassRights(opt)
+			}
+			asked := 0
+			fc := &fakeClaimer{claim: func(context.Context, Request, Peer) (Grant, *os.File, error) {
+				asked++
+				return Grant{}, nil, errdefs.ErrNotFound
+			}}
+			l := listenTest(t)
+			if tc.fallback {
+				// As on a kernel without SO_PASSRIGHTS: Listen set it, undo that.
+				if err := setPassRights(l, 1); err != nil && kernelHasPassRights(t) {
+					t.Fatal(err)
+				}
+			}
+			ts := serveOn(t, l, fc, opt)
+			for i := range 3 { // more than one, and with several fds
+				r, w, err := os.Pipe()
+				if err != nil {
+					t.Fatal(err)
+				}
+				c := rawConn(t, ts.path)
+				_, _, err = c.WriteMsgUnix(good, unix.UnixRights(int(w.Fd()), int(w.Fd()), int(r.Fd())), nil)
+				w.Close()
+				if !tc.fallback {
+					if !errors.Is(err, unix.EPERM) {
+						t.Errorf("request %d: sendmsg with SCM_RIGHTS = %v, want EPERM", i, err)
+					}
+				} else {
+					if err != nil {
+						t.Fatalf("request %d: sendmsg: %v", i, err)
+					}
+					rep, err := readReply(t, c)
+					if err != nil || rep.Code != CodeInvalidRequest || !strings.Contains(rep.Message, "fds") {
+						t.Errorf("request %d: reply %v %q, %v; want INVALID_REQUEST about fds", i, rep.Code, rep.Message, err)
+					}
+				}
+				r.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if n, err := r.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+					t.Errorf("request %d: pipe read = %d, %v; want EOF (the server holds the write end)", i, n, err)
+				}
+				r.Close()
+				c.Close()
+			}
+			// The server still serves claims, and asked the claimer about none of the above.
+			if _, _, err := Claim(testCtx(t), ts.path, "L", "T"); !errors.Is(err, errdefs.ErrNotFound) {
+				t.Errorf("honest claim: %v, want NOT_FOUND from the claimer", err)
+			}
+			ts.stop()
+			if asked != 1 {
+				t.Errorf("the claimer was asked %d times, want once (the honest claim)", asked)
+			}
+		})
+	}
 }
 
 func TestServerReadTimeout(t *testing.T) {
