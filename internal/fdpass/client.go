@@ -66,7 +66,7 @@ func ClaimConn(ctx context.Context, c *net.UnixConn, req Request) (*os.File, Rep
 	buf := make([]byte, MaxReplySize+1)
 	oob := make([]byte, unix.CmsgSpace(4*maxReplyFDs))
 	n, oobn, flags, err := recvReply(c, buf, oob)
-	fds := parseRights(oob[:oobn])
+	fds := ParseRights(oob[:oobn])
 	closeAll := func() {
 		for _, fd := range fds {
 			unix.Close(fd)
@@ -139,9 +139,10 @@ func recvReply(c *net.UnixConn, buf, oob []byte) (n, oobn, flags int, err error)
 // opposed to refusing the claim or an I/O failure).
 func IsProtocolError(err error) bool { return errors.Is(err, errProtocol) }
 
-// parseRights returns the fds of all SCM_RIGHTS messages in oob. On malformed control
-// data it returns what it parsed before, so the caller can still close those.
-func parseRights(oob []byte) []int {
+// ParseRights returns the fds of all SCM_RIGHTS messages in the control data oob of a
+// recvmsg. On malformed control data it returns what it parsed before, so the caller can
+// still close those: every fd it returns is the caller's to close.
+func ParseRights(oob []byte) []int {
 	var fds []int
 	for len(oob) > 0 {
 		hdr, data, rest, err := unix.ParseOneSocketControlMessage(oob)

@@ -105,7 +105,7 @@ func inodeOf(t testing.TB, f *os.File) uint64 {
 
 // closeRights closes every fd in SCM_RIGHTS messages of oob and returns how many.
 func closeRights(oob []byte) int {
-	fds := parseRights(oob)
+	fds := ParseRights(oob)
 	for _, fd := range fds {
 		unix.Close(fd)
 	}

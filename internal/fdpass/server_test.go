@@ -228,7 +228,7 @@ func readReply(t *testing.T, c *net.UnixConn) (Reply, error) {
 	buf := make([]byte, MaxReplySize+1)
 	oob := make([]byte, unix.CmsgSpace(4*maxReplyFDs))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
-	if fds := parseRights(oob[:oobn]); len(fds) > 0 {
+	if fds := ParseRights(oob[:oobn]); len(fds) > 0 {
 		closeRights(oob[:oobn])
 		t.Errorf("reply carries %d fds", len(fds))
 	}

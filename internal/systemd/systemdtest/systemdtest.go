@@ -32,6 +32,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mmiobroker/mmiobroker/internal/fdpass"
 	"github.com/mmiobroker/mmiobroker/internal/systemd"
 )
 
@@ -330,7 +331,7 @@ func (m *Manager) loop() {
 	for {
 		// net.UnixConn.ReadMsgUnix receives with MSG_CMSG_CLOEXEC on Linux.
 		n, oobn, flags, _, err := m.conn.ReadMsgUnix(buf, oob)
-		fds := parseRights(oob[:oobn])
+		fds := fdpass.ParseRights(oob[:oobn])
 		if err != nil {
 			closeAll(fds)
 			if !errors.Is(err, net.ErrClosed) {
@@ -455,26 +456,6 @@ func findPrefix(tags []string, prefix string) (string, bool) {
 		}
 	}
 	return "", false
-}
-
-// parseRights returns the fds of all SCM_RIGHTS messages in oob. On malformed control
-// data it returns the fds parsed before it, so that they can be closed.
-func parseRights(oob []byte) []int {
-	var fds []int
-	for len(oob) > 0 {
-		hdr, data, rest, err := unix.ParseOneSocketControlMessage(oob)
-		if err != nil {
-			break
-		}
-		if hdr.Level == unix.SOL_SOCKET && hdr.Type == unix.SCM_RIGHTS {
-			m := unix.SocketControlMessage{Header: hdr, Data: data}
-			if r, err := unix.ParseUnixRights(&m); err == nil {
-				fds = append(fds, r...)
-			}
-		}
-		oob = rest
-	}
-	return fds
 }
 
 func closeAll(fds []int) {
