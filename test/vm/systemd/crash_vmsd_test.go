@@ -86,7 +86,7 @@ type held struct {
 func TestCrashFailpoints(t *testing.T) {
 	requireDaemon(t)
 	dumpJournalOnFailure(t)
-	waitUnit(t, "daemon running", 30*time.Second, active)
+	daemonRunning(t)
 	t.Cleanup(func() {
 		disarmFailpoint(t)
 		run(time.Minute, "systemctl", "restart", service)

@@ -180,3 +180,13 @@ func parseExposure(out string) (float64, error) {
 	}
 	return 0, errNoExposure
 }
+
+// daemonRunning makes sure the daemon runs — a client call socket-activates it, whatever
+// tests ran before — and returns its state.
+func daemonRunning(t *testing.T) unitState {
+	t.Helper()
+	if out, err := run(time.Minute, "mmiobrokerctl", "devices"); err != nil {
+		t.Fatalf("mmiobrokerctl devices (socket activation): %v\n%s", err, out)
+	}
+	return waitUnit(t, "daemon running", 30*time.Second, active)
+}

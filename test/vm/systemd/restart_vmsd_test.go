@@ -77,7 +77,7 @@ func installBinary(t *testing.T, src string) {
 func TestRestartModes(t *testing.T) {
 	requireDaemon(t)
 	dumpJournalOnFailure(t)
-	waitUnit(t, "daemon running", 30*time.Second, active)
+	daemonRunning(t)
 	edu1, edu2, iv, testdev, pcie := env(t, "EDU1"), env(t, "EDU2"), env(t, "IVSHMEM"), env(t, "TESTDEV"), env(t, "PCIE")
 	dma := iommufdKernel()
 

@@ -55,7 +55,7 @@ func TestSoak(t *testing.T) {
 func soak(t *testing.T, n int) {
 	requireDaemon(t)
 	dumpJournalOnFailure(t)
-	waitUnit(t, "daemon running", 30*time.Second, active)
+	daemonRunning(t)
 	iv, edu1, testdev, pcie := env(t, "IVSHMEM"), env(t, "EDU1"), env(t, "TESTDEV"), env(t, "PCIE")
 	hiv := startHolder(t, "ivshmem-holder", iv, 2, "0:64K")
 	hedu := startHolder(t, "edu-holder", edu1, 0, "0:64K")
