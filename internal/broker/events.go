@@ -99,7 +99,8 @@ func (l *eventLog) since(cursor uint64) ([]Event, error) {
 // Subscription delivers events in order. Read [Subscription.Events] until it is closed,
 // then [Subscription.Err] says why.
 type Subscription struct {
-	last   uint64 // the sequence number of the last event before the subscription
+	last   uint64           // the sequence number of the last event before the subscription
+	keep   func(Event) bool // nil: every event
 	ch     chan Event
 	b      *Broker
 	mu     sync.Mutex
@@ -123,8 +124,12 @@ func (s *Subscription) Err() error {
 	return s.err
 }
 
-// push delivers e without blocking; on overflow it ends the subscription and returns false.
+// push delivers e without blocking, unless the subscription's filter drops it; on
+// overflow it ends the subscription and returns false.
 func (s *Subscription) push(e Event) bool {
+	if s.keep != nil && !s.keep(e) {
+		return true
+	}
 	select {
 	case s.ch <- e:
 		return true
@@ -163,6 +168,19 @@ var errBrokerRestarting = fmt.Errorf("broker restarting, leases kept; resume fro
 // Subscribe returns the events after sequence number cursor (0: only new events). It fails
 // with errdefs.ErrFailedPrecondition if events after cursor are no longer retained.
 func (b *Broker) Subscribe(cursor uint64) (*Subscription, error) {
+	return b.SubscribeFiltered(cursor, nil)
+}
+
+// MaxReplay bounds how many retained events one subscription replays: a cursor further
+// back is refused like one older than the backlog (list leases to resync).
+const MaxReplay = 4096
+
+// SubscribeFiltered is [Broker.Subscribe] for the events keep accepts (nil: all). Events
+// are filtered before they are buffered: only the subscriber's own events count against
+// its buffer, so other tenants' activity cannot make it lag, and a replay holds only what
+// it will deliver. keep is called with the broker's lock held: it must be quick and must
+// not call the broker.
+func (b *Broker) SubscribeFiltered(cursor uint64, keep func(Event) bool) (*Subscription, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
@@ -170,14 +188,23 @@ func (b *Broker) Subscribe(cursor uint64) (*Subscription, error) {
 	}
 	var backlog []Event
 	if cursor > 0 {
-		var err error
-		if backlog, err = b.events.since(cursor); err != nil {
+		if n := b.events.next - 1 - min(cursor, b.events.next-1); n > MaxReplay {
+			return nil, fmt.Errorf("event cursor %d is %d events back, more than the %d a subscription replays; list leases to resync: %w",
+				cursor, n, MaxReplay, errdefs.ErrFailedPrecondition)
+		}
+		all, err := b.events.since(cursor)
+		if err != nil {
 			return nil, err
+		}
+		for _, e := range all {
+			if keep == nil || keep(e) {
+				backlog = append(backlog, e)
+			}
 		}
 	}
 	// The buffer holds the replay plus subscriptionBuffer live events: memory per
 	// subscriber is bounded by what it asked to replay.
-	s := &Subscription{ch: make(chan Event, len(backlog)+subscriptionBuffer), b: b, last: b.events.next - 1}
+	s := &Subscription{ch: make(chan Event, len(backlog)+subscriptionBuffer), b: b, last: b.events.next - 1, keep: keep}
 	for _, e := range backlog {
 		s.ch <- e // fits: the channel holds the whole replay
 	}

@@ -503,3 +503,49 @@ func TestRevokedAfterTheKernel(t *testing.T) {
 		t.Errorf("revoked event %+v", e)
 	}
 }
+
+// TestSubscriberFilteredBeforeBuffering: a subscriber that does not read is not cut off by
+// other tenants' activity (their events are dropped before its buffer), only by its own.
+func TestSubscriberFilteredBeforeBuffering(t *testing.T) {
+	r := newRig(t, nil)
+	own := func(e broker.Event) bool { return e.Lease.Holder.UID == 1000 }
+	sub, err := r.b.SubscribeFiltered(0, own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	for i := range 200 { // 400 events of uid 1001, more than a subscription buffers
+		l, _ := r.allocate(t, req(dev0, 0, 1001, 2, broker.Range{Offset: uint64(i%8) * page, Length: page}))
+		if _, err := r.b.Release(l.ID, broker.Actor{UID: 1001}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mine, _ := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: 8 * page, Length: page}))
+	if err := sub.Err(); err != nil {
+		t.Fatalf("subscription cut by another tenant's events: %v", err)
+	}
+	if e := <-sub.Events(); e.Lease.ID != mine.ID || e.Type != broker.EventAllocated {
+		t.Errorf("first event delivered: %+v, want the subscriber's own allocation", e)
+	}
+}
+
+// TestReplayBounded: a cursor more than MaxReplay events back is refused (list leases to
+// resync) even when the backlog retains it, so one subscription cannot buffer the whole
+// backlog.
+func TestReplayBounded(t *testing.T) {
+	r := newRig(t, func(c *broker.Config) { c.EventBacklog = 2 * broker.MaxReplay })
+	for i := range broker.MaxReplay/2 + 1 {
+		l, _ := r.allocate(t, req(dev0, 0, 1001, 2, broker.Range{Offset: uint64(i%8) * page, Length: page}))
+		if _, err := r.b.Release(l.ID, broker.Actor{UID: 1001}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := r.b.SubscribeFiltered(1, nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("replay of %d events = %v, want FailedPrecondition", broker.MaxReplay+1, err)
+	}
+	sub, err := r.b.SubscribeFiltered(3, nil)
+	if err != nil {
+		t.Fatalf("replay of %d events: %v", broker.MaxReplay-1, err)
+	}
+	sub.Close()
+}

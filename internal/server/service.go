@@ -299,7 +299,7 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 		return errdefs.ToGRPC(err)
 	}
 	defer done()
-	sub, err := s.b.Subscribe(req.GetAfterSeq())
+	sub, err := s.b.SubscribeFiltered(req.GetAfterSeq(), func(ev broker.Event) bool { return visible(ev, id, admin) })
 	if err != nil {
 		return errdefs.ToGRPC(err)
 	}
@@ -345,12 +345,18 @@ func subscriptionEnded(err error) error {
 	return fmt.Errorf("event stream ended: %w", err)
 }
 
+// visible reports whether the watcher id may see ev: admins see every event, others the
+// events of their uid's leases.
+func visible(ev broker.Event, id Identity, admin bool) bool {
+	return admin || ev.Lease.Holder.UID == id.UID
+}
+
 // eventFor converts ev for a watcher, or returns nil if the watcher may not see it:
 // holders see only the events of their uid's leases, and a reissued claim token only on
 // their own process's stream.
 func eventFor(ev broker.Event, id Identity, admin bool) *brokerv1.Event {
 	holder := ev.Lease.Holder
-	if !admin && holder.UID != id.UID {
+	if !visible(ev, id, admin) {
 		return nil
 	}
 	e := &brokerv1.Event{
