@@ -549,3 +549,41 @@ func TestReplayBounded(t *testing.T) {
 	}
 	sub.Close()
 }
+
+// TestPrivateLeaseEndsWhenTSMUnbound: a private lease lives only while its device is
+// TSM-bound; a shared lease and an unattested private lease do not depend on it.
+func TestPrivateLeaseEndsWhenTSMUnbound(t *testing.T) {
+	r := newRig(t, func(c *broker.Config) { c.Devices[0].AllowUnattestedPrivate = true })
+	dev := r.devs[dev0]
+	dev.SetInfo(func(i *broker.DeviceInfo) { i.TSM = broker.TSMState{Present: true, Connect: "tsm0", Bound: "tsm0"} })
+	prq := req(dev0, 0, 1000, 1, broker.Range{Length: page})
+	prq.Kind = broker.KindPrivate
+	priv, tok := r.allocate(t, prq)
+	r.claim(t, priv, tok)
+	shared, stok := r.allocate(t, req(dev0, 4, 1000, 1, broker.Range{Length: page}))
+	r.claim(t, shared, stok)
+	if n, err := r.b.TSMChanged(dev0); n != 0 || err != nil {
+		t.Fatalf("TSMChanged while bound = %d, %v; want nothing ended", n, err)
+	}
+	dev.SetInfo(func(i *broker.DeviceInfo) { i.TSM.Bound = "" })
+	sub := subscribe(t, r.b)
+	if n, err := r.b.TSMChanged(dev0); n != 1 || err != nil {
+		t.Fatalf("TSMChanged after unbind = %d, %v; want the private lease ended", n, err)
+	}
+	if e := next(t, sub, broker.EventRevoked); e.Lease.ID != priv.ID || e.Lease.EndReason != broker.ReasonTSMUnbound || !e.Lease.Dead {
+		t.Errorf("event %+v, want the private lease revoked (tsm_unbound), dead", e)
+	}
+	if got, _ := r.b.Get(shared.ID); !got.Live() {
+		t.Errorf("shared lease ended with the TSM state: %+v", got)
+	}
+	// Unattested private leases were granted without the TSM and stay.
+	urq := req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page})
+	urq.Kind = broker.KindPrivate
+	un, _ := r.allocate(t, urq)
+	if !un.Unattested {
+		t.Fatalf("lease %+v not unattested", un)
+	}
+	if n, _ := r.b.TSMChanged(dev0); n != 0 {
+		t.Errorf("TSMChanged ended %d unattested leases", n)
+	}
+}

@@ -562,3 +562,48 @@ func (b *Broker) buryLocked(d *device) {
 	}
 	d.released = nil
 }
+
+// TSMChanged checks device bdf's TSM state again (its tsm/bound in sysfs) and revokes its
+// private leases if the device is no longer bound to a TSM: private MMIO is only for a
+// device in TDISP LOCKED/RUN state. Leases granted unattested (policy
+// allow_unattested_private) never depended on it and stay. It returns how many leases
+// ended.
+func (b *Broker) TSMChanged(bdf string) (int, error) {
+	b.mu.Lock()
+	d, ok := b.devices[bdf]
+	if !ok {
+		b.mu.Unlock()
+		return 0, fmt.Errorf("device %s is not configured: %w", bdf, errdefs.ErrNotFound)
+	}
+	dev := d.dev
+	b.mu.Unlock()
+	if dev == nil {
+		return 0, nil // not open: no live lease
+	}
+	if dev.Info().TSM.Bound != "" {
+		return 0, nil
+	}
+	b.mu.Lock()
+	var private []*lease
+	for _, l := range b.sortedLive(d) {
+		if l.Kind == KindPrivate && !l.Unattested {
+			private = append(private, l)
+		}
+	}
+	b.mu.Unlock()
+	var errs []error
+	n := 0
+	for _, l := range private {
+		if _, err := b.enforce(l, StateRevoked, ReasonTSMUnbound, "broker (tsm unbound)", EventRevoked); err != nil {
+			if !errors.Is(err, errdefs.ErrFailedPrecondition) { // ended meanwhile
+				errs = append(errs, err)
+			}
+			continue
+		}
+		n++
+	}
+	if n > 0 {
+		b.log.Warn("device left the TSM-bound state; its private leases were revoked", "bdf", bdf, "leases", n)
+	}
+	return n, errors.Join(errs...)
+}

@@ -289,6 +289,9 @@ const (
 	ReasonShutdown      Reason = "broker_shutdown"
 	// ReasonJournalFailed: the lease could not be recorded, so it was never granted.
 	ReasonJournalFailed Reason = "journal_failed"
+	// ReasonTSMUnbound: a private lease's device left the TSM-bound (TDISP LOCKED/RUN)
+	// state.
+	ReasonTSMUnbound Reason = "tsm_unbound"
 	// ReasonRestoreFailed: after a restart the broker could not take the lease back (its
 	// device did not reopen); it ended instead.
 	ReasonRestoreFailed Reason = "restore_failed"

@@ -24,6 +24,10 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
+// tsmResync is how often devices are compared with sysfs besides uevents: a device's TSM
+// state can change without one, and private leases end when it leaves the bound state.
+const tsmResync = 10 * time.Second
+
 // DefaultStopTimeout is how long a stop waits for in-flight RPCs and claims.
 const DefaultStopTimeout = 10 * time.Second
 
@@ -151,7 +155,8 @@ func Run(ctx context.Context, opt Options) error {
 			log.Warn("device events unavailable: unbinds and removals are noticed only through VFIO's release requests", "err", err)
 		} else {
 			defer l.Close()
-			w := &devwatch.Watcher{Source: l, Broker: b, Sysfs: pci.Sysfs{Root: d.SysfsRoot}, Log: log}
+			w := &devwatch.Watcher{Source: l, Broker: b, Sysfs: pci.Sysfs{Root: d.SysfsRoot}, Log: log,
+				ResyncInterval: tsmResync}
 			g.Go(func() error {
 				if err := w.Run(gctx); err != nil {
 					log.Error("device events stopped", "err", err)

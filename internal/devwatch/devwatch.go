@@ -17,6 +17,8 @@ import (
 	"fmt"
 	"log/slog"
 	"path"
+	"sync"
+	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
@@ -34,6 +36,7 @@ type Broker interface {
 	Devices() []broker.DeviceStatus
 	DeviceLost(bdf string, cause error) error
 	DeviceAvailable(bdf string) (broker.DeviceStatus, error)
+	TSMChanged(bdf string) (int, error)
 }
 
 // Watcher applies device events to a broker.
@@ -44,6 +47,9 @@ type Watcher struct {
 	// resync after an overflow.
 	Sysfs pci.Sysfs
 	Log   *slog.Logger
+	// ResyncInterval, if positive, resyncs from sysfs that often besides on overflows:
+	// the TSM state of a device (tsm/bound) may change without a uevent.
+	ResyncInterval time.Duration
 }
 
 // Run applies events until ctx ends (it then returns nil) or the source fails for another
@@ -52,6 +58,22 @@ func (w *Watcher) Run(ctx context.Context) error {
 	log := w.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if w.ResyncInterval > 0 {
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		wg.Go(func() {
+			t := time.NewTicker(w.ResyncInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					w.Resync(log)
+				}
+			}
+		})
 	}
 	for {
 		ev, err := w.Source.Next(ctx)
@@ -98,6 +120,9 @@ func (w *Watcher) Apply(ev uevent.Event, log *slog.Logger) {
 		w.lost(bdf, errors.New("device removed (hot-unplug)"), log)
 	case "unbind":
 		w.lost(bdf, errors.New("device unbound from its driver"), log)
+	case "change":
+		// The TSM state (tsm/bound) may have changed: private leases need it bound.
+		w.tsm(bdf, log)
 	case "bind":
 		// The event names the driver; sysfs tells whether it is a VFIO one (its vfio-dev
 		// entry exists by the time the kernel sends the event) and what is bound now. A
@@ -144,7 +169,16 @@ func (w *Watcher) Resync(log *slog.Logger) {
 			}
 		case st.Err != nil:
 			w.available(bdf, log)
+		default:
+			w.tsm(bdf, log)
 		}
+	}
+}
+
+// tsm has the broker check the device's TSM state again.
+func (w *Watcher) tsm(bdf string, log *slog.Logger) {
+	if _, err := w.Broker.TSMChanged(bdf); err != nil {
+		log.Error("revoking private leases of a device that left the TSM-bound state failed", "bdf", bdf, "err", err)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"slices"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -304,5 +305,35 @@ func TestResyncVariantDriver(t *testing.T) {
 	}
 	if c := cause(t, r.b, bdfB); !strings.Contains(c, wantNotVFIO) {
 		t.Fatalf("device B: cause %q, want it to contain %q", c, wantNotVFIO)
+	}
+}
+
+// tsmBroker records TSMChanged calls.
+type tsmBroker struct {
+	Broker
+	checked []string
+}
+
+func (b *tsmBroker) TSMChanged(bdf string) (int, error) {
+	b.checked = append(b.checked, bdf)
+	return 0, nil
+}
+
+// TestChangeChecksTSM: a change uevent of a configured device, and every resync, has the
+// broker check the device's TSM state (private leases need it bound).
+func TestChangeChecksTSM(t *testing.T) {
+	r := newRig(t)
+	b := &tsmBroker{Broker: r.b}
+	w := &Watcher{Broker: b, Sysfs: r.tree.Sysfs()}
+	w.Apply(pciEvent("change", bdfA, ""), discard)
+	w.Apply(pciEvent("change", "0000:00:1f.0", ""), discard) // not configured
+	if !slices.Equal(b.checked, []string{bdfA}) {
+		t.Fatalf("checked after change events: %v, want [%s]", b.checked, bdfA)
+	}
+	b.checked = nil
+	w.Resync(discard)
+	slices.Sort(b.checked)
+	if !slices.Equal(b.checked, []string{bdfA, bdfB}) {
+		t.Errorf("checked at resync: %v, want both devices", b.checked)
 	}
 }

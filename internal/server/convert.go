@@ -201,6 +201,8 @@ func reasonToProto(r broker.Reason) brokerv1.EndReason {
 		return brokerv1.EndReason_END_REASON_JOURNAL_FAILED
 	case broker.ReasonRestoreFailed:
 		return brokerv1.EndReason_END_REASON_RESTORE_FAILED
+	case broker.ReasonTSMUnbound:
+		return brokerv1.EndReason_END_REASON_TSM_UNBOUND
 	}
 	return brokerv1.EndReason_END_REASON_UNSPECIFIED
 }

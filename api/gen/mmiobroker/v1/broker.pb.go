@@ -272,6 +272,8 @@ const (
 	// After a restart the daemon could not take the lease back (its device did not open
 	// again, or is no longer configured).
 	EndReason_END_REASON_RESTORE_FAILED EndReason = 10
+	// A private lease's device left the TSM-bound (TDISP LOCKED/RUN) state.
+	EndReason_END_REASON_TSM_UNBOUND EndReason = 11
 )
 
 // Enum value maps for EndReason.
@@ -288,6 +290,7 @@ var (
 		8:  "END_REASON_EXPIRED",
 		9:  "END_REASON_JOURNAL_FAILED",
 		10: "END_REASON_RESTORE_FAILED",
+		11: "END_REASON_TSM_UNBOUND",
 	}
 	EndReason_value = map[string]int32{
 		"END_REASON_UNSPECIFIED":     0,
@@ -301,6 +304,7 @@ var (
 		"END_REASON_EXPIRED":         8,
 		"END_REASON_JOURNAL_FAILED":  9,
 		"END_REASON_RESTORE_FAILED":  10,
+		"END_REASON_TSM_UNBOUND":     11,
 	}
 )
 
@@ -2668,7 +2672,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x15LEASE_STATE_ALLOCATED\x10\x01\x12\x16\n" +
 	"\x12LEASE_STATE_ACTIVE\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_REVOKED\x10\x03\x12\x18\n" +
-	"\x14LEASE_STATE_RELEASED\x10\x04*\xc5\x02\n" +
+	"\x14LEASE_STATE_RELEASED\x10\x04*\xe1\x02\n" +
 	"\tEndReason\x12\x1a\n" +
 	"\x16END_REASON_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13END_REASON_RELEASED\x10\x01\x12\x16\n" +
@@ -2681,7 +2685,8 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x12END_REASON_EXPIRED\x10\b\x12\x1d\n" +
 	"\x19END_REASON_JOURNAL_FAILED\x10\t\x12\x1d\n" +
 	"\x19END_REASON_RESTORE_FAILED\x10\n" +
-	"*\xc2\x02\n" +
+	"\x12\x1a\n" +
+	"\x16END_REASON_TSM_UNBOUND\x10\v*\xc2\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14EVENT_TYPE_ALLOCATED\x10\x01\x12\x16\n" +
