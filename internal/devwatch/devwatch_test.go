@@ -5,8 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"slices"
+	"strings"
 	"testing"
 
 	"go.uber.org/goleak"
