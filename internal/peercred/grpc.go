@@ -62,40 +62,54 @@ func FromContext(ctx context.Context) (AuthInfo, bool) {
 // credentials report for unix sockets: nothing outside the kernel can read or change the
 // traffic.
 func NewTransportCredentials() credentials.TransportCredentials {
-	return &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(MaxConnsPerUID)}
+	return &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(MaxConnsPerUID, MaxConns)}
 }
 
 // MaxConnsPerUID bounds the connections one uid may have open to a server using
 // [NewTransportCredentials]: each pins a pidfd, and the daemon's fds must not run out.
 const MaxConnsPerUID = 128
 
+// MaxConns bounds the connections all uids together may have open: per-uid limits alone
+// let many uids exhaust the daemon's fds (each connection costs two), and a device cycle
+// that cannot reopen its device for lack of an fd loses every lease of the device.
+const MaxConns = 1024
+
 type transportCredentials struct {
 	pin   pinMode    // pinFallback forces the pre-6.5 path (tests)
 	conns *connLimit // shared by clones
 }
 
-// connLimit counts the open server connections of each uid.
+// connLimit counts the open server connections of each uid and of all.
 type connLimit struct {
-	max   int
-	mu    sync.Mutex
-	byUID map[uint32]int // guarded by mu
+	max, maxTotal int
+	mu            sync.Mutex
+	byUID         map[uint32]int // guarded by mu
+	total         int            // guarded by mu
 }
 
-func newConnLimit(max int) *connLimit { return &connLimit{max: max, byUID: map[uint32]int{}} }
+func newConnLimit(max, maxTotal int) *connLimit {
+	return &connLimit{max: max, maxTotal: maxTotal, byUID: map[uint32]int{}}
+}
 
-func (l *connLimit) take(uid uint32) bool {
+// take counts a new connection of uid, or says why it cannot be taken.
+func (l *connLimit) take(uid uint32) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.byUID[uid] >= l.max {
-		return false
+	switch {
+	case l.byUID[uid] >= l.max:
+		return fmt.Errorf("uid %d has %d connections open, the limit: %w", uid, l.max, errdefs.ErrResourceExhausted)
+	case l.total >= l.maxTotal:
+		return fmt.Errorf("the daemon has %d connections open, the limit: %w", l.maxTotal, errdefs.ErrResourceExhausted)
 	}
 	l.byUID[uid]++
-	return true
+	l.total++
+	return nil
 }
 
 func (l *connLimit) release(uid uint32) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.total--
 	if l.byUID[uid]--; l.byUID[uid] <= 0 {
 		delete(l.byUID, uid)
 	}
@@ -120,10 +134,11 @@ func (c *transportCredentials) ServerHandshake(conn net.Conn) (net.Conn, credent
 	if err != nil {
 		return nil, nil, fmt.Errorf("peercred server handshake from %v: %w", conn.RemoteAddr(), err)
 	}
-	if c.conns != nil && !c.conns.take(creds.UID) {
-		proc.Close()
-		return nil, nil, fmt.Errorf("peercred server handshake: uid %d has %d connections open, the limit: %w",
-			creds.UID, c.conns.max, errdefs.ErrResourceExhausted)
+	if c.conns != nil {
+		if err := c.conns.take(creds.UID); err != nil {
+			proc.Close()
+			return nil, nil, fmt.Errorf("peercred server handshake: %w", err)
+		}
 	}
 	wrapped := &procConn{Conn: conn, proc: proc, uid: creds.UID, conns: c.conns}
 	return wrapped, AuthInfo{CommonAuthInfo: c.common(), Creds: creds, Process: proc}, nil

@@ -231,7 +231,7 @@ func TestTransportCredentialsInfo(t *testing.T) {
 // closing one frees its place.
 func TestServerHandshakeConnLimit(t *testing.T) {
 	testutil.FDLeakCheck(t)
-	creds := &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(2)}
+	creds := &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(2, 100)}
 	var open []net.Conn
 	pair := func() (server, client net.Conn) {
 		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -280,4 +280,21 @@ func TestServerHandshakeConnLimit(t *testing.T) {
 	}
 	conn.Close()
 	handshaken[1].Close()
+}
+
+// TestConnLimitTotal: besides the per-uid limit, all uids together are bounded.
+func TestConnLimitTotal(t *testing.T) {
+	l := newConnLimit(2, 3)
+	for uid := range uint32(3) {
+		if err := l.take(uid); err != nil {
+			t.Fatalf("uid %d: %v", uid, err)
+		}
+	}
+	if err := l.take(9); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("a 4th connection (another uid) = %v, want resource exhausted", err)
+	}
+	l.release(0)
+	if err := l.take(9); err != nil {
+		t.Fatalf("after a release: %v", err)
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -60,6 +61,13 @@ type Server struct {
 	stopping chan struct{} // closed by Stop: ends WatchEvents streams
 }
 
+// gRPC server limits (docs/api.md, "Limits").
+const (
+	maxRecvMsgSize    = 64 << 10
+	connectionTimeout = 5 * time.Second
+	maxConnectionIdle = 15 * time.Minute
+)
+
 // New returns a server for b. Serve it with [Server.Serve]; stop it with [Server.Stop]
 // before closing b.
 func New(b *broker.Broker, opt Options) *Server {
@@ -78,6 +86,15 @@ func New(b *broker.Broker, opt Options) *Server {
 	s.g = grpc.NewServer(
 		grpc.Creds(peercred.NewTransportCredentials()),
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
+		// Requests are small (the largest, an AllocateLease with 16 ranges, is well under
+		// 1 KiB); a client cannot make the daemon buffer more.
+		grpc.MaxRecvMsgSize(maxRecvMsgSize),
+		// A connection must finish its handshake promptly, may not ping more often than
+		// every 10 s, and one with no RPC for 15 minutes is closed (a held lease keeps its
+		// event stream open, so holders are not idle).
+		grpc.ConnectionTimeout(connectionTimeout),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
 		grpc.UnaryInterceptor(s.unaryInterceptor),
 		grpc.StreamInterceptor(s.streamInterceptor),
 	)

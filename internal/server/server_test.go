@@ -14,6 +14,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
@@ -307,5 +308,18 @@ func TestStopIsIdempotent(t *testing.T) {
 	defer cancel()
 	if err := e.srv.Stop(ctx); err != nil {
 		t.Errorf("second Stop: %v", err)
+	}
+}
+
+// TestMaxRecvMsgSize: a request larger than the daemon accepts is refused without being
+// buffered (RESOURCE_EXHAUSTED), and the connection stays usable.
+func TestMaxRecvMsgSize(t *testing.T) {
+	e := newEnv(t)
+	_, err := e.client.GetLease(root.ctx(t), &brokerv1.GetLeaseRequest{LeaseId: strings.Repeat("a", maxRecvMsgSize+1)})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("oversized request: %v, want ResourceExhausted", err)
+	}
+	if _, err := e.client.ListDevices(root.ctx(t), &brokerv1.ListDevicesRequest{}); err != nil {
+		t.Errorf("request after an oversized one: %v", err)
 	}
 }
