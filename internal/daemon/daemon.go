@@ -46,6 +46,9 @@ type Options struct {
 	// systemd (no NOTIFY_SOCKET) or without the fd store (no $FDSTORE) every lease ends
 	// at stop, as their dma-bufs die with the daemon's fds.
 	Systemd *systemd.Manager
+	// FDLimit is RLIMIT_NOFILE for the start-up check of the fd budget; 0 reads the
+	// process's own. The daemon refuses to start if its limits could exhaust it.
+	FDLimit uint64
 	// Notify, if set, receives the states sent to the service manager ("READY=1",
 	// "STOPPING=1", "STATUS=…", "WATCHDOG=1") instead of Systemd (tests).
 	Notify func(state string) error
@@ -72,13 +75,18 @@ func Run(ctx context.Context, opt Options) error {
 		stopTimeout = DefaultStopTimeout
 	}
 	d, res := opt.Config.Daemon, opt.Resolved
+	fdLimit, err := checkFDs(res, opt.FDLimit)
+	if err != nil {
+		return err
+	}
 	sd := opt.Systemd
 	if sd == nil {
-		var err error
 		if sd, err = systemd.FromEnv(); err != nil {
 			return fmt.Errorf("service manager environment: %w", err)
 		}
 	}
+	need, _ := fdBudget(res)
+	log.Debug("fd budget", "need_at_most", need, "rlimit_nofile", fdLimit)
 	notify := sd.Notify
 	if opt.Notify != nil {
 		notify = opt.Notify

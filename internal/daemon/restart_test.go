@@ -2,10 +2,12 @@ package daemon_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,8 +17,11 @@ import (
 	"github.com/mmiobroker/mmiobroker/client"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
+	"github.com/mmiobroker/mmiobroker/internal/daemon"
 	"github.com/mmiobroker/mmiobroker/internal/daemon/daemontest"
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/systemd/systemdtest"
+	"github.com/mmiobroker/mmiobroker/internal/testutil"
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
@@ -267,4 +272,29 @@ func TestFreshJournalDropsKeptFds(t *testing.T) {
 	if n, err := r.Read(buf); n != 0 || err != io.EOF {
 		t.Errorf("read = %d, %v; want EOF (the kept fd closed)", n, err)
 	}
+}
+
+// TestFDBudget: the daemon refuses to start when its limits could exhaust RLIMIT_NOFILE
+// (a device reopen must never fail with EMFILE), naming what needs the fds.
+func TestFDBudget(t *testing.T) {
+	cfg, res := resolve(t, "[limits]\nmax_leases = 100\n")
+	err := daemon.Run(context.Background(), daemon.Options{Config: cfg, Resolved: res, FDLimit: 1024,
+		Opener: func(vfio.Keeper) broker.Opener { return brokertest.Opener() }})
+	if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "RLIMIT_NOFILE is 1024") ||
+		!strings.Contains(err.Error(), "for 100 leases") {
+		t.Fatalf("Run with RLIMIT_NOFILE 1024 = %v, want a refusal naming the budget", err)
+	}
+	if err := runOnceWithLimit(t, "[limits]\nmax_leases = 100\n", 4096); err != nil {
+		t.Errorf("Run with RLIMIT_NOFILE 4096: %v", err)
+	}
+}
+
+func runOnceWithLimit(t *testing.T, text string, limit uint64) error {
+	t.Helper()
+	dir := testutil.ShortTempDir(t)
+	cfg, res := resolve(t, fmt.Sprintf("[daemon]\ncontrol_socket = %q\nclaim_socket = %q\n%s", dir+"/c.sock", dir+"/f.sock", text))
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // a start-up error returns at once; a successful start stops at once
+	return daemon.Run(ctx, daemon.Options{Config: cfg, Resolved: res, FDLimit: limit,
+		Opener: func(vfio.Keeper) broker.Opener { return brokertest.Opener() }, Notify: func(string) error { return nil }})
 }

@@ -103,6 +103,7 @@ func StartWith(t testing.TB, opt Options, devices string, devs ...*brokertest.De
 	go func() {
 		d.done <- daemon.Run(ctx, daemon.Options{
 			Systemd: sd,
+			FDLimit: 1 << 20, // the test process's own limit is not what these tests are about
 			Config:  cfg, Resolved: res, Opener: opener,
 			Log: slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 			Notify: func(s string) error {
