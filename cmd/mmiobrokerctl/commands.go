@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 )
@@ -106,12 +107,17 @@ func (c *cli) revoke(ctx context.Context, args []string) error {
 		return err
 	}
 	defer done()
-	l, err := cl.RevokeWithGrace(ctx, pos[0], *grace)
+	req := &brokerv1.RevokeLeaseRequest{LeaseId: pos[0]}
+	if *grace > 0 {
+		req.GracePeriod = durationpb.New(*grace)
+	}
+	resp, err := cl.API().RevokeLease(ctx, req)
 	if err != nil {
 		return err
 	}
+	l := resp.GetLease()
 	if c.json {
-		return writeJSON(c.stdout, &brokerv1.RevokeLeaseResponse{Lease: l})
+		return writeJSON(c.stdout, resp)
 	}
 	if d := l.GetRevokeDeadline(); d != nil && l.GetEndReason() == brokerv1.EndReason_END_REASON_UNSPECIFIED {
 		fmt.Fprintf(c.stdout, "revoke of lease %s requested (%s)\n", l.GetId(), leaseSummary(l))
@@ -119,7 +125,8 @@ func (c *cli) revoke(ctx context.Context, args []string) error {
 		return nil
 	}
 	fmt.Fprintf(c.stdout, "revoked lease %s (%s)\n", l.GetId(), leaseSummary(l))
-	fmt.Fprintf(c.stdout, "unless the kernel revokes dma-bufs one by one, every other dma-buf of %s was revoked too; its live leases were reissued as a new generation\n", l.GetBdf())
+	fmt.Fprintf(c.stdout, "%d other live lease(s) of %s were reissued as a new generation (the kernel revokes every dma-buf of a device at once)\n",
+		resp.GetReissuedLeases(), l.GetBdf())
 	return nil
 }
 

@@ -272,7 +272,7 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 		return Lease{}, "", err
 	}
 	if b.mustCycleFor(d, req) {
-		if err := b.cycleDevice(d, "released ranges may still be in use by their former holder", nil); err != nil {
+		if _, err := b.cycleDevice(d, "released ranges may still be in use by their former holder", nil); err != nil {
 			b.mu.Lock()
 			delete(d.live, l.ID)
 			delete(b.leases, l.ID)
@@ -711,7 +711,7 @@ func (b *Broker) Drain(by Actor) (ended, cycled int, err error) {
 		}
 		b.mu.Unlock()
 		if delivered {
-			if err := b.cycleDevice(d, "drain", nil); err != nil {
+			if _, err := b.cycleDevice(d, "drain", nil); err != nil {
 				errs = append(errs, err)
 			}
 			cycled++

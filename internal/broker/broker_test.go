@@ -154,10 +154,12 @@ func TestClaimIdentity(t *testing.T) {
 			t.Errorf("%s: Claim = %v, %v; want %v", tc.name, f, err, tc.want)
 		}
 	}
-	// the allocating process died and its pid was reused: the pinned pidfd says so
+	// the allocating process died and its pid was reused: the pinned pidfd says so (or,
+	// if the holder watch was quicker, the lease has already ended holder_exited)
 	proc.Exit()
-	if _, _, err := r.b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 42}); !errors.Is(err, errdefs.ErrPermissionDenied) {
-		t.Fatalf("claim after holder exit: %v, want permission denied", err)
+	_, _, err := r.b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 42})
+	if !errors.Is(err, errdefs.ErrPermissionDenied) && !(errors.Is(err, errdefs.ErrFailedPrecondition) && strings.Contains(err.Error(), "holder_exited")) {
+		t.Fatalf("claim after holder exit: %v, want permission denied (or the lease ended holder_exited)", err)
 	}
 }
 

@@ -587,3 +587,25 @@ func TestPrivateLeaseEndsWhenTSMUnbound(t *testing.T) {
 		t.Errorf("TSMChanged ended %d unattested leases", n)
 	}
 }
+
+// TestRevokeSaysHowManyWereReissued: an immediate revoke reports how many other leases its
+// device cycle reissued.
+func TestRevokeSaysHowManyWereReissued(t *testing.T) {
+	r := newRig(t, nil)
+	var ids []string
+	for i := range 3 {
+		l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: uint64(i) * page, Length: page}))
+		r.claim(t, l, tok)
+		ids = append(ids, l.ID)
+	}
+	undelivered, _ := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: 3 * page, Length: page}))
+	if _, n, err := r.b.RevokeNow(ids[0], admin); err != nil || n != 3 {
+		t.Fatalf("RevokeNow = %d reissued, %v; want the 3 other live leases", n, err)
+	}
+	if _, n, err := r.b.RevokeNow(undelivered.ID, admin); err != nil || n != 0 {
+		t.Errorf("RevokeNow of a lease whose fd never left = %d reissued, %v; want 0 (no cycle)", n, err)
+	}
+	if _, _, err := r.b.RevokeNow(ids[1], broker.Actor{UID: 1000}); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Errorf("RevokeNow by a non-admin = %v", err)
+	}
+}

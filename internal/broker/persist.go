@@ -210,7 +210,7 @@ func (b *Broker) restore(recs []Record) {
 	for d := range cycle {
 		d.opMu.Lock()
 		b.log.Warn("a revoke was recorded but its device cycle did not complete before the restart; cycling the device now", "bdf", d.policy.BDF)
-		if err := b.cycleDevice(d, "revoke interrupted by a restart", nil); err != nil {
+		if _, err := b.cycleDevice(d, "revoke interrupted by a restart", nil); err != nil {
 			b.log.Error("cycling a device at restart failed", "bdf", d.policy.BDF, "err", err)
 		}
 		d.opMu.Unlock()

@@ -13,11 +13,12 @@ import (
 
 // revokeReq is one revocation waiting for its device's next revoke pass.
 type revokeReq struct {
-	buf  Buffer // the broker's copy of the dead lease's dma-buf; nil if none
-	l    *lease // the ended lease; its event (ev) is sent once its dma-buf is dead
-	ev   EventType
-	done chan struct{}
-	err  error
+	reissued int    // how many other leases the revoke's device cycle reissued
+	buf      Buffer // the broker's copy of the dead lease's dma-buf; nil if none
+	l        *lease // the ended lease; its event (ev) is sent once its dma-buf is dead
+	ev       EventType
+	done     chan struct{}
+	err      error
 }
 
 // Revoke ends lease id for good (admins only).
@@ -41,13 +42,24 @@ func (b *Broker) Revoke(id string, by Actor, grace time.Duration) (Lease, error)
 	if grace > 0 {
 		return b.requestRevoke(id, by, grace)
 	}
+	l, _, err := b.RevokeNow(id, by)
+	return l, err
+}
+
+// RevokeNow is [Broker.Revoke] with grace 0 that also says how many other leases of the
+// device its cycle reissued (0 when the kernel revoked the one dma-buf, or when no fd of
+// the lease had left the broker).
+func (b *Broker) RevokeNow(id string, by Actor) (Lease, int, error) {
+	if !by.Admin {
+		return Lease{}, 0, fmt.Errorf("revoke lease %s: %s is not an admin: %w", id, by, errdefs.ErrPermissionDenied)
+	}
 	b.mu.Lock()
 	l, err := b.liveLocked(id)
 	b.mu.Unlock()
 	if err != nil {
-		return Lease{}, err
+		return Lease{}, 0, err
 	}
-	return b.enforce(l, StateRevoked, ReasonRevoked, by.String(), EventRevoked)
+	return b.enforceCount(l, StateRevoked, ReasonRevoked, by.String(), EventRevoked)
 }
 
 // liveLocked returns lease id if it exists and has not ended.
@@ -99,10 +111,16 @@ func (b *Broker) enforceID(id string, st State, why Reason, by string, ev EventT
 
 // enforce ends l and makes its dma-buf dead in every process before returning.
 func (b *Broker) enforce(l *lease, st State, why Reason, by string, ev EventType) (Lease, error) {
+	snap, _, err := b.enforceCount(l, st, why, by, ev)
+	return snap, err
+}
+
+// enforceCount is enforce that also returns how many other leases its cycle reissued.
+func (b *Broker) enforceCount(l *lease, st State, why Reason, by string, ev EventType) (Lease, int, error) {
 	b.mu.Lock()
 	if !l.Live() {
 		b.mu.Unlock()
-		return Lease{}, fmt.Errorf("lease %s has already ended (%s): %w", l.ID, l.EndReason, errdefs.ErrFailedPrecondition)
+		return Lease{}, 0, fmt.Errorf("lease %s has already ended (%s): %w", l.ID, l.EndReason, errdefs.ErrFailedPrecondition)
 	}
 	d := b.devices[l.BDF]
 	// An fd left the broker only if the current generation was claimed; older
@@ -119,7 +137,7 @@ func (b *Broker) enforce(l *lease, st State, why Reason, by string, ev EventType
 		if buf != nil {
 			buf.Close()
 		}
-		return snapshot, nil
+		return snapshot, 0, nil
 	}
 	// The event follows the kernel: it is sent once the device revoked the dma-buf. The
 	// end is recorded now (not dead yet), so that a broker restarted before the cycle
@@ -141,9 +159,9 @@ func (b *Broker) enforce(l *lease, st State, why Reason, by string, ev EventType
 	d.opMu.Unlock()
 	<-req.done
 	if req.err != nil {
-		return snapshot, fmt.Errorf("lease %s: %w", l.ID, req.err)
+		return snapshot, req.reissued, fmt.Errorf("lease %s: %w", l.ID, req.err)
 	}
-	return snapshot, nil
+	return snapshot, req.reissued, nil
 }
 
 // runRevokes makes the dma-bufs of every pending revocation of d dead, in one device
@@ -219,7 +237,11 @@ func (b *Broker) runRevokes(d *device) {
 		}
 		b.log.Warn("per-buffer revoke failed; cycling the device", "bdf", d.policy.BDF, "err", err)
 	}
-	finish(b.cycleDevice(d, fmt.Sprintf("%d revocation(s)", len(batch)), dead))
+	n, err := b.cycleDevice(d, fmt.Sprintf("%d revocation(s)", len(batch)), dead)
+	for _, r := range batch {
+		r.reissued = n
+	}
+	finish(err)
 }
 
 // cycleDevice makes every dma-buf d exported so far dead for good (one device cycle) and
@@ -228,7 +250,7 @@ func (b *Broker) runRevokes(d *device) {
 //
 // dead, if not nil, runs once the old dma-bufs are dead (before the reissue), or when the
 // cycle failed and the device is lost.
-func (b *Broker) cycleDevice(d *device, why string, dead func()) error {
+func (b *Broker) cycleDevice(d *device, why string, dead func()) (reissued int, err error) {
 	if dead == nil {
 		dead = func() {}
 	}
@@ -249,7 +271,7 @@ func (b *Broker) cycleDevice(d *device, why string, dead func()) error {
 	b.mu.Unlock()
 	if dev == nil {
 		dead()
-		return nil // closed or lost: every dma-buf it exported is dead already
+		return 0, nil // closed or lost: every dma-buf it exported is dead already
 	}
 	start := b.now()
 	if err := dev.Revoke(); err != nil {
@@ -260,7 +282,7 @@ func (b *Broker) cycleDevice(d *device, why string, dead func()) error {
 			closeDev.Close()
 		}
 		dead()
-		return fmt.Errorf("cycling device %s failed, all its leases ended: %w: %w", d.policy.BDF, err, errdefs.ErrUnavailable)
+		return 0, fmt.Errorf("cycling device %s failed, all its leases ended: %w: %w", d.policy.BDF, err, errdefs.ErrUnavailable)
 	}
 	dead()
 	if suspended {
@@ -275,8 +297,7 @@ func (b *Broker) cycleDevice(d *device, why string, dead func()) error {
 	b.mu.Unlock()
 	b.log.Info("device cycled", "bdf", d.policy.BDF, "why", why,
 		"took", b.now().Sub(start).String(), "reissue", len(survivors))
-	b.reissue(d, dev, survivors)
-	return nil
+	return b.reissue(d, dev, survivors), nil
 }
 
 // mustCycleFor reports whether allocating req on d must first cycle the device: the
@@ -300,7 +321,7 @@ func (b *Broker) mustCycleFor(d *device, req AllocateRequest) bool {
 
 // reissue re-exports survivors after their device revoked every dma-buf. Called with
 // d.opMu held.
-func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
+func (b *Broker) reissue(d *device, dev Device, survivors []*lease) (n int) {
 	slices.SortFunc(survivors, func(x, y *lease) int { return x.Created.Compare(y.Created) })
 	for _, o := range survivors {
 		buf, err := dev.Export(o.BAR, o.Ranges, bufferName(o.ID))
@@ -342,9 +363,11 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease) {
 		}
 		b.emitLocked(EventReissued, o, token)
 		failpoint.Hit(failpoint.MidReissue)
+		n++
 		b.log.Info("lease reissued", "lease_id", o.ID, "generation", o.Generation, "inode", o.Inode)
 		b.mu.Unlock()
 	}
+	return n
 }
 
 // watchHolder ends l when its holder process exits. Called with b.mu held.

@@ -196,11 +196,17 @@ func (s *service) RevokeLease(ctx context.Context, req *brokerv1.RevokeLeaseRequ
 	if err != nil {
 		return nil, errdefs.ToGRPC(fmt.Errorf("revoke lease %s: %w", leaseID, err))
 	}
-	l, err := s.b.Revoke(leaseID, actor(id, admin), grace)
+	var l broker.Lease
+	reissued := 0
+	if grace > 0 {
+		l, err = s.b.Revoke(leaseID, actor(id, admin), grace)
+	} else {
+		l, reissued, err = s.b.RevokeNow(leaseID, actor(id, admin))
+	}
 	if err != nil {
 		return nil, errdefs.ToGRPC(err)
 	}
-	return &brokerv1.RevokeLeaseResponse{Lease: leaseToProto(l)}, nil
+	return &brokerv1.RevokeLeaseResponse{Lease: leaseToProto(l), ReissuedLeases: uint32(reissued)}, nil
 }
 
 // RenewLease implements brokerv1.BrokerServer.

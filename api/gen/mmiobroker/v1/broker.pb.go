@@ -1901,9 +1901,14 @@ type RevokeLeaseResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The lease after revocation (state REVOKED); with a grace_period, the lease still live
 	// with revoke_deadline set.
-	Lease         *Lease `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Lease *Lease `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
+	// How many other live leases of the device the revoke's device cycle reissued (new
+	// generation, REISSUED event): the cost of a revoke on a kernel that revokes per device.
+	// 0 with a grace_period, when the kernel revoked the one dma-buf, or when no fd of the
+	// lease had left the daemon.
+	ReissuedLeases uint32 `protobuf:"varint,2,opt,name=reissued_leases,json=reissuedLeases,proto3" json:"reissued_leases,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RevokeLeaseResponse) Reset() {
@@ -1941,6 +1946,13 @@ func (x *RevokeLeaseResponse) GetLease() *Lease {
 		return x.Lease
 	}
 	return nil
+}
+
+func (x *RevokeLeaseResponse) GetReissuedLeases() uint32 {
+	if x != nil {
+		return x.ReissuedLeases
+	}
+	return 0
 }
 
 // ReleaseLeaseRequest names the lease to release.
@@ -2629,9 +2641,10 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x06leases\x18\x01 \x03(\v2\x14.mmiobroker.v1.LeaseR\x06leases\"m\n" +
 	"\x12RevokeLeaseRequest\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12<\n" +
-	"\fgrace_period\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vgracePeriod\"A\n" +
+	"\fgrace_period\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vgracePeriod\"j\n" +
 	"\x13RevokeLeaseResponse\x12*\n" +
-	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"0\n" +
+	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x12'\n" +
+	"\x0freissued_leases\x18\x02 \x01(\rR\x0ereissuedLeases\"0\n" +
 	"\x13ReleaseLeaseRequest\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\"B\n" +
 	"\x14ReleaseLeaseResponse\x12*\n" +
