@@ -29,7 +29,7 @@ var (
 	// ErrResourceExhausted: a limit was reached.
 	ErrResourceExhausted = errors.New("resource exhausted")
 	// ErrFailedPrecondition: the system is not in a state that allows the request
-	// (device not bound to vfio-pci, not TSM-bound, lease already ended, …).
+	// (device not bound to a VFIO driver, not TSM-bound, lease already ended, …).
 	ErrFailedPrecondition = errors.New("failed precondition")
 	// ErrUnavailable: the service or device is temporarily unavailable.
 	ErrUnavailable = errors.New("unavailable")

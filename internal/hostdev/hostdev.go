@@ -81,7 +81,7 @@ type Device struct {
 
 // Open opens the device at bdf through VFIO (see [Options]), enables its memory decode
 // and registers the kernel notifiers whose signals [Device.Notices] delivers. Errors name
-// the device; a device not bound to vfio-pci (without ManagedBind) is
+// the device; a device not bound to a VFIO driver (without ManagedBind) is
 // errdefs.ErrFailedPrecondition.
 func Open(bdf pci.Address, opt Options) (*Device, error) {
 	return open(bdf, opt, func(a pci.Address, o vfio.OpenOptions) (vfioDevice, pci.Device, error) {
