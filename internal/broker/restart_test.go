@@ -427,3 +427,31 @@ func TestRestartMidReissue(t *testing.T) {
 		}
 	}
 }
+
+// TestAdminRevokesReleasedButLiveLease: a lease released by its holder, whose fd left the
+// broker, still works until its device cycles; an admin's revoke of it cycles the device
+// now (it used to answer FAILED_PRECONDITION and leave the fd working).
+func TestAdminRevokesReleasedButLiveLease(t *testing.T) {
+	r := newRig(t, nil)
+	l, tok := r.allocate(t, req(dev0, 0, 1000, 7, broker.Range{Length: page}))
+	r.claim(t, l, tok)
+	other, otok := r.allocate(t, req(dev0, 0, 1000, 7, broker.Range{Offset: page, Length: page}))
+	r.claim(t, other, otok)
+	if _, err := r.b.Release(l.ID, broker.Actor{UID: 1000}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := r.b.Get(l.ID); got.Dead {
+		t.Fatal("a released lease whose fd was delivered is reported dead before any cycle")
+	}
+	got, n, err := r.b.RevokeNow(l.ID, admin)
+	if err != nil {
+		t.Fatalf("admin revoke of a released but live lease: %v", err)
+	}
+	if c, _ := revokes(r.devs[dev0]); c != 1 || n != 1 || !got.Dead || got.EndReason != broker.ReasonReleased {
+		t.Errorf("after the revoke: %d cycles, %d reissued, dead %v, reason %s; want 1, 1 (the other lease), true, released", c, n, got.Dead, got.EndReason)
+	}
+	// Dead now: a second revoke is refused as before.
+	if _, _, err := r.b.RevokeNow(l.ID, admin); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Errorf("revoke of a dead lease = %v, want FailedPrecondition", err)
+	}
+}

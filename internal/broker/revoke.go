@@ -55,11 +55,51 @@ func (b *Broker) RevokeNow(id string, by Actor) (Lease, int, error) {
 	}
 	b.mu.Lock()
 	l, err := b.liveLocked(id)
+	if err != nil {
+		if ended, ok := b.leases[id]; ok && !ended.pending && !ended.Live() && !ended.Dead {
+			// Ended (released, expired, holder exited) but its fd may still work until
+			// its device cycles: an admin's revoke cycles it now.
+			b.mu.Unlock()
+			return b.killEnded(ended, by)
+		}
+	}
 	b.mu.Unlock()
 	if err != nil {
 		return Lease{}, 0, err
 	}
 	return b.enforceCount(l, StateRevoked, ReasonRevoked, by.String(), EventRevoked)
+}
+
+// killEnded cycles the device of an ended lease whose dma-buf may still be in use (not
+// Dead), so that it is dead when it returns. The lease keeps its end reason.
+func (b *Broker) killEnded(l *lease, by Actor) (Lease, int, error) {
+	b.mu.Lock()
+	d := b.devices[l.BDF]
+	b.mu.Unlock()
+	if d == nil {
+		return Lease{}, 0, fmt.Errorf("lease %s: device %s is not configured: %w", l.ID, l.BDF, errdefs.ErrNotFound)
+	}
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	b.mu.Lock()
+	if l.Dead { // a cycle got there first
+		snap := l.Lease
+		b.mu.Unlock()
+		return snap, 0, nil
+	}
+	if !slices.ContainsFunc(d.released, func(r Lease) bool { return r.ID == l.ID }) {
+		d.released = append(d.released, l.Lease) // buried by the cycle below
+	}
+	b.mu.Unlock()
+	b.log.Info("admin revoke of an ended lease whose fd may still be in use: cycling its device", "lease_id", l.ID, "bdf", l.BDF, "by", by.String())
+	n, err := b.cycleDevice(d, "admin revoke of an ended lease", nil)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err != nil {
+		return l.Lease, n, fmt.Errorf("lease %s: %w", l.ID, err)
+	}
+	l.Dead = true // the cycle buried it; set for a device lost meanwhile too
+	return l.Lease, n, nil
 }
 
 // liveLocked returns lease id if it exists and has not ended.

@@ -139,9 +139,14 @@ type BrokerClient interface {
 	// On kernels that can revoke one dma-buf (the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE)
 	// the daemon uses that instead, and the device's other leases are untouched.
 	//
+	// A lease that ended without a revoke after its fd left the daemon (released, expired,
+	// holder exited) still works for whoever holds the fd until its device cycles; revoking
+	// it without a grace_period cycles the device now (the lease keeps its end reason).
+	//
 	// Codes: INVALID_ARGUMENT (a negative, malformed or too long grace_period), NOT_FOUND,
-	// FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the device could not be
-	// cycled; the lease is revoked, and every lease of the device ended with DEVICE_LOST).
+	// FAILED_PRECONDITION (the lease has ended and its dma-buf is dead, or has ended and a
+	// grace_period was given), UNAVAILABLE (the device could not be cycled; the lease is
+	// revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(ctx context.Context, in *RevokeLeaseRequest, opts ...grpc.CallOption) (*RevokeLeaseResponse, error)
 	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does not
 	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
@@ -408,9 +413,14 @@ type BrokerServer interface {
 	// On kernels that can revoke one dma-buf (the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE)
 	// the daemon uses that instead, and the device's other leases are untouched.
 	//
+	// A lease that ended without a revoke after its fd left the daemon (released, expired,
+	// holder exited) still works for whoever holds the fd until its device cycles; revoking
+	// it without a grace_period cycles the device now (the lease keeps its end reason).
+	//
 	// Codes: INVALID_ARGUMENT (a negative, malformed or too long grace_period), NOT_FOUND,
-	// FAILED_PRECONDITION (the lease has already ended), UNAVAILABLE (the device could not be
-	// cycled; the lease is revoked, and every lease of the device ended with DEVICE_LOST).
+	// FAILED_PRECONDITION (the lease has ended and its dma-buf is dead, or has ended and a
+	// grace_period was given), UNAVAILABLE (the device could not be cycled; the lease is
+	// revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(context.Context, *RevokeLeaseRequest) (*RevokeLeaseResponse, error)
 	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does not
 	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
