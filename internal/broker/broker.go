@@ -654,28 +654,37 @@ func (b *Broker) Close() error {
 		s.end(errBrokerClosed)
 	}
 	clear(b.events.subs)
+	b.mu.Unlock()
+
+	err := b.letGoDevices("closed", func(d *device, dev Device) error { return dev.Close() })
+	b.watchers.Wait()
+	return err
+}
+
+// letGoDevices takes every device away from the broker (for a Close or a Detach, named
+// by verb) and hands each open one to letGo. Called once the broker is marked closed.
+func (b *Broker) letGoDevices(verb string, letGo func(*device, Device) error) error {
+	b.mu.Lock()
 	devs := make([]*device, 0, len(b.devices))
 	for _, d := range b.devices {
 		devs = append(devs, d)
 	}
 	b.mu.Unlock()
-
 	var errs []error
 	for _, d := range devs {
 		d.opMu.Lock()
 		b.mu.Lock()
 		dev := d.dev
 		d.dev = nil
-		d.err = fmt.Errorf("device %s: broker closed: %w", d.policy.BDF, errdefs.ErrUnavailable)
+		d.err = fmt.Errorf("device %s: broker %s: %w", d.policy.BDF, verb, errdefs.ErrUnavailable)
 		b.mu.Unlock()
 		if dev != nil {
-			if err := dev.Close(); err != nil {
-				errs = append(errs, fmt.Errorf("device %s: close: %w", d.policy.BDF, err))
+			if err := letGo(d, dev); err != nil {
+				errs = append(errs, fmt.Errorf("device %s: %s: %w", d.policy.BDF, verb, err))
 			}
 		}
 		d.opMu.Unlock()
 	}
-	b.watchers.Wait()
 	return errors.Join(errs...)
 }
 
@@ -769,39 +778,20 @@ func (b *Broker) Detach() error {
 		s.end(errBrokerRestarting)
 	}
 	clear(b.events.subs)
-	devs := make([]*device, 0, len(b.devices))
-	for _, d := range b.devices {
-		devs = append(devs, d)
-	}
 	b.mu.Unlock()
 
-	var errs []error
-	for _, d := range devs {
-		d.opMu.Lock()
-		b.mu.Lock()
-		dev := d.dev
-		d.dev = nil
-		d.err = fmt.Errorf("device %s: broker detached: %w", d.policy.BDF, errdefs.ErrUnavailable)
-		b.mu.Unlock()
-		if dev != nil {
-			var err error
-			if dt, ok := dev.(Detacher); ok {
-				err = dt.Detach()
-			} else {
-				b.log.Warn("device cannot be kept across a restart; closing it revokes its dma-bufs", "bdf", d.policy.BDF)
-				err = dev.Close()
-			}
-			if err != nil {
-				errs = append(errs, fmt.Errorf("device %s: detach: %w", d.policy.BDF, err))
-			}
+	err := b.letGoDevices("detached", func(d *device, dev Device) error {
+		if dt, ok := dev.(Detacher); ok {
+			return dt.Detach()
 		}
-		d.opMu.Unlock()
-	}
+		b.log.Warn("device cannot be kept across a restart; closing it revokes its dma-bufs", "bdf", d.policy.BDF)
+		return dev.Close()
+	})
 	for _, buf := range bufs {
 		buf.Close()
 	}
 	b.watchers.Wait()
-	return errors.Join(errs...)
+	return err
 }
 
 // countLive adjusts the live-lease counters by delta for l.

@@ -33,7 +33,6 @@ type fdStore struct {
 	restored *systemd.Restored
 	log      *slog.Logger
 	frozen   atomic.Bool
-	kept     atomic.Int64 // fds in the store (those kept plus those restored, minus forgotten)
 }
 
 // Take implements vfio.Keeper.
@@ -61,11 +60,7 @@ func (s *fdStore) TakePrefix(prefix string) (string, *os.File) {
 
 // Keep implements vfio.Keeper.
 func (s *fdStore) Keep(name string, f *os.File) error {
-	if err := s.m.StoreFD(name, f); err != nil {
-		return err
-	}
-	s.kept.Add(1)
-	return nil
+	return s.m.StoreFD(name, f)
 }
 
 // Forget implements vfio.Keeper: it returns once systemd has closed its copy.
@@ -75,16 +70,11 @@ func (s *fdStore) Forget(name string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), fdStoreTimeout)
 	defer cancel()
-	if err := s.m.RemoveFD(ctx, name); err != nil {
-		return err
-	}
-	s.kept.Add(-1)
-	return nil
+	return s.m.RemoveFD(ctx, name)
 }
 
 // drop removes a restored fd nobody claimed from the store and closes it.
 func (s *fdStore) drop(name string, f *os.File) {
-	s.kept.Add(1) // it was in the store
 	if err := s.Forget(name); err != nil {
 		s.log.Warn("dropping an fd from the fd store failed", "fdname", name, "err", err)
 	}
@@ -152,7 +142,7 @@ func toJournal(r broker.Record) journal.Lease {
 		VMName: l.VMName, Unattested: l.Unattested, TokenDigest: r.TokenDigest,
 		Created: l.Created, Claimed: l.Claimed, ClaimDeadline: l.ClaimDeadline, Expires: l.Expires,
 		RevokeDeadline: l.RevokeDeadline, Ended: l.Ended, TTL: l.TTL,
-		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Delivered: !l.Claimed.IsZero(), Dead: l.Dead, Seq: r.Seq,
+		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Dead: l.Dead, Seq: r.Seq,
 		Reissuing: r.Reissuing,
 	}
 	for _, rg := range l.Ranges {

@@ -107,7 +107,6 @@ func fullLease(id string, seq uint64) Lease {
 		TTL:            time.Hour,
 		EndReason:      "revoked",
 		EndedBy:        "uid 0 (admin) pid 1",
-		Delivered:      true,
 		Dead:           true,
 		Reissuing:      true,
 		Seq:            seq,

@@ -59,7 +59,6 @@ type Lease struct {
 	TTL            time.Duration     `json:"ttl,omitzero"`
 	EndReason      string            `json:"end_reason,omitzero"`
 	EndedBy        string            `json:"ended_by,omitzero"`
-	Delivered      bool              `json:"delivered,omitzero"` // an fd of the current generation may have left the daemon
 	Dead           bool              `json:"dead,omitzero"`      // an ended lease's dma-buf is dead in every process
 	Reissuing      bool              `json:"reissuing,omitzero"` // a device cycle killed its fd; not reissued yet
 	Seq            uint64            `json:"seq,omitzero"`       // the seq of the event that produced this record
