@@ -264,23 +264,34 @@ func TestDrain(t *testing.T) {
 	}
 }
 
+// startClaimed starts a broker recording in st with one lease on dev0, allocated and
+// claimed by process 41 (uid 1000), whose fd the test has closed.
+func startClaimed(t *testing.T, dev *brokertest.Device, st broker.Store) (*broker.Broker, *brokertest.Process, broker.Lease, string) {
+	t.Helper()
+	b, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &brokertest.Process{Pid: 41}
+	l, tok, err := b.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, f, err := b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	return b, p, l, tok
+}
+
 // TestRestartMidRevoke: a revoke whose end was recorded but whose device cycle had not
 // completed when the broker stopped is finished by the next start (the device cycles
 // before anyone uses it), and the lease is then dead.
 func TestRestartMidRevoke(t *testing.T) {
 	dev := brokertest.NewDevice(dev0)
 	st := newMemStore()
-	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &brokertest.Process{Pid: 41}
-	l, tok, _ := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p}})
-	_, f, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	b1, p, l, _ := startClaimed(t, dev, st)
 	var mid *broker.Snapshot
 	dev.Locked(func(d *brokertest.Device) { d.RevokeHook = func() { mid = st.snapshot() } })
 	if _, err := b1.Revoke(l.ID, admin, 0); err != nil {
@@ -318,17 +329,7 @@ func TestRestartMidRevoke(t *testing.T) {
 func TestRestartClaimInFlight(t *testing.T) {
 	dev := brokertest.NewDevice(dev0)
 	st := newMemStore()
-	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &brokertest.Process{Pid: 41}
-	l, tok, _ := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p}})
-	_, f, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	b1, p, l, tok := startClaimed(t, dev, st)
 	if err := b1.Detach(); err != nil {
 		t.Fatal(err)
 	}
