@@ -17,5 +17,5 @@
 // dma-buf, and an importer that mapped it (iommufd IOMMU_IOAS_MAP_FILE) keeps its mapping.
 // Revocation of a vfio-pci dma-buf is device-wide and done through the VFIO device fd
 // (memory decode off, reset, or the last close of the device fd), never through this
-// package (kernel-uapi.md §3.4); Linux 7.2 has no per-dma-buf revoke.
+// package (docs/kernel.md §3.4); Linux 7.2 has no per-dma-buf revoke.
 package dmabuf

@@ -12,7 +12,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
-// Samples shaped like kernel-uapi.md §4.1 (fs/proc/fd.c then dma_buf_show_fdinfo).
+// Samples shaped like docs/kernel.md §4.1 (fs/proc/fd.c then dma_buf_show_fdinfo).
 const (
 	vfioFDInfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1041\nsize:\t1048576\ncount:\t2\nexp_name:\tvfio_pci_core\nname:\tlease-7f3a/bar0\n"
 	// Unnamed; an unknown trailing key as later kernels may add.

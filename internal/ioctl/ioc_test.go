@@ -7,7 +7,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Request numbers from kernel-uapi.md §10 (printed from the Linux 7.2 headers).
+// Request numbers from docs/kernel.md §10 (printed from the Linux 7.2 headers).
 func TestEncoding(t *testing.T) {
 	const vfio, kvm, dmabuf = ';', 0xae, 'b'
 	tests := []struct {

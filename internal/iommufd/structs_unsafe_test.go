@@ -7,7 +7,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
 
-// Sizes and offsets from kernel-uapi.md §1.3 and §5.1 (printed from the Linux 7.2 headers).
+// Sizes and offsets from docs/kernel.md §1.3 and §5.1 (printed from the Linux 7.2 headers).
 func TestLayout(t *testing.T) {
 	var a ioasAlloc
 	testutil.CheckLayout(t, "iommu_ioas_alloc", unsafe.Sizeof(a), 12,

@@ -121,7 +121,7 @@ const (
 	IORESOURCE_MEM_64   = 0x00100000
 )
 
-// TSMState is the PCI TSM state of a device (Linux 6.19+, kernel-uapi.md §7).
+// TSMState is the PCI TSM state of a device (Linux 6.19+, docs/kernel.md §7).
 type TSMState struct {
 	// Present reports whether the device has a "tsm" directory; it appears only while a
 	// link TSM is registered and the device is TSM-capable.
@@ -266,7 +266,7 @@ func (s Sysfs) Group(n int) ([]Address, error) {
 
 // TSMProviders returns the registered TSM devices (<root>/class/tsm/tsmN), sorted; an empty
 // list if there are none or the kernel lacks CONFIG_TSM. While it is empty the absence of a
-// device's tsm directory says nothing (kernel-uapi.md §7.3).
+// device's tsm directory says nothing (docs/kernel.md §7.3).
 func (s Sysfs) TSMProviders() ([]string, error) {
 	ents, err := os.ReadDir(filepath.Join(s.root(), "class", "tsm"))
 	if errors.Is(err, fs.ErrNotExist) {

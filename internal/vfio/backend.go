@@ -17,7 +17,7 @@ import (
 // kernelBackend opens the real /dev/vfio and /dev/iommu nodes.
 type kernelBackend struct{}
 
-// openGroup follows the legacy sequence (kernel-uapi.md §1.2): open the container, check
+// openGroup follows the legacy sequence (docs/kernel.md §1.2): open the container, check
 // the API version and type1v2 support, open the group, check it is viable, put it in the
 // container and set the IOMMU type.
 func (kernelBackend) openGroup(devRoot string, n int) (group, container *os.File, err error) {

@@ -6,7 +6,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/ioctl"
 )
 
-// Request numbers from kernel-uapi.md §10, and their _IO(';', 100+n) derivation.
+// Request numbers from docs/kernel.md §10, and their _IO(';', 100+n) derivation.
 func TestRequestNumbers(t *testing.T) {
 	const base = 100
 	for _, tt := range []struct {

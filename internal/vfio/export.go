@@ -24,7 +24,7 @@ const MaxDMARanges = 4096
 // kernel ignores every other bit; [Device.ExportDMABuf] rejects them.
 const exportOpenFlags = unix.O_ACCMODE | unix.O_NONBLOCK | unix.O_CLOEXEC
 
-// validateExport checks an export request the way the kernel will (kernel-uapi.md §3.2),
+// validateExport checks an export request the way the kernel will (docs/kernel.md §3.2),
 // so that mistakes get an error naming the bar and range instead of a bare EINVAL.
 // barSize is the BAR's region size, io whether it is an I/O-port BAR, page the page size.
 func validateExport(bar int, barSize uint64, io bool, ranges []DMARange, openFlags int, page uint64) error {
@@ -88,7 +88,7 @@ type dmaBufRequest struct {
 // maxRawRanges bounds the buffer a dmaBufRequest may make.
 const maxRawRanges = 1 << 16
 
-// encode lays the request out as one byte slice of 8 + 16 + 16*n bytes (kernel-uapi.md
+// encode lays the request out as one byte slice of 8 + 16 + 16*n bytes (docs/kernel.md
 // §3.1): vfio_device_feature {argsz, flags}, vfio_device_feature_dma_buf {region_index,
 // open_flags, flags, nr_ranges}, then the ranges. argsz is the slice's length, computed
 // here rather than trusted from anywhere.

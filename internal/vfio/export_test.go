@@ -68,7 +68,7 @@ func TestValidateExport(t *testing.T) {
 	}
 }
 
-// The byte layout of kernel-uapi.md §3.1.
+// The byte layout of docs/kernel.md §3.1.
 func TestEncodeDMABufRequest(t *testing.T) {
 	req := dmaBufRequest{
 		Region:    2,

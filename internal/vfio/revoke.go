@@ -65,7 +65,7 @@ func revokeFeatureError(bdf, driver string, err error) error {
 // VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE and struct { __s32 dmabuf_fd; }. buf is borrowed.
 //
 // This follows v3 (June 2026) of the unmerged series "vfio/pci: DMABUF mmap and explicit
-// revoke" (kernel-uapi.md §3.4): there, importers are invalidated synchronously, the fd
+// revoke" (docs/kernel.md §3.4): there, importers are invalidated synchronously, the fd
 // stays open but dead, and the errors are EBADF or EINVAL for an fd that is not a dma-buf,
 // ENODEV for another device's dma-buf and EBADFD for one already revoked for good. No
 // released kernel has it, so beyond the probe this path is untested. Where

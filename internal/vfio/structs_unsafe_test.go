@@ -7,7 +7,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
 
-// Sizes and offsets from kernel-uapi.md §1-§3 and §10 (printed from the Linux 7.2
+// Sizes and offsets from docs/kernel.md §1-§3 and §10 (printed from the Linux 7.2
 // headers), checked once more against include/uapi/linux/vfio.h of 7.2.13.
 func TestLayout(t *testing.T) {
 	var gs groupStatus
