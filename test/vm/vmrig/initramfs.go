@@ -86,24 +86,11 @@ func BuildImage(ctx context.Context, opt ImageOptions) (*Image, error) {
 		}
 	}
 	w.File("etc/mmb/tests", 0o644, lines(img.Tests))
-	if opt.Kernel.Modules != "" {
-		db, err := LoadModuleDB(opt.Kernel.Modules)
-		if err != nil {
-			return nil, err
-		}
-		order, err := db.LoadOrder(RequiredModules, OptionalModules)
-		if err != nil {
-			return nil, fmt.Errorf("%s kernel modules: %w", opt.Kernel.Kernel, err)
-		}
-		for _, m := range order {
-			b, err := db.ReadModule(ctx, m)
-			if err != nil {
-				return nil, err
-			}
-			w.File("lib/modules/"+m+".ko", 0o644, b)
-		}
-		img.Modules = order
+	mods, err := addModules(ctx, w, opt.Kernel, "lib/modules/")
+	if err != nil {
+		return nil, err
 	}
+	img.Modules = mods
 	w.File("etc/mmb/modules", 0o644, lines(img.Modules))
 	if err := w.Close(); err != nil {
 		return nil, err
@@ -210,4 +197,28 @@ func pruneImages(dir, k string, keep int) {
 	for i := keep; i < len(es); i++ {
 		os.Remove(es[i].p)
 	}
+}
+
+// addModules writes the kernel's VFIO modules (when it is modular) under dir in w and
+// returns their names in load order.
+func addModules(ctx context.Context, w *CPIOWriter, k KernelImage, dir string) ([]string, error) {
+	if k.Modules == "" {
+		return nil, nil
+	}
+	db, err := LoadModuleDB(k.Modules)
+	if err != nil {
+		return nil, err
+	}
+	order, err := db.LoadOrder(RequiredModules, OptionalModules)
+	if err != nil {
+		return nil, fmt.Errorf("%s kernel modules: %w", k.Kernel, err)
+	}
+	for _, m := range order {
+		b, err := db.ReadModule(ctx, m)
+		if err != nil {
+			return nil, err
+		}
+		w.File(dir+m+".ko", 0o644, b)
+	}
+	return order, nil
 }

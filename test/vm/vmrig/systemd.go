@@ -180,23 +180,8 @@ func BuildSystemdImage(ctx context.Context, opt SystemdImageOptions) (*Image, er
 	w.Dir("etc/systemd/system/systemd-sysusers.service.d", 0o755)
 	w.File("etc/systemd/system/systemd-sysusers.service.d/mmb-rig.conf", 0o644, guest("sysusers-needs-update.conf"))
 
-	if opt.Kernel.Modules != "" {
-		db, err := LoadModuleDB(opt.Kernel.Modules)
-		if err != nil {
-			return nil, err
-		}
-		order, err := db.LoadOrder(RequiredModules, OptionalModules)
-		if err != nil {
-			return nil, fmt.Errorf("%s kernel modules: %w", opt.Kernel.Kernel, err)
-		}
-		for _, m := range order {
-			b, err := db.ReadModule(ctx, m)
-			if err != nil {
-				return nil, err
-			}
-			w.File("usr/lib/mmb/modules/"+m+".ko", 0o644, b)
-		}
-		img.Modules = order
+	if img.Modules, err = addModules(ctx, w, opt.Kernel, "usr/lib/mmb/modules/"); err != nil {
+		return nil, err
 	}
 	w.File("etc/mmb/modules", 0o644, lines(img.Modules))
 	if err := w.Close(); err != nil {
