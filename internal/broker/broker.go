@@ -25,31 +25,33 @@ type Broker struct {
 	log  *slog.Logger
 	now  func() time.Time
 
-	mu       sync.Mutex // guards everything below, and every device's state and leases
-	closed   bool
-	draining bool               // Drain ran: new leases are refused
-	detached bool               // Detach ran: devices are kept open outside the process, not closed
-	devices  map[string]*device // by BDF
-	order    []string           // BDFs in configuration order
-	leases   map[string]*lease  // every lease ever granted, live or ended (ended ones bounded)
-	ended    []string           // ended lease IDs, oldest first, for bounded retention
-	live     int                // leases not ended (pending included)
-	liveUID  map[uint32]int     // live leases by holder uid
-	events   *eventLog
-	store    Store    // nil: nothing recorded
-	dropped  []string // ended leases forgotten since the last commit
-	repin    func(pid int32, start uint64) (Process, error)
+	mu        sync.Mutex // guards everything below, and every device's state and leases
+	closed    bool
+	draining  bool                   // Drain ran: new leases are refused
+	detached  bool                   // Detach ran: devices are kept open outside the process, not closed
+	devices   map[string]*device     // by BDF
+	order     []string               // BDFs in configuration order
+	leases    map[string]*lease      // every lease ever granted, live or ended (ended ones bounded)
+	ended     []string               // ended lease IDs, oldest first, for bounded retention
+	live      int                    // leases not dead: live, pending, or ended but live
+	perTenant map[string]int         // leases not dead, by holder tenant
+	cycles    map[string][]time.Time // device cycles each tenant caused within the budget window
+	events    *eventLog
+	store     Store    // nil: nothing recorded
+	dropped   []string // ended leases forgotten since the last commit
+	repin     func(pid int32, start uint64) (Process, error)
 
 	watchers sync.WaitGroup // holder and notice watchers
 }
 
-// device is a configured device. opMu serializes kernel operations on it (open, export,
-// revoke) so that validation, export and commit of one allocation, and the steps of one
-// revocation, are atomic with respect to each other.
+// device is a configured device. Its worker runs its kernel operations (open, export,
+// cycle, suspend, close) one at a time, so that validation, export and commit of one
+// allocation, and the steps of one revocation, are atomic with respect to each other.
+// Its fields are guarded by Broker.mu; dev changes only on the worker.
 type device struct {
-	opMu   sync.Mutex
+	w      *worker
 	policy DeviceConfig
-	dev    Device // nil if not open; guarded by Broker.mu and opMu (both held to change)
+	dev    Device // nil if not open
 	info   DeviceInfo
 	err    error             // why dev is nil
 	live   map[string]*lease // allocated and active leases
@@ -57,13 +59,22 @@ type device struct {
 	pending   []*revokeReq // revocations waiting for the next device cycle
 	suspended bool         // memory decode off for maintenance
 	errors    uint64       // error notices (AER) since open
-	// released are leases that ended without a revoke after their fd was delivered: the
-	// holder may still use those ranges until the next device cycle, so an allocation that
-	// must not share them cycles the device first.
-	released []Lease
+	// released are the ended-but-live leases: they ended without a revoke after their fd
+	// was delivered, and their holders may still use those ranges until the next device
+	// cycle (due at the latest at each one's RevokeDue). An allocation that must not share
+	// them cycles the device first.
+	released []*lease
+	// cycleAt is when the scheduled cycle (cycleTimer) runs; zero if none is scheduled.
+	cycleAt    time.Time
+	cycleTimer *time.Timer
+	// urgent is set while an allocation waits for a cycle that C delays.
+	urgent bool
+	// lastTenantCycle is when a tenant's action last made the device cycle (C counts
+	// from it).
+	lastTenantCycle time.Time
 }
 
-// maxReleased bounds device.released; beyond it the next allocation cycles the device.
+// maxReleased bounds device.released: at it, the next allocation cycles the device.
 const maxReleased = 1024
 
 // lease is a lease record; guarded by Broker.mu.
@@ -114,27 +125,26 @@ func NewWithOptions(cfg Config, open Opener, log *slog.Logger, opt Options) (*Br
 		log = slog.New(slog.DiscardHandler)
 	}
 	b := &Broker{
-		cfg:     cfg,
-		open:    open,
-		log:     log,
-		now:     time.Now,
-		devices: map[string]*device{},
-		leases:  map[string]*lease{},
-		liveUID: map[uint32]int{},
-		events:  newEventLog(cfg.EventBacklog),
-		store:   opt.Store,
-		repin:   opt.Repin,
+		cfg:       cfg,
+		open:      open,
+		log:       log,
+		now:       time.Now,
+		devices:   map[string]*device{},
+		leases:    map[string]*lease{},
+		perTenant: map[string]int{},
+		cycles:    map[string][]time.Time{},
+		events:    newEventLog(cfg.EventBacklog),
+		store:     opt.Store,
+		repin:     opt.Repin,
 	}
 	if opt.Restore != nil {
 		b.events.restore(opt.Restore.Events, opt.Restore.LastSeq)
 	}
 	for _, dc := range cfg.Devices {
-		d := &device{policy: dc, live: map[string]*lease{}, info: DeviceInfo{BDF: dc.BDF, IOMMUGroup: -1}}
+		d := &device{w: newWorker(b.now), policy: dc, live: map[string]*lease{}, info: DeviceInfo{BDF: dc.BDF, IOMMUGroup: -1}}
 		b.devices[dc.BDF] = d
 		b.order = append(b.order, dc.BDF)
-		d.opMu.Lock()
-		b.openDevice(d)
-		d.opMu.Unlock()
+		d.w.run(func() { b.openDevice(d) })
 	}
 	if opt.Restore != nil {
 		b.restore(opt.Restore.Records)
@@ -142,7 +152,7 @@ func NewWithOptions(cfg Config, open Opener, log *slog.Logger, opt Options) (*Br
 	return b, nil
 }
 
-// openDevice opens d if it is not open. Called with d.opMu held.
+// openDevice opens d if it is not open. Runs on d's worker.
 func (b *Broker) openDevice(d *device) {
 	b.mu.Lock()
 	skip := d.dev != nil || b.closed
@@ -167,7 +177,8 @@ func (b *Broker) openDevice(d *device) {
 		dev.Close()
 		return
 	}
-	d.dev, d.info, d.err, d.suspended, d.errors, d.released = dev, info, nil, false, 0, nil
+	d.dev, d.info, d.err, d.suspended, d.errors = dev, info, nil, false, 0
+	b.buryLocked(d, "broker (device reopened)") // the device was closed since they ended
 	if n, ok := dev.(Notifier); ok {
 		b.watchers.Add(1)
 		go b.watchNotices(d, dev, n.Notices())
@@ -246,9 +257,19 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	if !mayLease(d.policy, req.Holder, req.Admin) {
 		return Lease{}, "", fmt.Errorf("device %s: uid %d may not lease it: %w", req.BDF, req.Holder.UID, errdefs.ErrPermissionDenied)
 	}
+	if err := b.checkTTL(req.TTL, req.Admin); err != nil {
+		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
+	}
+	req.Holder.Tenant = TenantOf(req.Holder.UID, req.Holder.Tenant)
+	var l Lease
+	if werr := d.w.run(func() { l, token, err = b.allocateOn(d, req) }); werr != nil {
+		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, werr)
+	}
+	return l, token, err
+}
 
-	d.opMu.Lock()
-	defer d.opMu.Unlock()
+// allocateOn is Allocate's work on d's worker.
+func (b *Broker) allocateOn(d *device, req AllocateRequest) (_ Lease, token string, err error) {
 	b.openDevice(d) // retry a device that failed to open
 	b.mu.Lock()
 	if d.dev == nil {
@@ -261,9 +282,6 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	if suspended {
 		return Lease{}, "", fmt.Errorf("device %s is suspended for maintenance: %w", req.BDF, errdefs.ErrFailedPrecondition)
 	}
-	if req.TTL < 0 {
-		return Lease{}, "", fmt.Errorf("device %s: ttl %v is negative: %w", req.BDF, req.TTL, errdefs.ErrInvalidArgument)
-	}
 	info := dev.Info() // fresh TSM state
 	info.BDF = req.BDF
 
@@ -271,15 +289,13 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	if err != nil {
 		return Lease{}, "", err
 	}
-	if b.mustCycleFor(d, req) {
-		if _, err := b.cycleDevice(d, "released ranges may still be in use by their former holder", nil); err != nil {
-			b.mu.Lock()
-			delete(d.live, l.ID)
-			delete(b.leases, l.ID)
-			b.countLive(l, -1)
-			b.mu.Unlock()
-			return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
-		}
+	if err := b.cycleForAllocation(d, req); err != nil {
+		b.mu.Lock()
+		delete(d.live, l.ID)
+		delete(b.leases, l.ID)
+		b.countLive(l, -1)
+		b.mu.Unlock()
+		return Lease{}, "", err
 	}
 	buf, err := dev.Export(req.BAR, req.Ranges, bufferName(l.ID))
 	if err == nil {
@@ -310,14 +326,14 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	l.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
 	if req.TTL > 0 {
 		l.TTL, l.Expires = req.TTL, now.Add(req.TTL)
-		l.ttl = time.AfterFunc(req.TTL, func() { b.enforceID(id, StateRevoked, ReasonExpired, "broker (ttl)", EventExpired) })
+		l.ttl = time.AfterFunc(req.TTL, func() { b.expireTTL(id) })
 	}
 	b.watchHolder(l)
 	if err := b.emitLocked(EventAllocated, l, ""); err != nil {
 		// Not recorded, so not granted: a restart would not know it.
 		b.endLocked(l, StateReleased, ReasonJournalFailed, "broker")
 		delete(b.leases, l.ID)
-		b.ended = b.ended[:len(b.ended)-1]
+		b.ended = slices.DeleteFunc(b.ended, func(id string) bool { return id == l.ID })
 		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
 	}
 	failpoint.Hit(failpoint.AfterJournal)
@@ -342,7 +358,7 @@ func (b *Broker) deviceFor(bdf string) (*device, error) {
 	return d, nil
 }
 
-// reserve validates req and records a pending lease. Called with d.opMu held.
+// reserve validates req and records a pending lease. Runs on d's worker.
 func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*lease, error) {
 	if info.DMABuf != nil {
 		return nil, fmt.Errorf("device %s: %w: %w", req.BDF, info.DMABuf, errdefs.ErrFailedPrecondition)
@@ -374,14 +390,14 @@ func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*leas
 		case req.Kind == KindPrivate || o.Kind == KindPrivate:
 			return nil, fmt.Errorf("device %s: bar %d: ranges %v overlap %s lease %s %v; private ranges are exclusive: %w",
 				req.BDF, req.BAR, req.Ranges, o.Kind, o.ID, o.Ranges, errdefs.ErrFailedPrecondition)
-		case o.Holder.UID != req.Holder.UID:
-			return nil, fmt.Errorf("device %s: bar %d: ranges %v overlap lease %s %v of another holder (uid %d): %w",
-				req.BDF, req.BAR, req.Ranges, o.ID, o.Ranges, o.Holder.UID, errdefs.ErrFailedPrecondition)
+		case o.Holder.Tenant != req.Holder.Tenant:
+			return nil, fmt.Errorf("device %s: bar %d: ranges %v overlap lease %s %v of another tenant (%s): %w",
+				req.BDF, req.BAR, req.Ranges, o.ID, o.Ranges, o.Holder.Tenant, errdefs.ErrFailedPrecondition)
 		}
 	}
-	total, mine := b.live, b.liveUID[req.Holder.UID]
+	total, mine := b.live, b.perTenant[req.Holder.Tenant]
 	if mine >= b.cfg.Limits.MaxLeasesPerHolder {
-		return nil, fmt.Errorf("uid %d holds %d leases, the limit: %w", req.Holder.UID, mine, errdefs.ErrResourceExhausted)
+		return nil, fmt.Errorf("tenant %s holds %d leases (ended leases whose fds still work included), the limit: %w", req.Holder.Tenant, mine, errdefs.ErrResourceExhausted)
 	}
 	if total >= b.cfg.Limits.MaxLeases {
 		return nil, fmt.Errorf("the broker holds %d leases, the limit: %w", total, errdefs.ErrResourceExhausted)
@@ -390,7 +406,7 @@ func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*leas
 	l.ID = newLeaseID()
 	l.BDF, l.BAR, l.Ranges, l.Kind = req.BDF, req.BAR, slices.Clone(req.Ranges), req.Kind
 	l.State, l.Generation = StateAllocated, 1
-	l.Holder.UID, l.Holder.PID = req.Holder.UID, req.Holder.PID
+	l.Holder.UID, l.Holder.PID, l.Holder.Tenant = req.Holder.UID, req.Holder.PID, req.Holder.Tenant
 	l.VMName, l.Unattested = req.VMName, unattested
 	b.leases[l.ID] = l
 	d.live[l.ID] = l
@@ -508,19 +524,6 @@ func (b *Broker) Unclaim(id string, gen uint64) {
 	b.log.Warn("claim undone: the fd was not delivered", "lease_id", id, "generation", gen)
 }
 
-// expire releases lease id if generation gen was never claimed.
-func (b *Broker) expire(id string, gen uint64) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	l, ok := b.leases[id]
-	if !ok || l.State != StateAllocated || l.Generation != gen || l.digest == nil {
-		return
-	}
-	b.endLocked(l, StateReleased, ReasonClaimExpired, "broker")
-	b.emitLocked(EventExpired, l, "")
-	b.log.Info("lease expired unclaimed", "lease_id", id, "bdf", l.BDF)
-}
-
 // Get returns lease id.
 func (b *Broker) Get(id string) (Lease, error) {
 	b.mu.Lock()
@@ -532,6 +535,34 @@ func (b *Broker) Get(id string) (Lease, error) {
 	return l.Lease, nil
 }
 
+// GetAs returns lease id if by may see it (its holder's tenant, or an admin): callers
+// learn nothing about other tenants' leases beyond that they exist.
+func (b *Broker) GetAs(id string, by Actor) (Lease, error) {
+	l, err := b.Get(id)
+	if err != nil {
+		return Lease{}, err
+	}
+	if !MayView(by, l) {
+		return Lease{}, fmt.Errorf("lease %s is held by another tenant than %s (%s): %w", id, by.tenant(), by, errdefs.ErrPermissionDenied)
+	}
+	return l, nil
+}
+
+// ListAs returns the leases matching f that by may see, oldest first: admins see every
+// lease; others only their tenant's, and may not ask for another uid's or tenant's.
+func (b *Broker) ListAs(f Filter, by Actor) ([]Lease, error) {
+	if !by.Admin {
+		switch {
+		case f.UID != nil && *f.UID != by.UID:
+			return nil, fmt.Errorf("list leases of uid %d: %s may list only its own tenant's leases: %w", *f.UID, by, errdefs.ErrPermissionDenied)
+		case f.Tenant != "" && f.Tenant != by.tenant():
+			return nil, fmt.Errorf("list leases of tenant %s: %s may list only its own tenant's (%s): %w", f.Tenant, by, by.tenant(), errdefs.ErrPermissionDenied)
+		}
+		f.Tenant = by.tenant()
+	}
+	return b.List(f), nil
+}
+
 // List returns the leases matching f, oldest first.
 func (b *Broker) List(f Filter) []Lease {
 	b.mu.Lock()
@@ -541,6 +572,7 @@ func (b *Broker) List(f Filter) []Lease {
 		switch {
 		case l.pending,
 			f.UID != nil && l.Holder.UID != *f.UID,
+			f.Tenant != "" && l.Holder.Tenant != f.Tenant,
 			f.BDF != "" && l.BDF != f.BDF,
 			f.Live && !l.Live():
 			continue
@@ -562,47 +594,39 @@ func (b *Broker) List(f Filter) []Lease {
 	return out
 }
 
-// Release ends lease id on behalf of its holder (same uid) or an admin. It does not touch
-// the device: the holder's fd stays usable until the holder closes it, or until the next
-// device cycle — which an allocation that must not share the released ranges (private,
-// or another uid's) triggers first. If a cooperative revoke is pending, the release
-// completes it: the lease's fd is revoked at once.
+// Release ends lease id on behalf of its holder's tenant or an admin. It does not revoke
+// at once: the holder's fd keeps working until its device's next cycle, which comes at
+// the latest Config.RevokeWithin later (the lease is ended-but-live until then; see
+// [Broker.endByTenant]). If a cooperative revoke is pending, the release completes it:
+// the lease's fd is revoked at once.
 func (b *Broker) Release(id string, by Actor) (Lease, error) {
 	b.mu.Lock()
-	unlock := true
-	defer func() {
-		if unlock {
-			b.mu.Unlock()
-		}
-	}()
 	l, ok := b.leases[id]
 	if !ok || l.pending {
+		b.mu.Unlock()
 		return Lease{}, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
 	}
-	if !by.Admin && by.UID != l.Holder.UID {
-		return Lease{}, fmt.Errorf("lease %s is held by uid %d, not %s: %w", id, l.Holder.UID, by, errdefs.ErrPermissionDenied)
+	if err := mayChange(by, l, "release"); err != nil {
+		b.mu.Unlock()
+		return Lease{}, err
 	}
 	if !l.Live() {
+		b.mu.Unlock()
 		return Lease{}, fmt.Errorf("lease %s has already ended (%s): %w", id, l.EndReason, errdefs.ErrFailedPrecondition)
 	}
-	if !l.RevokeDeadline.IsZero() {
-		unlock = false
-		b.mu.Unlock()
-		return b.enforce(l, StateReleased, ReasonReleased, by.String(), EventReleased)
+	pendingRevoke := !l.RevokeDeadline.IsZero()
+	b.mu.Unlock()
+	if pendingRevoke {
+		snap, _, err := b.enforceCount(l, StateReleased, ReasonReleased, by.String(), EventReleased,
+			cycleCause{by: "admin (cooperative revoke of lease " + id + ")", why: "release during a cooperative revoke"})
+		return snap, err
 	}
-	if d := b.devices[l.BDF]; d != nil && !l.Claimed.IsZero() {
-		d.released = append(d.released, l.Lease)
-	}
-	b.endLocked(l, StateReleased, ReasonReleased, by.String())
-	b.emitLocked(EventReleased, l, "")
-	b.log.Info("lease released", "lease_id", id, "bdf", l.BDF, "by", by.String())
-	return l.Lease, nil
+	return b.endByTenant(id, StateReleased, ReasonReleased, by.String(), EventReleased)
 }
 
 // endLocked moves l to a final state and frees what it holds.
 func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	l.State, l.EndReason, l.EndedBy, l.Ended = st, why, by, b.now()
-	l.Dead = l.Claimed.IsZero() // an fd of it never left the broker
 	l.digest = nil
 	l.ClaimDeadline, l.RevokeDeadline = time.Time{}, time.Time{}
 	for _, t := range []**time.Timer{&l.timer, &l.ttl, &l.grace} {
@@ -626,9 +650,22 @@ func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 	if d := b.devices[l.BDF]; d != nil {
 		delete(d.live, l.ID)
 	}
-	b.countLive(l, -1)
 	b.ended = append(b.ended, l.ID)
+	if l.Claimed.IsZero() { // an fd of it never left the broker
+		b.setDeadLocked(l)
+	}
+	b.trimEndedLocked()
+}
+
+// trimEndedLocked forgets the oldest ended leases beyond maxEndedLeases. An ended lease
+// whose fd may still work is kept until it is dead (those count against their tenants'
+// limits, which bounds them). Called with b.mu held.
+func (b *Broker) trimEndedLocked() {
 	for len(b.ended) > maxEndedLeases {
+		l := b.leases[b.ended[0]]
+		if l != nil && !l.Dead {
+			return
+		}
 		delete(b.leases, b.ended[0])
 		b.dropped = append(b.dropped, b.ended[0])
 		b.ended = b.ended[1:]
@@ -657,6 +694,14 @@ func (b *Broker) Close() error {
 	b.mu.Unlock()
 
 	err := b.letGoDevices("closed", func(d *device, dev Device) error { return dev.Close() })
+	b.mu.Lock()
+	for _, d := range b.devices {
+		for _, l := range d.released {
+			b.setDeadLocked(l) // closing the device killed them
+		}
+		d.released = nil
+	}
+	b.mu.Unlock()
 	b.watchers.Wait()
 	return err
 }
@@ -672,18 +717,23 @@ func (b *Broker) letGoDevices(verb string, letGo func(*device, Device) error) er
 	b.mu.Unlock()
 	var errs []error
 	for _, d := range devs {
-		d.opMu.Lock()
-		b.mu.Lock()
-		dev := d.dev
-		d.dev = nil
-		d.err = fmt.Errorf("device %s: broker %s: %w", d.policy.BDF, verb, errdefs.ErrUnavailable)
-		b.mu.Unlock()
-		if dev != nil {
-			if err := letGo(d, dev); err != nil {
-				errs = append(errs, fmt.Errorf("device %s: %s: %w", d.policy.BDF, verb, err))
+		d.w.run(func() {
+			b.mu.Lock()
+			dev := d.dev
+			d.dev = nil
+			d.err = fmt.Errorf("device %s: broker %s: %w", d.policy.BDF, verb, errdefs.ErrUnavailable)
+			if d.cycleTimer != nil {
+				d.cycleTimer.Stop()
+				d.cycleTimer = nil
 			}
-		}
-		d.opMu.Unlock()
+			b.mu.Unlock()
+			if dev != nil {
+				if err := letGo(d, dev); err != nil {
+					errs = append(errs, fmt.Errorf("device %s: %s: %w", d.policy.BDF, verb, err))
+				}
+			}
+		})
+		d.w.stop()
 	}
 	return errors.Join(errs...)
 }
@@ -706,32 +756,41 @@ func (b *Broker) Drain(by Actor) (ended, cycled int, err error) {
 	var errs []error
 	for _, bdf := range b.order {
 		d := b.devices[bdf]
-		d.opMu.Lock()
-		b.mu.Lock()
 		var done []*lease
-		delivered := len(d.released) > 0
-		for _, l := range b.sortedLive(d) {
-			delivered = delivered || !l.Claimed.IsZero()
-			b.endLocked(l, StateRevoked, ReasonShutdown, by.String())
-			if err := b.persistLocked(l); err != nil {
-				b.log.Error("recording a lease's end failed", "lease_id", l.ID, "err", err)
+		var delivered bool
+		werr := d.w.run(func() {
+			b.mu.Lock()
+			delivered = len(d.released) > 0
+			for _, l := range b.sortedLive(d) {
+				delivered = delivered || !l.Claimed.IsZero()
+				b.endLocked(l, StateRevoked, ReasonShutdown, by.String())
+				if err := b.persistLocked(l); err != nil {
+					b.log.Error("recording a lease's end failed", "lease_id", l.ID, "err", err)
+				}
+				done = append(done, l)
 			}
-			done = append(done, l)
+			b.mu.Unlock()
+			if delivered {
+				if _, err := b.cycleDevice(d, cycleCause{by: by.String(), why: "drain"}, nil); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			b.mu.Lock()
+			for _, l := range done {
+				if !l.Claimed.IsZero() {
+					b.setDeadLocked(l)
+				}
+				b.emitCausedLocked(EventRevoked, l, "", by.String())
+			}
+			b.mu.Unlock()
+		})
+		if werr != nil {
+			errs = append(errs, fmt.Errorf("device %s: %w", bdf, werr))
+			continue
 		}
-		b.mu.Unlock()
 		if delivered {
-			if _, err := b.cycleDevice(d, "drain", nil); err != nil {
-				errs = append(errs, err)
-			}
 			cycled++
 		}
-		b.mu.Lock()
-		for _, l := range done {
-			l.Dead = true
-			b.emitLocked(EventRevoked, l, "")
-		}
-		b.mu.Unlock()
-		d.opMu.Unlock()
 		ended += len(done)
 		if len(done) > 0 {
 			b.log.Info("device drained", "bdf", bdf, "leases", len(done), "cycled", delivered, "by", by.String())
@@ -794,13 +853,13 @@ func (b *Broker) Detach() error {
 	return err
 }
 
-// countLive adjusts the live-lease counters by delta for l.
+// countLive adjusts the counters of leases that are not dead by delta for l.
 func (b *Broker) countLive(l *lease, delta int) {
 	b.live += delta
-	if n := b.liveUID[l.Holder.UID] + delta; n > 0 {
-		b.liveUID[l.Holder.UID] = n
+	if n := b.perTenant[l.Holder.Tenant] + delta; n > 0 {
+		b.perTenant[l.Holder.Tenant] = n
 	} else {
-		delete(b.liveUID, l.Holder.UID)
+		delete(b.perTenant, l.Holder.Tenant)
 	}
 }
 
@@ -817,23 +876,4 @@ func randomHex(n int) string {
 	buf := make([]byte, n)
 	rand.Read(buf) // never fails (crypto/rand, Go 1.24+)
 	return hex.EncodeToString(buf)
-}
-
-// Ping is a liveness check for a service watchdog: it returns nil once the broker's lock
-// could be taken, or ctx's error if it stays held (a hung device operation or a
-// deadlock).
-func (b *Broker) Ping(ctx context.Context) error {
-	got := make(chan struct{})
-	go func() {
-		b.mu.Lock()
-		//lint:ignore SA2001 taking the lock is the check
-		b.mu.Unlock()
-		close(got)
-	}()
-	select {
-	case <-got:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("broker lock not free: %w", context.Cause(ctx))
-	}
 }

@@ -412,8 +412,12 @@ func TestRevokeDeviceFailureEndsLeases(t *testing.T) {
 	}
 }
 
+// deferred sets R to an hour (and C to 0): tenant ends leave ended-but-live leases that no
+// timer buries within a test.
+func deferred(c *broker.Config) { c.RevokeWithin = time.Hour }
+
 func TestRelease(t *testing.T) {
-	r := newRig(t, nil)
+	r := newRig(t, deferred)
 	l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
 	r.claim(t, l, tok)
 	if _, err := r.b.Release(l.ID, broker.Actor{UID: 1001, PID: 9}); !errors.Is(err, errdefs.ErrPermissionDenied) {
@@ -425,6 +429,9 @@ func TestRelease(t *testing.T) {
 	}
 	if r.devs[dev0].Revokes != 0 {
 		t.Fatalf("release cycled the device")
+	}
+	if got.Dead || !got.RevokeDue.Equal(got.Ended.Add(time.Hour)) {
+		t.Fatalf("released lease: dead %v, revoke due %v; want ended-but-live, due an hour after its end", got.Dead, got.RevokeDue)
 	}
 	if n := len(r.devs[dev0].OpenBuffers()); n != 0 {
 		t.Fatalf("broker kept %d buffers after release", n)

@@ -30,10 +30,21 @@ type Config struct {
 	EventBacklog int
 	// PageSize is the alignment of lease ranges. Zero means DefaultPageSize.
 	PageSize uint64
-	// RevokeCoalesceWindow delays each device cycle so that revocations of the same device
-	// arriving within it share the cycle. Zero: no delay; revocations that arrive while a
-	// cycle runs still share the next one.
-	RevokeCoalesceWindow time.Duration
+	// RevokeWithin is the bound R of the revocation model: a lease that its tenant ended
+	// (release, holder exit, ttl expiry) after its fd left the broker is ended-but-live
+	// until its device's next cycle, which comes at the latest RevokeWithin after the end.
+	// Zero: the device cycles at once on every such end.
+	RevokeWithin time.Duration
+	// TenantCycleInterval is the bound C: device cycles that tenants cause happen at most
+	// once per TenantCycleInterval per device. At most RevokeWithin. Zero: no limit.
+	TenantCycleInterval time.Duration
+	// TenantCycleBudget bounds the device cycles one tenant may cause on demand (an
+	// allocation that must not share ranges of ended-but-live leases) per hour, over all
+	// devices. Zero: no budget.
+	TenantCycleBudget int
+	// MinTTL is the shortest time to live a tenant may ask for (admins are exempt). Zero:
+	// no minimum.
+	MinTTL time.Duration
 }
 
 // DeviceConfig is the policy of one configured device.
@@ -122,8 +133,12 @@ func (c Config) Validate() error {
 	if c.ClaimTimeout < 0 {
 		bad("claim timeout %v is negative", c.ClaimTimeout)
 	}
-	if c.RevokeCoalesceWindow < 0 || c.RevokeCoalesceWindow > time.Second {
-		bad("revoke coalesce window %v is outside 0-1s", c.RevokeCoalesceWindow)
+	if c.RevokeWithin < 0 || c.TenantCycleInterval < 0 || c.MinTTL < 0 || c.TenantCycleBudget < 0 {
+		bad("revoke within %v, tenant cycle interval %v, min ttl %v and tenant cycle budget %d must not be negative",
+			c.RevokeWithin, c.TenantCycleInterval, c.MinTTL, c.TenantCycleBudget)
+	}
+	if c.TenantCycleInterval > c.RevokeWithin {
+		bad("tenant cycle interval (C) %v is longer than revoke within (R) %v: ended leases could not be revoked within R", c.TenantCycleInterval, c.RevokeWithin)
 	}
 	if c.EventBacklog < 0 {
 		bad("event backlog %d is negative", c.EventBacklog)

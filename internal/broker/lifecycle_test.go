@@ -165,7 +165,7 @@ func TestCooperativeRevokeReleasedInTime(t *testing.T) {
 // another uid's — cycles the device before it is exported; the same uid's shared lease
 // does not.
 func TestReleasedRangesAreNotHandedOver(t *testing.T) {
-	r := newRig(t, func(c *broker.Config) { c.Devices[0].AllowUnattestedPrivate = true })
+	r := newRig(t, func(c *broker.Config) { deferred(c); c.Devices[0].AllowUnattestedPrivate = true })
 	rel := func(uid uint32, off uint64) *brokertest.Buffer {
 		l, tok := r.allocate(t, req(dev0, 0, uid, 1, broker.Range{Offset: off, Length: page}))
 		r.claim(t, l, tok)
@@ -424,26 +424,44 @@ func TestDeviceReleaseNotice(t *testing.T) {
 	}
 }
 
-// TestRevokeCoalesceWindow: with a window, revocations arriving within it share the cycle
-// even when none was running yet.
-func TestRevokeCoalesceWindow(t *testing.T) {
+// TestRevokesDuringACycleShareTheNext: revocations that arrive while the device's worker
+// runs a cycle wait for it and then share one cycle.
+func TestRevokesDuringACycleShareTheNext(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		r := newRig(t, func(c *broker.Config) { c.RevokeCoalesceWindow = 5 * time.Millisecond })
-		a, atok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Length: page}))
-		r.claim(t, a, atok)
-		b, btok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: page, Length: page}))
-		r.claim(t, b, btok)
-		var wg sync.WaitGroup
-		wg.Add(2)
-		go func() { defer wg.Done(); r.b.Revoke(a.ID, admin, 0) }()
-		time.Sleep(time.Millisecond)
-		go func() { defer wg.Done(); r.b.Revoke(b.ID, admin, 0) }()
-		wg.Wait()
-		if c, _ := revokes(r.devs[dev0]); c != 1 {
-			t.Fatalf("%d device cycles for two revocations 1 ms apart in a 5 ms window, want 1", c)
+		r := newRig(t, nil)
+		var ids []string
+		for i := range 3 {
+			l, tok := r.allocate(t, req(dev0, 0, 1000, 1, broker.Range{Offset: uint64(i) * page, Length: page}))
+			r.claim(t, l, tok)
+			ids = append(ids, l.ID)
 		}
-		for _, id := range []string{a.ID, b.ID} {
-			if l, _ := r.b.Get(id); l.State != broker.StateRevoked {
+		entered, unblock := make(chan struct{}), make(chan struct{})
+		first := true
+		r.devs[dev0].Locked(func(d *brokertest.Device) {
+			d.RevokeHook = func() {
+				if first {
+					first = false
+					close(entered)
+					<-unblock
+				}
+			}
+		})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); r.b.Revoke(ids[0], admin, 0) }()
+		<-entered // the first cycle runs and blocks
+		for _, id := range ids[1:] {
+			wg.Add(1)
+			go func() { defer wg.Done(); r.b.Revoke(id, admin, 0) }()
+		}
+		synctest.Wait() // both queued behind the running cycle
+		close(unblock)
+		wg.Wait()
+		if c, _ := revokes(r.devs[dev0]); c != 2 {
+			t.Fatalf("%d device cycles for one revoke and two that queued behind it, want 2", c)
+		}
+		for _, id := range ids {
+			if l, _ := r.b.Get(id); l.State != broker.StateRevoked || !l.Dead {
 				t.Fatalf("lease %s: %+v", id, l)
 			}
 		}

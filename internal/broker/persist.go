@@ -2,10 +2,12 @@ package broker
 
 import (
 	"crypto/sha256"
+	"errors"
 	"fmt"
-	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"slices"
 	"time"
+
+	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
 // Record is a lease as the broker records it in its [Store] and takes it back after a
@@ -80,7 +82,13 @@ func (l *lease) record() Record {
 // not be recorded; it is still published (it happened), and callers that grant
 // something undo it instead of reporting it.
 func (b *Broker) emitLocked(t EventType, l *lease, token string) error {
-	e := Event{Seq: b.events.next, Time: b.now(), Type: t, Lease: l.Lease, Token: token}
+	return b.emitCausedLocked(t, l, token, "")
+}
+
+// emitCausedLocked is emitLocked for an event a device cycle caused: causedBy names who
+// caused it (Event.CausedBy).
+func (b *Broker) emitCausedLocked(t EventType, l *lease, token, causedBy string) error {
+	e := Event{Seq: b.events.next, Time: b.now(), Type: t, Lease: l.Lease, Token: token, CausedBy: causedBy}
 	err := b.commitLocked([]Event{e}, l)
 	b.events.append(e)
 	return err
@@ -131,7 +139,8 @@ func (b *Broker) restore(recs []Record) {
 			continue
 		}
 		l := &lease{Lease: r.Lease, digest: slices.Clone(r.TokenDigest)}
-		l.holder = Holder{UID: r.Holder.UID, GID: r.HolderGID, PID: r.Holder.PID, Start: r.HolderStart}
+		l.Holder.Tenant = TenantOf(l.Holder.UID, l.Holder.Tenant)
+		l.holder = Holder{UID: r.Holder.UID, GID: r.HolderGID, PID: r.Holder.PID, Start: r.HolderStart, Tenant: l.Holder.Tenant}
 		d := b.devices[r.BDF]
 		if !l.Live() {
 			b.leases[l.ID] = l
@@ -139,20 +148,21 @@ func (b *Broker) restore(recs []Record) {
 			if l.Dead {
 				continue
 			}
+			b.countLive(l, +1) // counts until dead
 			switch {
 			case d == nil || !restoredDevice(d.dev):
 				// Its fd died with the previous run's device fd.
-				l.Dead = true
+				b.setDeadLocked(l)
 				b.persistLocked(l)
-			case l.State == StateRevoked:
-				// Revoked, but the run that revoked it stopped before the device cycle
-				// completed: cycle now, before anyone can use the device.
+			case l.RevokeDue.IsZero():
+				// Revoked at once, but the run that revoked it stopped before the device
+				// cycle completed: cycle now, before anyone can use the device.
 				cycle[d] = true
-				d.released = append(d.released, l.Lease) // marked dead by that cycle
+				d.released = append(d.released, l) // marked dead by that cycle
 			default:
-				// Released, expired or its holder exited: its fd may still be in use
-				// until the device's next cycle.
-				d.released = append(d.released, l.Lease)
+				// Ended by its tenant: its fd may still be in use until the device's
+				// next cycle, due at l.RevokeDue (scheduled below).
+				d.released = append(d.released, l)
 			}
 			continue
 		}
@@ -203,30 +213,35 @@ func (b *Broker) restore(recs []Record) {
 		}
 		b.rearmLocked(l, now)
 	}
+	for _, d := range b.devices {
+		b.scheduleLocked(d)
+	}
 	b.mu.Unlock()
 	b.log.Info("leases restored", "leases", len(recs), "live", b.live, "reissue", len(reissue), "holders_gone", len(gone),
 		"last_seq", b.events.next-1)
 
 	for d := range cycle {
-		d.opMu.Lock()
-		b.log.Warn("a revoke was recorded but its device cycle did not complete before the restart; cycling the device now", "bdf", d.policy.BDF)
-		if _, err := b.cycleDevice(d, "revoke interrupted by a restart", nil); err != nil {
-			b.log.Error("cycling a device at restart failed", "bdf", d.policy.BDF, "err", err)
-		}
-		d.opMu.Unlock()
+		d.w.run(func() {
+			b.log.Warn("a revoke was recorded but its device cycle did not complete before the restart; cycling the device now", "bdf", d.policy.BDF)
+			if _, err := b.cycleDevice(d, cycleCause{by: "broker (restart)", why: "revoke interrupted by a restart"}, nil); err != nil {
+				b.log.Error("cycling a device at restart failed", "bdf", d.policy.BDF, "err", err)
+			}
+		})
 	}
 	for d, ls := range reissue {
 		if cycle[d] {
 			continue // the cycle above reissued them
 		}
-		d.opMu.Lock()
-		b.log.Warn("device was not kept open across the restart: its dma-bufs died with the previous run; reissuing its leases",
-			"bdf", d.policy.BDF, "leases", len(ls))
-		b.reissue(d, d.dev, ls)
-		d.opMu.Unlock()
+		d.w.run(func() {
+			b.log.Warn("device was not kept open across the restart: its dma-bufs died with the previous run; reissuing its leases",
+				"bdf", d.policy.BDF, "leases", len(ls))
+			b.reissue(d, d.dev, ls, "broker (restart)")
+		})
 	}
 	for _, g := range gone {
-		b.enforceID(g.id, StateReleased, ReasonHolderExited, fmt.Sprintf("pid %d exited", g.pid), EventReleased)
+		if _, err := b.endByTenant(g.id, StateReleased, ReasonHolderExited, fmt.Sprintf("pid %d exited", g.pid), EventReleased); err != nil && !errors.Is(err, errdefs.ErrFailedPrecondition) {
+			b.log.Error("ending the lease of a holder gone across the restart failed", "lease_id", g.id, "err", err)
+		}
 	}
 }
 
@@ -239,11 +254,11 @@ func (b *Broker) rearmLocked(l *lease, now time.Time) {
 		l.timer = time.AfterFunc(max(l.deadline.Sub(now), 0), func() { b.expire(id, gen) })
 	}
 	if !l.Expires.IsZero() {
-		l.ttl = time.AfterFunc(max(l.Expires.Sub(now), 0), func() { b.enforceID(id, StateRevoked, ReasonExpired, "broker (ttl)", EventExpired) })
+		l.ttl = time.AfterFunc(max(l.Expires.Sub(now), 0), func() { b.expireTTL(id) })
 	}
 	if !l.RevokeDeadline.IsZero() {
 		who := "broker (revoke deadline)"
-		l.grace = time.AfterFunc(max(l.RevokeDeadline.Sub(now), 0), func() { b.enforceID(id, StateRevoked, ReasonRevoked, who, EventRevoked) })
+		l.grace = time.AfterFunc(max(l.RevokeDeadline.Sub(now), 0), func() { b.revokeAtDeadline(id, who) })
 	}
 }
 

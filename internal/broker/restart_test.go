@@ -433,7 +433,7 @@ func TestRestartMidReissue(t *testing.T) {
 // broker, still works until its device cycles; an admin's revoke of it cycles the device
 // now (it used to answer FAILED_PRECONDITION and leave the fd working).
 func TestAdminRevokesReleasedButLiveLease(t *testing.T) {
-	r := newRig(t, nil)
+	r := newRig(t, deferred)
 	l, tok := r.allocate(t, req(dev0, 0, 1000, 7, broker.Range{Length: page}))
 	r.claim(t, l, tok)
 	other, otok := r.allocate(t, req(dev0, 0, 1000, 7, broker.Range{Offset: page, Length: page}))

@@ -177,6 +177,9 @@ type Holder struct {
 	Start uint64
 	// Proc pins the holder process; may be nil only in tests.
 	Proc Process
+	// Tenant is the holder's tenant identity (internal/tenant: "uid=N", or the uid with
+	// the VM's cgroup unit or LSM label). Empty means "uid=<UID>".
+	Tenant string
 }
 
 // Peer identifies who connected to the claim socket.
@@ -190,6 +193,19 @@ type Actor struct {
 	UID   uint32
 	PID   int32
 	Admin bool
+	// Tenant is the caller's tenant identity (see [Holder.Tenant]); empty means "uid=<UID>".
+	Tenant string
+}
+
+// tenant returns a's tenant identity.
+func (a Actor) tenant() string { return TenantOf(a.UID, a.Tenant) }
+
+// TenantOf returns tenant, or the uid-only tenant identity "uid=<uid>" if tenant is empty.
+func TenantOf(uid uint32, tenant string) string {
+	if tenant != "" {
+		return tenant
+	}
+	return fmt.Sprintf("uid=%d", uid)
 }
 
 func (a Actor) String() string {
@@ -313,6 +329,9 @@ type Lease struct {
 	Holder struct {
 		UID uint32
 		PID int32
+		// Tenant is the holder's tenant identity: who may see, release and renew the
+		// lease, and whose limits it counts against.
+		Tenant string
 	}
 	VMName string
 	// Unattested marks a private lease granted without TSM binding because the device's
@@ -335,8 +354,12 @@ type Lease struct {
 	EndedBy        string
 	// Dead is set on an ended lease once its dma-buf is dead in every process: it never
 	// left the broker, or its device cycled or closed since. An ended lease that is not
-	// Dead still works for whoever holds its fd until the device's next cycle.
+	// Dead ("ended but live") still works for whoever holds its fd until the device's
+	// next cycle, which comes at the latest at RevokeDue.
 	Dead bool
+	// RevokeDue is set on an ended-but-live lease: its device cycles, and its fd dies, at
+	// the latest then (the lease's end + Config.RevokeWithin). Zero otherwise.
+	RevokeDue time.Time
 }
 
 // Live reports whether the lease has not ended.
@@ -379,6 +402,9 @@ const (
 	// EventResumed: the device is back; importers that unmapped on the suspend (iommufd)
 	// must map the fd again.
 	EventResumed EventType = "resumed"
+	// EventFdRevoked: an ended-but-live lease's dma-buf is dead now (its device cycled or
+	// closed); Event.CausedBy says who caused the cycle.
+	EventFdRevoked EventType = "fd_revoked"
 )
 
 // Event is one lease transition.
@@ -392,13 +418,19 @@ type Event struct {
 	// Token is the new claim token of a reissued lease; empty otherwise. Only the lease's
 	// holder may be shown it.
 	Token string
+	// CausedBy names who caused the device cycle behind a reissued, fd_revoked or revoked
+	// event: a tenant identity, an admin ("uid 0 (admin) pid P"), or "broker"; empty for
+	// other events.
+	CausedBy string
 }
 
 // Filter selects leases in [Broker.List]. Zero fields match everything.
 type Filter struct {
 	// UID, if set, matches leases held by that uid.
 	UID *uint32
-	BDF string
+	// Tenant, if set, matches leases held by that tenant.
+	Tenant string
+	BDF    string
 	// Live matches only allocated and active leases.
 	Live bool
 }

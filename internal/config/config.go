@@ -39,6 +39,16 @@ const (
 	DefaultMaxRangesPerLease  = 16
 	DefaultClaimTimeout       = 30 * time.Second
 	DefaultEventBacklog       = 1024
+	// DefaultRevokeWithin is R: an ended lease's fd dies at the latest this long after
+	// its end.
+	DefaultRevokeWithin = 30 * time.Second
+	// DefaultTenantCycleInterval is C: tenants make a device cycle at most once per C.
+	DefaultTenantCycleInterval = 10 * time.Second
+	// DefaultTenantCycleBudget is how many on-demand device cycles one tenant may cause
+	// per hour.
+	DefaultTenantCycleBudget = 60
+	// DefaultMinTTL is the shortest ttl a tenant may ask for.
+	DefaultMinTTL = 10 * time.Second
 )
 
 // Upper bounds of the [limits] table; the kernel allows at most 16 ranges per dma-buf
@@ -108,9 +118,18 @@ type Limits struct {
 	ClaimTimeout Duration `toml:"claim_timeout"`
 	// EventBacklog is how many past events a watcher can resume from.
 	EventBacklog int `toml:"event_backlog"`
-	// RevokeCoalesceWindow delays each device cycle so that revocations of one device
-	// arriving within it share the cycle (0: only those arriving during a running cycle).
-	RevokeCoalesceWindow Duration `toml:"revoke_coalesce_window"`
+	// RevokeWithin is R: a lease its tenant ended while its fd was out stays usable
+	// ("ended but live") until its device's next cycle, at the latest this long after the
+	// end ("0s": the device cycles at once on every such end).
+	RevokeWithin Duration `toml:"revoke_within"`
+	// TenantCycleInterval is C: device cycles caused by tenants happen at most once per
+	// this interval per device (at most revoke_within).
+	TenantCycleInterval Duration `toml:"tenant_cycle_interval"`
+	// TenantCycleBudget bounds the on-demand device cycles one tenant may cause per hour
+	// (0: no budget).
+	TenantCycleBudget int `toml:"tenant_cycle_budget"`
+	// MinTTL is the shortest ttl a tenant may ask for (admins are exempt).
+	MinTTL Duration `toml:"min_ttl"`
 }
 
 // Device is one [[device]] table: a PCI device that may be leased, and who may lease it.
@@ -152,11 +171,15 @@ func Default() *Config {
 			OnStop:            DefaultOnStop,
 		},
 		Limits: Limits{
-			MaxLeasesPerHolder: DefaultMaxLeasesPerHolder,
-			MaxLeases:          DefaultMaxLeases,
-			MaxRangesPerLease:  DefaultMaxRangesPerLease,
-			ClaimTimeout:       Duration(DefaultClaimTimeout),
-			EventBacklog:       DefaultEventBacklog,
+			MaxLeasesPerHolder:  DefaultMaxLeasesPerHolder,
+			MaxLeases:           DefaultMaxLeases,
+			MaxRangesPerLease:   DefaultMaxRangesPerLease,
+			ClaimTimeout:        Duration(DefaultClaimTimeout),
+			EventBacklog:        DefaultEventBacklog,
+			RevokeWithin:        Duration(DefaultRevokeWithin),
+			TenantCycleInterval: Duration(DefaultTenantCycleInterval),
+			TenantCycleBudget:   DefaultTenantCycleBudget,
+			MinTTL:              Duration(DefaultMinTTL),
 		},
 	}
 }

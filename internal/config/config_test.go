@@ -75,6 +75,12 @@ func TestEmptyFileIsDefault(t *testing.T) {
 		},
 		ClaimTimeout: broker.DefaultClaimTimeout,
 		EventBacklog: broker.DefaultEventBacklog,
+		// The revocation bounds: zero in the broker means "at once", so the daemon's
+		// defaults are set by the config layer.
+		RevokeWithin:        DefaultRevokeWithin,
+		TenantCycleInterval: DefaultTenantCycleInterval,
+		TenantCycleBudget:   DefaultTenantCycleBudget,
+		MinTTL:              DefaultMinTTL,
 	}
 	if diff := cmp.Diff(want, r.Broker); diff != "" {
 		t.Errorf("broker config (-want +got):\n%s", diff)
@@ -164,7 +170,7 @@ func schemaKeys() []string {
 		"control_socket", "control_socket_mode", "claim_socket", "claim_socket_mode",
 		"socket_group", "admin_group", "access_mode", "sysfs_root", "dev_root", "log_level",
 		"log_format", "journal", "on_stop", "max_leases_per_holder", "max_leases", "max_ranges_per_lease",
-		"claim_timeout", "event_backlog", "revoke_coalesce_window", "address", "bars", "kinds", "allow_uids", "allow_gids",
+		"claim_timeout", "event_backlog", "revoke_within", "tenant_cycle_interval", "tenant_cycle_budget", "min_ttl", "address", "bars", "kinds", "allow_uids", "allow_gids",
 		"allow_users", "allow_groups", "allow_unattested_private", "managed_bind",
 	}
 }
@@ -324,9 +330,11 @@ func TestValidateErrors(t *testing.T) {
 		{"event backlog", "[limits]\nevent_backlog = 0\n", `test.toml:2: limits.event_backlog: 0 is outside 1-1048576`},
 		{"claim timeout integer", "[limits]\nclaim_timeout = 30\n", `test.toml:2: limits.claim_timeout: write a duration string with a unit`},
 		{"claim timeout short", "[limits]\nclaim_timeout = \"10ms\"\n", `test.toml:2: limits.claim_timeout: 10ms is shorter than the minimum 100ms`},
-		{"coalesce window integer", "[limits]\nrevoke_coalesce_window = 2\n", `test.toml:2: limits.revoke_coalesce_window: write a duration string with a unit`},
-		{"coalesce window long", "[limits]\nrevoke_coalesce_window = \"2s\"\n", `test.toml:2: limits.revoke_coalesce_window: 2s is outside 0-1s`},
-		{"coalesce window negative", "[limits]\nrevoke_coalesce_window = \"-1ms\"\n", `test.toml:2: limits.revoke_coalesce_window: -1ms is outside 0-1s`},
+		{"revoke within integer", "[limits]\nrevoke_within = 2\n", `test.toml:2: limits.revoke_within: write a duration string with a unit`},
+		{"revoke within long", "[limits]\nrevoke_within = \"2h\"\n", `test.toml:2: limits.revoke_within: 2h0m0s is outside 0s-1h0m0s`},
+		{"min ttl negative", "[limits]\nmin_ttl = \"-1ms\"\n", `test.toml:2: limits.min_ttl: -1ms is outside 0s-1h0m0s`},
+		{"C above R", "[limits]\nrevoke_within = \"5s\"\ntenant_cycle_interval = \"6s\"\n", `test.toml:3: limits.tenant_cycle_interval: 6s is longer than limits.revoke_within (5s)`},
+		{"budget negative", "[limits]\ntenant_cycle_budget = -1\n", `test.toml:2: limits.tenant_cycle_budget: -1 is outside 0-1048576`},
 		{"claim timeout negative", "[limits]\nclaim_timeout = \"-1s\"\n", `test.toml:2: limits.claim_timeout: -1s is shorter`},
 		{"address missing", "[[device]]\nbars = [0]\n", `test.toml:1: device #1: address is missing`},
 		{"address bad", dev + "[[device]]\naddress = \"0000:00:03\"\n", `test.toml:4: device #2: address: `},

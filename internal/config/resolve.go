@@ -103,9 +103,12 @@ func (c *Config) Resolve(look Lookup) (*Resolved, error) {
 				MaxLeases:          c.Limits.MaxLeases,
 				MaxRangesPerLease:  c.Limits.MaxRangesPerLease,
 			},
-			ClaimTimeout:         time.Duration(c.Limits.ClaimTimeout),
-			EventBacklog:         c.Limits.EventBacklog,
-			RevokeCoalesceWindow: time.Duration(c.Limits.RevokeCoalesceWindow),
+			ClaimTimeout:        time.Duration(c.Limits.ClaimTimeout),
+			EventBacklog:        c.Limits.EventBacklog,
+			RevokeWithin:        time.Duration(c.Limits.RevokeWithin),
+			TenantCycleInterval: time.Duration(c.Limits.TenantCycleInterval),
+			TenantCycleBudget:   c.Limits.TenantCycleBudget,
+			MinTTL:              time.Duration(c.Limits.MinTTL),
 		},
 	}
 	for i, d := range c.Devices {

@@ -150,18 +150,31 @@ func (v *validator) limits() {
 	case time.Duration(l.ClaimTimeout) < MinClaimTimeout:
 		v.bad(key, "%s: %v is shorter than the minimum %v", key, l.ClaimTimeout, MinClaimTimeout)
 	}
-	const wkey = "limits.revoke_coalesce_window"
-	switch loc, ok := v.c.lines[wkey]; {
-	case ok && loc.kind != unstable.String:
-		v.bad(wkey, "%s: write a duration string with a unit, such as \"2ms\"", wkey)
-	case l.RevokeCoalesceWindow < 0 || time.Duration(l.RevokeCoalesceWindow) > MaxRevokeCoalesceWindow:
-		v.bad(wkey, "%s: %v is outside 0-%v", wkey, l.RevokeCoalesceWindow, MaxRevokeCoalesceWindow)
+	v.duration("limits.revoke_within", l.RevokeWithin, 0, MaxRevokeWithin)
+	v.duration("limits.tenant_cycle_interval", l.TenantCycleInterval, 0, MaxRevokeWithin)
+	v.duration("limits.min_ttl", l.MinTTL, 0, MaxRevokeWithin)
+	if l.TenantCycleInterval > l.RevokeWithin {
+		v.bad("limits.tenant_cycle_interval", "limits.tenant_cycle_interval: %v is longer than limits.revoke_within (%v): ended leases could not be revoked within R if tenants may cycle a device only once per C",
+			l.TenantCycleInterval, l.RevokeWithin)
+	}
+	if l.TenantCycleBudget < 0 || l.TenantCycleBudget > MaxLeases {
+		v.bad("limits.tenant_cycle_budget", "limits.tenant_cycle_budget: %d is outside 0-%d", l.TenantCycleBudget, MaxLeases)
 	}
 }
 
-// MaxRevokeCoalesceWindow is the longest revoke_coalesce_window accepted: every revocation
-// waits that long.
-const MaxRevokeCoalesceWindow = time.Second
+// MaxRevokeWithin is the longest revoke_within, tenant_cycle_interval and min_ttl
+// accepted.
+const MaxRevokeWithin = time.Hour
+
+// duration checks the duration key: written as a string with a unit, within min-max.
+func (v *validator) duration(key string, d Duration, min, max time.Duration) {
+	switch loc, ok := v.c.lines[key]; {
+	case ok && loc.kind != unstable.String:
+		v.bad(key, "%s: write a duration string with a unit, such as \"10s\"", key)
+	case time.Duration(d) < min || time.Duration(d) > max:
+		v.bad(key, "%s: %v is outside %v-%v", key, d, min, max)
+	}
+}
 
 func (v *validator) atLeast1(key string, n, limit int) {
 	if n < 1 || n > limit {

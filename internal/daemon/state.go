@@ -124,7 +124,7 @@ type journalStore struct{ j *journal.Journal }
 func (s journalStore) Commit(evs []broker.Event, recs []broker.Record, drop []string) error {
 	jevs := make([]journal.Event, len(evs))
 	for i, e := range evs {
-		jevs[i] = journal.Event{Seq: e.Seq, Time: e.Time, Type: string(e.Type), Lease: toJournal(broker.Record{Lease: e.Lease}), Token: e.Token}
+		jevs[i] = journal.Event{Seq: e.Seq, Time: e.Time, Type: string(e.Type), Lease: toJournal(broker.Record{Lease: e.Lease}), Token: e.Token, CausedBy: e.CausedBy}
 	}
 	jls := make([]journal.Lease, len(recs))
 	for i, r := range recs {
@@ -139,10 +139,10 @@ func toJournal(r broker.Record) journal.Lease {
 		ID: l.ID, BDF: l.BDF, BAR: l.BAR, Kind: l.Kind.String(), State: l.State.String(),
 		Generation: l.Generation, Inode: l.Inode, Size: l.Size,
 		HolderUID: l.Holder.UID, HolderGID: r.HolderGID, HolderPID: l.Holder.PID, HolderStart: r.HolderStart,
-		VMName: l.VMName, Unattested: l.Unattested, TokenDigest: r.TokenDigest,
+		Tenant: l.Holder.Tenant, VMName: l.VMName, Unattested: l.Unattested, TokenDigest: r.TokenDigest,
 		Created: l.Created, Claimed: l.Claimed, ClaimDeadline: l.ClaimDeadline, Expires: l.Expires,
 		RevokeDeadline: l.RevokeDeadline, Ended: l.Ended, TTL: l.TTL,
-		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Dead: l.Dead, Seq: r.Seq,
+		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Dead: l.Dead, RevokeDue: l.RevokeDue, Seq: r.Seq,
 		Reissuing: r.Reissuing,
 	}
 	for _, rg := range l.Ranges {
@@ -166,11 +166,11 @@ func fromJournal(jl journal.Lease) (broker.Record, error) {
 	l := &r.Lease
 	l.ID, l.BDF, l.BAR, l.Kind, l.State = jl.ID, jl.BDF, jl.BAR, kind, st
 	l.Generation, l.Inode, l.Size = jl.Generation, jl.Inode, jl.Size
-	l.Holder.UID, l.Holder.PID = jl.HolderUID, jl.HolderPID
+	l.Holder.UID, l.Holder.PID, l.Holder.Tenant = jl.HolderUID, jl.HolderPID, broker.TenantOf(jl.HolderUID, jl.Tenant)
 	l.VMName, l.Unattested = jl.VMName, jl.Unattested
 	l.Created, l.Claimed, l.ClaimDeadline, l.Expires = jl.Created, jl.Claimed, jl.ClaimDeadline, jl.Expires
 	l.RevokeDeadline, l.Ended, l.TTL = jl.RevokeDeadline, jl.Ended, jl.TTL
-	l.EndReason, l.EndedBy, l.Dead = broker.Reason(jl.EndReason), jl.EndedBy, jl.Dead
+	l.EndReason, l.EndedBy, l.Dead, l.RevokeDue = broker.Reason(jl.EndReason), jl.EndedBy, jl.Dead, jl.RevokeDue
 	for _, rg := range jl.Ranges {
 		l.Ranges = append(l.Ranges, broker.Range{Offset: rg.Offset, Length: rg.Length})
 	}
@@ -202,7 +202,7 @@ func snapshot(j *journal.Journal, log *slog.Logger) (*broker.Snapshot, error) {
 			bad = append(bad, fmt.Errorf("event %d: %w", je.Seq, err))
 			continue
 		}
-		snap.Events = append(snap.Events, broker.Event{Seq: je.Seq, Time: je.Time, Type: broker.EventType(je.Type), Lease: r.Lease, Token: je.Token})
+		snap.Events = append(snap.Events, broker.Event{Seq: je.Seq, Time: je.Time, Type: broker.EventType(je.Type), Lease: r.Lease, Token: je.Token, CausedBy: je.CausedBy})
 	}
 	if len(bad) > 0 {
 		log.Error("journal records the daemon cannot read were skipped", "err", errors.Join(bad...))

@@ -108,6 +108,7 @@ func fullLease(id string, seq uint64) Lease {
 		EndReason:      "revoked",
 		EndedBy:        "uid 0 (admin) pid 1",
 		Dead:           true,
+		RevokeDue:      time.Now().Add(30 * time.Second),
 		Reissuing:      true,
 		Seq:            seq,
 		Labels:         map[string]string{"team": "gpu", "ünicode": "✓ \"quoted\""},
@@ -115,7 +116,7 @@ func fullLease(id string, seq uint64) Lease {
 }
 
 func fullEvent(seq uint64, l Lease) Event {
-	return Event{Seq: seq, Time: time.Now(), Type: "reissued", Lease: l, Token: "token-" + l.ID}
+	return Event{Seq: seq, Time: time.Now(), Type: "reissued", Lease: l, Token: "token-" + l.ID, CausedBy: "uid=1000"}
 }
 
 // TestFullLeaseIsFull guards the round-trip test: a field added to Lease or Event must be

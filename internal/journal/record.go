@@ -59,9 +59,10 @@ type Lease struct {
 	TTL            time.Duration     `json:"ttl,omitzero"`
 	EndReason      string            `json:"end_reason,omitzero"`
 	EndedBy        string            `json:"ended_by,omitzero"`
-	Dead           bool              `json:"dead,omitzero"`      // an ended lease's dma-buf is dead in every process
-	Reissuing      bool              `json:"reissuing,omitzero"` // a device cycle killed its fd; not reissued yet
-	Seq            uint64            `json:"seq,omitzero"`       // the seq of the event that produced this record
+	Dead           bool              `json:"dead,omitzero"`       // an ended lease's dma-buf is dead in every process
+	RevokeDue      time.Time         `json:"revoke_due,omitzero"` // an ended-but-live lease's fd dies at the latest then
+	Reissuing      bool              `json:"reissuing,omitzero"`  // a device cycle killed its fd; not reissued yet
+	Seq            uint64            `json:"seq,omitzero"`        // the seq of the event that produced this record
 	Labels         map[string]string `json:"labels,omitzero"`
 }
 
@@ -76,6 +77,8 @@ type Event struct {
 	// Token is the new claim token of a reissued event, stored so that the holder can
 	// still collect it after a restart; only the holder may be shown it.
 	Token string `json:"token,omitzero"`
+	// CausedBy names who caused the device cycle behind the event, if one did.
+	CausedBy string `json:"caused_by,omitzero"`
 }
 
 // RecordError reports a stored record that cannot be decoded. It matches [ErrCorrupt].

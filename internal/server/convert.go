@@ -231,6 +231,8 @@ func eventTypeToProto(t broker.EventType) brokerv1.EventType {
 		return brokerv1.EventType_EVENT_TYPE_SUSPENDED
 	case broker.EventResumed:
 		return brokerv1.EventType_EVENT_TYPE_RESUMED
+	case broker.EventFdRevoked:
+		return brokerv1.EventType_EVENT_TYPE_FD_REVOKED
 	}
 	return brokerv1.EventType_EVENT_TYPE_UNSPECIFIED
 }
@@ -272,7 +274,7 @@ func leaseToProto(l broker.Lease) *brokerv1.Lease {
 		Generation:     l.Generation,
 		Size:           l.Size,
 		Inode:          l.Inode,
-		Holder:         &brokerv1.Holder{Uid: l.Holder.UID, Pid: l.Holder.PID},
+		Holder:         &brokerv1.Holder{Uid: l.Holder.UID, Pid: l.Holder.PID, Tenant: broker.TenantOf(l.Holder.UID, l.Holder.Tenant)},
 		VmName:         l.VMName,
 		Unattested:     l.Unattested,
 		CreateTime:     timestamp(l.Created),
@@ -283,6 +285,8 @@ func leaseToProto(l broker.Lease) *brokerv1.Lease {
 		Ttl:            duration(l.TTL),
 		ExpireTime:     expires,
 		RevokeDeadline: timestamp(l.RevokeDeadline),
+		RevokeDue:      timestamp(l.RevokeDue),
+		FdDead:         !l.Live() && l.Dead,
 		ClaimDeadline:  timestamp(l.ClaimDeadline),
 	}
 }

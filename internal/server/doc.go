@@ -5,7 +5,7 @@
 // The package is a thin shell around [broker.Broker]: it converts requests from their
 // protobuf form into broker calls and the results back, checks only the shape of requests
 // (required fields present, enums known, sizes bounded) and leaves every domain rule to the
-// broker, and turns errors into gRPC statuses through errdefs.ToGRPC, so a status code
+// broker, and turns errors into gRPC statuses once, in its interceptors (toStatus), so a status code
 // always reflects the errdefs class of the error and its message names the device, BAR and
 // range at fault.
 //

@@ -21,7 +21,13 @@ type Identity struct {
 	// connection's pidfd), owned by whoever calls Pin. Nil if the process cannot be pinned;
 	// AllocateLease then fails, since a lease's fd must only go to a pinned process.
 	Pin func() (broker.Process, error)
+	// Tenant is the caller's tenant identity (internal/tenant), resolved when it
+	// connected; empty means "uid=<UID>".
+	Tenant string
 }
+
+// tenant returns id's tenant identity.
+func (id Identity) tenant() string { return broker.TenantOf(id.UID, id.Tenant) }
 
 // IdentifyFunc resolves the caller of the RPC whose context is ctx. It is called once per
 // RPC, before the handler runs; an error fails the RPC (with codes.Unauthenticated unless
@@ -56,7 +62,7 @@ func isAdmin(id Identity, adminGroups []uint32) bool {
 
 // actor is id as the broker's Actor.
 func actor(id Identity, admin bool) broker.Actor {
-	return broker.Actor{UID: id.UID, PID: id.PID, Admin: admin}
+	return broker.Actor{UID: id.UID, PID: id.PID, Admin: admin, Tenant: id.tenant()}
 }
 
 func (id Identity) String() string { return fmt.Sprintf("uid %d pid %d", id.UID, id.PID) }

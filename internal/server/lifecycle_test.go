@@ -268,7 +268,7 @@ func TestRenewLease(t *testing.T) {
 		code codes.Code
 		msg  []string
 	}{
-		{holder2, l.GetId(), nil, codes.PermissionDenied, []string{"lease " + l.GetId() + " is held by uid 1000, not uid 1001"}},
+		{holder2, l.GetId(), nil, codes.PermissionDenied, []string{"renew lease " + l.GetId() + ": it is held by tenant uid=1000, not uid=1001"}},
 		{stranger, l.GetId(), nil, codes.PermissionDenied, nil},
 		{holder, "", nil, codes.InvalidArgument, []string{"lease_id is required"}},
 		{holder, l.GetId(), durationpb.New(-time.Minute), codes.InvalidArgument, []string{"renew lease " + l.GetId() + ": ttl -1m0s is negative"}},

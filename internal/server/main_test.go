@@ -28,7 +28,6 @@ import (
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
-	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
@@ -298,7 +297,6 @@ func oneRange(bdf string, bar uint32, off, length uint64) *brokerv1.AllocateLeas
 }
 
 // toStatus converts a domain error as the handlers do.
-func toStatus(err error) error { return errdefs.ToGRPC(err) }
 
 // cmpLeases diffs lease lists.
 func cmpLeases(want, got []*brokerv1.Lease) string { return cmp.Diff(want, got, protocmp.Transform()) }

@@ -200,7 +200,8 @@ func (s *Server) unaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 		return nil, unauthenticated(err)
 	}
 	identified = true
-	return handler(context.WithValue(ctx, identityKey{}, id), req)
+	resp, err = handler(context.WithValue(ctx, identityKey{}, id), req)
+	return resp, toStatus(err)
 }
 
 // streamInterceptor is unaryInterceptor for streams.
@@ -219,7 +220,7 @@ func (s *Server) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 		return unauthenticated(err)
 	}
 	identified = true
-	return handler(srv, &identityStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), identityKey{}, id)})
+	return toStatus(handler(srv, &identityStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), identityKey{}, id)}))
 }
 
 // identityStream is a server stream whose context carries the caller's Identity.

@@ -108,7 +108,7 @@ func TestReflection(t *testing.T) {
 		}
 	}
 	wantMethods := []string{"ListDevices", "GetDevice", "AllocateLease", "GetLease", "ListLeases", "RevokeLease", "ReleaseLease", "WatchEvents",
-		"RenewLease", "SuspendDevice", "ResumeDevice", "Drain"}
+		"RenewLease", "SuspendDevice", "ResumeDevice", "CycleDevice", "Drain"}
 	if diff := cmp.Diff(wantMethods, methods); diff != "" {
 		t.Errorf("methods (-want +got):\n%s", diff)
 	}

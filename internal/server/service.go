@@ -27,32 +27,32 @@ type service struct {
 	stopping <-chan struct{}
 
 	watchMu sync.Mutex
-	watches map[uint32]int // open WatchEvents streams of non-admin uids; guarded by watchMu
+	watches map[string]int // open WatchEvents streams of non-admin tenants; guarded by watchMu
 }
 
-// MaxWatchesPerUID bounds the WatchEvents streams one non-admin uid may have open: each
-// holds a subscription buffer in the daemon.
-const MaxWatchesPerUID = 16
+// MaxWatchesPerTenant bounds the WatchEvents streams one non-admin tenant may have open:
+// each holds a subscription buffer in the daemon.
+const MaxWatchesPerTenant = 16
 
-// watchSlot takes one of uid's WatchEvents slots; the returned func gives it back.
-func (s *service) watchSlot(uid uint32, admin bool) (func(), error) {
+// watchSlot takes one of tenant's WatchEvents slots; the returned func gives it back.
+func (s *service) watchSlot(tenant string, admin bool) (func(), error) {
 	if admin {
 		return func() {}, nil
 	}
 	s.watchMu.Lock()
 	defer s.watchMu.Unlock()
 	if s.watches == nil {
-		s.watches = map[uint32]int{}
+		s.watches = map[string]int{}
 	}
-	if s.watches[uid] >= MaxWatchesPerUID {
-		return nil, fmt.Errorf("uid %d has %d event streams open, the limit: %w", uid, MaxWatchesPerUID, errdefs.ErrResourceExhausted)
+	if s.watches[tenant] >= MaxWatchesPerTenant {
+		return nil, fmt.Errorf("tenant %s has %d event streams open, the limit: %w", tenant, MaxWatchesPerTenant, errdefs.ErrResourceExhausted)
 	}
-	s.watches[uid]++
+	s.watches[tenant]++
 	return func() {
 		s.watchMu.Lock()
 		defer s.watchMu.Unlock()
-		if s.watches[uid]--; s.watches[uid] <= 0 {
-			delete(s.watches, uid)
+		if s.watches[tenant]--; s.watches[tenant] <= 0 {
+			delete(s.watches, tenant)
 		}
 	}, nil
 }
@@ -88,11 +88,11 @@ func (s *service) GetDevice(ctx context.Context, req *brokerv1.GetDeviceRequest)
 	}
 	bdf, err := parseBDF(req.GetBdf())
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	st, err := s.b.Device(bdf)
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	return &brokerv1.GetDeviceResponse{Device: deviceToProto(st)}, nil
 }
@@ -105,28 +105,28 @@ func (s *service) AllocateLease(ctx context.Context, req *brokerv1.AllocateLease
 	}
 	r, err := allocateRequest(req)
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	if id.Pin == nil {
-		return nil, errdefs.ToGRPC(fmt.Errorf("device %s: cannot pin the calling process (%s) with a pidfd, so it cannot hold a lease: %w",
-			r.BDF, id, errdefs.ErrFailedPrecondition))
+		return nil, fmt.Errorf("device %s: cannot pin the calling process (%s) with a pidfd, so it cannot hold a lease: %w",
+			r.BDF, id, errdefs.ErrFailedPrecondition)
 	}
 	proc, err := id.Pin()
 	if err != nil {
-		return nil, errdefs.ToGRPC(fmt.Errorf("device %s: pin the calling process (%s): %w: %w", r.BDF, id, err, errdefs.ErrUnavailable))
+		return nil, fmt.Errorf("device %s: pin the calling process (%s): %w: %w", r.BDF, id, err, errdefs.ErrUnavailable)
 	}
 	var stamp uint64
 	if st, ok := proc.(interface{ Stamp() (uint64, error) }); ok {
 		if stamp, err = st.Stamp(); err != nil {
 			proc.Close()
-			return nil, errdefs.ToGRPC(fmt.Errorf("device %s: identify the calling process (%s) for restarts: %w: %w", r.BDF, id, err, errdefs.ErrUnavailable))
+			return nil, fmt.Errorf("device %s: identify the calling process (%s) for restarts: %w: %w", r.BDF, id, err, errdefs.ErrUnavailable)
 		}
 	}
-	r.Holder = broker.Holder{UID: id.UID, GID: id.GID, Groups: id.Groups, PID: id.PID, Start: stamp, Proc: proc}
+	r.Holder = broker.Holder{UID: id.UID, GID: id.GID, Groups: id.Groups, PID: id.PID, Start: stamp, Proc: proc, Tenant: id.tenant()}
 	r.Admin = admin
 	l, token, err := s.b.Allocate(r) // owns proc from here on, even on error
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	return &brokerv1.AllocateLeaseResponse{
 		Lease:         leaseToProto(l),
@@ -144,14 +144,11 @@ func (s *service) GetLease(ctx context.Context, req *brokerv1.GetLeaseRequest) (
 	}
 	leaseID, err := parseLeaseID(req.GetLeaseId())
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
-	l, err := s.b.Get(leaseID)
+	l, err := s.b.GetAs(leaseID, actor(id, admin))
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
-	}
-	if !admin && l.Holder.UID != id.UID {
-		return nil, errdefs.ToGRPC(fmt.Errorf("lease %s is held by uid %d, not %s: %w", l.ID, l.Holder.UID, id, errdefs.ErrPermissionDenied))
+		return nil, err
 	}
 	return &brokerv1.GetLeaseResponse{Lease: leaseToProto(l)}, nil
 }
@@ -165,21 +162,19 @@ func (s *service) ListLeases(ctx context.Context, req *brokerv1.ListLeasesReques
 	f := broker.Filter{Live: req.GetLiveOnly()}
 	if req.GetBdf() != "" {
 		if f.BDF, err = parseBDF(req.GetBdf()); err != nil {
-			return nil, errdefs.ToGRPC(err)
+			return nil, err
 		}
 	}
 	if req.HolderUid != nil {
 		uid := req.GetHolderUid()
 		f.UID = &uid
 	}
-	if !admin {
-		if f.UID != nil && *f.UID != id.UID {
-			return nil, errdefs.ToGRPC(fmt.Errorf("list leases of uid %d: %s may list only its own leases: %w", *f.UID, id, errdefs.ErrPermissionDenied))
-		}
-		uid := id.UID
-		f.UID = &uid
+	f.Tenant = req.GetTenant()
+	ls, err := s.b.ListAs(f, actor(id, admin))
+	if err != nil {
+		return nil, err
 	}
-	return &brokerv1.ListLeasesResponse{Leases: leasesToProto(s.b.List(f))}, nil
+	return &brokerv1.ListLeasesResponse{Leases: leasesToProto(ls)}, nil
 }
 
 // RevokeLease implements brokerv1.BrokerServer.
@@ -190,11 +185,11 @@ func (s *service) RevokeLease(ctx context.Context, req *brokerv1.RevokeLeaseRequ
 	}
 	leaseID, err := parseLeaseID(req.GetLeaseId())
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	grace, err := durationFromProto("grace_period", req.GetGracePeriod(), maxGrace)
 	if err != nil {
-		return nil, errdefs.ToGRPC(fmt.Errorf("revoke lease %s: %w", leaseID, err))
+		return nil, fmt.Errorf("revoke lease %s: %w", leaseID, err)
 	}
 	var l broker.Lease
 	reissued := 0
@@ -204,7 +199,7 @@ func (s *service) RevokeLease(ctx context.Context, req *brokerv1.RevokeLeaseRequ
 		l, reissued, err = s.b.RevokeNow(leaseID, actor(id, admin))
 	}
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	return &brokerv1.RevokeLeaseResponse{Lease: leaseToProto(l), ReissuedLeases: uint32(reissued)}, nil
 }
@@ -217,25 +212,15 @@ func (s *service) RenewLease(ctx context.Context, req *brokerv1.RenewLeaseReques
 	}
 	leaseID, err := parseLeaseID(req.GetLeaseId())
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	ttl, err := durationFromProto("ttl", req.GetTtl(), maxTTL)
 	if err != nil {
-		return nil, errdefs.ToGRPC(fmt.Errorf("renew lease %s: %w", leaseID, err))
-	}
-	// Holders learn nothing about other uids' leases, not even that they ended.
-	if !admin {
-		l, err := s.b.Get(leaseID)
-		if err != nil {
-			return nil, errdefs.ToGRPC(err)
-		}
-		if l.Holder.UID != id.UID {
-			return nil, errdefs.ToGRPC(fmt.Errorf("lease %s is held by uid %d, not %s: %w", l.ID, l.Holder.UID, id, errdefs.ErrPermissionDenied))
-		}
+		return nil, fmt.Errorf("renew lease %s: %w", leaseID, err)
 	}
 	l, err := s.b.Renew(leaseID, actor(id, admin), ttl)
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	return &brokerv1.RenewLeaseResponse{Lease: leaseToProto(l)}, nil
 }
@@ -267,11 +252,11 @@ func (s *service) suspendResume(ctx context.Context, bdf string, op func(string,
 	}
 	bdf, err = parseBDF(bdf)
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	st, err := op(bdf, actor(id, admin))
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	return deviceToProto(st), nil
 }
@@ -284,11 +269,11 @@ func (s *service) ReleaseLease(ctx context.Context, req *brokerv1.ReleaseLeaseRe
 	}
 	leaseID, err := parseLeaseID(req.GetLeaseId())
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	l, err := s.b.Release(leaseID, actor(id, admin))
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	return &brokerv1.ReleaseLeaseResponse{Lease: leaseToProto(l)}, nil
 }
@@ -300,14 +285,15 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	if err != nil {
 		return err
 	}
-	done, err := s.watchSlot(id.UID, admin)
+	done, err := s.watchSlot(id.tenant(), admin)
 	if err != nil {
-		return errdefs.ToGRPC(err)
+		return err
 	}
 	defer done()
-	sub, err := s.b.SubscribeFiltered(req.GetAfterSeq(), func(ev broker.Event) bool { return visible(ev, id, admin) })
+	who := actor(id, admin)
+	sub, err := s.b.SubscribeFiltered(req.GetAfterSeq(), func(ev broker.Event) bool { return broker.MayView(who, ev.Lease) })
 	if err != nil {
-		return errdefs.ToGRPC(err)
+		return err
 	}
 	defer sub.Close()
 	// The response headers tell the client that the subscription is in place: every event
@@ -319,14 +305,14 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	for {
 		select {
 		case <-ctx.Done():
-			return errdefs.ToGRPC(ctx.Err())
+			return ctx.Err()
 		case <-s.stopping:
-			return errdefs.ToGRPC(fmt.Errorf("event stream: the server is shutting down: %w", errdefs.ErrUnavailable))
+			return fmt.Errorf("event stream: the server is shutting down: %w", errdefs.ErrUnavailable)
 		case ev, ok := <-sub.Events():
 			if !ok {
-				return errdefs.ToGRPC(subscriptionEnded(sub.Err()))
+				return subscriptionEnded(sub.Err())
 			}
-			if e := eventFor(ev, id, admin); e != nil {
+			if e := eventFor(ev, id, who); e != nil {
 				if err := stream.Send(&brokerv1.WatchEventsResponse{Event: e}); err != nil {
 					return err
 				}
@@ -345,31 +331,26 @@ func subscriptionEnded(err error) error {
 	switch {
 	case err == nil:
 		return fmt.Errorf("event stream ended: %w", errdefs.ErrUnavailable)
-	case errdefs.Code(err) == codes.Internal: // unclassified
+	case code(err) == codes.Internal: // unclassified
 		return fmt.Errorf("event stream ended: %w: %w", err, errdefs.ErrUnavailable)
 	}
 	return fmt.Errorf("event stream ended: %w", err)
 }
 
-// visible reports whether the watcher id may see ev: admins see every event, others the
-// events of their uid's leases.
-func visible(ev broker.Event, id Identity, admin bool) bool {
-	return admin || ev.Lease.Holder.UID == id.UID
-}
-
-// eventFor converts ev for a watcher, or returns nil if the watcher may not see it:
-// holders see only the events of their uid's leases, and a reissued claim token only on
-// their own process's stream.
-func eventFor(ev broker.Event, id Identity, admin bool) *brokerv1.Event {
+// eventFor converts ev for the watcher id (as who), or returns nil if the watcher may not
+// see it: holders see only the events of their tenant's leases, and a reissued claim
+// token only on their own process's stream.
+func eventFor(ev broker.Event, id Identity, who broker.Actor) *brokerv1.Event {
 	holder := ev.Lease.Holder
-	if !visible(ev, id, admin) {
+	if !broker.MayView(who, ev.Lease) {
 		return nil
 	}
 	e := &brokerv1.Event{
-		Seq:   ev.Seq,
-		Time:  timestamp(ev.Time),
-		Type:  eventTypeToProto(ev.Type),
-		Lease: leaseToProto(ev.Lease),
+		Seq:      ev.Seq,
+		Time:     timestamp(ev.Time),
+		Type:     eventTypeToProto(ev.Type),
+		Lease:    leaseToProto(ev.Lease),
+		CausedBy: ev.CausedBy,
 	}
 	if ev.Type == broker.EventReissued && holder.UID == id.UID && holder.PID == id.PID {
 		e.ClaimToken = ev.Token
@@ -383,9 +364,26 @@ func (s *service) Drain(ctx context.Context, _ *brokerv1.DrainRequest) (*brokerv
 	if err != nil {
 		return nil, err
 	}
-	ended, cycled, err := s.b.Drain(broker.Actor{UID: id.UID, PID: id.PID, Admin: admin})
+	ended, cycled, err := s.b.Drain(actor(id, admin))
 	if err != nil {
-		return nil, errdefs.ToGRPC(err)
+		return nil, err
 	}
 	return &brokerv1.DrainResponse{EndedLeases: uint32(ended), CycledDevices: uint32(cycled)}, nil
+}
+
+// CycleDevice implements brokerv1.BrokerServer.
+func (s *service) CycleDevice(ctx context.Context, req *brokerv1.CycleDeviceRequest) (*brokerv1.CycleDeviceResponse, error) {
+	id, admin, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	bdf, err := parseBDF(req.GetBdf())
+	if err != nil {
+		return nil, err
+	}
+	reissued, buried, err := s.b.CycleDevice(bdf, actor(id, admin))
+	if err != nil {
+		return nil, err
+	}
+	return &brokerv1.CycleDeviceResponse{ReissuedLeases: uint32(reissued), FdRevokedLeases: uint32(buried)}, nil
 }

@@ -13,9 +13,13 @@
 // and the process pinned with a pidfd); there are no tokens or TLS.
 //
 // Callers are either admins (uid 0, or a member of the daemon's configured admin group) or
-// holders (anyone else the device policy lets lease). Holders see, watch, renew and release
-// only the leases their own uid holds; admins see all leases and are the only ones who may
-// revoke leases and suspend or resume devices.
+// holders (anyone else the device policy lets lease). Every holder belongs to a tenant
+// (Holder.tenant): by default its uid together with the VM's own cgroup unit when it runs in
+// one (a libvirt machine scope, a Kubernetes pod), or the uid alone; optionally the uid and
+// its LSM label (the daemon's [tenants] configuration, docs/config.md). Holders see, watch,
+// renew and release only the leases of their own tenant, and every per-holder limit counts
+// per tenant; admins see all leases and are the only ones who may revoke leases, cycle and
+// suspend or resume devices.
 //
 // The dma-buf fd itself is not delivered over gRPC: AllocateLease returns a single-use claim
 // token, and the allocating process presents it on the claim socket
@@ -34,14 +38,34 @@
 //   its claim token expired unclaimed                    RELEASED  CLAIM_EXPIRED    EXPIRED
 //   its device failed or went away                       REVOKED   DEVICE_LOST      DEVICE_LOST
 //   re-export after another lease's revoke failed        REVOKED   REISSUE_FAILED   REVOKED
-//   the broker shut down                                 RELEASED  BROKER_SHUTDOWN  RELEASED
+//   its private lease's device left the TSM-bound state  REVOKED   TSM_UNBOUND      REVOKED
+//   the broker was drained (Drain)                       REVOKED   BROKER_SHUTDOWN  REVOKED
+//   the broker stopped without the fd store              RELEASED  BROKER_SHUTDOWN  RELEASED
 //
-// Only a release (ReleaseLease) leaves a claimed fd working, until its holder closes it.
-// Every other end makes the lease's dma-buf dead in every process that holds it: by the time
-// RevokeLease returns for an immediate revoke, and one device cycle (or per-buffer revoke)
-// after the event for the ends the broker starts itself (holder exit, expiry, the deadline
-// of a cooperative revoke). Device loss and broker shutdown close the device, which kills
-// all of its dma-bufs. An unclaimed lease's fd never left the broker.
+// REVOCATION BOUNDS. Linux 7.2 kills a dma-buf only by cycling its whole device, which
+// reissues every other lease of the device. The daemon therefore promises two numbers (the
+// [limits] revoke_within = R, default 30 s, and tenant_cycle_interval = C, default 10 s,
+// C <= R):
+//
+//   R: a lease that its tenant ended (ReleaseLease, its holder exiting, its ttl running out)
+//      after its fd was claimed ends at once — its rights end, the event is sent — but its fd
+//      keeps working ("ended but live": Lease.revoke_due is set) until its device's next
+//      cycle, which comes at the latest R after the end. Every ended-but-live lease of a
+//      device dies in that one cycle (FD_REVOKED event each). Until then it counts against
+//      its tenant's limits. An admin can kill it at once (RevokeLease on it, CycleDevice).
+//   C: device cycles that tenants cause happen at most once per C per device, so another
+//      tenant can make your lease reissue at most once per C. An allocation that must not
+//      share the ranges of an ended-but-live lease (a private lease, or another tenant's)
+//      needs a cycle first: within C of the last one it is refused with UNAVAILABLE naming
+//      when the device cycles by itself (retry then), and each tenant has an hourly budget
+//      of such cycles (RESOURCE_EXHAUSTED beyond it).
+//
+// The trade-off: a shorter R kills ended fds sooner but lets tenants cycle a shared device
+// more often (one cycle per R from lease ends alone); a longer C protects tenants better but
+// delays allocations over freshly released ranges. Admin revokes, CycleDevice, Drain and the
+// daemon's own security ends (device lost, TSM unbound) cycle at once. An unclaimed
+// lease's fd never left the daemon: its end needs no cycle. REVOKED, DEVICE_LOST, the
+// REVOKED of a Drain and FD_REVOKED are sent only after the kernel made the dma-buf dead.
 
 package brokerv1
 
@@ -370,6 +394,9 @@ const (
 	// The lease's device was resumed (ResumeDevice): the dma-buf is accessible again. The fd is
 	// the same, but importers that dropped their mappings (iommufd) must map it again.
 	EventType_EVENT_TYPE_RESUMED EventType = 11
+	// An ended-but-live lease's dma-buf is dead now in every process: its device cycled (or
+	// closed). Lease.fd_dead is true; Event.caused_by names who caused the cycle.
+	EventType_EVENT_TYPE_FD_REVOKED EventType = 12
 )
 
 // Enum value maps for EventType.
@@ -387,6 +414,7 @@ var (
 		9:  "EVENT_TYPE_RENEWED",
 		10: "EVENT_TYPE_SUSPENDED",
 		11: "EVENT_TYPE_RESUMED",
+		12: "EVENT_TYPE_FD_REVOKED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":      0,
@@ -401,6 +429,7 @@ var (
 		"EVENT_TYPE_RENEWED":          9,
 		"EVENT_TYPE_SUSPENDED":        10,
 		"EVENT_TYPE_RESUMED":          11,
+		"EVENT_TYPE_FD_REVOKED":       12,
 	}
 )
 
@@ -916,10 +945,15 @@ func (x *Range) GetLength() uint64 {
 // Holder identifies the process a lease was allocated to.
 type Holder struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The holder's uid. Holders with this uid may get, watch and release the lease.
+	// The holder's uid.
 	Uid uint32 `protobuf:"varint,1,opt,name=uid,proto3" json:"uid,omitempty"`
 	// The pid of the allocating process; only this process may claim the lease's fd.
-	Pid           int32 `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	Pid int32 `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	// The holder's tenant: callers of the same tenant may get, watch, renew and release the
+	// lease, and it counts against this tenant's limits. "uid=N" alone, or with the VM's
+	// cgroup unit ("uid=107,cgroup=/machine.slice/machine-qemu\x2d1\x2dvm1.scope") or LSM
+	// label ("uid=107,label=system_u:system_r:svirt_t:s0:c1,c2"); see docs/api.md, Tenants.
+	Tenant        string `protobuf:"bytes,3,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -966,6 +1000,13 @@ func (x *Holder) GetPid() int32 {
 		return x.Pid
 	}
 	return 0
+}
+
+func (x *Holder) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
 }
 
 // Lease is a snapshot of one lease.
@@ -1024,6 +1065,14 @@ type Lease struct {
 	// restarted by a reissue of a never-claimed lease. Unset once claimed: the token of a
 	// reissued ACTIVE lease stays valid while the lease lives.
 	ClaimDeadline *timestamppb.Timestamp `protobuf:"bytes,21,opt,name=claim_deadline,json=claimDeadline,proto3" json:"claim_deadline,omitempty"`
+	// Set on an ended-but-live lease: its tenant ended it (released, holder exited, expired)
+	// after its fd was claimed, and the fd still works for whoever holds it until the
+	// device's next cycle, which comes at the latest at this time (end_time + R). Unset on
+	// live leases and once the fd is dead (FD_REVOKED event).
+	RevokeDue *timestamppb.Timestamp `protobuf:"bytes,22,opt,name=revoke_due,json=revokeDue,proto3" json:"revoke_due,omitempty"`
+	// True once an ended lease's dma-buf is dead in every process (it never left the daemon,
+	// or its device cycled or closed since). False on live leases and on ended-but-live ones.
+	FdDead        bool `protobuf:"varint,23,opt,name=fd_dead,json=fdDead,proto3" json:"fd_dead,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1205,6 +1254,20 @@ func (x *Lease) GetClaimDeadline() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Lease) GetRevokeDue() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokeDue
+	}
+	return nil
+}
+
+func (x *Lease) GetFdDead() bool {
+	if x != nil {
+		return x.FdDead
+	}
+	return false
+}
+
 // Event is one lease transition.
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1221,7 +1284,11 @@ type Event struct {
 	// The new claim token of a REISSUED lease. Set only on REISSUED events and only on streams
 	// of the lease's holder process (same uid and pid as Lease.holder); empty otherwise, also
 	// for admins who are not the holder.
-	ClaimToken    string `protobuf:"bytes,5,opt,name=claim_token,json=claimToken,proto3" json:"claim_token,omitempty"`
+	ClaimToken string `protobuf:"bytes,5,opt,name=claim_token,json=claimToken,proto3" json:"claim_token,omitempty"`
+	// Who caused the device cycle behind a REISSUED, FD_REVOKED or REVOKED event: a tenant
+	// ("uid=1000", "uid=107,cgroup=…"), an admin ("uid 0 (admin) pid 42"), or "broker …" (its
+	// own security ends, a restart); empty for other events.
+	CausedBy      string `protobuf:"bytes,6,opt,name=caused_by,json=causedBy,proto3" json:"caused_by,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1287,6 +1354,13 @@ func (x *Event) GetLease() *Lease {
 func (x *Event) GetClaimToken() string {
 	if x != nil {
 		return x.ClaimToken
+	}
+	return ""
+}
+
+func (x *Event) GetCausedBy() string {
+	if x != nil {
+		return x.CausedBy
 	}
 	return ""
 }
@@ -1736,8 +1810,11 @@ type ListLeasesRequest struct {
 	// Only live (ALLOCATED or ACTIVE) leases; otherwise recently ended leases are included.
 	LiveOnly bool `protobuf:"varint,2,opt,name=live_only,json=liveOnly,proto3" json:"live_only,omitempty"`
 	// Only leases held by this uid. Admins may name any uid; a holder may name only its own
-	// (PERMISSION_DENIED otherwise) and always sees only its own leases.
-	HolderUid     *uint32 `protobuf:"varint,3,opt,name=holder_uid,json=holderUid,proto3,oneof" json:"holder_uid,omitempty"`
+	// (PERMISSION_DENIED otherwise) and always sees only its own tenant's leases.
+	HolderUid *uint32 `protobuf:"varint,3,opt,name=holder_uid,json=holderUid,proto3,oneof" json:"holder_uid,omitempty"`
+	// Only leases of this tenant (Holder.tenant). Admins may name any tenant; a holder may name
+	// only its own (PERMISSION_DENIED otherwise).
+	Tenant        string `protobuf:"bytes,4,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1791,6 +1868,13 @@ func (x *ListLeasesRequest) GetHolderUid() uint32 {
 		return *x.HolderUid
 	}
 	return 0
+}
+
+func (x *ListLeasesRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
 }
 
 // ListLeasesResponse lists leases.
@@ -2426,6 +2510,107 @@ func (x *ResumeDeviceResponse) GetDevice() *Device {
 	return nil
 }
 
+// CycleDeviceRequest names the device to cycle.
+type CycleDeviceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// PCI address of a configured device. Required.
+	Bdf           string `protobuf:"bytes,1,opt,name=bdf,proto3" json:"bdf,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CycleDeviceRequest) Reset() {
+	*x = CycleDeviceRequest{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CycleDeviceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CycleDeviceRequest) ProtoMessage() {}
+
+func (x *CycleDeviceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CycleDeviceRequest.ProtoReflect.Descriptor instead.
+func (*CycleDeviceRequest) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *CycleDeviceRequest) GetBdf() string {
+	if x != nil {
+		return x.Bdf
+	}
+	return ""
+}
+
+// CycleDeviceResponse says what a CycleDevice killed and reissued.
+type CycleDeviceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How many live leases the cycle reissued (new generation, REISSUED event).
+	ReissuedLeases uint32 `protobuf:"varint,1,opt,name=reissued_leases,json=reissuedLeases,proto3" json:"reissued_leases,omitempty"`
+	// How many ended-but-live leases it made dead (FD_REVOKED event).
+	FdRevokedLeases uint32 `protobuf:"varint,2,opt,name=fd_revoked_leases,json=fdRevokedLeases,proto3" json:"fd_revoked_leases,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *CycleDeviceResponse) Reset() {
+	*x = CycleDeviceResponse{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CycleDeviceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CycleDeviceResponse) ProtoMessage() {}
+
+func (x *CycleDeviceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CycleDeviceResponse.ProtoReflect.Descriptor instead.
+func (*CycleDeviceResponse) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *CycleDeviceResponse) GetReissuedLeases() uint32 {
+	if x != nil {
+		return x.ReissuedLeases
+	}
+	return 0
+}
+
+func (x *CycleDeviceResponse) GetFdRevokedLeases() uint32 {
+	if x != nil {
+		return x.FdRevokedLeases
+	}
+	return 0
+}
+
 // DrainRequest asks to end every lease; it has no fields.
 type DrainRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2435,7 +2620,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2447,7 +2632,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2460,7 +2645,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{32}
 }
 
 // DrainResponse says what a Drain ended.
@@ -2476,7 +2661,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2488,7 +2673,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2501,7 +2686,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DrainResponse) GetEndedLeases() uint32 {
@@ -2565,10 +2750,11 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"errorCount\"7\n" +
 	"\x05Range\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
-	"\x06length\x18\x02 \x01(\x04R\x06length\",\n" +
+	"\x06length\x18\x02 \x01(\x04R\x06length\"D\n" +
 	"\x06Holder\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\rR\x03uid\x12\x10\n" +
-	"\x03pid\x18\x02 \x01(\x05R\x03pid\"\xef\x06\n" +
+	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12\x16\n" +
+	"\x06tenant\x18\x03 \x01(\tR\x06tenant\"\xc3\a\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03bdf\x18\x02 \x01(\tR\x03bdf\x12\x10\n" +
@@ -2599,14 +2785,18 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\vexpire_time\x18\x13 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12C\n" +
 	"\x0frevoke_deadline\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\x0erevokeDeadline\x12A\n" +
-	"\x0eclaim_deadline\x18\x15 \x01(\v2\x1a.google.protobuf.TimestampR\rclaimDeadline\"\xc4\x01\n" +
+	"\x0eclaim_deadline\x18\x15 \x01(\v2\x1a.google.protobuf.TimestampR\rclaimDeadline\x129\n" +
+	"\n" +
+	"revoke_due\x18\x16 \x01(\v2\x1a.google.protobuf.TimestampR\trevokeDue\x12\x17\n" +
+	"\afd_dead\x18\x17 \x01(\bR\x06fdDead\"\xe1\x01\n" +
 	"\x05Event\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12,\n" +
 	"\x04type\x18\x03 \x01(\x0e2\x18.mmiobroker.v1.EventTypeR\x04type\x12*\n" +
 	"\x05lease\x18\x04 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x12\x1f\n" +
 	"\vclaim_token\x18\x05 \x01(\tR\n" +
-	"claimToken\"\x14\n" +
+	"claimToken\x12\x1b\n" +
+	"\tcaused_by\x18\x06 \x01(\tR\bcausedBy\"\x14\n" +
 	"\x12ListDevicesRequest\"F\n" +
 	"\x13ListDevicesResponse\x12/\n" +
 	"\adevices\x18\x01 \x03(\v2\x15.mmiobroker.v1.DeviceR\adevices\"$\n" +
@@ -2630,12 +2820,13 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x0fGetLeaseRequest\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\">\n" +
 	"\x10GetLeaseResponse\x12*\n" +
-	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"u\n" +
+	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"\x8d\x01\n" +
 	"\x11ListLeasesRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x1b\n" +
 	"\tlive_only\x18\x02 \x01(\bR\bliveOnly\x12\"\n" +
 	"\n" +
-	"holder_uid\x18\x03 \x01(\rH\x00R\tholderUid\x88\x01\x01B\r\n" +
+	"holder_uid\x18\x03 \x01(\rH\x00R\tholderUid\x88\x01\x01\x12\x16\n" +
+	"\x06tenant\x18\x04 \x01(\tR\x06tenantB\r\n" +
 	"\v_holder_uid\"B\n" +
 	"\x12ListLeasesResponse\x12,\n" +
 	"\x06leases\x18\x01 \x03(\v2\x14.mmiobroker.v1.LeaseR\x06leases\"m\n" +
@@ -2665,7 +2856,12 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x13ResumeDeviceRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\"E\n" +
 	"\x14ResumeDeviceResponse\x12-\n" +
-	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"\x0e\n" +
+	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"&\n" +
+	"\x12CycleDeviceRequest\x12\x10\n" +
+	"\x03bdf\x18\x01 \x01(\tR\x03bdf\"j\n" +
+	"\x13CycleDeviceResponse\x12'\n" +
+	"\x0freissued_leases\x18\x01 \x01(\rR\x0ereissuedLeases\x12*\n" +
+	"\x11fd_revoked_leases\x18\x02 \x01(\rR\x0ffdRevokedLeases\"\x0e\n" +
 	"\fDrainRequest\"Y\n" +
 	"\rDrainResponse\x12!\n" +
 	"\fended_leases\x18\x01 \x01(\rR\vendedLeases\x12%\n" +
@@ -2699,7 +2895,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x19END_REASON_JOURNAL_FAILED\x10\t\x12\x1d\n" +
 	"\x19END_REASON_RESTORE_FAILED\x10\n" +
 	"\x12\x1a\n" +
-	"\x16END_REASON_TSM_UNBOUND\x10\v*\xc2\x02\n" +
+	"\x16END_REASON_TSM_UNBOUND\x10\v*\xdd\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14EVENT_TYPE_ALLOCATED\x10\x01\x12\x16\n" +
@@ -2713,7 +2909,8 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x12EVENT_TYPE_RENEWED\x10\t\x12\x18\n" +
 	"\x14EVENT_TYPE_SUSPENDED\x10\n" +
 	"\x12\x16\n" +
-	"\x12EVENT_TYPE_RESUMED\x10\v2\xfd\a\n" +
+	"\x12EVENT_TYPE_RESUMED\x10\v\x12\x19\n" +
+	"\x15EVENT_TYPE_FD_REVOKED\x10\f2\xd3\b\n" +
 	"\x06Broker\x12T\n" +
 	"\vListDevices\x12!.mmiobroker.v1.ListDevicesRequest\x1a\".mmiobroker.v1.ListDevicesResponse\x12N\n" +
 	"\tGetDevice\x12\x1f.mmiobroker.v1.GetDeviceRequest\x1a .mmiobroker.v1.GetDeviceResponse\x12Z\n" +
@@ -2727,7 +2924,8 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\n" +
 	"RenewLease\x12 .mmiobroker.v1.RenewLeaseRequest\x1a!.mmiobroker.v1.RenewLeaseResponse\x12Z\n" +
 	"\rSuspendDevice\x12#.mmiobroker.v1.SuspendDeviceRequest\x1a$.mmiobroker.v1.SuspendDeviceResponse\x12W\n" +
-	"\fResumeDevice\x12\".mmiobroker.v1.ResumeDeviceRequest\x1a#.mmiobroker.v1.ResumeDeviceResponse\x12B\n" +
+	"\fResumeDevice\x12\".mmiobroker.v1.ResumeDeviceRequest\x1a#.mmiobroker.v1.ResumeDeviceResponse\x12T\n" +
+	"\vCycleDevice\x12!.mmiobroker.v1.CycleDeviceRequest\x1a\".mmiobroker.v1.CycleDeviceResponse\x12B\n" +
 	"\x05Drain\x12\x1b.mmiobroker.v1.DrainRequest\x1a\x1c.mmiobroker.v1.DrainResponseBAZ?github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1;brokerv1b\x06proto3"
 
 var (
@@ -2743,7 +2941,7 @@ func file_mmiobroker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_mmiobroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(AccessMode)(0),               // 0: mmiobroker.v1.AccessMode
 	(LeaseKind)(0),                // 1: mmiobroker.v1.LeaseKind
@@ -2780,10 +2978,12 @@ var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(*SuspendDeviceResponse)(nil), // 32: mmiobroker.v1.SuspendDeviceResponse
 	(*ResumeDeviceRequest)(nil),   // 33: mmiobroker.v1.ResumeDeviceRequest
 	(*ResumeDeviceResponse)(nil),  // 34: mmiobroker.v1.ResumeDeviceResponse
-	(*DrainRequest)(nil),          // 35: mmiobroker.v1.DrainRequest
-	(*DrainResponse)(nil),         // 36: mmiobroker.v1.DrainResponse
-	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 38: google.protobuf.Duration
+	(*CycleDeviceRequest)(nil),    // 35: mmiobroker.v1.CycleDeviceRequest
+	(*CycleDeviceResponse)(nil),   // 36: mmiobroker.v1.CycleDeviceResponse
+	(*DrainRequest)(nil),          // 37: mmiobroker.v1.DrainRequest
+	(*DrainResponse)(nil),         // 38: mmiobroker.v1.DrainResponse
+	(*timestamppb.Timestamp)(nil), // 39: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 40: google.protobuf.Duration
 }
 var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: mmiobroker.v1.DevicePolicy.allowed_kinds:type_name -> mmiobroker.v1.LeaseKind
@@ -2795,63 +2995,66 @@ var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 6: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
 	2,  // 7: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
 	10, // 8: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
-	37, // 9: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	37, // 10: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
-	37, // 11: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	39, // 9: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	39, // 10: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
+	39, // 11: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 12: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
-	38, // 13: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
-	37, // 14: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 15: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
-	37, // 16: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
-	37, // 17: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
-	4,  // 18: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
-	11, // 19: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 20: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
-	8,  // 21: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	9,  // 22: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
-	1,  // 23: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
-	38, // 24: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 25: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	37, // 26: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
-	11, // 27: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 28: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
-	38, // 29: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
-	11, // 30: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 31: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	12, // 32: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
-	38, // 33: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 34: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 35: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	8,  // 36: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	13, // 37: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
-	15, // 38: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
-	17, // 39: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
-	19, // 40: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
-	21, // 41: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
-	23, // 42: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
-	25, // 43: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
-	27, // 44: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
-	29, // 45: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
-	31, // 46: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
-	33, // 47: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
-	35, // 48: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
-	14, // 49: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
-	16, // 50: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
-	18, // 51: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
-	20, // 52: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
-	22, // 53: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
-	24, // 54: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
-	26, // 55: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
-	28, // 56: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
-	30, // 57: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
-	32, // 58: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
-	34, // 59: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
-	36, // 60: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
-	49, // [49:61] is the sub-list for method output_type
-	37, // [37:49] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	40, // 13: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	39, // 14: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	39, // 15: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
+	39, // 16: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
+	39, // 17: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
+	39, // 18: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
+	4,  // 19: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
+	11, // 20: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
+	8,  // 21: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
+	8,  // 22: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	9,  // 23: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
+	1,  // 24: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
+	40, // 25: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 26: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	39, // 27: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
+	11, // 28: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 29: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
+	40, // 30: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
+	11, // 31: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 32: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	12, // 33: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
+	40, // 34: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 35: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	8,  // 36: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	8,  // 37: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	13, // 38: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
+	15, // 39: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
+	17, // 40: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
+	19, // 41: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
+	21, // 42: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
+	23, // 43: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
+	25, // 44: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
+	27, // 45: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
+	29, // 46: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
+	31, // 47: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
+	33, // 48: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
+	35, // 49: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
+	37, // 50: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
+	14, // 51: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
+	16, // 52: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
+	18, // 53: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
+	20, // 54: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
+	22, // 55: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
+	24, // 56: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
+	26, // 57: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
+	28, // 58: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
+	30, // 59: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
+	32, // 60: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
+	34, // 61: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
+	36, // 62: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
+	38, // 63: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
+	51, // [51:64] is the sub-list for method output_type
+	38, // [38:51] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_mmiobroker_v1_broker_proto_init() }
@@ -2866,7 +3069,7 @@ func file_mmiobroker_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mmiobroker_v1_broker_proto_rawDesc), len(file_mmiobroker_v1_broker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   32,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -13,9 +13,13 @@
 // and the process pinned with a pidfd); there are no tokens or TLS.
 //
 // Callers are either admins (uid 0, or a member of the daemon's configured admin group) or
-// holders (anyone else the device policy lets lease). Holders see, watch, renew and release
-// only the leases their own uid holds; admins see all leases and are the only ones who may
-// revoke leases and suspend or resume devices.
+// holders (anyone else the device policy lets lease). Every holder belongs to a tenant
+// (Holder.tenant): by default its uid together with the VM's own cgroup unit when it runs in
+// one (a libvirt machine scope, a Kubernetes pod), or the uid alone; optionally the uid and
+// its LSM label (the daemon's [tenants] configuration, docs/config.md). Holders see, watch,
+// renew and release only the leases of their own tenant, and every per-holder limit counts
+// per tenant; admins see all leases and are the only ones who may revoke leases, cycle and
+// suspend or resume devices.
 //
 // The dma-buf fd itself is not delivered over gRPC: AllocateLease returns a single-use claim
 // token, and the allocating process presents it on the claim socket
@@ -34,14 +38,34 @@
 //   its claim token expired unclaimed                    RELEASED  CLAIM_EXPIRED    EXPIRED
 //   its device failed or went away                       REVOKED   DEVICE_LOST      DEVICE_LOST
 //   re-export after another lease's revoke failed        REVOKED   REISSUE_FAILED   REVOKED
-//   the broker shut down                                 RELEASED  BROKER_SHUTDOWN  RELEASED
+//   its private lease's device left the TSM-bound state  REVOKED   TSM_UNBOUND      REVOKED
+//   the broker was drained (Drain)                       REVOKED   BROKER_SHUTDOWN  REVOKED
+//   the broker stopped without the fd store              RELEASED  BROKER_SHUTDOWN  RELEASED
 //
-// Only a release (ReleaseLease) leaves a claimed fd working, until its holder closes it.
-// Every other end makes the lease's dma-buf dead in every process that holds it: by the time
-// RevokeLease returns for an immediate revoke, and one device cycle (or per-buffer revoke)
-// after the event for the ends the broker starts itself (holder exit, expiry, the deadline
-// of a cooperative revoke). Device loss and broker shutdown close the device, which kills
-// all of its dma-bufs. An unclaimed lease's fd never left the broker.
+// REVOCATION BOUNDS. Linux 7.2 kills a dma-buf only by cycling its whole device, which
+// reissues every other lease of the device. The daemon therefore promises two numbers (the
+// [limits] revoke_within = R, default 30 s, and tenant_cycle_interval = C, default 10 s,
+// C <= R):
+//
+//   R: a lease that its tenant ended (ReleaseLease, its holder exiting, its ttl running out)
+//      after its fd was claimed ends at once — its rights end, the event is sent — but its fd
+//      keeps working ("ended but live": Lease.revoke_due is set) until its device's next
+//      cycle, which comes at the latest R after the end. Every ended-but-live lease of a
+//      device dies in that one cycle (FD_REVOKED event each). Until then it counts against
+//      its tenant's limits. An admin can kill it at once (RevokeLease on it, CycleDevice).
+//   C: device cycles that tenants cause happen at most once per C per device, so another
+//      tenant can make your lease reissue at most once per C. An allocation that must not
+//      share the ranges of an ended-but-live lease (a private lease, or another tenant's)
+//      needs a cycle first: within C of the last one it is refused with UNAVAILABLE naming
+//      when the device cycles by itself (retry then), and each tenant has an hourly budget
+//      of such cycles (RESOURCE_EXHAUSTED beyond it).
+//
+// The trade-off: a shorter R kills ended fds sooner but lets tenants cycle a shared device
+// more often (one cycle per R from lease ends alone); a longer C protects tenants better but
+// delays allocations over freshly released ranges. Admin revokes, CycleDevice, Drain and the
+// daemon's own security ends (device lost, TSM unbound) cycle at once. An unclaimed
+// lease's fd never left the daemon: its end needs no cycle. REVOKED, DEVICE_LOST, the
+// REVOKED of a Drain and FD_REVOKED are sent only after the kernel made the dma-buf dead.
 
 package brokerv1
 
@@ -69,6 +93,7 @@ const (
 	Broker_RenewLease_FullMethodName    = "/mmiobroker.v1.Broker/RenewLease"
 	Broker_SuspendDevice_FullMethodName = "/mmiobroker.v1.Broker/SuspendDevice"
 	Broker_ResumeDevice_FullMethodName  = "/mmiobroker.v1.Broker/ResumeDevice"
+	Broker_CycleDevice_FullMethodName   = "/mmiobroker.v1.Broker/CycleDevice"
 	Broker_Drain_FullMethodName         = "/mmiobroker.v1.Broker/Drain"
 )
 
@@ -91,19 +116,24 @@ type BrokerClient interface {
 	// unclaimed lease is released with end reason CLAIM_EXPIRED.
 	//
 	// The lease is bound to the calling process: when it exits, the lease ends (RELEASED
-	// event, state RELEASED, end reason HOLDER_EXITED) and its dma-buf is revoked. With a ttl
-	// the lease also ends that long after allocation unless renewed (RenewLease): EXPIRED
-	// event, state REVOKED, end reason EXPIRED, dma-buf revoked.
+	// event, state RELEASED, end reason HOLDER_EXITED) and its dma-buf dies within R (see
+	// REVOCATION BOUNDS above). With a ttl the lease also ends that long after allocation
+	// unless renewed (RenewLease): EXPIRED event, state REVOKED, end reason EXPIRED, dma-buf
+	// dead within R.
 	//
 	// Codes: INVALID_ARGUMENT (malformed request: no bdf, bar > 5, no ranges, more than 16
 	// ranges, an empty, unaligned, overlapping or out-of-BAR range, an unknown kind, an
-	// unimplemented or I/O BAR, a negative, malformed or too long ttl); NOT_FOUND (device not
+	// unimplemented or I/O BAR, a negative, malformed or too long ttl, a ttl below the
+	// daemon's min_ttl for non-admins); NOT_FOUND (device not
 	// configured); PERMISSION_DENIED (the caller's uid/groups may not lease this device, or the
 	// BAR or kind is not allowed by the device policy); FAILED_PRECONDITION (device not usable,
 	// suspended or cannot export dma-bufs, a private lease on a device not bound to a TSM,
 	// ranges overlapping a private lease, a private request overlapping any lease, or
-	// overlapping another holder's lease); RESOURCE_EXHAUSTED (per-holder or broker lease limit
-	// reached); UNAVAILABLE (the broker is shutting down).
+	// overlapping another tenant's lease); RESOURCE_EXHAUSTED (per-tenant or broker lease limit
+	// reached — ended-but-live leases count — or the tenant's hourly budget of device cycles
+	// is spent); UNAVAILABLE (the broker is shutting down, or the request overlaps ranges of an
+	// ended-but-live lease it may not share and the device may cycle only at the time the
+	// message names: retry after it).
 	AllocateLease(ctx context.Context, in *AllocateLeaseRequest, opts ...grpc.CallOption) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
 	// own uid (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
@@ -139,25 +169,26 @@ type BrokerClient interface {
 	// On kernels that can revoke one dma-buf (the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE)
 	// the daemon uses that instead, and the device's other leases are untouched.
 	//
-	// A lease that ended without a revoke after its fd left the daemon (released, expired,
-	// holder exited) still works for whoever holds the fd until its device cycles; revoking
-	// it without a grace_period cycles the device now (the lease keeps its end reason).
+	// An ended-but-live lease (ended by its tenant after its fd left the daemon:
+	// revoke_due is set) still works for whoever holds the fd until its device cycles;
+	// revoking it without a grace_period cycles the device now (the lease keeps its state and
+	// end reason, and gets an FD_REVOKED event).
 	//
 	// Codes: INVALID_ARGUMENT (a negative, malformed or too long grace_period), NOT_FOUND,
 	// FAILED_PRECONDITION (the lease has ended and its dma-buf is dead, or has ended and a
 	// grace_period was given), UNAVAILABLE (the device could not be cycled; the lease is
 	// revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(ctx context.Context, in *RevokeLeaseRequest, opts ...grpc.CallOption) (*RevokeLeaseResponse, error)
-	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does not
-	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
-	// working until the holder closes it (the holder is expected to close it) or until the
-	// device's next cycle. The broker closes its own copy, and before it hands released ranges
-	// to another uid or to a private lease it cycles the device, so that they are not shared.
-	// Exception: if a cooperative revoke is pending (RevokeLease with a grace period), the
-	// release completes it and the fd is revoked at once. Use RevokeLease to take an fd away.
+	// ReleaseLease ends a lease on behalf of its holder's tenant or an admin. The tenant's
+	// rights end at once, but a claimed fd is not revoked at once: the lease is ended-but-live
+	// (revoke_due set) and its fd dies in the device's next cycle, at the latest R later (see
+	// REVOCATION BOUNDS above); the holder is expected to close it now. Before released ranges
+	// go to another tenant or to a private lease the device cycles, so that they are not
+	// shared. Exception: if a cooperative revoke is pending (RevokeLease with a grace period),
+	// the release completes it and the fd is revoked at once.
 	//
-	// Codes: NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
-	// has already ended).
+	// Codes: NOT_FOUND, PERMISSION_DENIED (another tenant's lease), FAILED_PRECONDITION (the
+	// lease has already ended).
 	ReleaseLease(ctx context.Context, in *ReleaseLeaseRequest, opts ...grpc.CallOption) (*ReleaseLeaseResponse, error)
 	// WatchEvents streams lease transitions in order. With after_seq = 0 it sends only events
 	// that happen after the call; with after_seq = N it first replays the retained events with
@@ -172,12 +203,12 @@ type BrokerClient interface {
 	WatchEvents(ctx context.Context, in *WatchEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchEventsResponse], error)
 	// RenewLease extends a lease's time to live: it now expires ttl from now (ttl unset or 0:
 	// the lease's own ttl). Renewing a lease that has no ttl gives it one (ttl required then).
-	// The lease's holder uid or an admin may renew it. The holder's streams get a RENEWED
+	// The lease's holder tenant or an admin may renew it. The holder's streams get a RENEWED
 	// event with the new Lease.expire_time.
 	//
-	// Codes: INVALID_ARGUMENT (a negative, malformed or too long ttl; ttl 0 for a lease without
-	// a ttl), NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
-	// has already ended).
+	// Codes: INVALID_ARGUMENT (a negative, malformed or too long ttl; a ttl below min_ttl for
+	// non-admins; ttl 0 for a lease without a ttl), NOT_FOUND, PERMISSION_DENIED (another
+	// tenant's lease), FAILED_PRECONDITION (the lease has already ended).
 	RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error)
 	// SuspendDevice pauses a device for maintenance: memory decode off, so every dma-buf of the
 	// device is inaccessible (importers such as iommufd drop their mappings) but its lease
@@ -197,6 +228,16 @@ type BrokerClient interface {
 	//
 	// Codes: as SuspendDevice; FAILED_PRECONDITION if the device is not suspended.
 	ResumeDevice(ctx context.Context, in *ResumeDeviceRequest, opts ...grpc.CallOption) (*ResumeDeviceResponse, error)
+	// CycleDevice cycles a device at once (admins only): every dma-buf it exported dies, its
+	// ended-but-live leases get FD_REVOKED, and its live leases are reissued (REISSUED, new
+	// claim token). The tenant bound C does not apply. Use it to take away every fd a device
+	// handed out, e.g. after a tenant released leases whose fds must not outlive R.
+	//
+	// Codes: INVALID_ARGUMENT (bdf empty or not a PCI address), NOT_FOUND (device not
+	// configured), PERMISSION_DENIED (not an admin), FAILED_PRECONDITION (the device is not
+	// open), UNAVAILABLE (the cycle failed: the device is lost, every lease of it ended with
+	// DEVICE_LOST).
+	CycleDevice(ctx context.Context, in *CycleDeviceRequest, opts ...grpc.CallOption) (*CycleDeviceResponse, error)
 	// Drain ends every live lease (end reason BROKER_SHUTDOWN) and revokes their dma-bufs
 	// (one device cycle per device that had delivered fds), and refuses new leases from then
 	// on (AllocateLease: FAILED_PRECONDITION) until the daemon restarts. Admins only. It is
@@ -336,6 +377,16 @@ func (c *brokerClient) ResumeDevice(ctx context.Context, in *ResumeDeviceRequest
 	return out, nil
 }
 
+func (c *brokerClient) CycleDevice(ctx context.Context, in *CycleDeviceRequest, opts ...grpc.CallOption) (*CycleDeviceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CycleDeviceResponse)
+	err := c.cc.Invoke(ctx, Broker_CycleDevice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *brokerClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DrainResponse)
@@ -365,19 +416,24 @@ type BrokerServer interface {
 	// unclaimed lease is released with end reason CLAIM_EXPIRED.
 	//
 	// The lease is bound to the calling process: when it exits, the lease ends (RELEASED
-	// event, state RELEASED, end reason HOLDER_EXITED) and its dma-buf is revoked. With a ttl
-	// the lease also ends that long after allocation unless renewed (RenewLease): EXPIRED
-	// event, state REVOKED, end reason EXPIRED, dma-buf revoked.
+	// event, state RELEASED, end reason HOLDER_EXITED) and its dma-buf dies within R (see
+	// REVOCATION BOUNDS above). With a ttl the lease also ends that long after allocation
+	// unless renewed (RenewLease): EXPIRED event, state REVOKED, end reason EXPIRED, dma-buf
+	// dead within R.
 	//
 	// Codes: INVALID_ARGUMENT (malformed request: no bdf, bar > 5, no ranges, more than 16
 	// ranges, an empty, unaligned, overlapping or out-of-BAR range, an unknown kind, an
-	// unimplemented or I/O BAR, a negative, malformed or too long ttl); NOT_FOUND (device not
+	// unimplemented or I/O BAR, a negative, malformed or too long ttl, a ttl below the
+	// daemon's min_ttl for non-admins); NOT_FOUND (device not
 	// configured); PERMISSION_DENIED (the caller's uid/groups may not lease this device, or the
 	// BAR or kind is not allowed by the device policy); FAILED_PRECONDITION (device not usable,
 	// suspended or cannot export dma-bufs, a private lease on a device not bound to a TSM,
 	// ranges overlapping a private lease, a private request overlapping any lease, or
-	// overlapping another holder's lease); RESOURCE_EXHAUSTED (per-holder or broker lease limit
-	// reached); UNAVAILABLE (the broker is shutting down).
+	// overlapping another tenant's lease); RESOURCE_EXHAUSTED (per-tenant or broker lease limit
+	// reached — ended-but-live leases count — or the tenant's hourly budget of device cycles
+	// is spent); UNAVAILABLE (the broker is shutting down, or the request overlaps ranges of an
+	// ended-but-live lease it may not share and the device may cycle only at the time the
+	// message names: retry after it).
 	AllocateLease(context.Context, *AllocateLeaseRequest) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
 	// own uid (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
@@ -413,25 +469,26 @@ type BrokerServer interface {
 	// On kernels that can revoke one dma-buf (the proposed VFIO_DEVICE_FEATURE_DMA_BUF_REVOKE)
 	// the daemon uses that instead, and the device's other leases are untouched.
 	//
-	// A lease that ended without a revoke after its fd left the daemon (released, expired,
-	// holder exited) still works for whoever holds the fd until its device cycles; revoking
-	// it without a grace_period cycles the device now (the lease keeps its end reason).
+	// An ended-but-live lease (ended by its tenant after its fd left the daemon:
+	// revoke_due is set) still works for whoever holds the fd until its device cycles;
+	// revoking it without a grace_period cycles the device now (the lease keeps its state and
+	// end reason, and gets an FD_REVOKED event).
 	//
 	// Codes: INVALID_ARGUMENT (a negative, malformed or too long grace_period), NOT_FOUND,
 	// FAILED_PRECONDITION (the lease has ended and its dma-buf is dead, or has ended and a
 	// grace_period was given), UNAVAILABLE (the device could not be cycled; the lease is
 	// revoked, and every lease of the device ended with DEVICE_LOST).
 	RevokeLease(context.Context, *RevokeLeaseRequest) (*RevokeLeaseResponse, error)
-	// ReleaseLease ends a lease on behalf of its holder (same uid) or an admin. It does not
-	// revoke the holder's fd: the device is not touched, and an fd already claimed keeps
-	// working until the holder closes it (the holder is expected to close it) or until the
-	// device's next cycle. The broker closes its own copy, and before it hands released ranges
-	// to another uid or to a private lease it cycles the device, so that they are not shared.
-	// Exception: if a cooperative revoke is pending (RevokeLease with a grace period), the
-	// release completes it and the fd is revoked at once. Use RevokeLease to take an fd away.
+	// ReleaseLease ends a lease on behalf of its holder's tenant or an admin. The tenant's
+	// rights end at once, but a claimed fd is not revoked at once: the lease is ended-but-live
+	// (revoke_due set) and its fd dies in the device's next cycle, at the latest R later (see
+	// REVOCATION BOUNDS above); the holder is expected to close it now. Before released ranges
+	// go to another tenant or to a private lease the device cycles, so that they are not
+	// shared. Exception: if a cooperative revoke is pending (RevokeLease with a grace period),
+	// the release completes it and the fd is revoked at once.
 	//
-	// Codes: NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
-	// has already ended).
+	// Codes: NOT_FOUND, PERMISSION_DENIED (another tenant's lease), FAILED_PRECONDITION (the
+	// lease has already ended).
 	ReleaseLease(context.Context, *ReleaseLeaseRequest) (*ReleaseLeaseResponse, error)
 	// WatchEvents streams lease transitions in order. With after_seq = 0 it sends only events
 	// that happen after the call; with after_seq = N it first replays the retained events with
@@ -446,12 +503,12 @@ type BrokerServer interface {
 	WatchEvents(*WatchEventsRequest, grpc.ServerStreamingServer[WatchEventsResponse]) error
 	// RenewLease extends a lease's time to live: it now expires ttl from now (ttl unset or 0:
 	// the lease's own ttl). Renewing a lease that has no ttl gives it one (ttl required then).
-	// The lease's holder uid or an admin may renew it. The holder's streams get a RENEWED
+	// The lease's holder tenant or an admin may renew it. The holder's streams get a RENEWED
 	// event with the new Lease.expire_time.
 	//
-	// Codes: INVALID_ARGUMENT (a negative, malformed or too long ttl; ttl 0 for a lease without
-	// a ttl), NOT_FOUND, PERMISSION_DENIED (another uid's lease), FAILED_PRECONDITION (the lease
-	// has already ended).
+	// Codes: INVALID_ARGUMENT (a negative, malformed or too long ttl; a ttl below min_ttl for
+	// non-admins; ttl 0 for a lease without a ttl), NOT_FOUND, PERMISSION_DENIED (another
+	// tenant's lease), FAILED_PRECONDITION (the lease has already ended).
 	RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error)
 	// SuspendDevice pauses a device for maintenance: memory decode off, so every dma-buf of the
 	// device is inaccessible (importers such as iommufd drop their mappings) but its lease
@@ -471,6 +528,16 @@ type BrokerServer interface {
 	//
 	// Codes: as SuspendDevice; FAILED_PRECONDITION if the device is not suspended.
 	ResumeDevice(context.Context, *ResumeDeviceRequest) (*ResumeDeviceResponse, error)
+	// CycleDevice cycles a device at once (admins only): every dma-buf it exported dies, its
+	// ended-but-live leases get FD_REVOKED, and its live leases are reissued (REISSUED, new
+	// claim token). The tenant bound C does not apply. Use it to take away every fd a device
+	// handed out, e.g. after a tenant released leases whose fds must not outlive R.
+	//
+	// Codes: INVALID_ARGUMENT (bdf empty or not a PCI address), NOT_FOUND (device not
+	// configured), PERMISSION_DENIED (not an admin), FAILED_PRECONDITION (the device is not
+	// open), UNAVAILABLE (the cycle failed: the device is lost, every lease of it ended with
+	// DEVICE_LOST).
+	CycleDevice(context.Context, *CycleDeviceRequest) (*CycleDeviceResponse, error)
 	// Drain ends every live lease (end reason BROKER_SHUTDOWN) and revokes their dma-bufs
 	// (one device cycle per device that had delivered fds), and refuses new leases from then
 	// on (AllocateLease: FAILED_PRECONDITION) until the daemon restarts. Admins only. It is
@@ -523,6 +590,9 @@ func (UnimplementedBrokerServer) SuspendDevice(context.Context, *SuspendDeviceRe
 }
 func (UnimplementedBrokerServer) ResumeDevice(context.Context, *ResumeDeviceRequest) (*ResumeDeviceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ResumeDevice not implemented")
+}
+func (UnimplementedBrokerServer) CycleDevice(context.Context, *CycleDeviceRequest) (*CycleDeviceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CycleDevice not implemented")
 }
 func (UnimplementedBrokerServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
@@ -739,6 +809,24 @@ func _Broker_ResumeDevice_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Broker_CycleDevice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CycleDeviceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).CycleDevice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_CycleDevice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).CycleDevice(ctx, req.(*CycleDeviceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Broker_Drain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(DrainRequest)
 	if err := dec(in); err != nil {
@@ -803,6 +891,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ResumeDevice",
 			Handler:    _Broker_ResumeDevice_Handler,
+		},
+		{
+			MethodName: "CycleDevice",
+			Handler:    _Broker_CycleDevice_Handler,
 		},
 		{
 			MethodName: "Drain",
