@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/mmiobroker/mmiobroker/internal/tenant"
 	"io/fs"
 	"os"
 	"strconv"
@@ -30,6 +31,8 @@ const (
 	DefaultLogFormat              = "text"
 	DefaultJournal                = "/run/mmiobroker/journal.db"
 	DefaultOnStop                 = "keep"
+	// DefaultTenantsBy groups callers by uid and VM cgroup unit.
+	DefaultTenantsBy = "cgroup"
 )
 
 // Defaults of the [limits] table. They match the broker's own defaults.
@@ -64,6 +67,7 @@ const (
 type Config struct {
 	Daemon  Daemon   `toml:"daemon"`
 	Limits  Limits   `toml:"limits"`
+	Tenants Tenants  `toml:"tenants"`
 	Devices []Device `toml:"device"`
 
 	file     string              // file name for messages, "" if none
@@ -132,6 +136,17 @@ type Limits struct {
 	MinTTL Duration `toml:"min_ttl"`
 }
 
+// Tenants is the [tenants] table: how callers are grouped into tenants (visibility,
+// release and renew rights, and every per-tenant limit).
+type Tenants struct {
+	// By is "cgroup" (the uid and, when the caller runs in a VM's own cgroup unit, that
+	// unit), "uid" (the uid alone) or "label" (the uid and the LSM label of its socket).
+	By string `toml:"by"`
+	// Units lists cgroup parents whose direct children are VM units (besides Kubernetes
+	// pods, recognised by themselves).
+	Units []string `toml:"units"`
+}
+
 // Device is one [[device]] table: a PCI device that may be leased, and who may lease it.
 type Device struct {
 	// Address is the PCI address, "0000:3b:00.0" (or the short form "3b:00.0").
@@ -170,6 +185,7 @@ func Default() *Config {
 			Journal:           DefaultJournal,
 			OnStop:            DefaultOnStop,
 		},
+		Tenants: Tenants{By: DefaultTenantsBy, Units: tenant.DefaultUnits()},
 		Limits: Limits{
 			MaxLeasesPerHolder:  DefaultMaxLeasesPerHolder,
 			MaxLeases:           DefaultMaxLeases,

@@ -171,7 +171,7 @@ func schemaKeys() []string {
 		"socket_group", "admin_group", "access_mode", "sysfs_root", "dev_root", "log_level",
 		"log_format", "journal", "on_stop", "max_leases_per_holder", "max_leases", "max_ranges_per_lease",
 		"claim_timeout", "event_backlog", "revoke_within", "tenant_cycle_interval", "tenant_cycle_budget", "min_ttl", "address", "bars", "kinds", "allow_uids", "allow_gids",
-		"allow_users", "allow_groups", "allow_unattested_private", "managed_bind",
+		"allow_users", "allow_groups", "allow_unattested_private", "managed_bind", "by", "units",
 	}
 }
 
@@ -334,6 +334,8 @@ func TestValidateErrors(t *testing.T) {
 		{"revoke within long", "[limits]\nrevoke_within = \"2h\"\n", `test.toml:2: limits.revoke_within: 2h0m0s is outside 0s-1h0m0s`},
 		{"min ttl negative", "[limits]\nmin_ttl = \"-1ms\"\n", `test.toml:2: limits.min_ttl: -1ms is outside 0s-1h0m0s`},
 		{"C above R", "[limits]\nrevoke_within = \"5s\"\ntenant_cycle_interval = \"6s\"\n", `test.toml:3: limits.tenant_cycle_interval: 6s is longer than limits.revoke_within (5s)`},
+		{"tenants by", "[tenants]\nby = \"gid\"\n", `test.toml:2: tenants.by`},
+		{"tenants units relative", "[tenants]\nunits = [\"machine.slice\"]\n", `test.toml:2: tenants.units: tenant unit parent "machine.slice": want an absolute, clean cgroup path`},
 		{"budget negative", "[limits]\ntenant_cycle_budget = -1\n", `test.toml:2: limits.tenant_cycle_budget: -1 is outside 0-1048576`},
 		{"claim timeout negative", "[limits]\nclaim_timeout = \"-1s\"\n", `test.toml:2: limits.claim_timeout: -1s is shorter`},
 		{"address missing", "[[device]]\nbars = [0]\n", `test.toml:1: device #1: address is missing`},

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"github.com/mmiobroker/mmiobroker/internal/tenant"
 	"os/user"
 	"slices"
 	"strconv"
@@ -64,6 +65,8 @@ type Resolved struct {
 	AdminGID int
 	// Devices holds how to open each device, in configuration order.
 	Devices []DeviceOpen
+	// Tenants resolves callers' tenant identities.
+	Tenants tenant.Resolver
 }
 
 // DeviceOpen says how to open one device.
@@ -94,7 +97,9 @@ func (c *Config) Resolve(look Lookup) (*Resolved, error) {
 		return nil, err
 	}
 	v := validator{c: c}
+	mode, _ := tenant.ParseMode(c.Tenants.By) // validated
 	r := &Resolved{
+		Tenants:   tenant.Resolver{Mode: mode, Units: append([]string{}, c.Tenants.Units...)},
 		SocketGID: v.gid(look, "daemon.socket_group", c.Daemon.SocketGroup),
 		AdminGID:  v.gid(look, "daemon.admin_group", c.Daemon.AdminGroup),
 		Broker: broker.Config{

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"github.com/mmiobroker/mmiobroker/internal/tenant"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -36,6 +37,7 @@ func (c *Config) Validate() error {
 	v := validator{c: c}
 	v.daemon()
 	v.limits()
+	v.tenants()
 	v.devices()
 	return errors.Join(v.errs...)
 }
@@ -159,6 +161,14 @@ func (v *validator) limits() {
 	}
 	if l.TenantCycleBudget < 0 || l.TenantCycleBudget > MaxLeases {
 		v.bad("limits.tenant_cycle_budget", "limits.tenant_cycle_budget: %d is outside 0-%d", l.TenantCycleBudget, MaxLeases)
+	}
+}
+
+func (v *validator) tenants() {
+	t := v.c.Tenants
+	v.oneOf("tenants.by", t.By, []string{"cgroup", "uid", "label"})
+	if err := (tenant.Resolver{Units: t.Units}).Validate(); err != nil {
+		v.bad("tenants.units", "tenants.units: %v", err)
 	}
 }
 

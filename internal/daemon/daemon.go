@@ -79,6 +79,9 @@ func Run(ctx context.Context, opt Options) error {
 	if err != nil {
 		return err
 	}
+	if err := checkTenants(res.Tenants); err != nil {
+		return err
+	}
 	sd := opt.Systemd
 	if sd == nil {
 		if sd, err = systemd.FromEnv(); err != nil {
@@ -139,8 +142,9 @@ func Run(ctx context.Context, opt Options) error {
 		ClaimSocket: d.ClaimSocket,
 		AdminGroups: admins,
 		Log:         log,
+		Tenant:      grpcTenant(res.Tenants),
 	})
-	claims := fdpass.NewServer(claimer{b}, fdpass.Options{Log: log})
+	claims := fdpass.NewServer(claimer{b}, fdpass.Options{Log: log, TenantOf: claimTenant(res.Tenants)})
 
 	g, gctx := errgroup.WithContext(ctx)
 	claimCtx, stopClaims := context.WithCancel(context.WithoutCancel(ctx))

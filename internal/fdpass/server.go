@@ -73,9 +73,14 @@ type Options struct {
 	// MaxConns bounds the claims served at once (default 64); clients beyond it get
 	// RESOURCE_EXHAUSTED.
 	MaxConns int
-	// MaxConnsPerUID bounds the claims of one uid served at once (default MaxConns/4, at
-	// least 1), so that one tenant's idle connections cannot starve the others.
-	MaxConnsPerUID int
+	// MaxConnsPerTenant bounds the claims of one tenant served at once (default
+	// MaxConns/4, at least 1), so that one tenant's idle connections cannot starve the
+	// others.
+	MaxConnsPerTenant int
+	// TenantOf names the tenant of a connecting peer (uid and pid from SO_PEERCRED) for
+	// MaxConnsPerTenant. Nil: the tenant is the uid ("uid=N"). It only counts slots: the
+	// claim itself is decided by the Claimer for the pidfd-pinned process.
+	TenantOf func(uid uint32, pid int32) string
 
 	// noPassRights makes Serve behave as on a kernel without SO_PASSRIGHTS (tests).
 	noPassRights bool
@@ -89,44 +94,48 @@ type Server struct {
 	slots   chan struct{} // one token per claim in progress, across all Serve calls
 	rejects chan struct{} // one token per busy-rejection in progress
 
-	uidMu sync.Mutex
-	byUID map[uint32]int // claims in progress per peer uid; guarded by uidMu
+	tenantMu sync.Mutex
+	byTenant map[string]int // claims in progress per peer tenant; guarded by tenantMu
 }
 
-// takeUID counts a claim of uid in progress, unless uid is at its limit.
-func (s *Server) takeUID(uid uint32) bool {
-	s.uidMu.Lock()
-	defer s.uidMu.Unlock()
-	if s.byUID[uid] >= s.opt.MaxConnsPerUID {
+// takeTenant counts a claim of tenant in progress, unless tenant is at its limit.
+func (s *Server) takeTenant(tenant string) bool {
+	s.tenantMu.Lock()
+	defer s.tenantMu.Unlock()
+	if s.byTenant[tenant] >= s.opt.MaxConnsPerTenant {
 		return false
 	}
-	s.byUID[uid]++
+	s.byTenant[tenant]++
 	return true
 }
 
-func (s *Server) releaseUID(uid uint32) {
-	s.uidMu.Lock()
-	defer s.uidMu.Unlock()
-	if s.byUID[uid]--; s.byUID[uid] <= 0 {
-		delete(s.byUID, uid)
+func (s *Server) releaseTenant(tenant string) {
+	s.tenantMu.Lock()
+	defer s.tenantMu.Unlock()
+	if s.byTenant[tenant]--; s.byTenant[tenant] <= 0 {
+		delete(s.byTenant, tenant)
 	}
 }
 
-// peerUID returns the uid of the process at the other end of c (SO_PEERCRED).
-func peerUID(c *net.UnixConn) (uint32, error) {
+// peerTenant names the tenant of the process at the other end of c (SO_PEERCRED and
+// Options.TenantOf).
+func (s *Server) peerTenant(c *net.UnixConn) (string, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return 0, err
+		return "", err
 	}
 	var cred *unix.Ucred
 	var gerr error
 	if err := rc.Control(func(fd uintptr) { cred, gerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
-		return 0, err
+		return "", err
 	}
 	if gerr != nil {
-		return 0, os.NewSyscallError("getsockopt SO_PEERCRED", gerr)
+		return "", os.NewSyscallError("getsockopt SO_PEERCRED", gerr)
 	}
-	return cred.Uid, nil
+	if s.opt.TenantOf != nil {
+		return s.opt.TenantOf(cred.Uid, cred.Pid), nil
+	}
+	return fmt.Sprintf("uid=%d", cred.Uid), nil
 }
 
 // NewServer returns a server that asks c about each claim.
@@ -140,14 +149,14 @@ func NewServer(c Claimer, opt Options) *Server {
 	if opt.MaxConns <= 0 {
 		opt.MaxConns = 64
 	}
-	if opt.MaxConnsPerUID <= 0 {
-		opt.MaxConnsPerUID = max(opt.MaxConns/4, 1)
+	if opt.MaxConnsPerTenant <= 0 {
+		opt.MaxConnsPerTenant = max(opt.MaxConns/4, 1)
 	}
 	log := opt.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{claimer: c, log: log, opt: opt, byUID: map[uint32]int{},
+	return &Server{claimer: c, log: log, opt: opt, byTenant: map[string]int{},
 		slots: make(chan struct{}, opt.MaxConns), rejects: make(chan struct{}, opt.MaxConns)}
 }
 
@@ -234,22 +243,22 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			// only guards against a kernel that would not copy the flag.
 			_ = refuseRights(uc)
 		}
-		uid, err := peerUID(uc)
+		tenant, err := s.peerTenant(uc)
 		if err != nil {
 			s.log.Warn("claim peer without credentials; dropping connection", "error", err)
 			uc.Close()
 			continue
 		}
-		if s.takeUID(uid) {
+		if s.takeTenant(tenant) {
 			select {
 			case s.slots <- struct{}{}:
 				wg.Go(func() {
-					defer func() { <-s.slots; s.releaseUID(uid) }()
+					defer func() { <-s.slots; s.releaseTenant(tenant) }()
 					s.handle(ctx, uc)
 				})
 				continue
 			default:
-				s.releaseUID(uid)
+				s.releaseTenant(tenant)
 			}
 		}
 		select {
@@ -314,7 +323,7 @@ func (s *Server) reject(ctx context.Context, c *net.UnixConn) {
 	if !answer {
 		return
 	}
-	msg := fmt.Sprintf("too many claims in progress (at most %d, %d per uid); retry later", s.opt.MaxConns, s.opt.MaxConnsPerUID)
+	msg := fmt.Sprintf("too many claims in progress (at most %d, %d per tenant); retry later", s.opt.MaxConns, s.opt.MaxConnsPerTenant)
 	s.log.Warn("claim rejected", "lease_id", req.LeaseID, "code", CodeResourceExhausted.String(), "reason", msg)
 	s.writeError(c, CodeResourceExhausted, req.LeaseID, msg)
 }

@@ -470,9 +470,9 @@ func TestServerMaxConns(t *testing.T) {
 	}
 }
 
-// TestServerMaxConnsPerUID: one uid cannot take more than its share of the claim slots,
+// TestServerMaxConnsPerTenant: one uid cannot take more than its share of the claim slots,
 // even while slots are free for others.
-func TestServerMaxConnsPerUID(t *testing.T) {
+func TestServerMaxConnsPerTenant(t *testing.T) {
 	testutil.FDLeakCheck(t)
 	buf := memfd(t, "x")
 	entered, release := make(chan struct{}), make(chan struct{})
@@ -482,7 +482,7 @@ func TestServerMaxConnsPerUID(t *testing.T) {
 		f, err := dup(buf)
 		return Grant{}, f, err
 	}}
-	ts := startServer(t, fc, Options{MaxConns: 8, MaxConnsPerUID: 1})
+	ts := startServer(t, fc, Options{MaxConns: 8, MaxConnsPerTenant: 1})
 	first := make(chan error, 1)
 	go func() {
 		f, _, err := Claim(testCtx(t), ts.path, "L", "T")
@@ -493,8 +493,52 @@ func TestServerMaxConnsPerUID(t *testing.T) {
 	}()
 	<-entered
 	_, rep, err := Claim(testCtx(t), ts.path, "L2", "T2")
-	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted || !strings.Contains(rep.Message, "1 per uid") {
+	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted || !strings.Contains(rep.Message, "1 per tenant") {
 		t.Errorf("second claim of the same uid: %v (code %s, %q), want RESOURCE_EXHAUSTED per uid", err, rep.Code, rep.Message)
+	}
+	close(release)
+	if err := <-first; err != nil {
+		t.Errorf("first claim: %v", err)
+	}
+}
+
+// TestServerTenantOf: with TenantOf, two tenants of one uid (two VMs of the qemu user)
+// each get their own claim slots.
+func TestServerTenantOf(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	buf := memfd(t, "x")
+	entered, release := make(chan struct{}), make(chan struct{})
+	var mu sync.Mutex
+	calls := 0
+	fc := &fakeClaimer{claim: func(_ context.Context, req Request, _ Peer) (Grant, *os.File, error) {
+		if req.LeaseID == "L" {
+			close(entered)
+			<-release
+		}
+		f, err := dup(buf)
+		return Grant{}, f, err
+	}}
+	tenantOf := func(uid uint32, pid int32) string {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		return fmt.Sprintf("uid=%d,cgroup=/machine.slice/vm%d.scope", uid, calls)
+	}
+	ts := startServer(t, fc, Options{MaxConns: 8, MaxConnsPerTenant: 1, TenantOf: tenantOf})
+	first := make(chan error, 1)
+	go func() {
+		f, _, err := Claim(testCtx(t), ts.path, "L", "T")
+		if f != nil {
+			f.Close()
+		}
+		first <- err
+	}()
+	<-entered
+	f, _, err := Claim(testCtx(t), ts.path, "L2", "T2")
+	if err != nil {
+		t.Errorf("claim of another tenant of the same uid while the first holds its only slot: %v", err)
+	} else {
+		f.Close()
 	}
 	close(release)
 	if err := <-first; err != nil {

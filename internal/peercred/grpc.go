@@ -28,6 +28,23 @@ type AuthInfo struct {
 	Creds Creds
 	// Process is the peer process (server side only; borrowed from the connection).
 	Process *Process
+	// Tenant is the peer's tenant identity as the [TenantFunc] given with [WithTenant]
+	// resolved it at connect time (server side only), or "uid=<uid>" without one.
+	Tenant string
+}
+
+// TenantFunc resolves the tenant of a connecting peer from its credentials, its pinned
+// process and its socket (for SO_PEERSEC). An error refuses the connection.
+type TenantFunc func(c Creds, p *Process, rc syscall.RawConn) (string, error)
+
+// Option configures [NewTransportCredentials].
+type Option func(*transportCredentials)
+
+// WithTenant makes the server handshake resolve each peer's tenant with f: it is put in
+// [AuthInfo.Tenant], and the per-peer connection limit counts per tenant instead of per
+// uid (the VMMs of a host often share one uid).
+func WithTenant(f TenantFunc) Option {
+	return func(c *transportCredentials) { c.tenant = f }
 }
 
 // AuthType returns [AuthType].
@@ -61,13 +78,18 @@ func FromContext(ctx context.Context) (AuthInfo, bool) {
 // The security level is [credentials.PrivacyAndIntegrity], as grpc's own local
 // credentials report for unix sockets: nothing outside the kernel can read or change the
 // traffic.
-func NewTransportCredentials() credentials.TransportCredentials {
-	return &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(MaxConnsPerUID, MaxConns)}
+func NewTransportCredentials(opts ...Option) credentials.TransportCredentials {
+	c := &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(MaxConnsPerTenant, MaxConns)}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
 }
 
-// MaxConnsPerUID bounds the connections one uid may have open to a server using
-// [NewTransportCredentials]: each pins a pidfd, and the daemon's fds must not run out.
-const MaxConnsPerUID = 128
+// MaxConnsPerTenant bounds the connections one tenant (one uid without [WithTenant]) may
+// have open to a server using [NewTransportCredentials]: each pins a pidfd, and the
+// daemon's fds must not run out.
+const MaxConnsPerTenant = 128
 
 // MaxConns bounds the connections all uids together may have open: per-uid limits alone
 // let many uids exhaust the daemon's fds (each connection costs two), and a device cycle
@@ -75,43 +97,44 @@ const MaxConnsPerUID = 128
 const MaxConns = 1024
 
 type transportCredentials struct {
-	pin   pinMode    // pinFallback forces the pre-6.5 path (tests)
-	conns *connLimit // shared by clones
+	pin    pinMode    // pinFallback forces the pre-6.5 path (tests)
+	conns  *connLimit // shared by clones
+	tenant TenantFunc // nil: the tenant is the uid
 }
 
-// connLimit counts the open server connections of each uid and of all.
+// connLimit counts the open server connections of each tenant and of all.
 type connLimit struct {
 	max, maxTotal int
 	mu            sync.Mutex
-	byUID         map[uint32]int // guarded by mu
+	byTenant      map[string]int // guarded by mu
 	total         int            // guarded by mu
 }
 
 func newConnLimit(max, maxTotal int) *connLimit {
-	return &connLimit{max: max, maxTotal: maxTotal, byUID: map[uint32]int{}}
+	return &connLimit{max: max, maxTotal: maxTotal, byTenant: map[string]int{}}
 }
 
-// take counts a new connection of uid, or says why it cannot be taken.
-func (l *connLimit) take(uid uint32) error {
+// take counts a new connection of tenant, or says why it cannot be taken.
+func (l *connLimit) take(tenant string) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	switch {
-	case l.byUID[uid] >= l.max:
-		return fmt.Errorf("uid %d has %d connections open, the limit: %w", uid, l.max, errdefs.ErrResourceExhausted)
+	case l.byTenant[tenant] >= l.max:
+		return fmt.Errorf("tenant %s has %d connections open, the limit: %w", tenant, l.max, errdefs.ErrResourceExhausted)
 	case l.total >= l.maxTotal:
 		return fmt.Errorf("the daemon has %d connections open, the limit: %w", l.maxTotal, errdefs.ErrResourceExhausted)
 	}
-	l.byUID[uid]++
+	l.byTenant[tenant]++
 	l.total++
 	return nil
 }
 
-func (l *connLimit) release(uid uint32) {
+func (l *connLimit) release(tenant string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.total--
-	if l.byUID[uid]--; l.byUID[uid] <= 0 {
-		delete(l.byUID, uid)
+	if l.byTenant[tenant]--; l.byTenant[tenant] <= 0 {
+		delete(l.byTenant, tenant)
 	}
 }
 
@@ -134,14 +157,25 @@ func (c *transportCredentials) ServerHandshake(conn net.Conn) (net.Conn, credent
 	if err != nil {
 		return nil, nil, fmt.Errorf("peercred server handshake from %v: %w", conn.RemoteAddr(), err)
 	}
+	tenant := fmt.Sprintf("uid=%d", creds.UID)
+	if c.tenant != nil {
+		rc, err := conn.(syscall.Conn).SyscallConn() // fromSyscallConn checked it is one
+		if err == nil {
+			tenant, err = c.tenant(creds, proc, rc)
+		}
+		if err != nil {
+			proc.Close()
+			return nil, nil, fmt.Errorf("peercred server handshake: tenant of uid %d pid %d: %w", creds.UID, creds.PID, err)
+		}
+	}
 	if c.conns != nil {
-		if err := c.conns.take(creds.UID); err != nil {
+		if err := c.conns.take(tenant); err != nil {
 			proc.Close()
 			return nil, nil, fmt.Errorf("peercred server handshake: %w", err)
 		}
 	}
-	wrapped := &procConn{Conn: conn, proc: proc, uid: creds.UID, conns: c.conns}
-	return wrapped, AuthInfo{CommonAuthInfo: c.common(), Creds: creds, Process: proc}, nil
+	wrapped := &procConn{Conn: conn, proc: proc, tenant: tenant, conns: c.conns}
+	return wrapped, AuthInfo{CommonAuthInfo: c.common(), Creds: creds, Process: proc, Tenant: tenant}, nil
 }
 
 // Info describes the protocol.
@@ -161,11 +195,11 @@ func (*transportCredentials) OverrideServerName(string) error { return nil }
 // procConn is a server connection that owns its peer's Process.
 type procConn struct {
 	net.Conn
-	proc  *Process
-	uid   uint32
-	conns *connLimit // nil: not counted
-	once  sync.Once
-	err   error
+	proc   *Process
+	tenant string
+	conns  *connLimit // nil: not counted
+	once   sync.Once
+	err    error
 }
 
 // Close closes the connection and then the peer's pidfd.
@@ -174,7 +208,7 @@ func (c *procConn) Close() error {
 		c.err = c.Conn.Close()
 		c.proc.Close()
 		if c.conns != nil {
-			c.conns.release(c.uid)
+			c.conns.release(c.tenant)
 		}
 	})
 	return c.err

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -227,28 +228,88 @@ func TestTransportCredentialsInfo(t *testing.T) {
 	}
 }
 
+// socketPair returns the two ends of a connected AF_UNIX stream socket pair.
+func socketPair(t *testing.T) (server, client net.Conn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "pair")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	return mk(fds[0]), mk(fds[1])
+}
+
+// TestServerHandshakeTenant: with WithTenant the handshake reports the resolved tenant,
+// counts connections per tenant (two VMs of one uid do not share a limit), and refuses a
+// peer whose tenant cannot be resolved.
+func TestServerHandshakeTenant(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	next := []string{"uid=1,cgroup=/machine.slice/a.scope", "uid=1,cgroup=/machine.slice/b.scope", "uid=1,cgroup=/machine.slice/a.scope", ""}
+	var gotCreds []Creds
+	creds := NewTransportCredentials(WithTenant(func(c Creds, p *Process, rc syscall.RawConn) (string, error) {
+		gotCreds = append(gotCreds, c)
+		if p == nil || rc == nil {
+			t.Error("tenant func without the process or the socket")
+		}
+		t1 := next[0]
+		next = next[1:]
+		if t1 == "" {
+			return "", errors.New("no cgroup")
+		}
+		return t1, nil
+	})).(*transportCredentials)
+	creds.conns = newConnLimit(1, 100)
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i, want := range []string{"uid=1,cgroup=/machine.slice/a.scope", "uid=1,cgroup=/machine.slice/b.scope", "limit", "refused"} {
+		s, c := socketPair(t)
+		conns = append(conns, c)
+		conn, ai, err := creds.ServerHandshake(s)
+		switch want {
+		case "limit":
+			if !errors.Is(err, errdefs.ErrResourceExhausted) {
+				t.Fatalf("connection %d: second of tenant a: %v, want resource exhausted", i, err)
+			}
+			s.Close()
+		case "refused":
+			if err == nil || !strings.Contains(err.Error(), "no cgroup") {
+				t.Fatalf("connection %d: unresolvable tenant: %v", i, err)
+			}
+			s.Close()
+		default:
+			if err != nil {
+				t.Fatalf("connection %d: %v", i, err)
+			}
+			conns = append(conns, conn)
+			if got := ai.(AuthInfo).Tenant; got != want {
+				t.Fatalf("connection %d: tenant %q, want %q", i, got, want)
+			}
+		}
+	}
+	if len(gotCreds) != 4 || gotCreds[0].PID != int32(os.Getpid()) {
+		t.Fatalf("tenant func saw %+v", gotCreds)
+	}
+}
+
 // TestServerHandshakeConnLimit: a uid cannot open more server connections than the limit;
 // closing one frees its place.
 func TestServerHandshakeConnLimit(t *testing.T) {
 	testutil.FDLeakCheck(t)
 	creds := &transportCredentials{pin: pinPeerPidfd, conns: newConnLimit(2, 100)}
 	var open []net.Conn
-	pair := func() (server, client net.Conn) {
-		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		mk := func(fd int) net.Conn {
-			f := os.NewFile(uintptr(fd), "pair")
-			defer f.Close()
-			c, err := net.FileConn(f)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return c
-		}
-		return mk(fds[0]), mk(fds[1])
-	}
+	pair := func() (server, client net.Conn) { return socketPair(t) }
 	defer func() {
 		for _, c := range open {
 			c.Close()
@@ -286,15 +347,15 @@ func TestServerHandshakeConnLimit(t *testing.T) {
 func TestConnLimitTotal(t *testing.T) {
 	l := newConnLimit(2, 3)
 	for uid := range uint32(3) {
-		if err := l.take(uid); err != nil {
+		if err := l.take(fmt.Sprint(uid)); err != nil {
 			t.Fatalf("uid %d: %v", uid, err)
 		}
 	}
-	if err := l.take(9); !errors.Is(err, errdefs.ErrResourceExhausted) {
+	if err := l.take("9"); !errors.Is(err, errdefs.ErrResourceExhausted) {
 		t.Fatalf("a 4th connection (another uid) = %v, want resource exhausted", err)
 	}
-	l.release(0)
-	if err := l.take(9); err != nil {
+	l.release("0")
+	if err := l.take("9"); err != nil {
 		t.Fatalf("after a release: %v", err)
 	}
 }

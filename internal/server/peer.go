@@ -19,7 +19,7 @@ func IdentifyPeer(ctx context.Context) (Identity, error) {
 	if !ok {
 		return Identity{}, status.Error(codes.Unauthenticated, "no peer credentials: connect over the daemon's unix socket")
 	}
-	id := Identity{UID: ai.Creds.UID, GID: ai.Creds.GID, Groups: slices.Clone(ai.Creds.Groups), PID: ai.Creds.PID}
+	id := Identity{UID: ai.Creds.UID, GID: ai.Creds.GID, Groups: slices.Clone(ai.Creds.Groups), PID: ai.Creds.PID, Tenant: ai.Tenant}
 	if p := ai.Process; p != nil {
 		id.Pin = func() (broker.Process, error) {
 			dup, err := p.Dup()

@@ -46,6 +46,9 @@ type Options struct {
 	// Identify resolves callers. Nil means [IdentifyPeer] (peer credentials); tests
 	// replace it to act as several users over one socket.
 	Identify IdentifyFunc
+	// Tenant resolves each connecting peer's tenant (internal/tenant) for [IdentifyPeer]
+	// and the per-tenant connection limit. Nil: the tenant is the uid.
+	Tenant peercred.TenantFunc
 }
 
 // Server serves the mmiobroker.v1.Broker service, the gRPC health service (SERVING for ""
@@ -84,7 +87,7 @@ func New(b *broker.Broker, opt Options) *Server {
 		s.identify = IdentifyPeer
 	}
 	s.g = grpc.NewServer(
-		grpc.Creds(peercred.NewTransportCredentials()),
+		grpc.Creds(peercred.NewTransportCredentials(tenantOption(opt.Tenant)...)),
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		// Requests are small (the largest, an AllocateLease with 16 ranges, is well under
 		// 1 KiB); a client cannot make the daemon buffer more.
@@ -273,4 +276,12 @@ func (s *Server) logRPC(method string, id Identity, identified bool, start time.
 		attrs = append(attrs, slog.String("err", status.Convert(err).Message()))
 	}
 	s.log.LogAttrs(context.Background(), level, "rpc", attrs...)
+}
+
+// tenantOption is the peercred option for f, none if f is nil.
+func tenantOption(f peercred.TenantFunc) []peercred.Option {
+	if f == nil {
+		return nil
+	}
+	return []peercred.Option{peercred.WithTenant(f)}
 }
