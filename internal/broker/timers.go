@@ -17,11 +17,16 @@ import (
 func (b *Broker) Renew(id string, by Actor, ttl time.Duration) (Lease, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	l, err := b.liveLocked(id)
-	if err != nil {
+	l, ok := b.leases[id]
+	if !ok || l.pending {
+		return Lease{}, fmt.Errorf("lease %s: %w", id, errdefs.ErrNotFound)
+	}
+	// Checked before anything else about the lease: a caller learns nothing about other
+	// tenants' leases, not even that they ended.
+	if err := mayChange(by, l, "renew"); err != nil {
 		return Lease{}, err
 	}
-	if err := mayChange(by, l, "renew"); err != nil {
+	if _, err := b.liveLocked(id); err != nil {
 		return Lease{}, err
 	}
 	if ttl == 0 {

@@ -128,6 +128,12 @@ log_level = "debug"
 
 [limits]
 claim_timeout = "20s"
+# The immediate model (R = 0): every end of a claimed lease cycles the device at once,
+# which the holder-exit and revoke tests measure. The bounded model (R, C) has its own
+# tests (test/vm/systemd bounds).
+revoke_within = "0s"
+tenant_cycle_interval = "0s"
+min_ttl = "0s"
 
 [[device]]
 address = %q
