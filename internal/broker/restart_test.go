@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/broker"
@@ -455,4 +456,67 @@ func TestAdminRevokesReleasedButLiveLease(t *testing.T) {
 	if _, _, err := r.b.RevokeNow(l.ID, admin); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Errorf("revoke of a dead lease = %v, want FailedPrecondition", err)
 	}
+}
+
+// TestRestartKeepsEndedButLive: an ended-but-live lease survives a restart as such (its fd
+// still works, it still counts), and the restarted broker cycles its device at the
+// recorded revoke_due, not R after the restart.
+func TestRestartKeepsEndedButLive(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := restartCfg
+		cfg.RevokeWithin, cfg.Limits.MaxLeasesPerHolder = 30*time.Second, 1
+		dev := brokertest.NewDevice(dev0)
+		st := newMemStore()
+		b1, err := broker.NewWithOptions(cfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := &brokertest.Process{Pid: 41}
+		l, tok, err := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Proc: p}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, f, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		b1.CommitClaim(l.ID, l.Generation)
+		ended, err := b1.Release(l.ID, broker.Actor{UID: 1000, PID: 41})
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Second)
+		if err := b1.Detach(); err != nil {
+			t.Fatal(err)
+		}
+		b2, err := broker.NewWithOptions(cfg, brokertest.Opener(dev), nil, broker.Options{Store: st, Restore: st.snapshot(), Repin: procs{41: p}.repin})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b2.Close()
+		got, _ := b2.Get(l.ID)
+		if got.Dead || !got.RevokeDue.Equal(ended.RevokeDue) || cyc(dev) != 0 {
+			t.Fatalf("after the restart: dead %v, revoke due %v (was %v), %d cycles; want ended-but-live as before", got.Dead, got.RevokeDue, ended.RevokeDue, cyc(dev))
+		}
+		if _, _, err := b2.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{page, page}}, Holder: broker.Holder{UID: 1000, PID: 41}}); !errors.Is(err, errdefs.ErrResourceExhausted) {
+			t.Fatalf("allocation over the limit of 1 with one ended-but-live lease restored: %v", err)
+		}
+		time.Sleep(20*time.Second - time.Nanosecond)
+		synctest.Wait()
+		if cyc(dev) != 0 {
+			t.Fatal("cycled before the recorded revoke_due")
+		}
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		if got, _ := b2.Get(l.ID); !got.Dead || cyc(dev) != 1 {
+			t.Fatalf("at revoke_due: dead %v, %d cycles; want dead after one cycle", got.Dead, cyc(dev))
+		}
+	})
+}
+
+// cyc returns how many times dev cycled, read under its lock.
+func cyc(dev *brokertest.Device) int {
+	c, _ := revokes(dev)
+	return c
 }

@@ -159,6 +159,10 @@ func (b *Broker) endByTenant(id string, st State, why Reason, by string, ev Even
 		b.mu.Unlock()
 		return Lease{}, err
 	}
+	if b.closed {
+		b.mu.Unlock()
+		return Lease{}, fmt.Errorf("lease %s: the broker is stopping: %w", id, errdefs.ErrUnavailable)
+	}
 	cause := cycleCause{by: l.Holder.Tenant, tenant: true, why: fmt.Sprintf("lease %s ended (%s)", id, why)}
 	if b.cfg.RevokeWithin == 0 || l.Claimed.IsZero() {
 		b.mu.Unlock()
