@@ -243,6 +243,10 @@ func testIdentify(ctx context.Context) (Identity, error) {
 		id.UID = uint32(v)
 		id.GID = id.UID
 		id.Groups = nil
+		id.Tenant = "" // the uid's own tenant unless x-test-tenant says otherwise
+	}
+	if v := md.Get("x-test-tenant"); len(v) > 0 {
+		id.Tenant = v[0]
 	}
 	if v, ok := num("x-test-gid"); ok {
 		id.GID = uint32(v)
