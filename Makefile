@@ -21,7 +21,7 @@ GRPCURL_VERSION     := v1.9.4
 export GOFLAGS ?=
 
 .PHONY: all build test test-unit test-vm lint vet staticcheck generate check-generate \
-        setup demo vm-shell bench fuzz clean soak
+        setup demo vm-shell bench bench-smoke fuzz clean soak
 
 all: build
 
@@ -35,6 +35,12 @@ test: setup lint check-generate test-unit test-vm
 
 test-unit: $(PLUGINS)/grpcurl
 	PATH=$(PLUGINS):$$PATH $(GO) test -race -count=1 ./...
+	$(MAKE) bench-smoke
+
+# Every in-process benchmark, 100 iterations each: a benchmark that breaks fails make test
+# (the speed figures come from make bench).
+bench-smoke:
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 100x ./internal/... 2>&1 | grep -E '^(--- FAIL|FAIL|panic|\s+\S+_test.go:[0-9]+:)' ; test $${PIPESTATUS[0]} -eq 0
 
 # grpcurl drives the API in internal/server's TestGrpcurl, as a client written from the docs.
 $(PLUGINS)/grpcurl:

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
@@ -86,7 +87,13 @@ func newBenchEnv(b *testing.B) *benchEnv {
 	b.Helper()
 	e := newEnv(b, func(o *envOptions) {
 		o.identify = IdentifyPeer
-		o.cfg = func(c *broker.Config) { c.Limits.MaxLeasesPerHolder = 1024 }
+		// One tenant (this process) churns leases: released ones stay ended-but-live
+		// (R of an hour) and count, so the limits are raised; the device cycles every
+		// 1024 releases (the per-device cap), as it would for such a tenant.
+		o.cfg = func(c *broker.Config) {
+			c.Limits.MaxLeasesPerHolder, c.Limits.MaxLeases = 1<<20, 1<<20
+			c.RevokeWithin = time.Hour
+		}
 		o.quiet = true
 	})
 	be := &benchEnv{env: e, claimSocket: filepath.Join(testutil.ShortTempDir(b), "fd.sock")}
@@ -95,7 +102,10 @@ func newBenchEnv(b *testing.B) *benchEnv {
 		b.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	fs := fdpass.NewServer(claimer{e.b}, fdpass.Options{})
+	// Every client of a benchmark is this process, one tenant: its share of the claim
+	// slots is raised to all of them, so that 32 parallel clients measure throughput, not
+	// the per-tenant limit (16 by default).
+	fs := fdpass.NewServer(claimer{e.b}, fdpass.Options{MaxConnsPerTenant: 64})
 	done := make(chan error, 1)
 	go func() { done <- fs.Serve(ctx, l) }()
 	b.Cleanup(func() {
