@@ -28,7 +28,7 @@ const usageText = `Usage: mmiobrokerctl [global flags] COMMAND [flags] [argument
 Commands:
   devices                          list the configured devices
   device BDF                       show one device in detail
-  leases [-all] [-device BDF] [-uid UID]
+  leases [-all] [-device BDF] [-uid UID] [-tenant TENANT]
                                    list leases (live ones unless -all)
   allocate [-range OFF:LEN]... [-kind shared|private] [-vm NAME] [-ttl DUR] [-hold] BDF BAR
                                    allocate a lease, claim its fd and hold it until
@@ -37,11 +37,14 @@ Commands:
                                    allocate, claim, run COMMAND with the fd as fd 3,
                                    release when it exits; exit with its status
   revoke [-grace DUR] LEASE_ID     revoke a lease (admins; revokes every dma-buf of the
-                                   device); with -grace, ask its holder to release it first
+                                   device); with -grace, ask its holder to release it first;
+                                   on an ended lease whose fd is still live, kill the fd
   renew [-ttl DUR] LEASE_ID        extend a lease's time to live (default: by its own ttl)
-  release LEASE_ID                 release a lease (does not revoke its fd)
+  release LEASE_ID                 release a lease (its fd dies at the device's next cycle)
   suspend BDF                      pause a device for maintenance (admins)
   resume BDF                       end a suspend (admins)
+  cycle BDF                        kill every dma-buf of a device now: the fds of its ended
+                                   leases die, its live leases are reissued (admins)
   drain                            end every lease and revoke its fd, refuse new leases
                                    until the daemon restarts (admins; before a stop that
                                    must leave nothing behind)
@@ -130,6 +133,8 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return c.suspendResume(ctx, "suspend", args)
 	case "resume":
 		return c.suspendResume(ctx, "resume", args)
+	case "cycle":
+		return c.cycle(ctx, args)
 	case "drain":
 		return c.drain(ctx, args)
 	case "watch":

@@ -140,6 +140,10 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"resume", "a", "b"}, exitUsage, "resume: want 1 argument(s), got 2"},
 		{[]string{"release", "a", "b"}, exitUsage, "release: want 1 argument(s), got 2"},
 		{[]string{"watch", "-cursor", "-1"}, exitUsage, "invalid value"},
+		{[]string{"cycle"}, exitUsage, "cycle: want 1 argument(s), got 0"},
+		{[]string{"cycle", "0000:3b:00.0", "0000:3c:00.0"}, exitUsage, "cycle: want 1 argument(s), got 2"},
+		{[]string{"cycle", "3b:00"}, exitUsage, `device address "3b:00"`},
+		{[]string{"leases", "-tenant"}, exitUsage, "flag needs an argument: -tenant"},
 		// A well-formed command with nobody listening: Unavailable.
 		{[]string{"-socket", "/nonexistent/control.sock", "-timeout", "5s", "devices"}, exitUnavailable, "mmiobrokerctl: Unavailable: "},
 	}
@@ -322,15 +326,32 @@ func testLeases() []*brokerv1.Lease {
 		Id: "0123456789abcdef01234567", Bdf: "0000:3b:00.0", Bar: 2,
 		Ranges: []*brokerv1.Range{{Offset: 0, Length: 1 << 20}, {Offset: 2 << 20, Length: 4096}},
 		Kind:   brokerv1.LeaseKind_LEASE_KIND_SHARED, State: brokerv1.LeaseState_LEASE_STATE_ACTIVE,
-		Generation: 2, Size: 1<<20 + 4096, Inode: 4711, Holder: &brokerv1.Holder{Uid: 107, Pid: 4242},
+		Generation: 2, Size: 1<<20 + 4096, Inode: 4711,
+		Holder: &brokerv1.Holder{Uid: 107, Pid: 4242, Tenant: `uid=107,cgroup=/machine.slice/machine-qemu\x2d1\x2dvm1.scope`},
 		VmName: "vm1", CreateTime: t0, ClaimTime: t1,
 		Ttl: durationpb.New(time.Hour), ExpireTime: t2, RevokeDeadline: t3,
 	}, {
 		Id: "fedcba9876543210fedcba98", Bdf: "0000:3b:00.0", Bar: 0,
 		Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}},
 		Kind:   brokerv1.LeaseKind_LEASE_KIND_PRIVATE, Unattested: true, State: brokerv1.LeaseState_LEASE_STATE_RELEASED,
-		Generation: 1, Size: 4096, Inode: 4712, Holder: &brokerv1.Holder{Uid: 0, Pid: 99},
-		CreateTime: t0, EndTime: t1, EndReason: brokerv1.EndReason_END_REASON_CLAIM_EXPIRED, EndedBy: "broker",
+		Generation: 1, Size: 4096, Inode: 4712, Holder: &brokerv1.Holder{Uid: 0, Pid: 99, Tenant: "uid=0"},
+		CreateTime: t0, EndTime: t1, EndReason: brokerv1.EndReason_END_REASON_CLAIM_EXPIRED, EndedBy: "broker", FdDead: true,
+	}, {
+		// Ended-but-live: released after its fd was claimed; the fd works until the
+		// device cycles, at the latest at revoke_due.
+		Id: "00112233445566778899aabb", Bdf: "0000:3b:00.0", Bar: 2,
+		Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}},
+		Kind:   brokerv1.LeaseKind_LEASE_KIND_SHARED, State: brokerv1.LeaseState_LEASE_STATE_RELEASED,
+		Generation: 1, Size: 4096, Inode: 4713, Holder: &brokerv1.Holder{Uid: 1000, Pid: 77, Tenant: "uid=1000"},
+		CreateTime: t0, ClaimTime: t0, EndTime: t1, EndReason: brokerv1.EndReason_END_REASON_RELEASED, EndedBy: "uid 1000 pid 77",
+		RevokeDue: t3,
+	}, {
+		// A live lease from a daemon that does not report tenants.
+		Id: "ffeeddccbbaa998877665544", Bdf: "0000:3d:00.0", Bar: 0,
+		Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}},
+		Kind:   brokerv1.LeaseKind_LEASE_KIND_SHARED, State: brokerv1.LeaseState_LEASE_STATE_ALLOCATED,
+		Generation: 1, Size: 4096, Inode: 4714, Holder: &brokerv1.Holder{Uid: 1000, Pid: 78},
+		CreateTime: t0, ClaimDeadline: t1,
 	}}
 }
 
@@ -339,15 +360,17 @@ func TestWriteLeases(t *testing.T) {
 	if err := writeLeases(&b, testLeases()); err != nil {
 		t.Fatal(err)
 	}
-	want := `ID                        BDF           BAR  KIND                STATE     GEN  SIZE     UID  PID   VM   CREATED               EXPIRES               REVOKE-BY             END
-0123456789abcdef01234567  0000:3b:00.0  2    shared              active    2    1028KiB  107  4242  vm1  2026-03-04T05:06:07Z  2026-03-04T06:06:07Z  2026-03-04T05:07:09Z  -
-fedcba9876543210fedcba98  0000:3b:00.0  0    private,unattested  released  1    4KiB     0    99    -    2026-03-04T05:06:07Z  -                     -                     claim_expired
+	want := `ID                        BDF           BAR  KIND                STATE      GEN  SIZE     UID   PID   VM   CREATED               EXPIRES               REVOKE-BY             END            FD                               TENANT
+0123456789abcdef01234567  0000:3b:00.0  2    shared              active     2    1028KiB  107   4242  vm1  2026-03-04T05:06:07Z  2026-03-04T06:06:07Z  2026-03-04T05:07:09Z  -              -                                uid=107,cgroup=/machine.slice/machine-qemu\x2d1\x2dvm1.scope
+fedcba9876543210fedcba98  0000:3b:00.0  0    private,unattested  released   1    4KiB     0     99    -    2026-03-04T05:06:07Z  -                     -                     claim_expired  dead                             uid=0
+00112233445566778899aabb  0000:3b:00.0  2    shared              released   1    4KiB     1000  77    -    2026-03-04T05:06:07Z  -                     -                     released       live until 2026-03-04T05:07:09Z  uid=1000
+ffeeddccbbaa998877665544  0000:3d:00.0  0    shared              allocated  1    4KiB     1000  78    -    2026-03-04T05:06:07Z  -                     -                     -              -                                -
 `
 	if diff := cmp.Diff(want, b.String()); diff != "" {
 		t.Errorf("leases table (-want +got):\n%s", diff)
 	}
 	b.Reset()
-	if err := writeLeases(&b, nil); err != nil || b.String() != "ID  BDF  BAR  KIND  STATE  GEN  SIZE  UID  PID  VM  CREATED  EXPIRES  REVOKE-BY  END\n" {
+	if err := writeLeases(&b, nil); err != nil || b.String() != "ID  BDF  BAR  KIND  STATE  GEN  SIZE  UID  PID  VM  CREATED  EXPIRES  REVOKE-BY  END  FD  TENANT\n" {
 		t.Errorf("empty leases table = %q, %v", b.String(), err)
 	}
 }
@@ -359,9 +382,19 @@ func TestWriteEventLine(t *testing.T) {
 		want string
 	}{
 		{&brokerv1.Event{Seq: 7, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_REISSUED, Lease: leases[0], ClaimToken: "secret"},
-			"seq=7 time=2026-03-04T05:06:09Z type=reissued lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=2 generation=2 state=active uid=107 pid=4242 vm=vm1 ttl=1h0m0s expires=2026-03-04T06:06:07Z revoke_deadline=2026-03-04T05:07:09Z\n"},
+			"seq=7 time=2026-03-04T05:06:09Z type=reissued lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=2 generation=2 state=active uid=107 pid=4242 tenant=\"uid=107,cgroup=/machine.slice/machine-qemu\\\\x2d1\\\\x2dvm1.scope\" vm=vm1 ttl=1h0m0s expires=2026-03-04T06:06:07Z revoke_deadline=2026-03-04T05:07:09Z\n"},
+		{&brokerv1.Event{Seq: 7, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_REISSUED, Lease: leases[0], CausedBy: "uid=1000"},
+			"seq=7 time=2026-03-04T05:06:09Z type=reissued lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=2 generation=2 state=active uid=107 pid=4242 tenant=\"uid=107,cgroup=/machine.slice/machine-qemu\\\\x2d1\\\\x2dvm1.scope\" vm=vm1 ttl=1h0m0s expires=2026-03-04T06:06:07Z revoke_deadline=2026-03-04T05:07:09Z caused_by=\"uid=1000\"\n"},
 		{&brokerv1.Event{Seq: 8, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_EXPIRED, Lease: leases[1]},
-			"seq=8 time=2026-03-04T05:06:09Z type=expired lease=fedcba9876543210fedcba98 bdf=0000:3b:00.0 bar=0 generation=1 state=released uid=0 pid=99 end_reason=claim_expired ended_by=broker\n"},
+			"seq=8 time=2026-03-04T05:06:09Z type=expired lease=fedcba9876543210fedcba98 bdf=0000:3b:00.0 bar=0 generation=1 state=released uid=0 pid=99 tenant=\"uid=0\" end_reason=claim_expired ended_by=broker fd_dead=true\n"},
+		// Released after the claim: ended but live.
+		{&brokerv1.Event{Seq: 11, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_RELEASED, Lease: leases[2]},
+			"seq=11 time=2026-03-04T05:06:09Z type=released lease=00112233445566778899aabb bdf=0000:3b:00.0 bar=2 generation=1 state=released uid=1000 pid=77 tenant=\"uid=1000\" end_reason=released ended_by=\"uid 1000 pid 77\" revoke_due=2026-03-04T05:07:09Z\n"},
+		// Its fd died in a cycle an admin caused.
+		{&brokerv1.Event{Seq: 12, Time: t3, Type: brokerv1.EventType_EVENT_TYPE_FD_REVOKED, CausedBy: "uid 0 (admin) pid 42", Lease: &brokerv1.Lease{
+			Id: "00112233445566778899aabb", Bdf: "0000:3b:00.0", Bar: 2, State: brokerv1.LeaseState_LEASE_STATE_RELEASED, Generation: 1,
+			Holder: &brokerv1.Holder{Uid: 1000, Pid: 77, Tenant: "uid=1000"}, EndReason: brokerv1.EndReason_END_REASON_RELEASED, EndedBy: "uid 1000 pid 77", FdDead: true}},
+			"seq=12 time=2026-03-04T05:07:09Z type=fd_revoked lease=00112233445566778899aabb bdf=0000:3b:00.0 bar=2 generation=1 state=released uid=1000 pid=77 tenant=\"uid=1000\" end_reason=released ended_by=\"uid 1000 pid 77\" fd_dead=true caused_by=\"uid 0 (admin) pid 42\"\n"},
 		{&brokerv1.Event{Seq: 9, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_REVOKE_REQUESTED, Lease: &brokerv1.Lease{
 			Id: "0123456789abcdef01234567", Bdf: "0000:3b:00.0", State: brokerv1.LeaseState_LEASE_STATE_ACTIVE, Generation: 1,
 			Holder: &brokerv1.Holder{Uid: 107, Pid: 4242}, RevokeDeadline: t3}},
@@ -406,10 +439,29 @@ func TestJSON(t *testing.T) {
 	// proto field names, enum names, 64-bit integers as strings, every field present.
 	checks := map[string]any{"id": "0123456789abcdef01234567", "state": "LEASE_STATE_ACTIVE", "kind": "LEASE_KIND_SHARED",
 		"size": "1052672", "bar": float64(2), "vm_name": "vm1", "create_time": "2026-03-04T05:06:07Z", "end_reason": "END_REASON_UNSPECIFIED",
-		"ended_by": "", "end_time": nil, "unattested": false}
+		"ended_by": "", "end_time": nil, "unattested": false, "revoke_due": nil, "fd_dead": false,
+		"holder": map[string]any{"uid": float64(107), "pid": float64(4242), "tenant": `uid=107,cgroup=/machine.slice/machine-qemu\x2d1\x2dvm1.scope`}}
 	for k, want := range checks {
 		if got, ok := l[k]; !ok || !cmp.Equal(got, want) {
 			t.Errorf("lease JSON %s = %#v (present %v), want %#v", k, got, ok, want)
+		}
+	}
+	// An ended-but-live lease and an ended lease whose fd is dead.
+	var ended bytes.Buffer
+	if err := writeJSON(&ended, &brokerv1.ListLeasesResponse{Leases: testLeases()[1:3]}); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(ended.Bytes(), &doc); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, ended.String())
+	}
+	for i, want := range []map[string]any{
+		{"id": "fedcba9876543210fedcba98", "fd_dead": true, "revoke_due": nil},
+		{"id": "00112233445566778899aabb", "fd_dead": false, "revoke_due": "2026-03-04T05:07:09Z", "end_reason": "END_REASON_RELEASED"},
+	} {
+		for k, w := range want {
+			if got, ok := doc.Leases[i][k]; !ok || !cmp.Equal(got, w) {
+				t.Errorf("lease %d JSON %s = %#v (present %v), want %#v", i, k, got, ok, w)
+			}
 		}
 	}
 	if !strings.HasPrefix(b.String(), "{\n  \"leases\": [\n    {\n      \"id\": ") {
@@ -430,6 +482,14 @@ func TestJSON(t *testing.T) {
 	}
 	if strings.Count(b.String(), "\n") != 1 || !strings.HasPrefix(b.String(), `{"seq":"3","time":null,"type":"EVENT_TYPE_CLAIMED","lease":{"id":`) {
 		t.Errorf("event JSON line: %s", b.String())
+	}
+	b.Reset()
+	if err := writeJSONLine(&b, &brokerv1.Event{Seq: 4, Type: brokerv1.EventType_EVENT_TYPE_FD_REVOKED, Lease: testLeases()[1], CausedBy: "uid=1000"}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(b.String(), `{"seq":"4","time":null,"type":"EVENT_TYPE_FD_REVOKED","lease":{"id":`) ||
+		!strings.HasSuffix(b.String(), `"claim_token":"","caused_by":"uid=1000"}`+"\n") {
+		t.Errorf("fd_revoked event JSON line: %s", b.String())
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
@@ -54,14 +55,15 @@ func (c *cli) device(ctx context.Context, args []string) error {
 }
 
 func (c *cli) leases(ctx context.Context, args []string) error {
-	fs := c.subcommand("leases", "[-all] [-device BDF] [-uid UID]")
+	fs := c.subcommand("leases", "[-all] [-device BDF] [-uid UID] [-tenant TENANT]")
 	all := fs.Bool("all", false, "include recently ended leases")
 	device := fs.String("device", "", "only leases of the device at `BDF`")
 	uid := fs.Int64("uid", -1, "only leases held by `UID` (admins; others see only their own)")
+	tenant := fs.String("tenant", "", "only leases of `TENANT`, as the TENANT column shows it, e.g. uid=107 (admins; others see only their own)")
 	if _, _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
-	req := &brokerv1.ListLeasesRequest{LiveOnly: !*all}
+	req := &brokerv1.ListLeasesRequest{LiveOnly: !*all, Tenant: *tenant}
 	if *device != "" {
 		bdf, err := parseBDF(*device)
 		if err != nil {
@@ -119,12 +121,18 @@ func (c *cli) revoke(ctx context.Context, args []string) error {
 	if c.json {
 		return writeJSON(c.stdout, resp)
 	}
-	if d := l.GetRevokeDeadline(); d != nil && l.GetEndReason() == brokerv1.EndReason_END_REASON_UNSPECIFIED {
+	switch r := l.GetEndReason(); {
+	case r == brokerv1.EndReason_END_REASON_UNSPECIFIED && l.GetRevokeDeadline() != nil:
 		fmt.Fprintf(c.stdout, "revoke of lease %s requested (%s)\n", l.GetId(), leaseSummary(l))
-		fmt.Fprintf(c.stdout, "its holder may release it until %s; then it is revoked\n", timeString(d))
+		fmt.Fprintf(c.stdout, "its holder may release it until %s; then it is revoked\n", timeString(l.GetRevokeDeadline()))
 		return nil
+	case r != brokerv1.EndReason_END_REASON_UNSPECIFIED && r != brokerv1.EndReason_END_REASON_REVOKED:
+		// An ended-but-live lease: the revoke killed its fd, the lease keeps its end.
+		fmt.Fprintf(c.stdout, "killed the fd of lease %s, which had ended (%s, by %s) (%s)\n",
+			l.GetId(), reasonName(r), dash(l.GetEndedBy()), leaseSummary(l))
+	default:
+		fmt.Fprintf(c.stdout, "revoked lease %s (%s)\n", l.GetId(), leaseSummary(l))
 	}
-	fmt.Fprintf(c.stdout, "revoked lease %s (%s)\n", l.GetId(), leaseSummary(l))
 	fmt.Fprintf(c.stdout, "%d other live lease(s) of %s were reissued as a new generation (the kernel revokes every dma-buf of a device at once)\n",
 		resp.GetReissuedLeases(), l.GetBdf())
 	return nil
@@ -177,7 +185,15 @@ func (c *cli) releaseLease(ctx context.Context, args []string) error {
 		return writeJSON(c.stdout, &brokerv1.ReleaseLeaseResponse{Lease: l})
 	}
 	fmt.Fprintf(c.stdout, "released lease %s (%s)\n", l.GetId(), leaseSummary(l))
-	fmt.Fprintln(c.stdout, "the holder's fd is not revoked (unless a revoke of the lease was pending): the holder should close it")
+	switch {
+	case l.GetRevokeDue() != nil:
+		fmt.Fprintf(c.stdout, "its fd keeps working until the device's next cycle, at the latest %s: the holder should close it now (cycle %s or revoke %s kills it at once)\n",
+			timeString(l.GetRevokeDue()), l.GetBdf(), l.GetId())
+	case l.GetFdDead():
+		fmt.Fprintln(c.stdout, "its fd is dead")
+	default:
+		fmt.Fprintln(c.stdout, "the holder's fd is not revoked (unless a revoke of the lease was pending): the holder should close it")
+	}
 	return nil
 }
 
@@ -245,6 +261,34 @@ func (c *cli) watch(ctx context.Context, args []string) error {
 			return err
 		}
 	}
+	return nil
+}
+
+// cycle runs cycle BDF.
+func (c *cli) cycle(ctx context.Context, args []string) error {
+	fs := c.subcommand("cycle", "BDF")
+	pos, _, err := parse(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	bdf, err := parseBDF(pos[0])
+	if err != nil {
+		return err
+	}
+	cl, ctx, done, err := c.connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	r, err := cl.API().CycleDevice(ctx, &brokerv1.CycleDeviceRequest{Bdf: bdf})
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return writeJSON(c.stdout, r)
+	}
+	fmt.Fprintf(c.stdout, "cycled device %s: every dma-buf it exported is dead; %d ended lease(s) lost their live fd, %d live lease(s) were reissued as a new generation\n",
+		bdf, r.GetFdRevokedLeases(), r.GetReissuedLeases())
 	return nil
 }
 

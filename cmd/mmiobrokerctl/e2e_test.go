@@ -33,7 +33,15 @@ const (
 	envChildRevoke = "MMB_CTL_E2E_REVOKE"
 )
 
+// envAsUID, if set, makes the test binary mmiobrokerctl itself: it drops to this uid (as
+// uid, gid and no supplementary groups: not an admin of the test daemon) and runs with its
+// arguments. Tests run as root use it for a caller other than the test process.
+const envAsUID = "MMB_CTL_E2E_AS_UID"
+
 func TestMain(m *testing.M) {
+	if s := os.Getenv(envAsUID); s != "" {
+		os.Exit(runAsUID(s, os.Args[1:]))
+	}
 	if os.Getenv(envChild) == "1" {
 		if err := checkLeaseFD(); err != nil {
 			fmt.Fprintf(os.Stderr, "child: %v\n", err)
@@ -50,6 +58,25 @@ func TestMain(m *testing.M) {
 		os.Exit(code)
 	}
 	goleak.VerifyTestMain(m)
+}
+
+// runAsUID is the envAsUID side of the test: mmiobrokerctl as another uid.
+func runAsUID(uid string, args []string) int {
+	id, err := strconv.Atoi(uid)
+	if err == nil {
+		err = syscall.Setgroups(nil)
+	}
+	if err == nil {
+		err = syscall.Setgid(id)
+	}
+	if err == nil {
+		err = syscall.Setuid(id)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "child: become uid %s: %v\n", uid, err)
+		return 125
+	}
+	return run(context.Background(), args, os.Stdout, os.Stderr, noEnv)
 }
 
 // checkLeaseFD is the -exec command's side of the test.
@@ -101,8 +128,7 @@ type testDaemon struct {
 
 func startDaemon(t *testing.T) *testDaemon {
 	t.Helper()
-	dev := brokertest.NewDevice(e2eBDF)
-	d := daemontest.Start(t, fmt.Sprintf(`
+	return startDaemonConfig(t, fmt.Sprintf(`
 [limits]
 claim_timeout = "10s"
 
@@ -113,7 +139,15 @@ allow_uids = [%d]
 [[device]]
 address = %q
 bars = [0]
-`, e2eBDF, os.Getuid(), e2eBDF2), dev, brokertest.NewDevice(e2eBDF2))
+`, e2eBDF, os.Getuid(), e2eBDF2))
+}
+
+// startDaemonConfig starts a daemon with config (daemontest.Start) on fake devices at
+// e2eBDF and e2eBDF2.
+func startDaemonConfig(t *testing.T, config string) *testDaemon {
+	t.Helper()
+	dev := brokertest.NewDevice(e2eBDF)
+	d := daemontest.Start(t, config, dev, brokertest.NewDevice(e2eBDF2))
 	fi, err := os.Stat(d.Control)
 	if err != nil {
 		t.Fatal(err)

@@ -261,13 +261,13 @@ func joinInts[T ~uint32 | ~int32 | ~int](xs []T) string {
 // writeLeases writes the leases table.
 func writeLeases(w io.Writer, leases []*brokerv1.Lease) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tBDF\tBAR\tKIND\tSTATE\tGEN\tSIZE\tUID\tPID\tVM\tCREATED\tEXPIRES\tREVOKE-BY\tEND")
+	fmt.Fprintln(tw, "ID\tBDF\tBAR\tKIND\tSTATE\tGEN\tSIZE\tUID\tPID\tVM\tCREATED\tEXPIRES\tREVOKE-BY\tEND\tFD\tTENANT")
 	for _, l := range leases {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n",
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
 			l.GetId(), l.GetBdf(), l.GetBar(), leaseKind(l), stateName(l.GetState()),
 			l.GetGeneration(), sizeString(l.GetSize()), l.GetHolder().GetUid(), l.GetHolder().GetPid(),
 			dash(l.GetVmName()), timeString(l.GetCreateTime()), timeString(l.GetExpireTime()),
-			timeString(l.GetRevokeDeadline()), endString(l))
+			timeString(l.GetRevokeDeadline()), endString(l), fdString(l), dash(l.GetHolder().GetTenant()))
 	}
 	return tw.Flush()
 }
@@ -287,6 +287,19 @@ func endString(l *brokerv1.Lease) string {
 	return reasonName(l.GetEndReason())
 }
 
+// fdString says whether an ended lease's dma-buf is dead: "dead", or "live until T" for an
+// ended-but-live lease (its tenant ended it after the fd was claimed; the fd works until
+// its device's next cycle, at the latest T); "-" for a live lease.
+func fdString(l *brokerv1.Lease) string {
+	switch {
+	case l.GetRevokeDue() != nil:
+		return "live until " + timeString(l.GetRevokeDue())
+	case l.GetFdDead():
+		return "dead"
+	}
+	return "-"
+}
+
 // rangesString formats ranges as "[0x0,+0x10000) [0x20000,+0x1000)".
 func rangesString(rs []*brokerv1.Range) string {
 	s := make([]string, len(rs))
@@ -303,6 +316,9 @@ func writeEventLine(w io.Writer, e *brokerv1.Event) error {
 	fmt.Fprintf(&b, "seq=%d time=%s type=%s lease=%s bdf=%s bar=%d generation=%d state=%s uid=%d pid=%d",
 		e.GetSeq(), timeString(e.GetTime()), eventName(e.GetType()), l.GetId(), l.GetBdf(), l.GetBar(),
 		l.GetGeneration(), stateName(l.GetState()), l.GetHolder().GetUid(), l.GetHolder().GetPid())
+	if tenant := l.GetHolder().GetTenant(); tenant != "" {
+		fmt.Fprintf(&b, " tenant=%s", logfmtValue(tenant))
+	}
 	if vm := l.GetVmName(); vm != "" {
 		fmt.Fprintf(&b, " vm=%s", logfmtValue(vm))
 	}
@@ -317,6 +333,15 @@ func writeEventLine(w io.Writer, e *brokerv1.Event) error {
 	}
 	if l.GetEndReason() != brokerv1.EndReason_END_REASON_UNSPECIFIED {
 		fmt.Fprintf(&b, " end_reason=%s ended_by=%s", reasonName(l.GetEndReason()), logfmtValue(l.GetEndedBy()))
+	}
+	if t := l.GetRevokeDue(); t != nil {
+		fmt.Fprintf(&b, " revoke_due=%s", timeString(t))
+	}
+	if l.GetFdDead() {
+		b.WriteString(" fd_dead=true")
+	}
+	if by := e.GetCausedBy(); by != "" {
+		fmt.Fprintf(&b, " caused_by=%s", logfmtValue(by))
 	}
 	b.WriteByte('\n')
 	_, err := io.WriteString(w, b.String())

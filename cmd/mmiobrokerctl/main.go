@@ -1,8 +1,8 @@
 // Command mmiobrokerctl is the operator CLI of mmiobrokerd: it lists devices and leases,
 // allocates leases (holding their dma-buf fd, or handing it to a command as fd 3), revokes
-// (at once or with a grace period), renews and releases them, suspends and resumes devices,
-// and watches lease events. docs/cli.md describes every command, its output and its exit
-// codes.
+// (at once or with a grace period), renews and releases them, suspends, resumes and cycles
+// devices, and watches lease events. docs/cli.md describes every command, its output and
+// its exit codes.
 package main
 
 import (

@@ -72,8 +72,8 @@ func TestEndedButLiveDiesWithinR(t *testing.T) {
 		if c, _ := revokes(r.devs[dev0]); c != 0 {
 			t.Fatalf("%d device cycles before R, want 0", c)
 		}
-		if st, _ := r.b.Device(dev0); st.LiveLeases != 1 {
-			t.Fatalf("device live leases %d, want 1 (the victim)", st.LiveLeases)
+		if st, _ := r.b.Device(dev0); st.LiveLeases != 1 || st.EndedLive != 3 || !st.CycleAt.Equal(start.Add(boundR)) {
+			t.Fatalf("device: %d live, %d ended-but-live, cycle at %v; want 1 (the victim), 3, R after the first end", st.LiveLeases, st.EndedLive, st.CycleAt)
 		}
 		// Still counted: uid 1000 can have 8; 3 are ended-but-live.
 		for i := range 5 {

@@ -229,7 +229,8 @@ func (b *Broker) Device(bdf string) (DeviceStatus, error) {
 // which must not stall the whole broker.
 func (b *Broker) statusLocked(d *device) (DeviceStatus, Device) {
 	return DeviceStatus{Info: d.info, Policy: d.policy, Err: d.err, LiveLeases: len(d.live),
-		Suspended: d.suspended, Errors: d.errors}, d.dev
+		Suspended: d.suspended, Errors: d.errors, EndedLive: len(d.released), CycleAt: d.cycleAt,
+		LastTenantCycle: d.lastTenantCycle}, d.dev
 }
 
 func fillInfo(st *DeviceStatus, dev Device) {

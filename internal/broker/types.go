@@ -377,6 +377,12 @@ type DeviceStatus struct {
 	Suspended bool
 	// Errors counts the errors (AER) the device reported since it was opened.
 	Errors uint64
+	// EndedLive counts the device's ended-but-live leases.
+	EndedLive int
+	// CycleAt is when the device's scheduled cycle runs; zero if none is scheduled.
+	CycleAt time.Time
+	// LastTenantCycle is when a tenant last caused the device to cycle; zero if never.
+	LastTenantCycle time.Time
 }
 
 // EventType is the kind of a lease transition.

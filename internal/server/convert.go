@@ -303,17 +303,20 @@ func deviceToProto(st broker.DeviceStatus) *brokerv1.Device {
 	info := st.Info
 	usable := st.Err == nil
 	d := &brokerv1.Device{
-		Bdf:        info.BDF,
-		VendorId:   uint32(info.Vendor),
-		DeviceId:   uint32(info.DeviceID),
-		ClassCode:  info.Class,
-		Driver:     info.Driver,
-		IommuGroup: int32(info.IOMMUGroup),
-		Tsm:        &brokerv1.TsmState{Present: info.TSM.Present, Connect: info.TSM.Connect, Bound: info.TSM.Bound},
-		Usable:     usable,
-		LiveLeases: uint32(st.LiveLeases),
-		Suspended:  st.Suspended,
-		ErrorCount: st.Errors,
+		Bdf:                 info.BDF,
+		VendorId:            uint32(info.Vendor),
+		DeviceId:            uint32(info.DeviceID),
+		ClassCode:           info.Class,
+		Driver:              info.Driver,
+		IommuGroup:          int32(info.IOMMUGroup),
+		Tsm:                 &brokerv1.TsmState{Present: info.TSM.Present, Connect: info.TSM.Connect, Bound: info.TSM.Bound},
+		Usable:              usable,
+		LiveLeases:          uint32(st.LiveLeases),
+		Suspended:           st.Suspended,
+		ErrorCount:          st.Errors,
+		EndedLiveLeases:     uint32(st.EndedLive),
+		CycleTime:           timestamp(st.CycleAt),
+		LastTenantCycleTime: timestamp(st.LastTenantCycle),
 	}
 	if usable {
 		d.AccessMode = accessModeToProto(info.Mode)

@@ -732,9 +732,18 @@ type Device struct {
 	Suspended bool `protobuf:"varint,16,opt,name=suspended,proto3" json:"suspended,omitempty"`
 	// Errors (AER, reported through VFIO's error notifier) the device raised since the broker
 	// opened it; reset when it is opened again.
-	ErrorCount    uint64 `protobuf:"varint,17,opt,name=error_count,json=errorCount,proto3" json:"error_count,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ErrorCount uint64 `protobuf:"varint,17,opt,name=error_count,json=errorCount,proto3" json:"error_count,omitempty"`
+	// Ended-but-live leases of the device: ended by their tenants while their fds still work,
+	// until the device's next cycle (see REVOCATION BOUNDS).
+	EndedLiveLeases uint32 `protobuf:"varint,18,opt,name=ended_live_leases,json=endedLiveLeases,proto3" json:"ended_live_leases,omitempty"`
+	// When the device's next scheduled cycle runs (at the latest R after the first of its
+	// ended-but-live leases ended, never sooner than C after the last cycle a tenant caused);
+	// unset if none is scheduled.
+	CycleTime *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=cycle_time,json=cycleTime,proto3" json:"cycle_time,omitempty"`
+	// When a tenant last caused the device to cycle (C counts from it); unset if never.
+	LastTenantCycleTime *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=last_tenant_cycle_time,json=lastTenantCycleTime,proto3" json:"last_tenant_cycle_time,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Device) Reset() {
@@ -884,6 +893,27 @@ func (x *Device) GetErrorCount() uint64 {
 		return x.ErrorCount
 	}
 	return 0
+}
+
+func (x *Device) GetEndedLiveLeases() uint32 {
+	if x != nil {
+		return x.EndedLiveLeases
+	}
+	return 0
+}
+
+func (x *Device) GetCycleTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CycleTime
+	}
+	return nil
+}
+
+func (x *Device) GetLastTenantCycleTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastTenantCycleTime
+	}
+	return nil
 }
 
 // Range is a byte range of a BAR. Both offset and length must be multiples of the page size
@@ -2723,7 +2753,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\rallowed_kinds\x18\x02 \x03(\x0e2\x18.mmiobroker.v1.LeaseKindR\fallowedKinds\x128\n" +
 	"\x18allow_unattested_private\x18\x03 \x01(\bR\x16allowUnattestedPrivate\x12!\n" +
 	"\fallowed_uids\x18\x04 \x03(\rR\vallowedUids\x12!\n" +
-	"\fallowed_gids\x18\x05 \x03(\rR\vallowedGids\"\xe7\x04\n" +
+	"\fallowed_gids\x18\x05 \x03(\rR\vallowedGids\"\x9f\x06\n" +
 	"\x06Device\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x1b\n" +
 	"\tvendor_id\x18\x02 \x01(\rR\bvendorId\x12\x1b\n" +
@@ -2747,7 +2777,11 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"liveLeases\x12\x1c\n" +
 	"\tsuspended\x18\x10 \x01(\bR\tsuspended\x12\x1f\n" +
 	"\verror_count\x18\x11 \x01(\x04R\n" +
-	"errorCount\"7\n" +
+	"errorCount\x12*\n" +
+	"\x11ended_live_leases\x18\x12 \x01(\rR\x0fendedLiveLeases\x129\n" +
+	"\n" +
+	"cycle_time\x18\x13 \x01(\v2\x1a.google.protobuf.TimestampR\tcycleTime\x12O\n" +
+	"\x16last_tenant_cycle_time\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\x13lastTenantCycleTime\"7\n" +
 	"\x05Range\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\x04R\x06length\"D\n" +
@@ -2991,70 +3025,72 @@ var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	5,  // 2: mmiobroker.v1.Device.bars:type_name -> mmiobroker.v1.Bar
 	6,  // 3: mmiobroker.v1.Device.tsm:type_name -> mmiobroker.v1.TsmState
 	7,  // 4: mmiobroker.v1.Device.policy:type_name -> mmiobroker.v1.DevicePolicy
-	9,  // 5: mmiobroker.v1.Lease.ranges:type_name -> mmiobroker.v1.Range
-	1,  // 6: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
-	2,  // 7: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
-	10, // 8: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
-	39, // 9: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	39, // 10: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
-	39, // 11: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
-	3,  // 12: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
-	40, // 13: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
-	39, // 14: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	39, // 15: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
-	39, // 16: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
-	39, // 17: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
-	39, // 18: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
-	4,  // 19: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
-	11, // 20: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 21: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
-	8,  // 22: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	9,  // 23: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
-	1,  // 24: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
-	40, // 25: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 26: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	39, // 27: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
-	11, // 28: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 29: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
-	40, // 30: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
-	11, // 31: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 32: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	12, // 33: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
-	40, // 34: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 35: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 36: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	8,  // 37: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	13, // 38: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
-	15, // 39: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
-	17, // 40: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
-	19, // 41: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
-	21, // 42: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
-	23, // 43: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
-	25, // 44: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
-	27, // 45: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
-	29, // 46: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
-	31, // 47: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
-	33, // 48: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
-	35, // 49: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
-	37, // 50: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
-	14, // 51: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
-	16, // 52: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
-	18, // 53: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
-	20, // 54: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
-	22, // 55: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
-	24, // 56: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
-	26, // 57: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
-	28, // 58: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
-	30, // 59: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
-	32, // 60: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
-	34, // 61: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
-	36, // 62: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
-	38, // 63: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
-	51, // [51:64] is the sub-list for method output_type
-	38, // [38:51] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	39, // 5: mmiobroker.v1.Device.cycle_time:type_name -> google.protobuf.Timestamp
+	39, // 6: mmiobroker.v1.Device.last_tenant_cycle_time:type_name -> google.protobuf.Timestamp
+	9,  // 7: mmiobroker.v1.Lease.ranges:type_name -> mmiobroker.v1.Range
+	1,  // 8: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
+	2,  // 9: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
+	10, // 10: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
+	39, // 11: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	39, // 12: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
+	39, // 13: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	3,  // 14: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
+	40, // 15: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	39, // 16: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	39, // 17: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
+	39, // 18: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
+	39, // 19: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
+	39, // 20: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
+	4,  // 21: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
+	11, // 22: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
+	8,  // 23: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
+	8,  // 24: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	9,  // 25: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
+	1,  // 26: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
+	40, // 27: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 28: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	39, // 29: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
+	11, // 30: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 31: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
+	40, // 32: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
+	11, // 33: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 34: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	12, // 35: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
+	40, // 36: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 37: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	8,  // 38: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	8,  // 39: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	13, // 40: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
+	15, // 41: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
+	17, // 42: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
+	19, // 43: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
+	21, // 44: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
+	23, // 45: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
+	25, // 46: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
+	27, // 47: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
+	29, // 48: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
+	31, // 49: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
+	33, // 50: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
+	35, // 51: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
+	37, // 52: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
+	14, // 53: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
+	16, // 54: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
+	18, // 55: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
+	20, // 56: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
+	22, // 57: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
+	24, // 58: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
+	26, // 59: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
+	28, // 60: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
+	30, // 61: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
+	32, // 62: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
+	34, // 63: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
+	36, // 64: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
+	38, // 65: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
+	53, // [53:66] is the sub-list for method output_type
+	40, // [40:53] is the sub-list for method input_type
+	40, // [40:40] is the sub-list for extension type_name
+	40, // [40:40] is the sub-list for extension extendee
+	0,  // [0:40] is the sub-list for field type_name
 }
 
 func init() { file_mmiobroker_v1_broker_proto_init() }
