@@ -68,7 +68,7 @@ type cli struct {
 // ctx ends on SIGINT or SIGTERM.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
 	c := &cli{stdout: stdout, stderr: stderr, getenv: getenv}
-	err := c.run(ctx, args)
+	err := c.unreachable(c.run(ctx, args))
 	if errors.Is(err, flag.ErrHelp) {
 		return exitOK
 	}

@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -551,5 +553,38 @@ func TestDescribeFD(t *testing.T) {
 	d := describeFD(f, client.ClaimInfo{Generation: 3, Size: 10, Inode: 11})
 	if d.FD < 3 || d.ExpName != "" || d.Generation != 3 || d.Size != 10 || d.Inode != 11 {
 		t.Errorf("describeFD = %+v", d)
+	}
+}
+
+// TestUnreachableDaemon: a daemon that cannot be reached is explained in words (which
+// socket, what is wrong with it, what to check), with exit code 8, instead of a raw gRPC
+// "Unavailable: connection error".
+func TestUnreachableDaemon(t *testing.T) {
+	dir := t.TempDir()
+	refused := filepath.Join(dir, "refused.sock")
+	l, err := net.Listen("unix", refused)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close() // the file stays, nobody listens
+	notSock := filepath.Join(dir, "file")
+	if err := os.WriteFile(notSock, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		path, want string
+	}{
+		{filepath.Join(dir, "missing.sock"), "there is no socket there"},
+		{refused, "nothing listens on it"},
+		{notSock, "that path is not a socket"},
+	} {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), []string{"-socket", tt.path, "-timeout", "5s", "devices"}, &out, &errb, noEnv)
+		msg := errb.String()
+		if code != exitUnavailable || !strings.Contains(msg, "cannot reach mmiobrokerd at "+tt.path) || !strings.Contains(msg, tt.want) ||
+			!strings.Contains(msg, "systemctl status mmiobrokerd.socket") {
+			t.Errorf("devices with -socket %s: exit %d, stderr %q; want exit %d explaining %q", tt.path, code, msg, exitUnavailable, tt.want)
+		}
 	}
 }
