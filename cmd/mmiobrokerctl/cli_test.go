@@ -147,7 +147,7 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"cycle", "3b:00"}, exitUsage, `device address "3b:00"`},
 		{[]string{"leases", "-tenant"}, exitUsage, "flag needs an argument: -tenant"},
 		// A well-formed command with nobody listening: Unavailable.
-		{[]string{"-socket", "/nonexistent/control.sock", "-timeout", "5s", "devices"}, exitUnavailable, "mmiobrokerctl: Unavailable: "},
+		{[]string{"-socket", "/nonexistent/control.sock", "-timeout", "5s", "devices"}, exitUnavailable, "mmiobrokerctl: cannot reach mmiobrokerd at /nonexistent/control.sock: there is no socket there"},
 	}
 	for _, tt := range tests {
 		var out, errb bytes.Buffer
@@ -247,7 +247,8 @@ func testDevices() []*brokerv1.Device {
 			{Index: 5, Size: 128},
 		},
 		Tsm:             &brokerv1.TsmState{Present: true, Connect: "tsm0", Bound: "tsm0"},
-		DmaBufSupported: true, Usable: true, LiveLeases: 2, ErrorCount: 3,
+		DmaBufSupported: true, Usable: true, LiveLeases: 2, ErrorCount: 3, EndedLiveLeases: 1,
+		CycleTime: timestamppb.New(time.Date(2026, 12, 6, 2, 0, 0, 0, time.UTC)),
 		Policy: &brokerv1.DevicePolicy{AllowedBars: []uint32{0, 2}, AllowedKinds: []brokerv1.LeaseKind{
 			brokerv1.LeaseKind_LEASE_KIND_SHARED, brokerv1.LeaseKind_LEASE_KIND_PRIVATE}, AllowedUids: []uint32{107}, AllowedGids: []uint32{36, 37}},
 	}, {
@@ -293,6 +294,9 @@ Status:             usable
 Suspended:          no
 Errors (AER):       3
 Live leases:        2
+Ended-live leases:  1
+Next cycle:         2026-12-06T02:00:00Z
+Last tenant cycle:  -
 Leasable BARs:      0,2
 Lease kinds:        shared, private
 Unattested private: no

@@ -529,7 +529,7 @@ func TestEndToEnd(t *testing.T) {
 		}
 	}
 	_, errs, code := d.ctl(t, "devices")
-	if code != exitUnavailable || !strings.HasPrefix(errs, "mmiobrokerctl: Unavailable: ") {
+	if code != exitUnavailable || !strings.HasPrefix(errs, "mmiobrokerctl: cannot reach mmiobrokerd at "+d.Control+": there is no socket there") {
 		t.Errorf("devices with no daemon: exit %d, stderr %q", code, errs)
 	}
 }
