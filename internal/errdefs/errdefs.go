@@ -8,7 +8,10 @@
 // and only internal/server turns them into gRPC statuses, once, in its interceptors.
 package errdefs
 
-import "errors"
+import (
+	"errors"
+	"syscall"
+)
 
 // The error classes. Test with errors.Is.
 var (
@@ -32,3 +35,26 @@ var (
 	// ErrDeadlineExceeded: something expired (a claim token, a deadline).
 	ErrDeadlineExceeded = errors.New("deadline exceeded")
 )
+
+// FromErrno returns the class of a kernel errno, nil if it has none: EINVAL is
+// ErrInvalidArgument; ENOTTY and EOPNOTSUPP ErrNotSupported; EPERM and EACCES
+// ErrPermissionDenied; ENOENT ErrNotFound; EBUSY, EAGAIN and ENODEV ErrUnavailable;
+// ENOMEM, ENOSPC, EMFILE and ENFILE ErrResourceExhausted. Kernel packages' error types use
+// it so that an ioctl's errno classifies the same everywhere.
+func FromErrno(errno syscall.Errno) error {
+	switch errno {
+	case syscall.EINVAL:
+		return ErrInvalidArgument
+	case syscall.ENOTTY, syscall.EOPNOTSUPP:
+		return ErrNotSupported
+	case syscall.EPERM, syscall.EACCES:
+		return ErrPermissionDenied
+	case syscall.ENOENT:
+		return ErrNotFound
+	case syscall.EBUSY, syscall.EAGAIN, syscall.ENODEV:
+		return ErrUnavailable
+	case syscall.ENOMEM, syscall.ENOSPC, syscall.EMFILE, syscall.ENFILE:
+		return ErrResourceExhausted
+	}
+	return nil
+}

@@ -34,27 +34,8 @@ func (e *Error) Is(target error) bool {
 	if !errors.As(e.Err, &errno) {
 		return false
 	}
-	c := errnoClass(errno)
+	c := errdefs.FromErrno(errno)
 	return c != nil && c == target
-}
-
-// errnoClass maps an errno to its errdefs class, nil if it has none.
-func errnoClass(errno unix.Errno) error {
-	switch errno {
-	case unix.EINVAL:
-		return errdefs.ErrInvalidArgument
-	case unix.ENOTTY, unix.EOPNOTSUPP:
-		return errdefs.ErrNotSupported
-	case unix.EPERM, unix.EACCES:
-		return errdefs.ErrPermissionDenied
-	case unix.ENOENT:
-		return errdefs.ErrNotFound
-	case unix.EBUSY, unix.EAGAIN, unix.ENODEV:
-		return errdefs.ErrUnavailable
-	case unix.ENOMEM, unix.ENOSPC, unix.EMFILE, unix.ENFILE:
-		return errdefs.ErrResourceExhausted
-	}
-	return nil
 }
 
 // opError wraps err as an *Error; it returns nil for nil.
