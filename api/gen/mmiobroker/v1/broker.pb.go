@@ -145,7 +145,7 @@ type LeaseKind int32
 const (
 	// In AllocateLeaseRequest: same as LEASE_KIND_SHARED. Never reported.
 	LeaseKind_LEASE_KIND_UNSPECIFIED LeaseKind = 0
-	// Shared ranges may overlap other shared leases held by the same uid.
+	// Shared ranges may overlap other shared leases held by the same tenant.
 	LeaseKind_LEASE_KIND_SHARED LeaseKind = 1
 	// Private ranges overlap no other lease on the device and need the device bound to a TSM
 	// (TDISP LOCKED/RUN), unless the device policy sets allow_unattested_private (test rigs;
@@ -1303,7 +1303,7 @@ type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Sequence number: 1 for the broker's first event, growing by one without gaps for the
 	// life of the daemon process. Use it as WatchEventsRequest.after_seq to resume. A holder's
-	// stream skips the seqs of other uids' events.
+	// stream skips the seqs of other tenants' events.
 	Seq uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
 	// When the transition happened.
 	Time *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`

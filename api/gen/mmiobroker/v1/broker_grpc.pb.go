@@ -136,10 +136,10 @@ type BrokerClient interface {
 	// message names: retry after it).
 	AllocateLease(ctx context.Context, in *AllocateLeaseRequest, opts ...grpc.CallOption) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
-	// own uid (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
+	// own tenant (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
 	// lease (ended leases are retained for a bounded number of later leases).
 	GetLease(ctx context.Context, in *GetLeaseRequest, opts ...grpc.CallOption) (*GetLeaseResponse, error)
-	// ListLeases returns leases, oldest first. Holders see only leases of their own uid;
+	// ListLeases returns leases, oldest first. Holders see only leases of their own tenant;
 	// admins see all.
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
 	// RevokeLease ends a lease and makes its dma-buf dead for good. Admins only
@@ -194,7 +194,7 @@ type BrokerClient interface {
 	// that happen after the call; with after_seq = N it first replays the retained events with
 	// seq > N and then continues live, so a client that remembers the seq of the last event it
 	// processed can reconnect without losing or repeating events. Holders receive only events
-	// of leases held by their uid; admins receive all.
+	// of leases held by their tenant; admins receive all.
 	//
 	// Codes: INVALID_ARGUMENT (after_seq is ahead of the last event), FAILED_PRECONDITION
 	// (events after after_seq are no longer retained: call ListLeases to resync, then watch
@@ -436,10 +436,10 @@ type BrokerServer interface {
 	// message names: retry after it).
 	AllocateLease(context.Context, *AllocateLeaseRequest) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
-	// own uid (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
+	// own tenant (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
 	// lease (ended leases are retained for a bounded number of later leases).
 	GetLease(context.Context, *GetLeaseRequest) (*GetLeaseResponse, error)
-	// ListLeases returns leases, oldest first. Holders see only leases of their own uid;
+	// ListLeases returns leases, oldest first. Holders see only leases of their own tenant;
 	// admins see all.
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
 	// RevokeLease ends a lease and makes its dma-buf dead for good. Admins only
@@ -494,7 +494,7 @@ type BrokerServer interface {
 	// that happen after the call; with after_seq = N it first replays the retained events with
 	// seq > N and then continues live, so a client that remembers the seq of the last event it
 	// processed can reconnect without losing or repeating events. Holders receive only events
-	// of leases held by their uid; admins receive all.
+	// of leases held by their tenant; admins receive all.
 	//
 	// Codes: INVALID_ARGUMENT (after_seq is ahead of the last event), FAILED_PRECONDITION
 	// (events after after_seq are no longer retained: call ListLeases to resync, then watch
