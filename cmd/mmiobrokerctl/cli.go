@@ -28,6 +28,8 @@ const usageText = `Usage: mmiobrokerctl [global flags] COMMAND [flags] [argument
 Commands:
   devices                          list the configured devices
   device BDF                       show one device in detail
+  host                             what the host offers: kernel feature probes, KVM's VM
+                                   types, TSMs, the daemon's limits
   leases [-all] [-device BDF] [-uid UID] [-tenant TENANT]
                                    list leases (live ones unless -all)
   allocate [-range OFF:LEN]... [-kind shared|private] [-vm NAME] [-ttl DUR] [-hold] BDF BAR
@@ -119,6 +121,8 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return c.devices(ctx, args)
 	case "device":
 		return c.device(ctx, args)
+	case "host":
+		return c.host(ctx, args)
 	case "leases":
 		return c.leases(ctx, args)
 	case "allocate":

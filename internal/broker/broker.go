@@ -40,6 +40,7 @@ type Broker struct {
 	store     Store    // nil: nothing recorded
 	dropped   []string // ended leases forgotten since the last commit
 	repin     func(pid int32, start uint64) (Process, error)
+	obs       Observer // never nil
 
 	watchers sync.WaitGroup // holder and notice watchers
 }
@@ -136,6 +137,10 @@ func NewWithOptions(cfg Config, open Opener, log *slog.Logger, opt Options) (*Br
 		events:    newEventLog(cfg.EventBacklog),
 		store:     opt.Store,
 		repin:     opt.Repin,
+		obs:       opt.Observer,
+	}
+	if b.obs == nil {
+		b.obs = nopObserver{}
 	}
 	if opt.Restore != nil {
 		b.events.restore(opt.Restore.Events, opt.Restore.LastSeq)

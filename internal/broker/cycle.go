@@ -159,6 +159,7 @@ func (b *Broker) cycleDevice(d *device, cause cycleCause, dead func()) (reissued
 	}
 	start := b.now()
 	if err := dev.Revoke(); err != nil {
+		b.obs.DeviceCycled(cause.observed(d.policy.BDF, b.now().Sub(start), err))
 		b.mu.Lock()
 		closeDev := b.loseDeviceLocked(d, fmt.Errorf("revoke: %w", err))
 		b.mu.Unlock()
@@ -168,6 +169,7 @@ func (b *Broker) cycleDevice(d *device, cause cycleCause, dead func()) (reissued
 		dead()
 		return 0, fmt.Errorf("cycling device %s failed, all its leases ended: %w: %w", d.policy.BDF, err, errdefs.ErrUnavailable)
 	}
+	b.obs.DeviceCycled(cause.observed(d.policy.BDF, b.now().Sub(start), nil))
 	dead()
 	if suspended {
 		if s, ok := dev.(Suspender); ok {

@@ -23,6 +23,8 @@ type eventLog struct {
 	next uint64 // sequence number of the next event
 	size int
 	subs map[*Subscription]struct{}
+	// lagged counts the subscriptions ended for falling behind (ErrSubscriberLagged).
+	lagged uint64
 }
 
 func newEventLog(backlog int) *eventLog {
@@ -36,6 +38,7 @@ func (l *eventLog) append(e Event) Event {
 	for s := range l.subs {
 		if !s.push(e) {
 			delete(l.subs, s)
+			l.lagged++
 		}
 	}
 	return e

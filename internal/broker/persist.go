@@ -59,6 +59,9 @@ type Options struct {
 	// it fails if pid is gone or names another process. Nil: holders are not re-pinned
 	// (tests), and restored leases have no holder watch.
 	Repin func(pid int32, start uint64) (Process, error)
+	// Observer, if set, learns of every event, device cycle and immediate revocation (for
+	// metrics); see [Observer] for what its methods may do.
+	Observer Observer
 }
 
 func tokenDigest(token string) []byte {
@@ -91,6 +94,7 @@ func (b *Broker) emitCausedLocked(t EventType, l *lease, token, causedBy string)
 	e := Event{Seq: b.events.next, Time: b.now(), Type: t, Lease: l.Lease, Token: token, CausedBy: causedBy}
 	err := b.commitLocked([]Event{e}, l)
 	b.events.append(e)
+	b.obs.Event(e)
 	return err
 }
 

@@ -266,6 +266,7 @@ func (b *Broker) runRevokes(d *device) {
 			if r.l != nil {
 				b.setDeadLocked(r.l)
 				b.emitCausedLocked(r.ev, r.l, "", r.cause.by)
+				b.obs.Revoked(r.l.Lease, b.now().Sub(r.l.Ended))
 			}
 		}
 		b.mu.Unlock()

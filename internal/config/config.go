@@ -68,6 +68,7 @@ type Config struct {
 	Daemon  Daemon   `toml:"daemon"`
 	Limits  Limits   `toml:"limits"`
 	Tenants Tenants  `toml:"tenants"`
+	Metrics Metrics  `toml:"metrics"`
 	Devices []Device `toml:"device"`
 
 	file     string              // file name for messages, "" if none
@@ -147,6 +148,28 @@ type Tenants struct {
 	Units []string `toml:"units"`
 }
 
+// Defaults of the [metrics] table.
+const (
+	// DefaultMetricsSocket is relative: the metrics socket is beside control_socket
+	// (/run/mmiobroker/metrics.sock by default).
+	DefaultMetricsSocket = "metrics.sock"
+)
+
+// Metrics is the [metrics] table: where the daemon serves its Prometheus metrics
+// (docs/operations.md, "Metrics").
+type Metrics struct {
+	// Socket is the unix stream socket serving HTTP GET /metrics: an absolute path, a
+	// file name relative to control_socket's directory, or "" for none.
+	Socket string `toml:"socket"`
+	// SocketMode is the metrics socket's permission bits.
+	SocketMode FileMode `toml:"socket_mode"`
+	// SocketGroup owns the metrics socket; "" keeps the daemon's group.
+	SocketGroup Group `toml:"socket_group"`
+	// Listen is a loopback TCP address ("127.0.0.1:9464", "[::1]:9464") also serving
+	// /metrics; "" for none. Other addresses are refused.
+	Listen string `toml:"listen"`
+}
+
 // Device is one [[device]] table: a PCI device that may be leased, and who may lease it.
 type Device struct {
 	// Address is the PCI address, "0000:3b:00.0" (or the short form "3b:00.0").
@@ -186,6 +209,7 @@ func Default() *Config {
 			OnStop:            DefaultOnStop,
 		},
 		Tenants: Tenants{By: DefaultTenantsBy, Units: tenant.DefaultUnits()},
+		Metrics: Metrics{Socket: DefaultMetricsSocket, SocketMode: DefaultSocketMode},
 		Limits: Limits{
 			MaxLeasesPerHolder:  DefaultMaxLeasesPerHolder,
 			MaxLeases:           DefaultMaxLeases,

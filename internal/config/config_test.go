@@ -172,6 +172,7 @@ func schemaKeys() []string {
 		"log_format", "journal", "on_stop", "max_leases_per_holder", "max_leases", "max_ranges_per_lease",
 		"claim_timeout", "event_backlog", "revoke_within", "tenant_cycle_interval", "tenant_cycle_budget", "min_ttl", "address", "bars", "kinds", "allow_uids", "allow_gids",
 		"allow_users", "allow_groups", "allow_unattested_private", "managed_bind", "by", "units",
+		"socket", "socket_mode", "listen",
 	}
 }
 

@@ -67,6 +67,19 @@ type Resolved struct {
 	Devices []DeviceOpen
 	// Tenants resolves callers' tenant identities.
 	Tenants tenant.Resolver
+	// Metrics says where the daemon serves its metrics.
+	Metrics MetricsListen
+}
+
+// MetricsListen is the [metrics] table resolved.
+type MetricsListen struct {
+	// Socket is the metrics socket's absolute path, "" for none; SocketMode its
+	// permission bits; SocketGID its group, -1 to keep the daemon's.
+	Socket     string
+	SocketMode FileMode
+	SocketGID  int
+	// Listen is a loopback TCP address, "" for none.
+	Listen string
 }
 
 // DeviceOpen says how to open one device.
@@ -102,6 +115,8 @@ func (c *Config) Resolve(look Lookup) (*Resolved, error) {
 		Tenants:   tenant.Resolver{Mode: mode, Units: append([]string{}, c.Tenants.Units...)},
 		SocketGID: v.gid(look, "daemon.socket_group", c.Daemon.SocketGroup),
 		AdminGID:  v.gid(look, "daemon.admin_group", c.Daemon.AdminGroup),
+		Metrics: MetricsListen{Socket: c.MetricsSocket(), SocketMode: c.Metrics.SocketMode,
+			SocketGID: v.gid(look, "metrics.socket_group", c.Metrics.SocketGroup), Listen: c.Metrics.Listen},
 		Broker: broker.Config{
 			Limits: broker.Limits{
 				MaxLeasesPerHolder: c.Limits.MaxLeasesPerHolder,

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"github.com/mmiobroker/mmiobroker/internal/tenant"
+	"net"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -38,6 +40,7 @@ func (c *Config) Validate() error {
 	v.daemon()
 	v.limits()
 	v.tenants()
+	v.metrics()
 	v.devices()
 	return errors.Join(v.errs...)
 }
@@ -170,6 +173,56 @@ func (v *validator) tenants() {
 	if err := (tenant.Resolver{Units: t.Units}).Validate(); err != nil {
 		v.bad("tenants.units", "tenants.units: %v", err)
 	}
+}
+
+func (v *validator) metrics() {
+	m := v.c.Metrics
+	switch p := v.c.MetricsSocket(); {
+	case m.Socket == "":
+	case !filepath.IsAbs(m.Socket) && !filepath.IsAbs(v.c.Daemon.ControlSocket):
+		v.bad("metrics.socket", "metrics.socket: %q is relative to the directory of daemon.control_socket, which is not an absolute path", m.Socket)
+	case p == filepath.Clean(v.c.Daemon.ControlSocket) || p == filepath.Clean(v.c.Daemon.ClaimSocket):
+		v.bad("metrics.socket", "metrics.socket: %q is also the control or claim socket", p)
+	default:
+		v.socket("metrics.socket", p)
+	}
+	v.mode("metrics.socket_mode", m.SocketMode)
+	v.group("metrics.socket_group", m.SocketGroup)
+	if m.Listen != "" {
+		if err := checkLoopback(m.Listen); err != nil {
+			v.bad("metrics.listen", "metrics.listen: %v", err)
+		}
+	}
+}
+
+// checkLoopback accepts a TCP address "IP:port" whose IP is a loopback address and whose
+// port is a number (0 picks a free port: tests).
+func checkLoopback(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port, such as \"127.0.0.1:9464\"", addr)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("%q: port %q is not a number 0-65535", addr, port)
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return fmt.Errorf("%q: %q is not an IP address; write a loopback address such as \"127.0.0.1:9464\" or \"[::1]:9464\"", addr, host)
+	}
+	if !ip.Unmap().IsLoopback() {
+		return fmt.Errorf("%q is not a loopback address: metrics are served only to this host (127.0.0.0/8 or ::1); scrape remotely through a proxy or the unix socket", addr)
+	}
+	return nil
+}
+
+// MetricsSocket returns the path of the metrics socket: Metrics.Socket, made absolute
+// against the control socket's directory; "" if there is none.
+func (c *Config) MetricsSocket() string {
+	s := c.Metrics.Socket
+	if s == "" || filepath.IsAbs(s) {
+		return s
+	}
+	return filepath.Join(filepath.Dir(c.Daemon.ControlSocket), s)
 }
 
 // MaxRevokeWithin is the longest revoke_within, tenant_cycle_interval and min_ttl

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"os"
+	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
+	"github.com/mmiobroker/mmiobroker/internal/metrics"
 )
 
 // claimer adapts [broker.Broker.Claim] to the claim socket's [fdpass.Claimer].
@@ -15,15 +17,22 @@ import (
 // and the allocating process, pinned by a pidfd since allocation, still alive (so its pid
 // cannot have been reused). fdpass pins the claiming peer and checks it is still alive
 // before sending.
-type claimer struct{ b *broker.Broker }
+//
+// It counts every claim the broker decides by the code its client gets (m.Claimed): a
+// refusal when the broker refuses it, the delivery's outcome when it grants it.
+type claimer struct {
+	b *broker.Broker
+	m *metrics.Metrics
+}
 
 // Claim implements fdpass.Claimer.
 func (c claimer) Claim(_ context.Context, req fdpass.Request, peer fdpass.Peer) (fdpass.Grant, *os.File, error) {
 	l, f, err := c.b.Claim(req.LeaseID, req.Token, broker.Peer{UID: peer.UID, PID: peer.PID})
 	if errors.Is(err, broker.ErrBadToken) {
-		return fdpass.Grant{}, nil, fdpass.WithCode(fdpass.CodeBadToken, err)
+		err = fdpass.WithCode(fdpass.CodeBadToken, err)
 	}
 	if err != nil {
+		c.m.Claimed(fdpass.CodeOf(err))
 		return fdpass.Grant{}, nil, err
 	}
 	return fdpass.Grant{
@@ -41,8 +50,17 @@ func (c claimer) Claim(_ context.Context, req fdpass.Request, peer fdpass.Peer) 
 // one whose fd did not is undone, so that its token works again.
 func (c claimer) Delivered(req fdpass.Request, grant fdpass.Grant, _ fdpass.Peer, err error) {
 	if err != nil {
+		c.m.Claimed(fdpass.CodeOf(err))
 		c.b.Unclaim(grant.LeaseID, grant.Generation)
 		return
 	}
 	c.b.CommitClaim(grant.LeaseID, grant.Generation)
+	c.m.Claimed(fdpass.CodeOK)
+	// The lease's round trip: from its allocation to its first fd delivered (a reissued
+	// generation's claim is not one; its allocation is older than the reissue).
+	if grant.Generation == 1 {
+		if l, err := c.b.Get(grant.LeaseID); err == nil && l.Generation == 1 && !l.Created.IsZero() {
+			c.m.RoundTrip(time.Since(l.Created))
+		}
+	}
 }

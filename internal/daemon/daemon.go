@@ -17,6 +17,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/config"
 	"github.com/mmiobroker/mmiobroker/internal/devwatch"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
+	"github.com/mmiobroker/mmiobroker/internal/metrics"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/server"
 	"github.com/mmiobroker/mmiobroker/internal/systemd"
@@ -82,6 +83,7 @@ func Run(ctx context.Context, opt Options) error {
 	if err := checkTenants(res.Tenants); err != nil {
 		return err
 	}
+	hr := newHostReport(opt.Config, res, fdLimit)
 	sd := opt.Systemd
 	if sd == nil {
 		if sd, err = systemd.FromEnv(); err != nil {
@@ -102,9 +104,12 @@ func Run(ctx context.Context, opt Options) error {
 		return err
 	}
 	defer st.close()
+	// The metrics observe the broker from its first event on (also those of a restore).
+	m := metrics.New(log)
+	st.observer = m
 	var b *broker.Broker
 	err = extendWhile(notify, func() (err error) {
-		b, err = broker.NewWithOptions(res.Broker, opt.Opener(st.keeper()), log, st.brokerOptions())
+		b, err = broker.NewWithOptions(res.Broker, hr.track(opt.Opener(st.keeper())), log, st.brokerOptions())
 		return err
 	})
 	if err != nil {
@@ -132,6 +137,13 @@ func Run(ctx context.Context, opt Options) error {
 		ctl.Close()
 		return fmt.Errorf("claim socket: %w", err)
 	}
+	ms, err := listenMetrics(res.Metrics, m, log)
+	if err != nil {
+		ctl.Close()
+		claimL.Close()
+		return err
+	}
+	defer ms.close()
 	st.started()
 
 	var admins []uint32
@@ -139,12 +151,20 @@ func Run(ctx context.Context, opt Options) error {
 		admins = []uint32{uint32(res.AdminGID)}
 	}
 	srv := server.New(b, server.Options{
+		// Outside the server's own interceptor: the metrics see the codes clients get.
+		UnaryInterceptors:  []grpc.UnaryServerInterceptor{m.UnaryInterceptor()},
+		StreamInterceptors: []grpc.StreamServerInterceptor{m.StreamInterceptor()},
+
 		ClaimSocket: d.ClaimSocket,
 		AdminGroups: admins,
 		Log:         log,
 		Tenant:      grpcTenant(res.Tenants),
+		Host:        hr.source(b),
 	})
-	claims := fdpass.NewServer(claimer{b}, fdpass.Options{Log: log, TenantOf: claimTenant(res.Tenants)})
+	claims := fdpass.NewServer(claimer{b: b, m: m}, fdpass.Options{Log: log, TenantOf: claimTenant(res.Tenants)})
+	if err := m.Watch(metrics.Sources{Broker: b, GRPCConns: srv.Conns, Claims: claims.Stats, FDBudget: need}); err != nil {
+		log.Error("metrics incomplete", "err", err)
+	}
 
 	g, gctx := errgroup.WithContext(ctx)
 	claimCtx, stopClaims := context.WithCancel(context.WithoutCancel(ctx))
@@ -161,6 +181,7 @@ func Run(ctx context.Context, opt Options) error {
 		}
 		return nil
 	})
+	ms.serve(g)
 
 	if opt.WatchDevices {
 		if l, err := uevent.Listen(uevent.Options{}); err != nil {
@@ -221,6 +242,7 @@ func Run(ctx context.Context, opt Options) error {
 			log.Warn("in-flight RPCs cut off at stop", "timeout", stopTimeout)
 		}
 		stopClaims()
+		ms.stop()
 		return nil
 	})
 

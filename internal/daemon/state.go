@@ -229,6 +229,8 @@ type state struct {
 	j     *journal.Journal
 	snap  *broker.Snapshot
 	log   *slog.Logger
+	// observer is the broker's Observer (the daemon's metrics); nil for none.
+	observer broker.Observer
 }
 
 func openState(sd *systemd.Manager, d config.Daemon, res *config.Resolved, log *slog.Logger) (*state, error) {
@@ -284,9 +286,9 @@ func (s *state) keeper() vfio.Keeper {
 
 func (s *state) brokerOptions() broker.Options {
 	if s.j == nil {
-		return broker.Options{}
+		return broker.Options{Observer: s.observer}
 	}
-	return broker.Options{Store: journalStore{s.j}, Restore: s.snap, Repin: repin}
+	return broker.Options{Store: journalStore{s.j}, Restore: s.snap, Repin: repin, Observer: s.observer}
 }
 
 // started drops what the fd store held that start-up did not take back. Called once the

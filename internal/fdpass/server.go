@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -96,6 +97,34 @@ type Server struct {
 
 	tenantMu sync.Mutex
 	byTenant map[string]int // claims in progress per peer tenant; guarded by tenantMu
+
+	rejected atomic.Uint64 // connections answered RESOURCE_EXHAUSTED (busy)
+	dropped  atomic.Uint64 // connections hung up at once (flooded)
+}
+
+// Stats is a snapshot of a [Server]'s claim slots against its limits, for metrics.
+type Stats struct {
+	// InProgress is how many claims are being served; MaxConns is Options.MaxConns.
+	InProgress, MaxConns int
+	// TenantMax is how many claims the tenant with the most has in progress;
+	// TenantLimit is Options.MaxConnsPerTenant.
+	TenantMax, TenantLimit int
+	// Rejected counts the connections answered RESOURCE_EXHAUSTED because every slot (or
+	// the tenant's share) was taken; Dropped those hung up at once because even the
+	// rejection slots were.
+	Rejected, Dropped uint64
+}
+
+// Stats returns a snapshot of the server's claim slots.
+func (s *Server) Stats() Stats {
+	st := Stats{InProgress: len(s.slots), MaxConns: s.opt.MaxConns, TenantLimit: s.opt.MaxConnsPerTenant,
+		Rejected: s.rejected.Load(), Dropped: s.dropped.Load()}
+	s.tenantMu.Lock()
+	defer s.tenantMu.Unlock()
+	for _, n := range s.byTenant {
+		st.TenantMax = max(st.TenantMax, n)
+	}
+	return st
 }
 
 // takeTenant counts a claim of tenant in progress, unless tenant is at its limit.
@@ -263,12 +292,14 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		}
 		select {
 		case s.rejects <- struct{}{}:
+			s.rejected.Add(1)
 			wg.Go(func() {
 				defer func() { <-s.rejects }()
 				s.reject(ctx, uc)
 			})
 		default:
 			// Flooded: hang up at once.
+			s.dropped.Add(1)
 			s.log.Warn("claim socket overloaded; dropping connection", "max_conns", s.opt.MaxConns)
 			uc.Close()
 		}

@@ -108,6 +108,7 @@ type connLimit struct {
 	mu            sync.Mutex
 	byTenant      map[string]int // guarded by mu
 	total         int            // guarded by mu
+	refused       uint64         // connections refused at a limit; guarded by mu
 }
 
 func newConnLimit(max, maxTotal int) *connLimit {
@@ -120,8 +121,10 @@ func (l *connLimit) take(tenant string) error {
 	defer l.mu.Unlock()
 	switch {
 	case l.byTenant[tenant] >= l.max:
+		l.refused++
 		return fmt.Errorf("tenant %s has %d connections open, the limit: %w", tenant, l.max, errdefs.ErrResourceExhausted)
 	case l.total >= l.maxTotal:
+		l.refused++
 		return fmt.Errorf("the daemon has %d connections open, the limit: %w", l.maxTotal, errdefs.ErrResourceExhausted)
 	}
 	l.byTenant[tenant]++
@@ -136,6 +139,35 @@ func (l *connLimit) release(tenant string) {
 	if l.byTenant[tenant]--; l.byTenant[tenant] <= 0 {
 		delete(l.byTenant, tenant)
 	}
+}
+
+// ConnStats counts the server connections of transport credentials from
+// [NewTransportCredentials], against their limits ([Stats]).
+type ConnStats struct {
+	// Open is how many connections are open; Limit is [MaxConns].
+	Open, Limit int
+	// TenantMax is how many connections the tenant with the most has open; TenantLimit
+	// is [MaxConnsPerTenant].
+	TenantMax, TenantLimit int
+	// Refused counts the connections refused at either limit.
+	Refused uint64
+}
+
+// Stats returns the connection counts of c, transport credentials from
+// [NewTransportCredentials] (or a clone); false for other credentials.
+func Stats(c credentials.TransportCredentials) (ConnStats, bool) {
+	tc, ok := c.(*transportCredentials)
+	if !ok || tc.conns == nil {
+		return ConnStats{}, false
+	}
+	l := tc.conns
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st := ConnStats{Open: l.total, Limit: l.maxTotal, TenantLimit: l.max, Refused: l.refused}
+	for _, n := range l.byTenant {
+		st.TenantMax = max(st.TenantMax, n)
+	}
+	return st, true
 }
 
 func (*transportCredentials) common() credentials.CommonAuthInfo {

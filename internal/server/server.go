@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -15,6 +16,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -43,12 +45,20 @@ type Options struct {
 	AdminGroups []uint32
 	// Log receives one line per RPC and the panics of handlers. Nil discards.
 	Log *slog.Logger
+	// UnaryInterceptors and StreamInterceptors wrap every RPC, outermost first, outside
+	// the server's own interceptor (caller identification, panic recovery, the log line,
+	// domain errors to status codes): they see the status code each client gets. The
+	// daemon's gRPC metrics (go-grpc-middleware's providers/prometheus) come in here.
+	UnaryInterceptors  []grpc.UnaryServerInterceptor
+	StreamInterceptors []grpc.StreamServerInterceptor
 	// Identify resolves callers. Nil means [IdentifyPeer] (peer credentials); tests
 	// replace it to act as several users over one socket.
 	Identify IdentifyFunc
 	// Tenant resolves each connecting peer's tenant (internal/tenant) for [IdentifyPeer]
 	// and the per-tenant connection limit. Nil: the tenant is the uid.
 	Tenant peercred.TenantFunc
+	// Host reports the host for GetHost ([HostFunc]). Nil: GetHost is Unimplemented.
+	Host HostFunc
 }
 
 // Server serves the mmiobroker.v1.Broker service, the gRPC health service (SERVING for ""
@@ -59,6 +69,7 @@ type Server struct {
 	health   *health.Server
 	log      *slog.Logger
 	identify IdentifyFunc
+	creds    credentials.TransportCredentials // for Conns
 
 	stopOnce sync.Once
 	stopping chan struct{} // closed by Stop: ends WatchEvents streams
@@ -86,8 +97,9 @@ func New(b *broker.Broker, opt Options) *Server {
 	if s.identify == nil {
 		s.identify = IdentifyPeer
 	}
+	s.creds = peercred.NewTransportCredentials(tenantOption(opt.Tenant)...)
 	s.g = grpc.NewServer(
-		grpc.Creds(peercred.NewTransportCredentials(tenantOption(opt.Tenant)...)),
+		grpc.Creds(s.creds),
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		// Requests are small (the largest, an AllocateLease with 16 ranges, is well under
 		// 1 KiB); a client cannot make the daemon buffer more.
@@ -98,20 +110,27 @@ func New(b *broker.Broker, opt Options) *Server {
 		grpc.ConnectionTimeout(connectionTimeout),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
-		grpc.UnaryInterceptor(s.unaryInterceptor),
-		grpc.StreamInterceptor(s.streamInterceptor),
+		grpc.ChainUnaryInterceptor(append(slices.Clone(opt.UnaryInterceptors), s.unaryInterceptor)...),
+		grpc.ChainStreamInterceptor(append(slices.Clone(opt.StreamInterceptors), s.streamInterceptor)...),
 	)
 	brokerv1.RegisterBrokerServer(s.g, &service{
 		b:           b,
 		adminGroups: append([]uint32(nil), opt.AdminGroups...),
 		claimSocket: opt.ClaimSocket,
 		stopping:    s.stopping,
+		host:        opt.Host,
 	})
 	healthpb.RegisterHealthServer(s.g, s.health)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(brokerv1.Broker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	reflection.Register(s.g)
 	return s
+}
+
+// Conns returns the server's open connections against their limits.
+func (s *Server) Conns() peercred.ConnStats {
+	st, _ := peercred.Stats(s.creds)
+	return st
 }
 
 // Serve accepts connections on l until [Server.Stop]; it then returns nil (also when Stop

@@ -25,6 +25,7 @@ type service struct {
 	claimSocket string
 	// stopping is closed when the server stops; it ends WatchEvents streams.
 	stopping <-chan struct{}
+	host     HostFunc // GetHost's source; nil: Unimplemented
 
 	watchMu sync.Mutex
 	watches map[string]int // open WatchEvents streams of non-admin tenants; guarded by watchMu

@@ -1395,6 +1395,476 @@ func (x *Event) GetCausedBy() string {
 	return ""
 }
 
+// Host is what a host offers, as GetHost reports it.
+type Host struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The running kernel's release (uname -r), e.g. "7.2.13+deb14-amd64".
+	KernelRelease string `protobuf:"bytes,1,opt,name=kernel_release,json=kernelRelease,proto3" json:"kernel_release,omitempty"`
+	// One entry per probe, in this order (the names are stable; docs/api.md explains each):
+	// vfio, vfio_cdev, iommufd, dma_buf_export, dma_buf_revoke, p2pdma, kvm, then one
+	// "kvm.<check>" per check of a usable KVM (kvm.api_version, kvm.vm_types,
+	// kvm.user_memory2, kvm.guest_memfd, kvm.guest_memfd_flags, kvm.memory_attributes,
+	// kvm.vfio_device), tsm, private_mmio. A daemon may add probes; clients skip names they
+	// do not know.
+	Probes []*Probe `protobuf:"bytes,2,rep,name=probes,proto3" json:"probes,omitempty"`
+	// The VM types KVM_CREATE_VM accepts (KVM_CAP_VM_TYPES), ascending; empty if KVM is not
+	// usable. A kernel that does not report VM types (before Linux 6.8, or not x86) lists
+	// "default" alone.
+	VmTypes []*VmType `protobuf:"bytes,3,rep,name=vm_types,json=vmTypes,proto3" json:"vm_types,omitempty"`
+	// The TEE security managers registered with the kernel (/sys/class/tsm), by name; empty
+	// if none.
+	Tsms []*Tsm `protobuf:"bytes,4,rep,name=tsms,proto3" json:"tsms,omitempty"`
+	// The daemon's limits.
+	Limits        *Limits `protobuf:"bytes,5,opt,name=limits,proto3" json:"limits,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Host) Reset() {
+	*x = Host{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Host) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Host) ProtoMessage() {}
+
+func (x *Host) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Host.ProtoReflect.Descriptor instead.
+func (*Host) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Host) GetKernelRelease() string {
+	if x != nil {
+		return x.KernelRelease
+	}
+	return ""
+}
+
+func (x *Host) GetProbes() []*Probe {
+	if x != nil {
+		return x.Probes
+	}
+	return nil
+}
+
+func (x *Host) GetVmTypes() []*VmType {
+	if x != nil {
+		return x.VmTypes
+	}
+	return nil
+}
+
+func (x *Host) GetTsms() []*Tsm {
+	if x != nil {
+		return x.Tsms
+	}
+	return nil
+}
+
+func (x *Host) GetLimits() *Limits {
+	if x != nil {
+		return x.Limits
+	}
+	return nil
+}
+
+// Probe is the answer to one probe of a host feature.
+type Probe struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The probe's name, e.g. "iommufd", "kvm.vm_types".
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// True if the feature is present and usable by the daemon.
+	Ok bool `protobuf:"varint,2,opt,name=ok,proto3" json:"ok,omitempty"`
+	// What was found, readable: a device node ("/dev/iommu"), a kernel answer ("0x13
+	// (default, sw-protected, snp)"), the devices that have the feature; empty if nothing.
+	Value string `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	// Why the feature is absent, in a sentence an operator can act on, ending with the errno's
+	// name when a syscall failed ("... (ENOENT)"); empty if ok.
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Probe) Reset() {
+	*x = Probe{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Probe) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Probe) ProtoMessage() {}
+
+func (x *Probe) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Probe.ProtoReflect.Descriptor instead.
+func (*Probe) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Probe) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Probe) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *Probe) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
+func (x *Probe) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// VmType is a VM type KVM creates (KVM_CREATE_VM's argument on x86).
+type VmType struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The type's name: "default", "sw-protected", "sev", "sev-es", "snp", "tdx", or "type-N"
+	// for a type the daemon does not know.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The type's number (KVM_X86_DEFAULT_VM = 0, KVM_X86_SNP_VM = 4, KVM_X86_TDX_VM = 5, ...).
+	Type          uint32 `protobuf:"varint,2,opt,name=type,proto3" json:"type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VmType) Reset() {
+	*x = VmType{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VmType) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VmType) ProtoMessage() {}
+
+func (x *VmType) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VmType.ProtoReflect.Descriptor instead.
+func (*VmType) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *VmType) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VmType) GetType() uint32 {
+	if x != nil {
+		return x.Type
+	}
+	return 0
+}
+
+// Tsm is a TEE security manager registered with the kernel (/sys/class/tsm/tsmN).
+type Tsm struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The TSM's name, "tsm0": what a device's tsm/connect and tsm/bound show.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The device that registered it (e.g. AMD's PSP, "0000:00:00.2"); empty if none.
+	Parent string `protobuf:"bytes,2,opt,name=parent,proto3" json:"parent,omitempty"`
+	// The parent's driver, e.g. "ccp"; empty if unknown.
+	Driver string `protobuf:"bytes,3,opt,name=driver,proto3" json:"driver,omitempty"`
+	// PCI devices connected to this TSM (SPDM session, possibly IDE, up), sorted.
+	ConnectedDevices []string `protobuf:"bytes,4,rep,name=connected_devices,json=connectedDevices,proto3" json:"connected_devices,omitempty"`
+	// PCI devices whose TDI is bound to this TSM (TDISP LOCKED, RUN or ERROR), sorted.
+	BoundDevices  []string `protobuf:"bytes,5,rep,name=bound_devices,json=boundDevices,proto3" json:"bound_devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tsm) Reset() {
+	*x = Tsm{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tsm) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tsm) ProtoMessage() {}
+
+func (x *Tsm) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tsm.ProtoReflect.Descriptor instead.
+func (*Tsm) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Tsm) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Tsm) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *Tsm) GetDriver() string {
+	if x != nil {
+		return x.Driver
+	}
+	return ""
+}
+
+func (x *Tsm) GetConnectedDevices() []string {
+	if x != nil {
+		return x.ConnectedDevices
+	}
+	return nil
+}
+
+func (x *Tsm) GetBoundDevices() []string {
+	if x != nil {
+		return x.BoundDevices
+	}
+	return nil
+}
+
+// Limits are the bounds the daemon enforces, as configured (docs/config.md, [limits] and
+// [tenants]) with the defaults applied.
+type Limits struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Live leases of the whole daemon (ended-but-live leases count).
+	MaxLeases uint32 `protobuf:"varint,1,opt,name=max_leases,json=maxLeases,proto3" json:"max_leases,omitempty"`
+	// Live leases of one tenant.
+	MaxLeasesPerHolder uint32 `protobuf:"varint,2,opt,name=max_leases_per_holder,json=maxLeasesPerHolder,proto3" json:"max_leases_per_holder,omitempty"`
+	// Ranges of one lease (1-16).
+	MaxRangesPerLease uint32 `protobuf:"varint,3,opt,name=max_ranges_per_lease,json=maxRangesPerLease,proto3" json:"max_ranges_per_lease,omitempty"`
+	// How long a claim token stays valid.
+	ClaimTimeout *durationpb.Duration `protobuf:"bytes,4,opt,name=claim_timeout,json=claimTimeout,proto3" json:"claim_timeout,omitempty"`
+	// R: an ended lease's fd dies at the latest this long after the end (0: at once).
+	RevokeWithin *durationpb.Duration `protobuf:"bytes,5,opt,name=revoke_within,json=revokeWithin,proto3" json:"revoke_within,omitempty"`
+	// C: device cycles caused by tenants happen at most once per this interval per device (0:
+	// no limit).
+	TenantCycleInterval *durationpb.Duration `protobuf:"bytes,6,opt,name=tenant_cycle_interval,json=tenantCycleInterval,proto3" json:"tenant_cycle_interval,omitempty"`
+	// On-demand device cycles one tenant may cause per hour (0: no budget).
+	TenantCycleBudget uint32 `protobuf:"varint,7,opt,name=tenant_cycle_budget,json=tenantCycleBudget,proto3" json:"tenant_cycle_budget,omitempty"`
+	// The shortest ttl a non-admin may ask for (0: none).
+	MinTtl *durationpb.Duration `protobuf:"bytes,8,opt,name=min_ttl,json=minTtl,proto3" json:"min_ttl,omitempty"`
+	// Control socket connections of all callers together.
+	MaxConnections uint32 `protobuf:"varint,9,opt,name=max_connections,json=maxConnections,proto3" json:"max_connections,omitempty"`
+	// Control socket connections of one tenant.
+	MaxConnectionsPerTenant uint32 `protobuf:"varint,10,opt,name=max_connections_per_tenant,json=maxConnectionsPerTenant,proto3" json:"max_connections_per_tenant,omitempty"`
+	// Claims the claim socket serves at once; clients beyond it are refused with
+	// RESOURCE_EXHAUSTED and retry.
+	MaxConcurrentClaims uint32 `protobuf:"varint,11,opt,name=max_concurrent_claims,json=maxConcurrentClaims,proto3" json:"max_concurrent_claims,omitempty"`
+	// The daemon's file descriptor limit (RLIMIT_NOFILE).
+	FdLimit uint64 `protobuf:"varint,12,opt,name=fd_limit,json=fdLimit,proto3" json:"fd_limit,omitempty"`
+	// The file descriptors the configuration can need at most (connections, claims, leases,
+	// devices and a reserve); the daemon does not start unless it fits fd_limit.
+	FdBudget uint64 `protobuf:"varint,13,opt,name=fd_budget,json=fdBudget,proto3" json:"fd_budget,omitempty"`
+	// How callers are grouped into tenants: "cgroup", "uid" or "label".
+	TenantsBy     string `protobuf:"bytes,14,opt,name=tenants_by,json=tenantsBy,proto3" json:"tenants_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Limits) Reset() {
+	*x = Limits{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Limits) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Limits) ProtoMessage() {}
+
+func (x *Limits) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Limits.ProtoReflect.Descriptor instead.
+func (*Limits) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Limits) GetMaxLeases() uint32 {
+	if x != nil {
+		return x.MaxLeases
+	}
+	return 0
+}
+
+func (x *Limits) GetMaxLeasesPerHolder() uint32 {
+	if x != nil {
+		return x.MaxLeasesPerHolder
+	}
+	return 0
+}
+
+func (x *Limits) GetMaxRangesPerLease() uint32 {
+	if x != nil {
+		return x.MaxRangesPerLease
+	}
+	return 0
+}
+
+func (x *Limits) GetClaimTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.ClaimTimeout
+	}
+	return nil
+}
+
+func (x *Limits) GetRevokeWithin() *durationpb.Duration {
+	if x != nil {
+		return x.RevokeWithin
+	}
+	return nil
+}
+
+func (x *Limits) GetTenantCycleInterval() *durationpb.Duration {
+	if x != nil {
+		return x.TenantCycleInterval
+	}
+	return nil
+}
+
+func (x *Limits) GetTenantCycleBudget() uint32 {
+	if x != nil {
+		return x.TenantCycleBudget
+	}
+	return 0
+}
+
+func (x *Limits) GetMinTtl() *durationpb.Duration {
+	if x != nil {
+		return x.MinTtl
+	}
+	return nil
+}
+
+func (x *Limits) GetMaxConnections() uint32 {
+	if x != nil {
+		return x.MaxConnections
+	}
+	return 0
+}
+
+func (x *Limits) GetMaxConnectionsPerTenant() uint32 {
+	if x != nil {
+		return x.MaxConnectionsPerTenant
+	}
+	return 0
+}
+
+func (x *Limits) GetMaxConcurrentClaims() uint32 {
+	if x != nil {
+		return x.MaxConcurrentClaims
+	}
+	return 0
+}
+
+func (x *Limits) GetFdLimit() uint64 {
+	if x != nil {
+		return x.FdLimit
+	}
+	return 0
+}
+
+func (x *Limits) GetFdBudget() uint64 {
+	if x != nil {
+		return x.FdBudget
+	}
+	return 0
+}
+
+func (x *Limits) GetTenantsBy() string {
+	if x != nil {
+		return x.TenantsBy
+	}
+	return ""
+}
+
 // ListDevicesRequest is empty.
 type ListDevicesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1404,7 +1874,7 @@ type ListDevicesRequest struct {
 
 func (x *ListDevicesRequest) Reset() {
 	*x = ListDevicesRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[8]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1416,7 +1886,7 @@ func (x *ListDevicesRequest) String() string {
 func (*ListDevicesRequest) ProtoMessage() {}
 
 func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[8]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1429,7 +1899,7 @@ func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesRequest.ProtoReflect.Descriptor instead.
 func (*ListDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{8}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{13}
 }
 
 // ListDevicesResponse lists the configured devices.
@@ -1443,7 +1913,7 @@ type ListDevicesResponse struct {
 
 func (x *ListDevicesResponse) Reset() {
 	*x = ListDevicesResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[9]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1455,7 +1925,7 @@ func (x *ListDevicesResponse) String() string {
 func (*ListDevicesResponse) ProtoMessage() {}
 
 func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[9]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1468,7 +1938,7 @@ func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
 func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{9}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListDevicesResponse) GetDevices() []*Device {
@@ -1489,7 +1959,7 @@ type GetDeviceRequest struct {
 
 func (x *GetDeviceRequest) Reset() {
 	*x = GetDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[10]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1501,7 +1971,7 @@ func (x *GetDeviceRequest) String() string {
 func (*GetDeviceRequest) ProtoMessage() {}
 
 func (x *GetDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[10]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1514,7 +1984,7 @@ func (x *GetDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDeviceRequest.ProtoReflect.Descriptor instead.
 func (*GetDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{10}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetDeviceRequest) GetBdf() string {
@@ -1535,7 +2005,7 @@ type GetDeviceResponse struct {
 
 func (x *GetDeviceResponse) Reset() {
 	*x = GetDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[11]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1547,7 +2017,7 @@ func (x *GetDeviceResponse) String() string {
 func (*GetDeviceResponse) ProtoMessage() {}
 
 func (x *GetDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[11]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1560,12 +2030,95 @@ func (x *GetDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDeviceResponse.ProtoReflect.Descriptor instead.
 func (*GetDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{11}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetDeviceResponse) GetDevice() *Device {
 	if x != nil {
 		return x.Device
+	}
+	return nil
+}
+
+// GetHostRequest is empty.
+type GetHostRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetHostRequest) Reset() {
+	*x = GetHostRequest{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetHostRequest) ProtoMessage() {}
+
+func (x *GetHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetHostRequest.ProtoReflect.Descriptor instead.
+func (*GetHostRequest) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{17}
+}
+
+// GetHostResponse carries the host's report.
+type GetHostResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the host offers.
+	Host          *Host `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetHostResponse) Reset() {
+	*x = GetHostResponse{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetHostResponse) ProtoMessage() {}
+
+func (x *GetHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetHostResponse.ProtoReflect.Descriptor instead.
+func (*GetHostResponse) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *GetHostResponse) GetHost() *Host {
+	if x != nil {
+		return x.Host
 	}
 	return nil
 }
@@ -1595,7 +2148,7 @@ type AllocateLeaseRequest struct {
 
 func (x *AllocateLeaseRequest) Reset() {
 	*x = AllocateLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[12]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1607,7 +2160,7 @@ func (x *AllocateLeaseRequest) String() string {
 func (*AllocateLeaseRequest) ProtoMessage() {}
 
 func (x *AllocateLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[12]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1620,7 +2173,7 @@ func (x *AllocateLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllocateLeaseRequest.ProtoReflect.Descriptor instead.
 func (*AllocateLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{12}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AllocateLeaseRequest) GetBdf() string {
@@ -1684,7 +2237,7 @@ type AllocateLeaseResponse struct {
 
 func (x *AllocateLeaseResponse) Reset() {
 	*x = AllocateLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[13]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1696,7 +2249,7 @@ func (x *AllocateLeaseResponse) String() string {
 func (*AllocateLeaseResponse) ProtoMessage() {}
 
 func (x *AllocateLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[13]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1709,7 +2262,7 @@ func (x *AllocateLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllocateLeaseResponse.ProtoReflect.Descriptor instead.
 func (*AllocateLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{13}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AllocateLeaseResponse) GetLease() *Lease {
@@ -1751,7 +2304,7 @@ type GetLeaseRequest struct {
 
 func (x *GetLeaseRequest) Reset() {
 	*x = GetLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[14]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1763,7 +2316,7 @@ func (x *GetLeaseRequest) String() string {
 func (*GetLeaseRequest) ProtoMessage() {}
 
 func (x *GetLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[14]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1776,7 +2329,7 @@ func (x *GetLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLeaseRequest.ProtoReflect.Descriptor instead.
 func (*GetLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{14}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetLeaseRequest) GetLeaseId() string {
@@ -1797,7 +2350,7 @@ type GetLeaseResponse struct {
 
 func (x *GetLeaseResponse) Reset() {
 	*x = GetLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[15]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1809,7 +2362,7 @@ func (x *GetLeaseResponse) String() string {
 func (*GetLeaseResponse) ProtoMessage() {}
 
 func (x *GetLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[15]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1822,7 +2375,7 @@ func (x *GetLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLeaseResponse.ProtoReflect.Descriptor instead.
 func (*GetLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{15}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetLeaseResponse) GetLease() *Lease {
@@ -1851,7 +2404,7 @@ type ListLeasesRequest struct {
 
 func (x *ListLeasesRequest) Reset() {
 	*x = ListLeasesRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[16]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1863,7 +2416,7 @@ func (x *ListLeasesRequest) String() string {
 func (*ListLeasesRequest) ProtoMessage() {}
 
 func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[16]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1876,7 +2429,7 @@ func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesRequest.ProtoReflect.Descriptor instead.
 func (*ListLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{16}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListLeasesRequest) GetBdf() string {
@@ -1918,7 +2471,7 @@ type ListLeasesResponse struct {
 
 func (x *ListLeasesResponse) Reset() {
 	*x = ListLeasesResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[17]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1930,7 +2483,7 @@ func (x *ListLeasesResponse) String() string {
 func (*ListLeasesResponse) ProtoMessage() {}
 
 func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[17]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1943,7 +2496,7 @@ func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesResponse.ProtoReflect.Descriptor instead.
 func (*ListLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{17}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListLeasesResponse) GetLeases() []*Lease {
@@ -1968,7 +2521,7 @@ type RevokeLeaseRequest struct {
 
 func (x *RevokeLeaseRequest) Reset() {
 	*x = RevokeLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[18]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1980,7 +2533,7 @@ func (x *RevokeLeaseRequest) String() string {
 func (*RevokeLeaseRequest) ProtoMessage() {}
 
 func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[18]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1993,7 +2546,7 @@ func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{18}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RevokeLeaseRequest) GetLeaseId() string {
@@ -2027,7 +2580,7 @@ type RevokeLeaseResponse struct {
 
 func (x *RevokeLeaseResponse) Reset() {
 	*x = RevokeLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[19]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2039,7 +2592,7 @@ func (x *RevokeLeaseResponse) String() string {
 func (*RevokeLeaseResponse) ProtoMessage() {}
 
 func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[19]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2052,7 +2605,7 @@ func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{19}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RevokeLeaseResponse) GetLease() *Lease {
@@ -2080,7 +2633,7 @@ type ReleaseLeaseRequest struct {
 
 func (x *ReleaseLeaseRequest) Reset() {
 	*x = ReleaseLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2092,7 +2645,7 @@ func (x *ReleaseLeaseRequest) String() string {
 func (*ReleaseLeaseRequest) ProtoMessage() {}
 
 func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2105,7 +2658,7 @@ func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{20}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ReleaseLeaseRequest) GetLeaseId() string {
@@ -2126,7 +2679,7 @@ type ReleaseLeaseResponse struct {
 
 func (x *ReleaseLeaseResponse) Reset() {
 	*x = ReleaseLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2138,7 +2691,7 @@ func (x *ReleaseLeaseResponse) String() string {
 func (*ReleaseLeaseResponse) ProtoMessage() {}
 
 func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2151,7 +2704,7 @@ func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{21}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ReleaseLeaseResponse) GetLease() *Lease {
@@ -2173,7 +2726,7 @@ type WatchEventsRequest struct {
 
 func (x *WatchEventsRequest) Reset() {
 	*x = WatchEventsRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2738,7 @@ func (x *WatchEventsRequest) String() string {
 func (*WatchEventsRequest) ProtoMessage() {}
 
 func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2751,7 @@ func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{22}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *WatchEventsRequest) GetAfterSeq() uint64 {
@@ -2219,7 +2772,7 @@ type WatchEventsResponse struct {
 
 func (x *WatchEventsResponse) Reset() {
 	*x = WatchEventsResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2231,7 +2784,7 @@ func (x *WatchEventsResponse) String() string {
 func (*WatchEventsResponse) ProtoMessage() {}
 
 func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2244,7 +2797,7 @@ func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{23}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *WatchEventsResponse) GetEvent() *Event {
@@ -2268,7 +2821,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2280,7 +2833,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2293,7 +2846,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{24}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RenewLeaseRequest) GetLeaseId() string {
@@ -2321,7 +2874,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2333,7 +2886,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2346,7 +2899,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{25}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RenewLeaseResponse) GetLease() *Lease {
@@ -2367,7 +2920,7 @@ type SuspendDeviceRequest struct {
 
 func (x *SuspendDeviceRequest) Reset() {
 	*x = SuspendDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2932,7 @@ func (x *SuspendDeviceRequest) String() string {
 func (*SuspendDeviceRequest) ProtoMessage() {}
 
 func (x *SuspendDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2945,7 @@ func (x *SuspendDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendDeviceRequest.ProtoReflect.Descriptor instead.
 func (*SuspendDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{26}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SuspendDeviceRequest) GetBdf() string {
@@ -2413,7 +2966,7 @@ type SuspendDeviceResponse struct {
 
 func (x *SuspendDeviceResponse) Reset() {
 	*x = SuspendDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2425,7 +2978,7 @@ func (x *SuspendDeviceResponse) String() string {
 func (*SuspendDeviceResponse) ProtoMessage() {}
 
 func (x *SuspendDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2438,7 +2991,7 @@ func (x *SuspendDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendDeviceResponse.ProtoReflect.Descriptor instead.
 func (*SuspendDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{27}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SuspendDeviceResponse) GetDevice() *Device {
@@ -2459,7 +3012,7 @@ type ResumeDeviceRequest struct {
 
 func (x *ResumeDeviceRequest) Reset() {
 	*x = ResumeDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2471,7 +3024,7 @@ func (x *ResumeDeviceRequest) String() string {
 func (*ResumeDeviceRequest) ProtoMessage() {}
 
 func (x *ResumeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2484,7 +3037,7 @@ func (x *ResumeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*ResumeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{28}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ResumeDeviceRequest) GetBdf() string {
@@ -2505,7 +3058,7 @@ type ResumeDeviceResponse struct {
 
 func (x *ResumeDeviceResponse) Reset() {
 	*x = ResumeDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2517,7 +3070,7 @@ func (x *ResumeDeviceResponse) String() string {
 func (*ResumeDeviceResponse) ProtoMessage() {}
 
 func (x *ResumeDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2530,7 +3083,7 @@ func (x *ResumeDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeDeviceResponse.ProtoReflect.Descriptor instead.
 func (*ResumeDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{29}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ResumeDeviceResponse) GetDevice() *Device {
@@ -2551,7 +3104,7 @@ type CycleDeviceRequest struct {
 
 func (x *CycleDeviceRequest) Reset() {
 	*x = CycleDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2563,7 +3116,7 @@ func (x *CycleDeviceRequest) String() string {
 func (*CycleDeviceRequest) ProtoMessage() {}
 
 func (x *CycleDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2576,7 +3129,7 @@ func (x *CycleDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CycleDeviceRequest.ProtoReflect.Descriptor instead.
 func (*CycleDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CycleDeviceRequest) GetBdf() string {
@@ -2599,7 +3152,7 @@ type CycleDeviceResponse struct {
 
 func (x *CycleDeviceResponse) Reset() {
 	*x = CycleDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2611,7 +3164,7 @@ func (x *CycleDeviceResponse) String() string {
 func (*CycleDeviceResponse) ProtoMessage() {}
 
 func (x *CycleDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2624,7 +3177,7 @@ func (x *CycleDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CycleDeviceResponse.ProtoReflect.Descriptor instead.
 func (*CycleDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CycleDeviceResponse) GetReissuedLeases() uint32 {
@@ -2650,7 +3203,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2662,7 +3215,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2675,7 +3228,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{32}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{39}
 }
 
 // DrainResponse says what a Drain ended.
@@ -2691,7 +3244,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2703,7 +3256,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2716,7 +3269,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{33}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DrainResponse) GetEndedLeases() uint32 {
@@ -2830,14 +3383,55 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x05lease\x18\x04 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x12\x1f\n" +
 	"\vclaim_token\x18\x05 \x01(\tR\n" +
 	"claimToken\x12\x1b\n" +
-	"\tcaused_by\x18\x06 \x01(\tR\bcausedBy\"\x14\n" +
+	"\tcaused_by\x18\x06 \x01(\tR\bcausedBy\"\xe4\x01\n" +
+	"\x04Host\x12%\n" +
+	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12,\n" +
+	"\x06probes\x18\x02 \x03(\v2\x14.mmiobroker.v1.ProbeR\x06probes\x120\n" +
+	"\bvm_types\x18\x03 \x03(\v2\x15.mmiobroker.v1.VmTypeR\avmTypes\x12&\n" +
+	"\x04tsms\x18\x04 \x03(\v2\x12.mmiobroker.v1.TsmR\x04tsms\x12-\n" +
+	"\x06limits\x18\x05 \x01(\v2\x15.mmiobroker.v1.LimitsR\x06limits\"Y\n" +
+	"\x05Probe\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02ok\x18\x02 \x01(\bR\x02ok\x12\x14\n" +
+	"\x05value\x18\x03 \x01(\tR\x05value\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"0\n" +
+	"\x06VmType\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\rR\x04type\"\x9b\x01\n" +
+	"\x03Tsm\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06parent\x18\x02 \x01(\tR\x06parent\x12\x16\n" +
+	"\x06driver\x18\x03 \x01(\tR\x06driver\x12+\n" +
+	"\x11connected_devices\x18\x04 \x03(\tR\x10connectedDevices\x12#\n" +
+	"\rbound_devices\x18\x05 \x03(\tR\fboundDevices\"\xaf\x05\n" +
+	"\x06Limits\x12\x1d\n" +
+	"\n" +
+	"max_leases\x18\x01 \x01(\rR\tmaxLeases\x121\n" +
+	"\x15max_leases_per_holder\x18\x02 \x01(\rR\x12maxLeasesPerHolder\x12/\n" +
+	"\x14max_ranges_per_lease\x18\x03 \x01(\rR\x11maxRangesPerLease\x12>\n" +
+	"\rclaim_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fclaimTimeout\x12>\n" +
+	"\rrevoke_within\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\frevokeWithin\x12M\n" +
+	"\x15tenant_cycle_interval\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x13tenantCycleInterval\x12.\n" +
+	"\x13tenant_cycle_budget\x18\a \x01(\rR\x11tenantCycleBudget\x122\n" +
+	"\amin_ttl\x18\b \x01(\v2\x19.google.protobuf.DurationR\x06minTtl\x12'\n" +
+	"\x0fmax_connections\x18\t \x01(\rR\x0emaxConnections\x12;\n" +
+	"\x1amax_connections_per_tenant\x18\n" +
+	" \x01(\rR\x17maxConnectionsPerTenant\x122\n" +
+	"\x15max_concurrent_claims\x18\v \x01(\rR\x13maxConcurrentClaims\x12\x19\n" +
+	"\bfd_limit\x18\f \x01(\x04R\afdLimit\x12\x1b\n" +
+	"\tfd_budget\x18\r \x01(\x04R\bfdBudget\x12\x1d\n" +
+	"\n" +
+	"tenants_by\x18\x0e \x01(\tR\ttenantsBy\"\x14\n" +
 	"\x12ListDevicesRequest\"F\n" +
 	"\x13ListDevicesResponse\x12/\n" +
 	"\adevices\x18\x01 \x03(\v2\x15.mmiobroker.v1.DeviceR\adevices\"$\n" +
 	"\x10GetDeviceRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\"B\n" +
 	"\x11GetDeviceResponse\x12-\n" +
-	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"\xdc\x01\n" +
+	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"\x10\n" +
+	"\x0eGetHostRequest\":\n" +
+	"\x0fGetHostResponse\x12'\n" +
+	"\x04host\x18\x01 \x01(\v2\x13.mmiobroker.v1.HostR\x04host\"\xdc\x01\n" +
 	"\x14AllocateLeaseRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x10\n" +
 	"\x03bar\x18\x02 \x01(\rR\x03bar\x12,\n" +
@@ -2944,10 +3538,11 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x14EVENT_TYPE_SUSPENDED\x10\n" +
 	"\x12\x16\n" +
 	"\x12EVENT_TYPE_RESUMED\x10\v\x12\x19\n" +
-	"\x15EVENT_TYPE_FD_REVOKED\x10\f2\xd3\b\n" +
+	"\x15EVENT_TYPE_FD_REVOKED\x10\f2\x9d\t\n" +
 	"\x06Broker\x12T\n" +
 	"\vListDevices\x12!.mmiobroker.v1.ListDevicesRequest\x1a\".mmiobroker.v1.ListDevicesResponse\x12N\n" +
-	"\tGetDevice\x12\x1f.mmiobroker.v1.GetDeviceRequest\x1a .mmiobroker.v1.GetDeviceResponse\x12Z\n" +
+	"\tGetDevice\x12\x1f.mmiobroker.v1.GetDeviceRequest\x1a .mmiobroker.v1.GetDeviceResponse\x12H\n" +
+	"\aGetHost\x12\x1d.mmiobroker.v1.GetHostRequest\x1a\x1e.mmiobroker.v1.GetHostResponse\x12Z\n" +
 	"\rAllocateLease\x12#.mmiobroker.v1.AllocateLeaseRequest\x1a$.mmiobroker.v1.AllocateLeaseResponse\x12K\n" +
 	"\bGetLease\x12\x1e.mmiobroker.v1.GetLeaseRequest\x1a\x1f.mmiobroker.v1.GetLeaseResponse\x12Q\n" +
 	"\n" +
@@ -2975,7 +3570,7 @@ func file_mmiobroker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_mmiobroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(AccessMode)(0),               // 0: mmiobroker.v1.AccessMode
 	(LeaseKind)(0),                // 1: mmiobroker.v1.LeaseKind
@@ -2990,34 +3585,41 @@ var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(*Holder)(nil),                // 10: mmiobroker.v1.Holder
 	(*Lease)(nil),                 // 11: mmiobroker.v1.Lease
 	(*Event)(nil),                 // 12: mmiobroker.v1.Event
-	(*ListDevicesRequest)(nil),    // 13: mmiobroker.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),   // 14: mmiobroker.v1.ListDevicesResponse
-	(*GetDeviceRequest)(nil),      // 15: mmiobroker.v1.GetDeviceRequest
-	(*GetDeviceResponse)(nil),     // 16: mmiobroker.v1.GetDeviceResponse
-	(*AllocateLeaseRequest)(nil),  // 17: mmiobroker.v1.AllocateLeaseRequest
-	(*AllocateLeaseResponse)(nil), // 18: mmiobroker.v1.AllocateLeaseResponse
-	(*GetLeaseRequest)(nil),       // 19: mmiobroker.v1.GetLeaseRequest
-	(*GetLeaseResponse)(nil),      // 20: mmiobroker.v1.GetLeaseResponse
-	(*ListLeasesRequest)(nil),     // 21: mmiobroker.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),    // 22: mmiobroker.v1.ListLeasesResponse
-	(*RevokeLeaseRequest)(nil),    // 23: mmiobroker.v1.RevokeLeaseRequest
-	(*RevokeLeaseResponse)(nil),   // 24: mmiobroker.v1.RevokeLeaseResponse
-	(*ReleaseLeaseRequest)(nil),   // 25: mmiobroker.v1.ReleaseLeaseRequest
-	(*ReleaseLeaseResponse)(nil),  // 26: mmiobroker.v1.ReleaseLeaseResponse
-	(*WatchEventsRequest)(nil),    // 27: mmiobroker.v1.WatchEventsRequest
-	(*WatchEventsResponse)(nil),   // 28: mmiobroker.v1.WatchEventsResponse
-	(*RenewLeaseRequest)(nil),     // 29: mmiobroker.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),    // 30: mmiobroker.v1.RenewLeaseResponse
-	(*SuspendDeviceRequest)(nil),  // 31: mmiobroker.v1.SuspendDeviceRequest
-	(*SuspendDeviceResponse)(nil), // 32: mmiobroker.v1.SuspendDeviceResponse
-	(*ResumeDeviceRequest)(nil),   // 33: mmiobroker.v1.ResumeDeviceRequest
-	(*ResumeDeviceResponse)(nil),  // 34: mmiobroker.v1.ResumeDeviceResponse
-	(*CycleDeviceRequest)(nil),    // 35: mmiobroker.v1.CycleDeviceRequest
-	(*CycleDeviceResponse)(nil),   // 36: mmiobroker.v1.CycleDeviceResponse
-	(*DrainRequest)(nil),          // 37: mmiobroker.v1.DrainRequest
-	(*DrainResponse)(nil),         // 38: mmiobroker.v1.DrainResponse
-	(*timestamppb.Timestamp)(nil), // 39: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 40: google.protobuf.Duration
+	(*Host)(nil),                  // 13: mmiobroker.v1.Host
+	(*Probe)(nil),                 // 14: mmiobroker.v1.Probe
+	(*VmType)(nil),                // 15: mmiobroker.v1.VmType
+	(*Tsm)(nil),                   // 16: mmiobroker.v1.Tsm
+	(*Limits)(nil),                // 17: mmiobroker.v1.Limits
+	(*ListDevicesRequest)(nil),    // 18: mmiobroker.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),   // 19: mmiobroker.v1.ListDevicesResponse
+	(*GetDeviceRequest)(nil),      // 20: mmiobroker.v1.GetDeviceRequest
+	(*GetDeviceResponse)(nil),     // 21: mmiobroker.v1.GetDeviceResponse
+	(*GetHostRequest)(nil),        // 22: mmiobroker.v1.GetHostRequest
+	(*GetHostResponse)(nil),       // 23: mmiobroker.v1.GetHostResponse
+	(*AllocateLeaseRequest)(nil),  // 24: mmiobroker.v1.AllocateLeaseRequest
+	(*AllocateLeaseResponse)(nil), // 25: mmiobroker.v1.AllocateLeaseResponse
+	(*GetLeaseRequest)(nil),       // 26: mmiobroker.v1.GetLeaseRequest
+	(*GetLeaseResponse)(nil),      // 27: mmiobroker.v1.GetLeaseResponse
+	(*ListLeasesRequest)(nil),     // 28: mmiobroker.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),    // 29: mmiobroker.v1.ListLeasesResponse
+	(*RevokeLeaseRequest)(nil),    // 30: mmiobroker.v1.RevokeLeaseRequest
+	(*RevokeLeaseResponse)(nil),   // 31: mmiobroker.v1.RevokeLeaseResponse
+	(*ReleaseLeaseRequest)(nil),   // 32: mmiobroker.v1.ReleaseLeaseRequest
+	(*ReleaseLeaseResponse)(nil),  // 33: mmiobroker.v1.ReleaseLeaseResponse
+	(*WatchEventsRequest)(nil),    // 34: mmiobroker.v1.WatchEventsRequest
+	(*WatchEventsResponse)(nil),   // 35: mmiobroker.v1.WatchEventsResponse
+	(*RenewLeaseRequest)(nil),     // 36: mmiobroker.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),    // 37: mmiobroker.v1.RenewLeaseResponse
+	(*SuspendDeviceRequest)(nil),  // 38: mmiobroker.v1.SuspendDeviceRequest
+	(*SuspendDeviceResponse)(nil), // 39: mmiobroker.v1.SuspendDeviceResponse
+	(*ResumeDeviceRequest)(nil),   // 40: mmiobroker.v1.ResumeDeviceRequest
+	(*ResumeDeviceResponse)(nil),  // 41: mmiobroker.v1.ResumeDeviceResponse
+	(*CycleDeviceRequest)(nil),    // 42: mmiobroker.v1.CycleDeviceRequest
+	(*CycleDeviceResponse)(nil),   // 43: mmiobroker.v1.CycleDeviceResponse
+	(*DrainRequest)(nil),          // 44: mmiobroker.v1.DrainRequest
+	(*DrainResponse)(nil),         // 45: mmiobroker.v1.DrainResponse
+	(*timestamppb.Timestamp)(nil), // 46: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 47: google.protobuf.Duration
 }
 var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: mmiobroker.v1.DevicePolicy.allowed_kinds:type_name -> mmiobroker.v1.LeaseKind
@@ -3025,72 +3627,83 @@ var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	5,  // 2: mmiobroker.v1.Device.bars:type_name -> mmiobroker.v1.Bar
 	6,  // 3: mmiobroker.v1.Device.tsm:type_name -> mmiobroker.v1.TsmState
 	7,  // 4: mmiobroker.v1.Device.policy:type_name -> mmiobroker.v1.DevicePolicy
-	39, // 5: mmiobroker.v1.Device.cycle_time:type_name -> google.protobuf.Timestamp
-	39, // 6: mmiobroker.v1.Device.last_tenant_cycle_time:type_name -> google.protobuf.Timestamp
+	46, // 5: mmiobroker.v1.Device.cycle_time:type_name -> google.protobuf.Timestamp
+	46, // 6: mmiobroker.v1.Device.last_tenant_cycle_time:type_name -> google.protobuf.Timestamp
 	9,  // 7: mmiobroker.v1.Lease.ranges:type_name -> mmiobroker.v1.Range
 	1,  // 8: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
 	2,  // 9: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
 	10, // 10: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
-	39, // 11: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	39, // 12: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
-	39, // 13: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	46, // 11: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	46, // 12: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
+	46, // 13: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 14: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
-	40, // 15: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
-	39, // 16: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	39, // 17: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
-	39, // 18: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
-	39, // 19: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
-	39, // 20: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
+	47, // 15: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	46, // 16: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	46, // 17: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
+	46, // 18: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
+	46, // 19: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
+	46, // 20: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
 	4,  // 21: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
 	11, // 22: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 23: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
-	8,  // 24: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	9,  // 25: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
-	1,  // 26: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
-	40, // 27: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 28: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	39, // 29: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
-	11, // 30: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 31: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
-	40, // 32: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
-	11, // 33: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 34: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	12, // 35: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
-	40, // 36: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 37: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 38: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	8,  // 39: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	13, // 40: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
-	15, // 41: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
-	17, // 42: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
-	19, // 43: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
-	21, // 44: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
-	23, // 45: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
-	25, // 46: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
-	27, // 47: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
-	29, // 48: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
-	31, // 49: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
-	33, // 50: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
-	35, // 51: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
-	37, // 52: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
-	14, // 53: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
-	16, // 54: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
-	18, // 55: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
-	20, // 56: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
-	22, // 57: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
-	24, // 58: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
-	26, // 59: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
-	28, // 60: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
-	30, // 61: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
-	32, // 62: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
-	34, // 63: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
-	36, // 64: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
-	38, // 65: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
-	53, // [53:66] is the sub-list for method output_type
-	40, // [40:53] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	14, // 23: mmiobroker.v1.Host.probes:type_name -> mmiobroker.v1.Probe
+	15, // 24: mmiobroker.v1.Host.vm_types:type_name -> mmiobroker.v1.VmType
+	16, // 25: mmiobroker.v1.Host.tsms:type_name -> mmiobroker.v1.Tsm
+	17, // 26: mmiobroker.v1.Host.limits:type_name -> mmiobroker.v1.Limits
+	47, // 27: mmiobroker.v1.Limits.claim_timeout:type_name -> google.protobuf.Duration
+	47, // 28: mmiobroker.v1.Limits.revoke_within:type_name -> google.protobuf.Duration
+	47, // 29: mmiobroker.v1.Limits.tenant_cycle_interval:type_name -> google.protobuf.Duration
+	47, // 30: mmiobroker.v1.Limits.min_ttl:type_name -> google.protobuf.Duration
+	8,  // 31: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
+	8,  // 32: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	13, // 33: mmiobroker.v1.GetHostResponse.host:type_name -> mmiobroker.v1.Host
+	9,  // 34: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
+	1,  // 35: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
+	47, // 36: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 37: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	46, // 38: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
+	11, // 39: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 40: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
+	47, // 41: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
+	11, // 42: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	11, // 43: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	12, // 44: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
+	47, // 45: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	11, // 46: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	8,  // 47: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	8,  // 48: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	18, // 49: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
+	20, // 50: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
+	22, // 51: mmiobroker.v1.Broker.GetHost:input_type -> mmiobroker.v1.GetHostRequest
+	24, // 52: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
+	26, // 53: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
+	28, // 54: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
+	30, // 55: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
+	32, // 56: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
+	34, // 57: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
+	36, // 58: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
+	38, // 59: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
+	40, // 60: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
+	42, // 61: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
+	44, // 62: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
+	19, // 63: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
+	21, // 64: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
+	23, // 65: mmiobroker.v1.Broker.GetHost:output_type -> mmiobroker.v1.GetHostResponse
+	25, // 66: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
+	27, // 67: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
+	29, // 68: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
+	31, // 69: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
+	33, // 70: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
+	35, // 71: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
+	37, // 72: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
+	39, // 73: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
+	41, // 74: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
+	43, // 75: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
+	45, // 76: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
+	63, // [63:77] is the sub-list for method output_type
+	49, // [49:63] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_mmiobroker_v1_broker_proto_init() }
@@ -3098,14 +3711,14 @@ func file_mmiobroker_v1_broker_proto_init() {
 	if File_mmiobroker_v1_broker_proto != nil {
 		return
 	}
-	file_mmiobroker_v1_broker_proto_msgTypes[16].OneofWrappers = []any{}
+	file_mmiobroker_v1_broker_proto_msgTypes[23].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mmiobroker_v1_broker_proto_rawDesc), len(file_mmiobroker_v1_broker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   34,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

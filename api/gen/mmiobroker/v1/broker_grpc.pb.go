@@ -84,6 +84,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Broker_ListDevices_FullMethodName   = "/mmiobroker.v1.Broker/ListDevices"
 	Broker_GetDevice_FullMethodName     = "/mmiobroker.v1.Broker/GetDevice"
+	Broker_GetHost_FullMethodName       = "/mmiobroker.v1.Broker/GetHost"
 	Broker_AllocateLease_FullMethodName = "/mmiobroker.v1.Broker/AllocateLease"
 	Broker_GetLease_FullMethodName      = "/mmiobroker.v1.Broker/GetLease"
 	Broker_ListLeases_FullMethodName    = "/mmiobroker.v1.Broker/ListLeases"
@@ -109,6 +110,17 @@ type BrokerClient interface {
 	// GetDevice returns one configured device. NOT_FOUND if the device is not configured;
 	// INVALID_ARGUMENT if bdf is empty.
 	GetDevice(ctx context.Context, in *GetDeviceRequest, opts ...grpc.CallOption) (*GetDeviceResponse, error)
+	// GetHost reports what this host offers a VMM that wants brokered MMIO: the kernel
+	// release, one Probe per kernel feature the broker and its clients depend on (VFIO access
+	// paths, iommufd, dma-buf export and revoke, P2PDMA, KVM and its capabilities, TSMs, and
+	// the verdict on private MMIO), each with what was found or why it is absent; the VM
+	// types KVM creates; the registered TEE security managers; and the daemon's limits. An
+	// orchestrator placing a VM reads it to tell a host that can serve it from one that
+	// cannot. Any caller may ask. The daemon reuses KVM's answers for a minute (probing KVM
+	// creates a VM); everything else is read at each call.
+	//
+	// Codes: UNIMPLEMENTED (a daemon built without a host report).
+	GetHost(ctx context.Context, in *GetHostRequest, opts ...grpc.CallOption) (*GetHostResponse, error)
 	// AllocateLease exports ranges of one memory BAR of a device as a dma-buf and leases it to
 	// the calling process. The response carries a single-use claim token: the same process
 	// (same uid and pid; the daemon pins the process with a pidfd, so a reused pid does not
@@ -278,6 +290,16 @@ func (c *brokerClient) GetDevice(ctx context.Context, in *GetDeviceRequest, opts
 	return out, nil
 }
 
+func (c *brokerClient) GetHost(ctx context.Context, in *GetHostRequest, opts ...grpc.CallOption) (*GetHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetHostResponse)
+	err := c.cc.Invoke(ctx, Broker_GetHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *brokerClient) AllocateLease(ctx context.Context, in *AllocateLeaseRequest, opts ...grpc.CallOption) (*AllocateLeaseResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AllocateLeaseResponse)
@@ -409,6 +431,17 @@ type BrokerServer interface {
 	// GetDevice returns one configured device. NOT_FOUND if the device is not configured;
 	// INVALID_ARGUMENT if bdf is empty.
 	GetDevice(context.Context, *GetDeviceRequest) (*GetDeviceResponse, error)
+	// GetHost reports what this host offers a VMM that wants brokered MMIO: the kernel
+	// release, one Probe per kernel feature the broker and its clients depend on (VFIO access
+	// paths, iommufd, dma-buf export and revoke, P2PDMA, KVM and its capabilities, TSMs, and
+	// the verdict on private MMIO), each with what was found or why it is absent; the VM
+	// types KVM creates; the registered TEE security managers; and the daemon's limits. An
+	// orchestrator placing a VM reads it to tell a host that can serve it from one that
+	// cannot. Any caller may ask. The daemon reuses KVM's answers for a minute (probing KVM
+	// creates a VM); everything else is read at each call.
+	//
+	// Codes: UNIMPLEMENTED (a daemon built without a host report).
+	GetHost(context.Context, *GetHostRequest) (*GetHostResponse, error)
 	// AllocateLease exports ranges of one memory BAR of a device as a dma-buf and leases it to
 	// the calling process. The response carries a single-use claim token: the same process
 	// (same uid and pid; the daemon pins the process with a pidfd, so a reused pid does not
@@ -564,6 +597,9 @@ func (UnimplementedBrokerServer) ListDevices(context.Context, *ListDevicesReques
 func (UnimplementedBrokerServer) GetDevice(context.Context, *GetDeviceRequest) (*GetDeviceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetDevice not implemented")
 }
+func (UnimplementedBrokerServer) GetHost(context.Context, *GetHostRequest) (*GetHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetHost not implemented")
+}
 func (UnimplementedBrokerServer) AllocateLease(context.Context, *AllocateLeaseRequest) (*AllocateLeaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method AllocateLease not implemented")
 }
@@ -650,6 +686,24 @@ func _Broker_GetDevice_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(BrokerServer).GetDevice(ctx, req.(*GetDeviceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_GetHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).GetHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_GetHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).GetHost(ctx, req.(*GetHostRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -859,6 +913,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetDevice",
 			Handler:    _Broker_GetDevice_Handler,
+		},
+		{
+			MethodName: "GetHost",
+			Handler:    _Broker_GetHost_Handler,
 		},
 		{
 			MethodName: "AllocateLease",
