@@ -86,6 +86,10 @@ func NewTransportCredentials(opts ...Option) credentials.TransportCredentials {
 	return c
 }
 
+// RootConnsReserve is how many connections beyond MaxConns uid 0 may still open, so that
+// an administrator can always reach a daemon that other uids flood to its limit.
+const RootConnsReserve = 16
+
 // MaxConnsPerTenant bounds the connections one tenant (one uid without [WithTenant]) may
 // have open to a server using [NewTransportCredentials]: each pins a pidfd, and the
 // daemon's fds must not run out.
@@ -116,14 +120,18 @@ func newConnLimit(max, maxTotal int) *connLimit {
 }
 
 // take counts a new connection of tenant, or says why it cannot be taken.
-func (l *connLimit) take(tenant string) error {
+func (l *connLimit) take(tenant string, root bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	total := l.maxTotal
+	if root {
+		total += RootConnsReserve
+	}
 	switch {
 	case l.byTenant[tenant] >= l.max:
 		l.refused++
 		return fmt.Errorf("tenant %s has %d connections open, the limit: %w", tenant, l.max, errdefs.ErrResourceExhausted)
-	case l.total >= l.maxTotal:
+	case l.total >= total:
 		l.refused++
 		return fmt.Errorf("the daemon has %d connections open, the limit: %w", l.maxTotal, errdefs.ErrResourceExhausted)
 	}
@@ -201,7 +209,7 @@ func (c *transportCredentials) ServerHandshake(conn net.Conn) (net.Conn, credent
 		}
 	}
 	if c.conns != nil {
-		if err := c.conns.take(tenant); err != nil {
+		if err := c.conns.take(tenant, creds.UID == 0); err != nil {
 			proc.Close()
 			return nil, nil, fmt.Errorf("peercred server handshake: %w", err)
 		}

@@ -347,15 +347,28 @@ func TestServerHandshakeConnLimit(t *testing.T) {
 func TestConnLimitTotal(t *testing.T) {
 	l := newConnLimit(2, 3)
 	for uid := range uint32(3) {
-		if err := l.take(fmt.Sprint(uid)); err != nil {
+		if err := l.take(fmt.Sprint(uid), false); err != nil {
 			t.Fatalf("uid %d: %v", uid, err)
 		}
 	}
-	if err := l.take("9"); !errors.Is(err, errdefs.ErrResourceExhausted) {
+	if err := l.take("9", false); !errors.Is(err, errdefs.ErrResourceExhausted) {
 		t.Fatalf("a 4th connection (another uid) = %v, want resource exhausted", err)
 	}
+	// Root may still connect, up to its reserve, so that an administrator can reach a
+	// daemon flooded by other uids.
+	for i := range RootConnsReserve {
+		if err := l.take(fmt.Sprintf("uid=0,vm%d", i), true); err != nil {
+			t.Fatalf("root connection %d beyond the limit, within its reserve: %v", i+1, err)
+		}
+	}
+	if err := l.take("uid=0,x", true); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("root beyond its reserve: %v, want resource exhausted", err)
+	}
+	for i := range RootConnsReserve {
+		l.release(fmt.Sprintf("uid=0,vm%d", i))
+	}
 	l.release("0")
-	if err := l.take("9"); err != nil {
+	if err := l.take("9", false); err != nil {
 		t.Fatalf("after a release: %v", err)
 	}
 }
