@@ -7,6 +7,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/client"
 )
 
 func (c *cli) devices(ctx context.Context, args []string) error {
@@ -30,7 +31,18 @@ func (c *cli) devices(ctx context.Context, args []string) error {
 }
 
 func (c *cli) device(ctx context.Context, args []string) error {
-	fs := c.subcommand("device", "BDF")
+	return deviceCommand(c, ctx, "device", args,
+		func(ctx context.Context, cl *client.Client, bdf string) (*brokerv1.GetDeviceResponse, error) {
+			return cl.API().GetDevice(ctx, &brokerv1.GetDeviceRequest{Bdf: bdf})
+		},
+		func(_ string, resp *brokerv1.GetDeviceResponse) error { return writeDevice(c.stdout, resp.GetDevice()) })
+}
+
+// deviceCommand runs a command whose one argument is a device: it parses the BDF, connects,
+// calls do with the canonical BDF and prints the response as JSON (-json) or with text.
+func deviceCommand[R any](c *cli, ctx context.Context, name string, args []string,
+	do func(context.Context, *client.Client, string) (R, error), text func(bdf string, resp R) error) error {
+	fs := c.subcommand(name, "BDF")
 	pos, _, err := parse(fs, args, 1)
 	if err != nil {
 		return err
@@ -44,14 +56,14 @@ func (c *cli) device(ctx context.Context, args []string) error {
 		return err
 	}
 	defer done()
-	resp, err := cl.API().GetDevice(ctx, &brokerv1.GetDeviceRequest{Bdf: bdf})
+	resp, err := do(ctx, cl, bdf)
 	if err != nil {
 		return err
 	}
 	if c.json {
 		return writeJSON(c.stdout, resp)
 	}
-	return writeDevice(c.stdout, resp.GetDevice())
+	return text(bdf, resp)
 }
 
 func (c *cli) leases(ctx context.Context, args []string) error {
@@ -199,42 +211,28 @@ func (c *cli) releaseLease(ctx context.Context, args []string) error {
 
 // suspendResume runs suspend BDF or resume BDF.
 func (c *cli) suspendResume(ctx context.Context, verb string, args []string) error {
-	fs := c.subcommand(verb, "BDF")
-	pos, _, err := parse(fs, args, 1)
-	if err != nil {
-		return err
-	}
-	bdf, err := parseBDF(pos[0])
-	if err != nil {
-		return err
-	}
-	cl, ctx, done, err := c.connect(ctx)
-	if err != nil {
-		return err
-	}
-	defer done()
-	var d *brokerv1.Device
 	if verb == "suspend" {
-		d, err = cl.Suspend(ctx, bdf)
-	} else {
-		d, err = cl.Resume(ctx, bdf)
+		return deviceCommand(c, ctx, verb, args,
+			func(ctx context.Context, cl *client.Client, bdf string) (*brokerv1.SuspendDeviceResponse, error) {
+				d, err := cl.Suspend(ctx, bdf)
+				return &brokerv1.SuspendDeviceResponse{Device: d}, err
+			},
+			func(_ string, r *brokerv1.SuspendDeviceResponse) error {
+				_, err := fmt.Fprintf(c.stdout, "suspended device %s: the dma-bufs of its %d live lease(s) are inaccessible; new leases are refused until resume\n",
+					r.GetDevice().GetBdf(), r.GetDevice().GetLiveLeases())
+				return err
+			})
 	}
-	if err != nil {
-		return err
-	}
-	switch {
-	case c.json && verb == "suspend":
-		return writeJSON(c.stdout, &brokerv1.SuspendDeviceResponse{Device: d})
-	case c.json:
-		return writeJSON(c.stdout, &brokerv1.ResumeDeviceResponse{Device: d})
-	case verb == "suspend":
-		fmt.Fprintf(c.stdout, "suspended device %s: the dma-bufs of its %d live lease(s) are inaccessible; new leases are refused until resume\n",
-			d.GetBdf(), d.GetLiveLeases())
-	default:
-		fmt.Fprintf(c.stdout, "resumed device %s: the dma-bufs of its %d live lease(s) are accessible again; importers must map them again\n",
-			d.GetBdf(), d.GetLiveLeases())
-	}
-	return nil
+	return deviceCommand(c, ctx, verb, args,
+		func(ctx context.Context, cl *client.Client, bdf string) (*brokerv1.ResumeDeviceResponse, error) {
+			d, err := cl.Resume(ctx, bdf)
+			return &brokerv1.ResumeDeviceResponse{Device: d}, err
+		},
+		func(_ string, r *brokerv1.ResumeDeviceResponse) error {
+			_, err := fmt.Fprintf(c.stdout, "resumed device %s: the dma-bufs of its %d live lease(s) are accessible again; importers must map them again\n",
+				r.GetDevice().GetBdf(), r.GetDevice().GetLiveLeases())
+			return err
+		})
 }
 
 func (c *cli) watch(ctx context.Context, args []string) error {
@@ -266,30 +264,15 @@ func (c *cli) watch(ctx context.Context, args []string) error {
 
 // cycle runs cycle BDF.
 func (c *cli) cycle(ctx context.Context, args []string) error {
-	fs := c.subcommand("cycle", "BDF")
-	pos, _, err := parse(fs, args, 1)
-	if err != nil {
-		return err
-	}
-	bdf, err := parseBDF(pos[0])
-	if err != nil {
-		return err
-	}
-	cl, ctx, done, err := c.connect(ctx)
-	if err != nil {
-		return err
-	}
-	defer done()
-	r, err := cl.API().CycleDevice(ctx, &brokerv1.CycleDeviceRequest{Bdf: bdf})
-	if err != nil {
-		return err
-	}
-	if c.json {
-		return writeJSON(c.stdout, r)
-	}
-	fmt.Fprintf(c.stdout, "cycled device %s: every dma-buf it exported is dead; %d ended lease(s) lost their live fd, %d live lease(s) were reissued as a new generation\n",
-		bdf, r.GetFdRevokedLeases(), r.GetReissuedLeases())
-	return nil
+	return deviceCommand(c, ctx, "cycle", args,
+		func(ctx context.Context, cl *client.Client, bdf string) (*brokerv1.CycleDeviceResponse, error) {
+			return cl.API().CycleDevice(ctx, &brokerv1.CycleDeviceRequest{Bdf: bdf})
+		},
+		func(bdf string, r *brokerv1.CycleDeviceResponse) error {
+			_, err := fmt.Fprintf(c.stdout, "cycled device %s: every dma-buf it exported is dead; %d ended lease(s) lost their live fd, %d live lease(s) were reissued as a new generation\n",
+				bdf, r.GetFdRevokedLeases(), r.GetReissuedLeases())
+			return err
+		})
 }
 
 func (c *cli) drain(ctx context.Context, args []string) error {
