@@ -54,6 +54,11 @@ func (b *Broker) scheduleLocked(d *device) {
 			due = l.RevokeDue
 		}
 	}
+	if !due.IsZero() {
+		// Start early enough that the cycle has completed, and the fds are dead, by the
+		// deadline.
+		due = due.Add(-b.cycleMarginLocked(d))
+	}
 	earliest := d.lastTenantCycle.Add(b.cfg.TenantCycleInterval)
 	if d.urgent && (due.IsZero() || earliest.Before(due)) {
 		due = earliest
@@ -69,6 +74,20 @@ func (b *Broker) scheduleLocked(d *device) {
 	}
 	d.cycleAt = due
 	d.cycleTimer = time.AfterFunc(max(due.Sub(b.now()), 0), func() { b.dueCycle(d) })
+}
+
+// cycleHistory is how many cycle durations a device remembers for its margin.
+const cycleHistory = 8
+
+// cycleMarginLocked is how long before an ended-but-live lease's revoke deadline its
+// device's scheduled cycle starts: twice the longest of the device's recent cycles (a
+// second before the first one), at most half of R. Called with b.mu held.
+func (b *Broker) cycleMarginLocked(d *device) time.Duration {
+	m := time.Second
+	if len(d.cycleTook) > 0 {
+		m = 2 * slices.Max(d.cycleTook)
+	}
+	return min(m, b.cfg.RevokeWithin/2)
 }
 
 // dueCycle runs d's scheduled cycle on its worker, if it is still due.
@@ -169,7 +188,8 @@ func (b *Broker) cycleDevice(d *device, cause cycleCause, dead func()) (reissued
 		dead()
 		return 0, fmt.Errorf("cycling device %s failed, all its leases ended: %w: %w", d.policy.BDF, err, errdefs.ErrUnavailable)
 	}
-	b.obs.DeviceCycled(cause.observed(d.policy.BDF, b.now().Sub(start), nil))
+	took := b.now().Sub(start)
+	b.obs.DeviceCycled(cause.observed(d.policy.BDF, took, nil))
 	dead()
 	if suspended {
 		if s, ok := dev.(Suspender); ok {
@@ -179,6 +199,9 @@ func (b *Broker) cycleDevice(d *device, cause cycleCause, dead func()) (reissued
 		}
 	}
 	b.mu.Lock()
+	if d.cycleTook = append(d.cycleTook, took); len(d.cycleTook) > cycleHistory {
+		d.cycleTook = d.cycleTook[1:]
+	}
 	b.buryLocked(d, cause.by)
 	d.urgent = false
 	if cause.tenant {

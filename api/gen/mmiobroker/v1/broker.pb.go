@@ -736,9 +736,10 @@ type Device struct {
 	// Ended-but-live leases of the device: ended by their tenants while their fds still work,
 	// until the device's next cycle (see REVOCATION BOUNDS).
 	EndedLiveLeases uint32 `protobuf:"varint,18,opt,name=ended_live_leases,json=endedLiveLeases,proto3" json:"ended_live_leases,omitempty"`
-	// When the device's next scheduled cycle runs (at the latest R after the first of its
-	// ended-but-live leases ended, never sooner than C after the last cycle a tenant caused);
-	// unset if none is scheduled.
+	// When the device's next scheduled cycle starts: early enough (twice the device's recent
+	// cycle time, at most R/2) to complete by the first revoke_due of its ended-but-live
+	// leases, never sooner than C after the last cycle a tenant caused; unset if none is
+	// scheduled.
 	CycleTime *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=cycle_time,json=cycleTime,proto3" json:"cycle_time,omitempty"`
 	// When a tenant last caused the device to cycle (C counts from it); unset if never.
 	LastTenantCycleTime *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=last_tenant_cycle_time,json=lastTenantCycleTime,proto3" json:"last_tenant_cycle_time,omitempty"`
@@ -1719,7 +1720,8 @@ type Limits struct {
 	TenantCycleBudget uint32 `protobuf:"varint,7,opt,name=tenant_cycle_budget,json=tenantCycleBudget,proto3" json:"tenant_cycle_budget,omitempty"`
 	// The shortest ttl a non-admin may ask for (0: none).
 	MinTtl *durationpb.Duration `protobuf:"bytes,8,opt,name=min_ttl,json=minTtl,proto3" json:"min_ttl,omitempty"`
-	// Control socket connections of all callers together.
+	// Control socket connections of all callers together (uid 0 may open a few more, so that
+	// an administrator can reach a daemon that others flood).
 	MaxConnections uint32 `protobuf:"varint,9,opt,name=max_connections,json=maxConnections,proto3" json:"max_connections,omitempty"`
 	// Control socket connections of one tenant.
 	MaxConnectionsPerTenant uint32 `protobuf:"varint,10,opt,name=max_connections_per_tenant,json=maxConnectionsPerTenant,proto3" json:"max_connections_per_tenant,omitempty"`
