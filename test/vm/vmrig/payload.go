@@ -19,7 +19,7 @@ const ModulePath = "github.com/mmiobroker/mmiobroker"
 
 // Programs are the binaries the guest gets when their packages exist: the project's
 // daemon and CLI, the rig's demo importer and the systemd guest tests' lease holder.
-var Programs = []string{"cmd/mmiobrokerd", "cmd/mmiobrokerctl", "test/vm/cmd/iommufd-import", "test/vm/cmd/mmb-holder"}
+var Programs = []string{"cmd/mmiobrokerd", "cmd/mmiobrokerctl", "test/vm/cmd/iommufd-import", "test/vm/cmd/mmb-holder", "test/vm/cmd/mmb-tenant"}
 
 // SwapDaemon is the second build of cmd/mmiobrokerd that the payload carries for the
 // systemd guest tests' binary swap (an upgrade: another binary installed at
