@@ -20,8 +20,9 @@ var (
 	// RequiredModules must load for the VFIO tests to mean anything.
 	RequiredModules = []string{"vfio-pci", "vfio_iommu_type1"}
 	// OptionalModules are loaded when the kernel ships them as modules: udmabuf for
-	// dma-buf tests (Debian builds it in).
-	OptionalModules = []string{"udmabuf"}
+	// dma-buf tests (Debian builds it in), kvm_amd for the KVM probes of GetHost (QEMU's
+	// TCG -cpu max offers SVM, not VMX, so kvm_intel would fail to load).
+	OptionalModules = []string{"udmabuf", "kvm_amd"}
 )
 
 // ModuleName normalizes a module name or path the way kmod does: base name without

@@ -40,6 +40,9 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
+# cgroup v2, as on every systemd host: the daemon reads its callers' cgroups for their
+# tenant ([tenants] by = "cgroup", the default) and refuses to start without it.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 
 MODE=tests OUT=console KERNEL= TOPOLOGY= RUN= BENCH= ONLY= TIMEOUT=3m NONCE=
 set -f # REGEX may hold glob characters
