@@ -72,7 +72,7 @@ type link struct {
 
 var (
 	linkRE    = regexp.MustCompile(`\]\(([^)\s]+)\)`)
-	headingRE = regexp.MustCompile("^#{1,6}\\s+(.*)$")
+	headingRE = regexp.MustCompile(`^#{1,6}\s+(.*)$`)
 	codeRE    = regexp.MustCompile("`[^`]*`")
 )
 
