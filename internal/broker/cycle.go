@@ -80,14 +80,15 @@ func (b *Broker) scheduleLocked(d *device) {
 const cycleHistory = 8
 
 // cycleMarginLocked is how long before an ended-but-live lease's revoke deadline its
-// device's scheduled cycle starts: twice the longest of the device's recent cycles (a
-// second before the first one), at most half of R. Called with b.mu held.
+// device's scheduled cycle starts: twice the longest of the device's recent cycles, at
+// most half of R — and half of R before the device has cycled in this process (a cycle
+// under emulation or of a large device can take a second or more). Called with b.mu held.
 func (b *Broker) cycleMarginLocked(d *device) time.Duration {
-	m := time.Second
-	if len(d.cycleTook) > 0 {
-		m = 2 * slices.Max(d.cycleTook)
+	half := b.cfg.RevokeWithin / 2
+	if len(d.cycleTook) == 0 {
+		return half
 	}
-	return min(m, b.cfg.RevokeWithin/2)
+	return min(2*slices.Max(d.cycleTook), half)
 }
 
 // dueCycle runs d's scheduled cycle on its worker, if it is still due.

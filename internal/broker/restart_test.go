@@ -502,17 +502,17 @@ func TestRestartKeepsEndedButLive(t *testing.T) {
 		if _, _, err := b2.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{page, page}}, Holder: broker.Holder{UID: 1000, PID: 41}}); !errors.Is(err, errdefs.ErrResourceExhausted) {
 			t.Fatalf("allocation over the limit of 1 with one ended-but-live lease restored: %v", err)
 		}
-		// The restarted broker has no cycle time of the device yet: it starts the cycle a
-		// second before revoke_due, so that it completes by then.
-		time.Sleep(19*time.Second - time.Nanosecond)
+		// The restarted broker has no cycle time of the device yet: it starts the cycle
+		// R/2 (15 s) before the recorded revoke_due (end + 30 s), 5 s after the restart.
+		time.Sleep(5*time.Second - time.Nanosecond)
 		synctest.Wait()
 		if cyc(dev) != 0 {
-			t.Fatal("cycled earlier than a second before the recorded revoke_due")
+			t.Fatal("cycled earlier than R/2 before the recorded revoke_due")
 		}
 		time.Sleep(time.Nanosecond)
 		synctest.Wait()
 		if got, _ := b2.Get(l.ID); !got.Dead || cyc(dev) != 1 {
-			t.Fatalf("a second before revoke_due: dead %v, %d cycles; want dead after one cycle", got.Dead, cyc(dev))
+			t.Fatalf("R/2 before revoke_due: dead %v, %d cycles; want dead after one cycle", got.Dead, cyc(dev))
 		}
 	})
 }

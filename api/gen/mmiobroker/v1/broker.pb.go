@@ -737,7 +737,7 @@ type Device struct {
 	// until the device's next cycle (see REVOCATION BOUNDS).
 	EndedLiveLeases uint32 `protobuf:"varint,18,opt,name=ended_live_leases,json=endedLiveLeases,proto3" json:"ended_live_leases,omitempty"`
 	// When the device's next scheduled cycle starts: early enough (twice the device's recent
-	// cycle time, at most R/2) to complete by the first revoke_due of its ended-but-live
+	// cycle time, at most R/2; R/2 before its first cycle) to complete by the first revoke_due of its ended-but-live
 	// leases, never sooner than C after the last cycle a tenant caused; unset if none is
 	// scheduled.
 	CycleTime *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=cycle_time,json=cycleTime,proto3" json:"cycle_time,omitempty"`
