@@ -35,13 +35,13 @@ func TestVM(t *testing.T) {
 	if d, ok := t.Deadline(); ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithDeadline(ctx, d.Add(-30*time.Second))
-		defer cancel()
+		t.Cleanup(cancel) // after the parallel suites too
 	}
 	r, err := vmrig.Open(".")
 	if err != nil {
 		t.Fatalf("rig: %v", err)
 	}
-	defer r.Close()
+	t.Cleanup(func() { r.Close() })
 	r.Log = func(s string) { fmt.Printf("vm: %s\n", s) }
 
 	kernels := vmrig.Kernels
@@ -80,6 +80,20 @@ func TestVM(t *testing.T) {
 		}
 		opts.Soak = n
 	}
+	// Build every image first, one at a time (the rig's image and payload caches are not
+	// for concurrent use); a failure is reported by the suite that needs the image.
+	type suite struct {
+		mode vmrig.BootMode
+		k    vmrig.Kernel
+	}
+	imageErr := map[suite]error{}
+	for _, mode := range modes {
+		for _, k := range kernels {
+			if _, _, err := r.ImageFor(ctx, mode, k); err != nil {
+				imageErr[suite{mode, k}] = err
+			}
+		}
+	}
 	for _, mode := range modes {
 		for _, k := range kernels {
 			name := string(k)
@@ -87,6 +101,15 @@ func TestVM(t *testing.T) {
 				name += "-" + string(mode)
 			}
 			t.Run(name, func(t *testing.T) {
+				if mode == vmrig.Systemd && len(kernels) > 1 {
+					// The systemd suites take minutes each: the two kernels' guests run
+					// side by side (one vCPU each; the host has two cores), after the
+					// short busybox suites.
+					t.Parallel()
+				}
+				if err := imageErr[suite{mode, k}]; err != nil {
+					t.Fatalf("rig: %v", err)
+				}
 				start := time.Now()
 				opts := opts
 				opts.Boot = mode
