@@ -73,9 +73,6 @@ type device struct {
 	// lastTenantCycle is when a tenant's action last made the device cycle (C counts
 	// from it).
 	lastTenantCycle time.Time
-	// cycleTook holds how long the device's last cycles took (at most cycleHistory), to
-	// start a scheduled cycle early enough that it completes by the revoke deadline.
-	cycleTook []time.Duration
 }
 
 // maxReleased bounds device.released: at it, the next allocation cycles the device.

@@ -36,7 +36,7 @@ type Config struct {
 	// Zero: the device cycles at once on every such end.
 	RevokeWithin time.Duration
 	// TenantCycleInterval is the bound C: device cycles that tenants cause happen at most
-	// once per TenantCycleInterval per device. At most RevokeWithin. Zero: no limit.
+	// once per TenantCycleInterval per device. At most RevokeWithin/2. Zero: no limit.
 	TenantCycleInterval time.Duration
 	// TenantCycleBudget bounds the device cycles one tenant may cause on demand (an
 	// allocation that must not share ranges of ended-but-live leases) per hour, over all
@@ -137,8 +137,8 @@ func (c Config) Validate() error {
 		bad("revoke within %v, tenant cycle interval %v, min ttl %v and tenant cycle budget %d must not be negative",
 			c.RevokeWithin, c.TenantCycleInterval, c.MinTTL, c.TenantCycleBudget)
 	}
-	if c.TenantCycleInterval > c.RevokeWithin {
-		bad("tenant cycle interval (C) %v is longer than revoke within (R) %v: ended leases could not be revoked within R", c.TenantCycleInterval, c.RevokeWithin)
+	if c.TenantCycleInterval > c.RevokeWithin/2 {
+		bad("tenant cycle interval (C) %v is longer than half of revoke within (R) %v: ended leases could not be revoked within R (their cycle starts R/2 after the end)", c.TenantCycleInterval, c.RevokeWithin)
 	}
 	if c.EventBacklog < 0 {
 		bad("event backlog %d is negative", c.EventBacklog)

@@ -334,7 +334,7 @@ func TestValidateErrors(t *testing.T) {
 		{"revoke within integer", "[limits]\nrevoke_within = 2\n", `test.toml:2: limits.revoke_within: write a duration string with a unit`},
 		{"revoke within long", "[limits]\nrevoke_within = \"2h\"\n", `test.toml:2: limits.revoke_within: 2h0m0s is outside 0s-1h0m0s`},
 		{"min ttl negative", "[limits]\nmin_ttl = \"-1ms\"\n", `test.toml:2: limits.min_ttl: -1ms is outside 0s-1h0m0s`},
-		{"C above R", "[limits]\nrevoke_within = \"5s\"\ntenant_cycle_interval = \"6s\"\n", `test.toml:3: limits.tenant_cycle_interval: 6s is longer than limits.revoke_within (5s)`},
+		{"C above R/2", "[limits]\nrevoke_within = \"5s\"\ntenant_cycle_interval = \"3s\"\n", `test.toml:3: limits.tenant_cycle_interval: 3s is longer than half of limits.revoke_within (5s)`},
 		{"tenants by", "[tenants]\nby = \"gid\"\n", `test.toml:2: tenants.by`},
 		{"tenants units relative", "[tenants]\nunits = [\"machine.slice\"]\n", `test.toml:2: tenants.units: tenant unit parent "machine.slice": want an absolute, clean cgroup path`},
 		{"budget negative", "[limits]\ntenant_cycle_budget = -1\n", `test.toml:2: limits.tenant_cycle_budget: -1 is outside 0-1048576`},

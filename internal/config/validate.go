@@ -158,8 +158,8 @@ func (v *validator) limits() {
 	v.duration("limits.revoke_within", l.RevokeWithin, 0, MaxRevokeWithin)
 	v.duration("limits.tenant_cycle_interval", l.TenantCycleInterval, 0, MaxRevokeWithin)
 	v.duration("limits.min_ttl", l.MinTTL, 0, MaxRevokeWithin)
-	if l.TenantCycleInterval > l.RevokeWithin {
-		v.bad("limits.tenant_cycle_interval", "limits.tenant_cycle_interval: %v is longer than limits.revoke_within (%v): ended leases could not be revoked within R if tenants may cycle a device only once per C",
+	if l.TenantCycleInterval > l.RevokeWithin/2 {
+		v.bad("limits.tenant_cycle_interval", "limits.tenant_cycle_interval: %v is longer than half of limits.revoke_within (%v): ended leases could not be revoked within R if tenants may cycle a device only once per C (a scheduled cycle starts R/2 after the end)",
 			l.TenantCycleInterval, l.RevokeWithin)
 	}
 	if l.TenantCycleBudget < 0 || l.TenantCycleBudget > MaxLeases {

@@ -45,12 +45,12 @@
 // REVOCATION BOUNDS. Linux 7.2 kills a dma-buf only by cycling its whole device, which
 // reissues every other lease of the device. The daemon therefore promises two numbers (the
 // [limits] revoke_within = R, default 30 s, and tenant_cycle_interval = C, default 10 s,
-// C <= R):
+// C <= R/2):
 //
 //   R: a lease that its tenant ended (ReleaseLease, its holder exiting, its ttl running out)
 //      after its fd was claimed ends at once — its rights end, the event is sent — but its fd
 //      keeps working ("ended but live": Lease.revoke_due is set) until its device's next
-//      cycle, which comes at the latest R after the end. Every ended-but-live lease of a
+//      cycle, which has completed at the latest R after the end (it starts at R/2). Every ended-but-live lease of a
 //      device dies in that one cycle (FD_REVOKED event each). Until then it counts against
 //      its tenant's limits. An admin can kill it at once (RevokeLease on it, CycleDevice).
 //   C: device cycles that tenants cause happen at most once per C per device, so another
@@ -736,10 +736,9 @@ type Device struct {
 	// Ended-but-live leases of the device: ended by their tenants while their fds still work,
 	// until the device's next cycle (see REVOCATION BOUNDS).
 	EndedLiveLeases uint32 `protobuf:"varint,18,opt,name=ended_live_leases,json=endedLiveLeases,proto3" json:"ended_live_leases,omitempty"`
-	// When the device's next scheduled cycle starts: early enough (twice the device's recent
-	// cycle time, at most R/2; R/2 before its first cycle) to complete by the first revoke_due of its ended-but-live
-	// leases, never sooner than C after the last cycle a tenant caused; unset if none is
-	// scheduled.
+	// When the device's next scheduled cycle starts: R/2 before the first revoke_due of its
+	// ended-but-live leases (so that it completes by then), never sooner than C after the
+	// last cycle a tenant caused; unset if none is scheduled.
 	CycleTime *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=cycle_time,json=cycleTime,proto3" json:"cycle_time,omitempty"`
 	// When a tenant last caused the device to cycle (C counts from it); unset if never.
 	LastTenantCycleTime *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=last_tenant_cycle_time,json=lastTenantCycleTime,proto3" json:"last_tenant_cycle_time,omitempty"`

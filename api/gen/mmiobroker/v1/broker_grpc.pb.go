@@ -45,12 +45,12 @@
 // REVOCATION BOUNDS. Linux 7.2 kills a dma-buf only by cycling its whole device, which
 // reissues every other lease of the device. The daemon therefore promises two numbers (the
 // [limits] revoke_within = R, default 30 s, and tenant_cycle_interval = C, default 10 s,
-// C <= R):
+// C <= R/2):
 //
 //   R: a lease that its tenant ended (ReleaseLease, its holder exiting, its ttl running out)
 //      after its fd was claimed ends at once — its rights end, the event is sent — but its fd
 //      keeps working ("ended but live": Lease.revoke_due is set) until its device's next
-//      cycle, which comes at the latest R after the end. Every ended-but-live lease of a
+//      cycle, which has completed at the latest R after the end (it starts at R/2). Every ended-but-live lease of a
 //      device dies in that one cycle (FD_REVOKED event each). Until then it counts against
 //      its tenant's limits. An admin can kill it at once (RevokeLease on it, CycleDevice).
 //   C: device cycles that tenants cause happen at most once per C per device, so another
