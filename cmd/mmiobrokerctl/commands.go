@@ -11,23 +11,41 @@ import (
 )
 
 func (c *cli) devices(ctx context.Context, args []string) error {
-	fs := c.subcommand("devices", "")
+	return plainCommand(c, ctx, "devices", args,
+		func(ctx context.Context, cl *client.Client) (*brokerv1.ListDevicesResponse, error) {
+			return cl.API().ListDevices(ctx, &brokerv1.ListDevicesRequest{})
+		},
+		func(resp *brokerv1.ListDevicesResponse) error { return writeDevices(c.stdout, resp.GetDevices()) })
+}
+
+// plainCommand runs a command without arguments: it connects, calls do and prints the
+// response as JSON (-json) or with text.
+func plainCommand[R any](c *cli, ctx context.Context, name string, args []string,
+	do func(context.Context, *client.Client) (R, error), text func(R) error) error {
+	fs := c.subcommand(name, "")
 	if _, _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
+	return c.call(ctx, func(ctx context.Context, cl *client.Client) error {
+		resp, err := do(ctx, cl)
+		if err != nil {
+			return err
+		}
+		if c.json {
+			return writeJSON(c.stdout, resp)
+		}
+		return text(resp)
+	})
+}
+
+// call connects and runs f with the connection and the command's RPC context.
+func (c *cli) call(ctx context.Context, f func(context.Context, *client.Client) error) error {
 	cl, ctx, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
 	defer done()
-	resp, err := cl.API().ListDevices(ctx, &brokerv1.ListDevicesRequest{})
-	if err != nil {
-		return err
-	}
-	if c.json {
-		return writeJSON(c.stdout, resp)
-	}
-	return writeDevices(c.stdout, resp.GetDevices())
+	return f(ctx, cl)
 }
 
 func (c *cli) device(ctx context.Context, args []string) error {
@@ -51,19 +69,16 @@ func deviceCommand[R any](c *cli, ctx context.Context, name string, args []strin
 	if err != nil {
 		return err
 	}
-	cl, ctx, done, err := c.connect(ctx)
-	if err != nil {
-		return err
-	}
-	defer done()
-	resp, err := do(ctx, cl, bdf)
-	if err != nil {
-		return err
-	}
-	if c.json {
-		return writeJSON(c.stdout, resp)
-	}
-	return text(bdf, resp)
+	return c.call(ctx, func(ctx context.Context, cl *client.Client) error {
+		resp, err := do(ctx, cl, bdf)
+		if err != nil {
+			return err
+		}
+		if c.json {
+			return writeJSON(c.stdout, resp)
+		}
+		return text(bdf, resp)
+	})
 }
 
 func (c *cli) leases(ctx context.Context, args []string) error {

@@ -12,27 +12,16 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/client"
 )
 
 // host runs host: what the daemon's host offers.
 func (c *cli) host(ctx context.Context, args []string) error {
-	fs := c.subcommand("host", "")
-	if _, _, err := parse(fs, args, 0); err != nil {
-		return err
-	}
-	cl, ctx, done, err := c.connect(ctx)
-	if err != nil {
-		return err
-	}
-	defer done()
-	resp, err := cl.API().GetHost(ctx, &brokerv1.GetHostRequest{})
-	if err != nil {
-		return err
-	}
-	if c.json {
-		return writeJSON(c.stdout, resp)
-	}
-	return writeHost(c.stdout, resp.GetHost())
+	return plainCommand(c, ctx, "host", args,
+		func(ctx context.Context, cl *client.Client) (*brokerv1.GetHostResponse, error) {
+			return cl.API().GetHost(ctx, &brokerv1.GetHostRequest{})
+		},
+		func(resp *brokerv1.GetHostResponse) error { return writeHost(c.stdout, resp.GetHost()) })
 }
 
 // writeHost writes the host report: kernel, VM types and TSMs, the probes table, the TSMs

@@ -57,14 +57,14 @@ func (b *Broker) scheduleLocked(d *device) {
 	if !due.IsZero() {
 		// Start early enough that the cycle has completed, and the fds are dead, by the
 		// deadline.
-		due = due.Add(-b.cycleMarginLocked(d))
+		due = due.Add(-b.cycleMargin())
 	}
 	earliest := d.lastTenantCycle.Add(b.cfg.TenantCycleInterval)
 	if d.urgent && (due.IsZero() || earliest.Before(due)) {
 		due = earliest
 	}
 	if due.Before(earliest) {
-		due = earliest // does not happen for R-bound ends when C <= R; kept as the rule
+		due = earliest // does not happen for R-bound ends when C <= R/2; kept as the rule
 	}
 	if d.cycleTimer != nil && due.Equal(d.cycleAt) {
 		return
@@ -76,12 +76,11 @@ func (b *Broker) scheduleLocked(d *device) {
 	d.cycleTimer = time.AfterFunc(max(due.Sub(b.now()), 0), func() { b.dueCycle(d) })
 }
 
-// cycleMarginLocked is how long before an ended-but-live lease's revoke deadline its
+// cycleMargin is how long before an ended-but-live lease's revoke deadline its
 // device's scheduled cycle starts: R/2, so that the cycle has completed, and the fds are
 // dead, by the deadline unless one cycle takes longer than R/2. (Recent cycle times are
-// no guide: in the VM rig one device's cycles took from 0.17 s to 0.9 s.) Called with b.mu
-// held.
-func (b *Broker) cycleMarginLocked(*device) time.Duration { return b.cfg.RevokeWithin / 2 }
+// no guide: in the VM rig one device's cycles took from 0.17 s to 0.9 s.)
+func (b *Broker) cycleMargin() time.Duration { return b.cfg.RevokeWithin / 2 }
 
 // dueCycle runs d's scheduled cycle on its worker, if it is still due.
 func (b *Broker) dueCycle(d *device) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -48,17 +49,16 @@ func runOnce(t *testing.T, text string) error {
 		Notify: func(string) error { return nil }})
 }
 
-func TestSocketsModeAndGroup(t *testing.T) {
-	testutil.FDLeakCheck(t)
-	dir := testutil.ShortTempDir(t)
-	control, claim := filepath.Join(dir, "sub", "c.sock"), filepath.Join(dir, "sub", "f.sock")
-	cfg, res := resolve(t, fmt.Sprintf("[daemon]\ncontrol_socket = %q\nclaim_socket = %q\ncontrol_socket_mode = \"0600\"\nclaim_socket_mode = 0o666\nsocket_group = %d\n",
-		control, claim, os.Getgid()))
+// runReady runs the daemon with cfg on fake devices (logging to log, if not nil) until it
+// reports READY=1, failing t if it stops first. stop ends it and returns Run's error.
+func runReady(t *testing.T, cfg *config.Config, res *config.Resolved, log *slog.Logger) (stop func() error) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	ready := make(chan struct{})
 	go func() {
 		done <- daemon.Run(ctx, daemon.Options{Config: cfg, Resolved: res, Opener: func(vfio.Keeper) broker.Opener { return brokertest.Opener() },
+			Log: log,
 			Notify: func(s string) error {
 				if s == "READY=1" {
 					close(ready)
@@ -72,6 +72,19 @@ func TestSocketsModeAndGroup(t *testing.T) {
 		cancel()
 		t.Fatal(err)
 	}
+	return func() error {
+		cancel()
+		return <-done
+	}
+}
+
+func TestSocketsModeAndGroup(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	dir := testutil.ShortTempDir(t)
+	control, claim := filepath.Join(dir, "sub", "c.sock"), filepath.Join(dir, "sub", "f.sock")
+	cfg, res := resolve(t, fmt.Sprintf("[daemon]\ncontrol_socket = %q\nclaim_socket = %q\ncontrol_socket_mode = \"0600\"\nclaim_socket_mode = 0o666\nsocket_group = %d\n",
+		control, claim, os.Getgid()))
+	stop := runReady(t, cfg, res, nil)
 	for path, mode := range map[string]os.FileMode{control: 0o600, claim: 0o666} {
 		fi, err := os.Stat(path)
 		if err != nil {
@@ -89,8 +102,7 @@ func TestSocketsModeAndGroup(t *testing.T) {
 	if _, err := os.Stat(control); err != nil {
 		t.Errorf("the first daemon's socket is gone: %v", err)
 	}
-	cancel()
-	if err := <-done; err != nil {
+	if err := stop(); err != nil {
 		t.Errorf("Run: %v", err)
 	}
 }

@@ -26,12 +26,9 @@ import (
 
 	"github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
-	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
-	"github.com/mmiobroker/mmiobroker/internal/daemon"
 	"github.com/mmiobroker/mmiobroker/internal/daemon/daemontest"
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
-	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
 // scrape is the daemon's metrics exposition, as a Prometheus server would read it.
@@ -272,25 +269,7 @@ func TestMetricsListenAddress(t *testing.T) {
 	control, claim := filepath.Join(dir, "c.sock"), filepath.Join(dir, "f.sock")
 	cfg, res := resolve(t, fmt.Sprintf("[daemon]\ncontrol_socket = %q\nclaim_socket = %q\n[metrics]\nsocket = \"\"\nlisten = \"127.0.0.1:0\"\n", control, claim))
 	var logBuf lockedBuffer
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	ready := make(chan struct{})
-	go func() {
-		done <- daemon.Run(ctx, daemon.Options{Config: cfg, Resolved: res, Opener: func(vfio.Keeper) broker.Opener { return brokertest.Opener() },
-			Log: slog.New(slog.NewJSONHandler(&logBuf, nil)),
-			Notify: func(s string) error {
-				if s == "READY=1" {
-					close(ready)
-				}
-				return nil
-			}})
-	}()
-	select {
-	case <-ready:
-	case err := <-done:
-		cancel()
-		t.Fatal(err)
-	}
+	stop := runReady(t, cfg, res, slog.New(slog.NewJSONHandler(&logBuf, nil)))
 	addr := logBuf.field(t, "serving metrics", "addr")
 	resp, err := (&http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}).Get("http://" + addr + "/metrics")
 	if err != nil {
@@ -317,8 +296,7 @@ func TestMetricsListenAddress(t *testing.T) {
 			t.Errorf("%s left behind by the failed start: %v", name, err)
 		}
 	}
-	cancel()
-	if err := <-done; err != nil {
+	if err := stop(); err != nil {
 		t.Errorf("Run: %v", err)
 	}
 }

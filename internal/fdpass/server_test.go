@@ -470,46 +470,12 @@ func TestServerMaxConns(t *testing.T) {
 	}
 }
 
-// TestServerMaxConnsPerTenant: one uid cannot take more than its share of the claim slots,
-// even while slots are free for others.
-func TestServerMaxConnsPerTenant(t *testing.T) {
-	testutil.FDLeakCheck(t)
+// holdFirstClaim starts a server with opt and a claim of lease "L" that holds its claim
+// slot until finish is called; finish returns that claim's error.
+func holdFirstClaim(t *testing.T, opt Options) (ts *testServer, finish func() error) {
+	t.Helper()
 	buf := memfd(t, "x")
 	entered, release := make(chan struct{}), make(chan struct{})
-	fc := &fakeClaimer{claim: func(context.Context, Request, Peer) (Grant, *os.File, error) {
-		close(entered)
-		<-release
-		f, err := dup(buf)
-		return Grant{}, f, err
-	}}
-	ts := startServer(t, fc, Options{MaxConns: 8, MaxConnsPerTenant: 1})
-	first := make(chan error, 1)
-	go func() {
-		f, _, err := Claim(testCtx(t), ts.path, "L", "T")
-		if f != nil {
-			f.Close()
-		}
-		first <- err
-	}()
-	<-entered
-	_, rep, err := Claim(testCtx(t), ts.path, "L2", "T2")
-	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted || !strings.Contains(rep.Message, "1 per tenant") {
-		t.Errorf("second claim of the same uid: %v (code %s, %q), want RESOURCE_EXHAUSTED per uid", err, rep.Code, rep.Message)
-	}
-	close(release)
-	if err := <-first; err != nil {
-		t.Errorf("first claim: %v", err)
-	}
-}
-
-// TestServerTenantOf: with TenantOf, two tenants of one uid (two VMs of the qemu user)
-// each get their own claim slots.
-func TestServerTenantOf(t *testing.T) {
-	testutil.FDLeakCheck(t)
-	buf := memfd(t, "x")
-	entered, release := make(chan struct{}), make(chan struct{})
-	var mu sync.Mutex
-	calls := 0
 	fc := &fakeClaimer{claim: func(_ context.Context, req Request, _ Peer) (Grant, *os.File, error) {
 		if req.LeaseID == "L" {
 			close(entered)
@@ -518,13 +484,7 @@ func TestServerTenantOf(t *testing.T) {
 		f, err := dup(buf)
 		return Grant{}, f, err
 	}}
-	tenantOf := func(uid uint32, pid int32) string {
-		mu.Lock()
-		defer mu.Unlock()
-		calls++
-		return fmt.Sprintf("uid=%d,cgroup=/machine.slice/vm%d.scope", uid, calls)
-	}
-	ts := startServer(t, fc, Options{MaxConns: 8, MaxConnsPerTenant: 1, TenantOf: tenantOf})
+	ts = startServer(t, fc, opt)
 	first := make(chan error, 1)
 	go func() {
 		f, _, err := Claim(testCtx(t), ts.path, "L", "T")
@@ -534,14 +494,46 @@ func TestServerTenantOf(t *testing.T) {
 		first <- err
 	}()
 	<-entered
+	return ts, func() error {
+		close(release)
+		return <-first
+	}
+}
+
+// TestServerMaxConnsPerTenant: one uid cannot take more than its share of the claim slots,
+// even while slots are free for others.
+func TestServerMaxConnsPerTenant(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	ts, finish := holdFirstClaim(t, Options{MaxConns: 8, MaxConnsPerTenant: 1})
+	_, rep, err := Claim(testCtx(t), ts.path, "L2", "T2")
+	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted || !strings.Contains(rep.Message, "1 per tenant") {
+		t.Errorf("second claim of the same uid: %v (code %s, %q), want RESOURCE_EXHAUSTED per uid", err, rep.Code, rep.Message)
+	}
+	if err := finish(); err != nil {
+		t.Errorf("first claim: %v", err)
+	}
+}
+
+// TestServerTenantOf: with TenantOf, two tenants of one uid (two VMs of the qemu user)
+// each get their own claim slots.
+func TestServerTenantOf(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	var mu sync.Mutex
+	calls := 0
+	tenantOf := func(uid uint32, pid int32) string {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		return fmt.Sprintf("uid=%d,cgroup=/machine.slice/vm%d.scope", uid, calls)
+	}
+	ts, finish := holdFirstClaim(t, Options{MaxConns: 8, MaxConnsPerTenant: 1, TenantOf: tenantOf})
 	f, _, err := Claim(testCtx(t), ts.path, "L2", "T2")
 	if err != nil {
 		t.Errorf("claim of another tenant of the same uid while the first holds its only slot: %v", err)
 	} else {
 		f.Close()
 	}
-	close(release)
-	if err := <-first; err != nil {
+	if err := finish(); err != nil {
 		t.Errorf("first claim: %v", err)
 	}
 }
