@@ -51,6 +51,9 @@ Commands:
                                    until the daemon restarts (admins; before a stop that
                                    must leave nothing behind)
   watch [-cursor SEQ]              print lease events as they happen
+  holders [LEASE_ID]               every process that holds a lease's dma-buf (from
+                                   /proc/*/fdinfo); flags ended leases whose fd a process
+                                   still holds, and (admins) dma-bufs no lease accounts for
 
 Global flags:
 `
@@ -143,6 +146,8 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return c.drain(ctx, args)
 	case "watch":
 		return c.watch(ctx, args)
+	case "holders":
+		return c.holders(ctx, args)
 	case "help":
 		fs.Usage()
 		return flag.ErrHelp
@@ -183,7 +188,7 @@ func (c *cli) subcommand(name, args string) *flag.FlagSet {
 
 // parse parses args with fs, allowing flags before, between and after the positional
 // arguments; "--" ends the flags and everything after it is returned as rest. It checks
-// that exactly npos positional arguments were given.
+// that exactly npos positional arguments were given, or at most -npos if npos is negative.
 func parse(fs *flag.FlagSet, args []string, npos int) (pos, rest []string, err error) {
 	var before []string
 	if i := indexOf(args, "--"); i >= 0 {
@@ -208,7 +213,11 @@ func parse(fs *flag.FlagSet, args []string, npos int) (pos, rest []string, err e
 		pos = append(pos, before[0])
 		before = before[1:]
 	}
-	if len(pos) != npos {
+	switch {
+	case npos < 0 && len(pos) > -npos:
+		fs.Usage()
+		return nil, nil, usagef("%s: want at most %d argument(s), got %d", fs.Name(), -npos, len(pos))
+	case npos >= 0 && len(pos) != npos:
 		fs.Usage()
 		return nil, nil, usagef("%s: want %d argument(s), got %d", fs.Name(), npos, len(pos))
 	}

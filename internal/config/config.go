@@ -31,6 +31,8 @@ const (
 	DefaultLogFormat              = "text"
 	DefaultJournal                = "/run/mmiobroker/journal.db"
 	DefaultOnStop                 = "keep"
+	// DefaultHolderCheck is how often the daemon scans /proc for its dma-bufs' holders.
+	DefaultHolderCheck = time.Minute
 	// DefaultTenantsBy groups callers by uid and VM cgroup unit.
 	DefaultTenantsBy = "cgroup"
 )
@@ -109,6 +111,11 @@ type Daemon struct {
 	// next start takes them back, nothing is revoked) or "drain" (end every lease and
 	// revoke its dma-buf first; always the case without the fd store).
 	OnStop string `toml:"on_stop"`
+	// HolderCheck is how often the daemon scans /proc for the processes that hold its
+	// dma-bufs and compares them with the leases (metrics dmabuf_fds and leases_outlasting,
+	// a warning in the log for a tenant outlasting its lease or an unaccounted dma-buf);
+	// "0s" disables the periodic check (ScanHolders still scans on demand).
+	HolderCheck Duration `toml:"holder_check"`
 }
 
 // Limits is the [limits] table.
@@ -207,6 +214,7 @@ func Default() *Config {
 			LogFormat:         DefaultLogFormat,
 			Journal:           DefaultJournal,
 			OnStop:            DefaultOnStop,
+			HolderCheck:       Duration(DefaultHolderCheck),
 		},
 		Tenants: Tenants{By: DefaultTenantsBy, Units: tenant.DefaultUnits()},
 		Metrics: Metrics{Socket: DefaultMetricsSocket, SocketMode: DefaultSocketMode},

@@ -581,7 +581,7 @@ func TestOverride(t *testing.T) {
 	want := Daemon{ControlSocket: "/x/c.sock", ControlSocketMode: 0o660, ClaimSocket: "/x/f.sock",
 		ClaimSocketMode: 0o660, SocketGroup: "kvm", AdminGroup: "0", AccessMode: "group",
 		SysfsRoot: "/fake/sys", DevRoot: "/fake/dev", LogLevel: "warn", LogFormat: "json",
-		Journal: "/x/j.db", OnStop: "drain"}
+		Journal: "/x/j.db", OnStop: "drain", HolderCheck: Duration(DefaultHolderCheck)}
 	if diff := cmp.Diff(want, c.Daemon); diff != "" {
 		t.Errorf("daemon (-want +got):\n%s", diff)
 	}

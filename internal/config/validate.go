@@ -90,6 +90,9 @@ func (v *validator) daemon() {
 	v.oneOf("daemon.log_level", d.LogLevel, LogLevels)
 	v.oneOf("daemon.log_format", d.LogFormat, LogFormats)
 	v.oneOf("daemon.on_stop", d.OnStop, OnStops)
+	if d.HolderCheck != 0 {
+		v.duration("daemon.holder_check", d.HolderCheck, time.Second, 24*time.Hour)
+	}
 	if d.Journal != "" && !filepath.IsAbs(d.Journal) {
 		v.bad("daemon.journal", "daemon.journal: %q is not an absolute path", d.Journal)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/config"
 	"github.com/mmiobroker/mmiobroker/internal/devwatch"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
+	"github.com/mmiobroker/mmiobroker/internal/holders"
 	"github.com/mmiobroker/mmiobroker/internal/metrics"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/server"
@@ -150,6 +151,7 @@ func Run(ctx context.Context, opt Options) error {
 	if res.AdminGID >= 0 {
 		admins = []uint32{uint32(res.AdminGID)}
 	}
+	hc := &holders.Checker{Log: log}
 	srv := server.New(b, server.Options{
 		// Outside the server's own interceptor: the metrics see the codes clients get.
 		UnaryInterceptors:  []grpc.UnaryServerInterceptor{m.UnaryInterceptor()},
@@ -160,9 +162,11 @@ func Run(ctx context.Context, opt Options) error {
 		Log:         log,
 		Tenant:      grpcTenant(res.Tenants),
 		Host:        hr.source(b),
+		Holders:     hc,
 	})
 	claims := fdpass.NewServer(claimer{b: b, m: m}, fdpass.Options{Log: log, TenantOf: claimTenant(res.Tenants)})
-	if err := m.Watch(metrics.Sources{Broker: b, GRPCConns: srv.Conns, Claims: claims.Stats, FDBudget: need}); err != nil {
+	if err := m.Watch(metrics.Sources{Broker: b, GRPCConns: srv.Conns, Claims: claims.Stats, FDBudget: need,
+		Holders: holderSource(hc, d.HolderCheck)}); err != nil {
 		log.Error("metrics incomplete", "err", err)
 	}
 
@@ -182,6 +186,9 @@ func Run(ctx context.Context, opt Options) error {
 		return nil
 	})
 	ms.serve(g)
+	if every := time.Duration(d.HolderCheck); every > 0 {
+		g.Go(func() error { hc.Run(gctx, every, b); return nil })
+	}
 
 	if opt.WatchDevices {
 		if l, err := uevent.Listen(uevent.Options{}); err != nil {
@@ -281,4 +288,12 @@ func listen(path string, mode config.FileMode, gid int, fn func(string, os.FileM
 		}
 	}
 	return l, nil
+}
+
+// holderSource is the metrics' view of the periodic holder check; nil when it is off.
+func holderSource(hc *holders.Checker, every config.Duration) func() (holders.Report, bool) {
+	if every <= 0 {
+		return nil
+	}
+	return hc.Last
 }

@@ -116,6 +116,12 @@ func TestMetricsScrape(t *testing.T) {
 	if got := before.value("mmiobroker_device_usable", "bdf", bdf); got != 1 {
 		t.Errorf("device_usable before = %v, want 1", got)
 	}
+	// The periodic holder check ([daemon] holder_check) runs at start: its scan of /proc
+	// finds none of the fake device's buffers (they are not vfio-pci dma-bufs).
+	checked := waitScrape(t, sock, func(s scrape) bool { return s.value("mmiobroker_holder_check_timestamp_seconds") > 0 })
+	if got := checked.value("mmiobroker_holder_check_duration_seconds"); got <= 0 {
+		t.Errorf("holder_check_duration_seconds = %v after the first check", got)
+	}
 
 	c, err := client.Dial(d.Control, client.WithClaimSocket(d.Claim))
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
+	"github.com/mmiobroker/mmiobroker/internal/holders"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 )
 
@@ -23,6 +24,9 @@ type Sources struct {
 	// FDBudget is the most fds the configuration can need, which the daemon checked
 	// against RLIMIT_NOFILE at start; 0: not reported.
 	FDBudget int
+	// Holders returns the last periodic holder check (holders.Checker.Last); nil: not
+	// reported. Nothing is reported before the first check.
+	Holders func() (holders.Report, bool)
 }
 
 // Lease states as the leases gauge labels them: live leases by their state, and
@@ -64,6 +68,13 @@ var (
 	claimTenantLimitDesc = desc("claim_connections_tenant_limit", "The most claims one tenant may have in progress.")
 	claimRefusedDesc     = desc("claim_connections_refused_total", "Claim connections turned away at the limits: busy (answered RESOURCE_EXHAUSTED) or dropped (hung up at once, flooded).", "how")
 
+	dmabufFDsDesc = desc("dmabuf_fds", "Descriptors of the daemon's dma-bufs open in other processes at the last holder check, by class: holder (a live lease's fd in its holder), passed_on (in another process), ended_live (an ended lease's fd that still works until its device cycles), dead (revoked but still open), unaccounted (a vfio-pci dma-buf no lease accounts for, also in the daemon).",
+		"class")
+	outlastingDesc       = desc("leases_outlasting", "Ended leases whose still-working fd a process held at the last holder check (a tenant outlasting its lease until the device cycles).")
+	holderCheckDesc      = desc("holder_check_timestamp_seconds", "When the last holder check (a scan of /proc/*/fdinfo) ran, as a Unix time.")
+	holderCheckDurDesc   = desc("holder_check_duration_seconds", "How long the last holder check's scan of /proc took.")
+	holderCheckInaccDesc = desc("holder_check_processes_inaccessible", "Processes whose descriptors the last holder check could not read (their dma-bufs are not counted).")
+
 	fdBudgetDesc = desc("fd_budget", "The most file descriptors the configuration can need (connections, claims, leases, devices, reserve), checked against RLIMIT_NOFILE at start; compare process_open_fds and process_max_fds.")
 )
 
@@ -93,6 +104,11 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	}
 	if c.src.FDBudget > 0 {
 		ch <- fdBudgetDesc
+	}
+	if c.src.Holders != nil {
+		for _, d := range []*prometheus.Desc{dmabufFDsDesc, outlastingDesc, holderCheckDesc, holderCheckDurDesc, holderCheckInaccDesc} {
+			ch <- d
+		}
 	}
 }
 
@@ -139,6 +155,18 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.FDBudget > 0 {
 		gauge(fdBudgetDesc, float64(c.src.FDBudget))
+	}
+	if c.src.Holders != nil {
+		if r, ok := c.src.Holders(); ok {
+			n := r.Counts
+			for class, v := range map[string]int{"holder": n.Holder, "passed_on": n.PassedOn, "ended_live": n.EndedLive, "dead": n.Dead, "unaccounted": n.Unaccounted} {
+				gauge(dmabufFDsDesc, float64(v), class)
+			}
+			gauge(outlastingDesc, float64(n.Outlasting))
+			gauge(holderCheckDesc, unixSeconds(r.Time))
+			gauge(holderCheckDurDesc, r.Duration.Seconds())
+			gauge(holderCheckInaccDesc, float64(r.Inaccessible))
+		}
 	}
 }
 

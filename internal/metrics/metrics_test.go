@@ -21,6 +21,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
+	"github.com/mmiobroker/mmiobroker/internal/holders"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 )
 
@@ -37,6 +38,8 @@ var admin = broker.Actor{UID: 0, PID: 1, Admin: true}
 type rig struct {
 	m *Metrics
 	b *broker.Broker
+	// check is the holder check the metrics see; nil: none has run yet.
+	check *holders.Report
 }
 
 func newRig(t *testing.T, revokeWithin time.Duration) *rig {
@@ -51,6 +54,7 @@ func newRig(t *testing.T, revokeWithin time.Duration) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
+	r := &rig{m: m, b: b}
 	err = m.Watch(Sources{
 		Broker: b,
 		GRPCConns: func() peercred.ConnStats {
@@ -60,6 +64,12 @@ func newRig(t *testing.T, revokeWithin time.Duration) *rig {
 			return fdpass.Stats{InProgress: 1, MaxConns: 64, TenantMax: 1, TenantLimit: 16, Rejected: 2, Dropped: 1}
 		},
 		FDBudget: 13000,
+		Holders: func() (holders.Report, bool) {
+			if r.check == nil {
+				return holders.Report{}, false
+			}
+			return *r.check, true
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -67,7 +77,7 @@ func newRig(t *testing.T, revokeWithin time.Duration) *rig {
 	if err := m.Watch(Sources{Broker: b}); err == nil {
 		t.Error("a second Watch succeeded")
 	}
-	return &rig{m: m, b: b}
+	return r
 }
 
 // allocate allocates page n of BAR 0 for uid 1000 pid 42 and, if claim, claims it.
@@ -333,6 +343,48 @@ func TestSources(t *testing.T) {
 	if got := value(t, reg, "process_max_fds"); got <= 0 {
 		t.Errorf("process_max_fds = %v, want RLIMIT_NOFILE", got)
 	}
+}
+
+// The holder check's counts appear once a check has run, and follow the latest one.
+func TestHolderCheck(t *testing.T) {
+	r := newRig(t, time.Hour)
+	reg := r.m.Registry()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if strings.HasPrefix(mf.GetName(), "mmiobroker_holder_check") || mf.GetName() == "mmiobroker_dmabuf_fds" {
+			t.Errorf("%s reported before any holder check", mf.GetName())
+		}
+	}
+	at := time.Unix(1_800_000_000, 0)
+	for _, counts := range []holders.Counts{
+		{Holder: 3, PassedOn: 1, EndedLive: 2, Dead: 4, Unaccounted: 1, Outlasting: 2},
+		{Holder: 2},
+	} {
+		r.check = &holders.Report{Time: at, Duration: 25 * time.Millisecond, Inaccessible: 7, Counts: counts}
+		for _, c := range []struct {
+			name   string
+			labels []string
+			want   float64
+		}{
+			{"mmiobroker_dmabuf_fds", []string{"class", "holder"}, float64(counts.Holder)},
+			{"mmiobroker_dmabuf_fds", []string{"class", "passed_on"}, float64(counts.PassedOn)},
+			{"mmiobroker_dmabuf_fds", []string{"class", "ended_live"}, float64(counts.EndedLive)},
+			{"mmiobroker_dmabuf_fds", []string{"class", "dead"}, float64(counts.Dead)},
+			{"mmiobroker_dmabuf_fds", []string{"class", "unaccounted"}, float64(counts.Unaccounted)},
+			{"mmiobroker_leases_outlasting", nil, float64(counts.Outlasting)},
+			{"mmiobroker_holder_check_timestamp_seconds", nil, 1_800_000_000},
+			{"mmiobroker_holder_check_duration_seconds", nil, 0.025},
+			{"mmiobroker_holder_check_processes_inaccessible", nil, 7},
+		} {
+			if got := value(t, reg, c.name, c.labels...); got != c.want {
+				t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+			}
+		}
+	}
+	lint(t, reg)
 }
 
 func TestClaimsAndGRPC(t *testing.T) {

@@ -172,6 +172,12 @@ func TestAuthzMatrix(t *testing.T) {
 			want: "OK        OK       OK        OK        DENIED    DENIED     OK       OK          OK         OK        OK"},
 		{name: "GetLease/L1", call: azGetLease,
 			want: "OK        OK       DENIED    DENIED    DENIED    DENIED     OK       OK          OK         OK        DENIED"},
+		{name: "GetLease/L1+holders", call: azGetLeaseHolders,
+			want: "OK        OK       DENIED    DENIED    DENIED    DENIED     OK       OK          OK         OK        DENIED"},
+		{name: "ScanHolders/all", call: azScanHolders(""),
+			want: "[L1]      [L1]     [L2]      [L4]      [L3]      [L5]       [all]    [all]       [L1]       [L1]      [L4]"},
+		{name: "ScanHolders/L1", call: azScanHolders("L1"),
+			want: "[L1]      [L1]     DENIED    DENIED    DENIED    DENIED     [L1]     [L1]        [L1]       [L1]      DENIED"},
 		{name: "ListLeases/all", call: azList(func(Identity) *brokerv1.ListLeasesRequest { return &brokerv1.ListLeasesRequest{} }),
 			want: "[L1]      [L1]     [L2]      [L4]      [L3]      [L5]       [all]    [all]       [L1]       [L1]      [L4]"},
 		{name: "ListLeases/own-uid", call: azList(func(id Identity) *brokerv1.ListLeasesRequest {
@@ -480,6 +486,34 @@ func azGetLease(w *azWorld, c brokerv1.BrokerClient, _ azColumn, _ azCell) ([]st
 		w.t.Errorf("GetLease(L1) returned lease %s", resp.GetLease().GetId())
 	}
 	return nil, err
+}
+
+func azGetLeaseHolders(w *azWorld, c brokerv1.BrokerClient, _ azColumn, _ azCell) ([]string, error) {
+	resp, err := c.GetLease(w.ctx(), &brokerv1.GetLeaseRequest{LeaseId: w.leases["L1"], IncludeHolders: true})
+	if err == nil && resp.GetLease().GetId() != w.leases["L1"] {
+		w.t.Errorf("GetLease(L1, include_holders) returned lease %s", resp.GetLease().GetId())
+	}
+	return nil, err
+}
+
+// azScanHolders scans for the holders of lease name ("": of every lease the caller may
+// see) and returns the leases reported.
+func azScanHolders(name string) func(*azWorld, brokerv1.BrokerClient, azColumn, azCell) ([]string, error) {
+	return func(w *azWorld, c brokerv1.BrokerClient, _ azColumn, _ azCell) ([]string, error) {
+		req := &brokerv1.ScanHoldersRequest{}
+		if name != "" {
+			req.LeaseId = w.leases[name]
+		}
+		resp, err := c.ScanHolders(w.ctx(), req)
+		if err != nil {
+			return nil, err
+		}
+		var leases []*brokerv1.Lease
+		for _, l := range resp.GetLeases() {
+			leases = append(leases, l.GetLease())
+		}
+		return w.named(leases), nil
+	}
 }
 
 func azList(req func(Identity) *brokerv1.ListLeasesRequest) func(*azWorld, brokerv1.BrokerClient, azColumn, azCell) ([]string, error) {

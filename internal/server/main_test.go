@@ -28,6 +28,7 @@ import (
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
+	"github.com/mmiobroker/mmiobroker/internal/holders"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
@@ -84,8 +85,9 @@ type env struct {
 
 type envOptions struct {
 	cfg      func(*broker.Config)
-	identify IdentifyFunc // nil: testIdentify
-	quiet    bool         // discard logs (benchmarks)
+	identify IdentifyFunc     // nil: testIdentify
+	quiet    bool             // discard logs (benchmarks)
+	holders  *holders.Checker // nil: one scanning the real /proc
 }
 
 // newEnv starts a broker with the test devices, serves it on a unix socket in a short
@@ -114,6 +116,9 @@ func newEnv(t testing.TB, opts ...func(*envOptions)) *env {
 	if o.cfg != nil {
 		o.cfg(&cfg)
 	}
+	if o.holders == nil {
+		o.holders = &holders.Checker{}
+	}
 	log := newTestLogger(e.logs)
 	if o.quiet {
 		log = slog.New(slog.DiscardHandler)
@@ -129,7 +134,7 @@ func newEnv(t testing.TB, opts ...func(*envOptions)) *env {
 	}
 	e.srv = New(b, Options{
 		ClaimSocket: "/run/mmiobroker/fd.sock", AdminGroups: []uint32{gidAdmin},
-		Log: log.With("component", "server"), Identify: identify,
+		Log: log.With("component", "server"), Identify: identify, Holders: o.holders,
 	})
 	e.socket = filepath.Join(testutil.ShortTempDir(t), "control.sock")
 	l, err := Listen(e.socket, 0o600)

@@ -26,6 +26,7 @@ import (
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/holders"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 )
 
@@ -59,6 +60,9 @@ type Options struct {
 	Tenant peercred.TenantFunc
 	// Host reports the host for GetHost ([HostFunc]). Nil: GetHost is Unimplemented.
 	Host HostFunc
+	// Holders scans /proc for who holds the leases' dma-bufs (ScanHolders, GetLease with
+	// include_holders). Nil: those are Unimplemented.
+	Holders *holders.Checker
 }
 
 // Server serves the mmiobroker.v1.Broker service, the gRPC health service (SERVING for ""
@@ -119,6 +123,7 @@ func New(b *broker.Broker, opt Options) *Server {
 		claimSocket: opt.ClaimSocket,
 		stopping:    s.stopping,
 		host:        opt.Host,
+		holders:     opt.Holders,
 	})
 	healthpb.RegisterHealthServer(s.g, s.health)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)

@@ -107,7 +107,7 @@ func TestReflection(t *testing.T) {
 			methods = append(methods, m.GetName())
 		}
 	}
-	wantMethods := []string{"ListDevices", "GetDevice", "GetHost", "AllocateLease", "GetLease", "ListLeases", "RevokeLease", "ReleaseLease", "WatchEvents",
+	wantMethods := []string{"ListDevices", "GetDevice", "GetHost", "AllocateLease", "GetLease", "ScanHolders", "ListLeases", "RevokeLease", "ReleaseLease", "WatchEvents",
 		"RenewLease", "SuspendDevice", "ResumeDevice", "CycleDevice", "Drain"}
 	if diff := cmp.Diff(wantMethods, methods); diff != "" {
 		t.Errorf("methods (-want +got):\n%s", diff)

@@ -13,6 +13,7 @@ import (
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
+	"github.com/mmiobroker/mmiobroker/internal/holders"
 )
 
 // service implements brokerv1.BrokerServer on a broker. Every handler runs behind the
@@ -25,7 +26,8 @@ type service struct {
 	claimSocket string
 	// stopping is closed when the server stops; it ends WatchEvents streams.
 	stopping <-chan struct{}
-	host     HostFunc // GetHost's source; nil: Unimplemented
+	host     HostFunc         // GetHost's source; nil: Unimplemented
+	holders  *holders.Checker // ScanHolders' and GetLease's holder scans; nil: not supported
 
 	watchMu sync.Mutex
 	watches map[string]int // open WatchEvents streams of non-admin tenants; guarded by watchMu
@@ -151,7 +153,18 @@ func (s *service) GetLease(ctx context.Context, req *brokerv1.GetLeaseRequest) (
 	if err != nil {
 		return nil, err
 	}
-	return &brokerv1.GetLeaseResponse{Lease: leaseToProto(l)}, nil
+	resp := &brokerv1.GetLeaseResponse{Lease: leaseToProto(l)}
+	if req.GetIncludeHolders() {
+		r, err := s.scanHolders(leaseID, actor(id, admin))
+		if err != nil {
+			return nil, err
+		}
+		for _, lh := range r.Leases {
+			resp.Lease = leaseToProto(lh.Lease) // as of the scan
+			resp.Holders, resp.Outlasting = fdHoldersToProto(lh.Holders), lh.Outlasting
+		}
+	}
+	return resp, nil
 }
 
 // ListLeases implements brokerv1.BrokerServer.

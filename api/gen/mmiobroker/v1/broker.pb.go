@@ -460,6 +460,66 @@ func (EventType) EnumDescriptor() ([]byte, []int) {
 	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{4}
 }
 
+// HolderRole says why a process has a lease's dma-buf open.
+type HolderRole int32
+
+const (
+	HolderRole_HOLDER_ROLE_UNSPECIFIED HolderRole = 0
+	// The lease's holder: the process that allocated and claimed it.
+	HolderRole_HOLDER_ROLE_HOLDER HolderRole = 1
+	// Another process: the fd was passed on (fork, SCM_RIGHTS).
+	HolderRole_HOLDER_ROLE_PASSED_ON HolderRole = 2
+	// The daemon's own copy.
+	HolderRole_HOLDER_ROLE_DAEMON HolderRole = 3
+	// PID 1: systemd's fd store, which keeps the daemon's dma-bufs across its restarts.
+	HolderRole_HOLDER_ROLE_FD_STORE HolderRole = 4
+)
+
+// Enum value maps for HolderRole.
+var (
+	HolderRole_name = map[int32]string{
+		0: "HOLDER_ROLE_UNSPECIFIED",
+		1: "HOLDER_ROLE_HOLDER",
+		2: "HOLDER_ROLE_PASSED_ON",
+		3: "HOLDER_ROLE_DAEMON",
+		4: "HOLDER_ROLE_FD_STORE",
+	}
+	HolderRole_value = map[string]int32{
+		"HOLDER_ROLE_UNSPECIFIED": 0,
+		"HOLDER_ROLE_HOLDER":      1,
+		"HOLDER_ROLE_PASSED_ON":   2,
+		"HOLDER_ROLE_DAEMON":      3,
+		"HOLDER_ROLE_FD_STORE":    4,
+	}
+)
+
+func (x HolderRole) Enum() *HolderRole {
+	p := new(HolderRole)
+	*p = x
+	return p
+}
+
+func (x HolderRole) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (HolderRole) Descriptor() protoreflect.EnumDescriptor {
+	return file_mmiobroker_v1_broker_proto_enumTypes[5].Descriptor()
+}
+
+func (HolderRole) Type() protoreflect.EnumType {
+	return &file_mmiobroker_v1_broker_proto_enumTypes[5]
+}
+
+func (x HolderRole) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use HolderRole.Descriptor instead.
+func (HolderRole) EnumDescriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{5}
+}
+
 // Bar describes one implemented base address register of a device.
 type Bar struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2298,9 +2358,11 @@ func (x *AllocateLeaseResponse) GetClaimDeadline() *timestamppb.Timestamp {
 type GetLeaseRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The lease id. Required.
-	LeaseId       string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// Also scan /proc for the processes that hold the lease's dma-buf (GetLeaseResponse.holders).
+	IncludeHolders bool `protobuf:"varint,2,opt,name=include_holders,json=includeHolders,proto3" json:"include_holders,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GetLeaseRequest) Reset() {
@@ -2340,11 +2402,24 @@ func (x *GetLeaseRequest) GetLeaseId() string {
 	return ""
 }
 
+func (x *GetLeaseRequest) GetIncludeHolders() bool {
+	if x != nil {
+		return x.IncludeHolders
+	}
+	return false
+}
+
 // GetLeaseResponse carries one lease.
 type GetLeaseResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The lease.
-	Lease         *Lease `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
+	Lease *Lease `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
+	// With include_holders: every descriptor of the lease's dma-buf (any generation) open in
+	// any process the daemon could inspect, by pid then fd.
+	Holders []*FdHolder `protobuf:"bytes,2,rep,name=holders,proto3" json:"holders,omitempty"`
+	// With include_holders: the lease has ended, its fd still works (the device has not
+	// cycled), and a process other than the daemon still has it open.
+	Outlasting    bool `protobuf:"varint,3,opt,name=outlasting,proto3" json:"outlasting,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2386,6 +2461,429 @@ func (x *GetLeaseResponse) GetLease() *Lease {
 	return nil
 }
 
+func (x *GetLeaseResponse) GetHolders() []*FdHolder {
+	if x != nil {
+		return x.Holders
+	}
+	return nil
+}
+
+func (x *GetLeaseResponse) GetOutlasting() bool {
+	if x != nil {
+		return x.Outlasting
+	}
+	return false
+}
+
+// ScanHoldersRequest selects what ScanHolders reports.
+type ScanHoldersRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only this lease; empty: every lease the caller may see.
+	LeaseId       string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScanHoldersRequest) Reset() {
+	*x = ScanHoldersRequest{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScanHoldersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScanHoldersRequest) ProtoMessage() {}
+
+func (x *ScanHoldersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScanHoldersRequest.ProtoReflect.Descriptor instead.
+func (*ScanHoldersRequest) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ScanHoldersRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+// ScanHoldersResponse is one scan of /proc joined with the lease table.
+type ScanHoldersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Live leases, ended-but-live leases, and ended leases whose (dead) fd a process still has
+	// open, oldest first, each with its holders.
+	Leases []*LeaseHolders `protobuf:"bytes,1,rep,name=leases,proto3" json:"leases,omitempty"`
+	// Admins only: vfio-pci dma-buf descriptors that no lease accounts for (the daemon holds
+	// a buffer that is no lease's current one, or a buffer carries the name of a lease the
+	// daemon does not know).
+	Unaccounted []*DmabufRef `protobuf:"bytes,2,rep,name=unaccounted,proto3" json:"unaccounted,omitempty"`
+	// When the scan started, and how long it took.
+	ScanTime     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=scan_time,json=scanTime,proto3" json:"scan_time,omitempty"`
+	ScanDuration *durationpb.Duration   `protobuf:"bytes,4,opt,name=scan_duration,json=scanDuration,proto3" json:"scan_duration,omitempty"`
+	// Processes whose descriptors were read, and those that could not be (their holdings are
+	// missing from this report).
+	ProcessesScanned      uint32 `protobuf:"varint,5,opt,name=processes_scanned,json=processesScanned,proto3" json:"processes_scanned,omitempty"`
+	ProcessesInaccessible uint32 `protobuf:"varint,6,opt,name=processes_inaccessible,json=processesInaccessible,proto3" json:"processes_inaccessible,omitempty"`
+	// The scan stopped at its bound of 65,536 dma-buf descriptors.
+	Truncated     bool `protobuf:"varint,7,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScanHoldersResponse) Reset() {
+	*x = ScanHoldersResponse{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScanHoldersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScanHoldersResponse) ProtoMessage() {}
+
+func (x *ScanHoldersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScanHoldersResponse.ProtoReflect.Descriptor instead.
+func (*ScanHoldersResponse) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ScanHoldersResponse) GetLeases() []*LeaseHolders {
+	if x != nil {
+		return x.Leases
+	}
+	return nil
+}
+
+func (x *ScanHoldersResponse) GetUnaccounted() []*DmabufRef {
+	if x != nil {
+		return x.Unaccounted
+	}
+	return nil
+}
+
+func (x *ScanHoldersResponse) GetScanTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ScanTime
+	}
+	return nil
+}
+
+func (x *ScanHoldersResponse) GetScanDuration() *durationpb.Duration {
+	if x != nil {
+		return x.ScanDuration
+	}
+	return nil
+}
+
+func (x *ScanHoldersResponse) GetProcessesScanned() uint32 {
+	if x != nil {
+		return x.ProcessesScanned
+	}
+	return 0
+}
+
+func (x *ScanHoldersResponse) GetProcessesInaccessible() uint32 {
+	if x != nil {
+		return x.ProcessesInaccessible
+	}
+	return 0
+}
+
+func (x *ScanHoldersResponse) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
+// LeaseHolders is a lease with the processes that hold its dma-buf.
+type LeaseHolders struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The lease.
+	Lease *Lease `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
+	// Every descriptor of the lease's dma-buf, by pid then fd.
+	Holders []*FdHolder `protobuf:"bytes,2,rep,name=holders,proto3" json:"holders,omitempty"`
+	// The lease has ended, its fd still works (the device has not cycled), and a process
+	// other than the daemon still has it open: a tenant outlasting its lease, until
+	// lease.revoke_due at the latest.
+	Outlasting    bool `protobuf:"varint,3,opt,name=outlasting,proto3" json:"outlasting,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseHolders) Reset() {
+	*x = LeaseHolders{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseHolders) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseHolders) ProtoMessage() {}
+
+func (x *LeaseHolders) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseHolders.ProtoReflect.Descriptor instead.
+func (*LeaseHolders) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *LeaseHolders) GetLease() *Lease {
+	if x != nil {
+		return x.Lease
+	}
+	return nil
+}
+
+func (x *LeaseHolders) GetHolders() []*FdHolder {
+	if x != nil {
+		return x.Holders
+	}
+	return nil
+}
+
+func (x *LeaseHolders) GetOutlasting() bool {
+	if x != nil {
+		return x.Outlasting
+	}
+	return false
+}
+
+// FdHolder is one descriptor of a lease's dma-buf in one process.
+type FdHolder struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The process (as seen in the daemon's PID namespace), its name (comm) and real uid.
+	Pid  uint32 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	Comm string `protobuf:"bytes,2,opt,name=comm,proto3" json:"comm,omitempty"`
+	Uid  uint32 `protobuf:"varint,3,opt,name=uid,proto3" json:"uid,omitempty"`
+	// The descriptor number in that process.
+	Fd int32 `protobuf:"varint,4,opt,name=fd,proto3" json:"fd,omitempty"`
+	// The dma-buf's inode.
+	Inode uint64 `protobuf:"varint,5,opt,name=inode,proto3" json:"inode,omitempty"`
+	// Why the process holds it.
+	Role HolderRole `protobuf:"varint,6,opt,name=role,proto3,enum=mmiobroker.v1.HolderRole" json:"role,omitempty"`
+	// The descriptor is the lease's current generation. An older generation's fd is dead (the
+	// cycle that reissued the lease revoked it) but still open.
+	CurrentGeneration bool `protobuf:"varint,7,opt,name=current_generation,json=currentGeneration,proto3" json:"current_generation,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *FdHolder) Reset() {
+	*x = FdHolder{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FdHolder) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FdHolder) ProtoMessage() {}
+
+func (x *FdHolder) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FdHolder.ProtoReflect.Descriptor instead.
+func (*FdHolder) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *FdHolder) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *FdHolder) GetComm() string {
+	if x != nil {
+		return x.Comm
+	}
+	return ""
+}
+
+func (x *FdHolder) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *FdHolder) GetFd() int32 {
+	if x != nil {
+		return x.Fd
+	}
+	return 0
+}
+
+func (x *FdHolder) GetInode() uint64 {
+	if x != nil {
+		return x.Inode
+	}
+	return 0
+}
+
+func (x *FdHolder) GetRole() HolderRole {
+	if x != nil {
+		return x.Role
+	}
+	return HolderRole_HOLDER_ROLE_UNSPECIFIED
+}
+
+func (x *FdHolder) GetCurrentGeneration() bool {
+	if x != nil {
+		return x.CurrentGeneration
+	}
+	return false
+}
+
+// DmabufRef is one descriptor of a dma-buf in one process, as /proc reports it.
+type DmabufRef struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The process, its name (comm) and real uid.
+	Pid  uint32 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	Comm string `protobuf:"bytes,2,opt,name=comm,proto3" json:"comm,omitempty"`
+	Uid  uint32 `protobuf:"varint,3,opt,name=uid,proto3" json:"uid,omitempty"`
+	// The descriptor number in that process.
+	Fd int32 `protobuf:"varint,4,opt,name=fd,proto3" json:"fd,omitempty"`
+	// The dma-buf's inode, name (DMA_BUF_SET_NAME; any holder may change it) and size.
+	Inode         uint64 `protobuf:"varint,5,opt,name=inode,proto3" json:"inode,omitempty"`
+	Name          string `protobuf:"bytes,6,opt,name=name,proto3" json:"name,omitempty"`
+	Size          uint64 `protobuf:"varint,7,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DmabufRef) Reset() {
+	*x = DmabufRef{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DmabufRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DmabufRef) ProtoMessage() {}
+
+func (x *DmabufRef) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DmabufRef.ProtoReflect.Descriptor instead.
+func (*DmabufRef) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *DmabufRef) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *DmabufRef) GetComm() string {
+	if x != nil {
+		return x.Comm
+	}
+	return ""
+}
+
+func (x *DmabufRef) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *DmabufRef) GetFd() int32 {
+	if x != nil {
+		return x.Fd
+	}
+	return 0
+}
+
+func (x *DmabufRef) GetInode() uint64 {
+	if x != nil {
+		return x.Inode
+	}
+	return 0
+}
+
+func (x *DmabufRef) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DmabufRef) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
 // ListLeasesRequest filters leases. Unset fields match everything.
 type ListLeasesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2405,7 +2903,7 @@ type ListLeasesRequest struct {
 
 func (x *ListLeasesRequest) Reset() {
 	*x = ListLeasesRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2417,7 +2915,7 @@ func (x *ListLeasesRequest) String() string {
 func (*ListLeasesRequest) ProtoMessage() {}
 
 func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2430,7 +2928,7 @@ func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesRequest.ProtoReflect.Descriptor instead.
 func (*ListLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{23}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListLeasesRequest) GetBdf() string {
@@ -2472,7 +2970,7 @@ type ListLeasesResponse struct {
 
 func (x *ListLeasesResponse) Reset() {
 	*x = ListLeasesResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2484,7 +2982,7 @@ func (x *ListLeasesResponse) String() string {
 func (*ListLeasesResponse) ProtoMessage() {}
 
 func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2497,7 +2995,7 @@ func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesResponse.ProtoReflect.Descriptor instead.
 func (*ListLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{24}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListLeasesResponse) GetLeases() []*Lease {
@@ -2522,7 +3020,7 @@ type RevokeLeaseRequest struct {
 
 func (x *RevokeLeaseRequest) Reset() {
 	*x = RevokeLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2534,7 +3032,7 @@ func (x *RevokeLeaseRequest) String() string {
 func (*RevokeLeaseRequest) ProtoMessage() {}
 
 func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2547,7 +3045,7 @@ func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{25}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RevokeLeaseRequest) GetLeaseId() string {
@@ -2581,7 +3079,7 @@ type RevokeLeaseResponse struct {
 
 func (x *RevokeLeaseResponse) Reset() {
 	*x = RevokeLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2593,7 +3091,7 @@ func (x *RevokeLeaseResponse) String() string {
 func (*RevokeLeaseResponse) ProtoMessage() {}
 
 func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2606,7 +3104,7 @@ func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{26}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RevokeLeaseResponse) GetLease() *Lease {
@@ -2634,7 +3132,7 @@ type ReleaseLeaseRequest struct {
 
 func (x *ReleaseLeaseRequest) Reset() {
 	*x = ReleaseLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2646,7 +3144,7 @@ func (x *ReleaseLeaseRequest) String() string {
 func (*ReleaseLeaseRequest) ProtoMessage() {}
 
 func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2659,7 +3157,7 @@ func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{27}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ReleaseLeaseRequest) GetLeaseId() string {
@@ -2680,7 +3178,7 @@ type ReleaseLeaseResponse struct {
 
 func (x *ReleaseLeaseResponse) Reset() {
 	*x = ReleaseLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2692,7 +3190,7 @@ func (x *ReleaseLeaseResponse) String() string {
 func (*ReleaseLeaseResponse) ProtoMessage() {}
 
 func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2705,7 +3203,7 @@ func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{28}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ReleaseLeaseResponse) GetLease() *Lease {
@@ -2727,7 +3225,7 @@ type WatchEventsRequest struct {
 
 func (x *WatchEventsRequest) Reset() {
 	*x = WatchEventsRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2739,7 +3237,7 @@ func (x *WatchEventsRequest) String() string {
 func (*WatchEventsRequest) ProtoMessage() {}
 
 func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2752,7 +3250,7 @@ func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{29}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WatchEventsRequest) GetAfterSeq() uint64 {
@@ -2773,7 +3271,7 @@ type WatchEventsResponse struct {
 
 func (x *WatchEventsResponse) Reset() {
 	*x = WatchEventsResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2785,7 +3283,7 @@ func (x *WatchEventsResponse) String() string {
 func (*WatchEventsResponse) ProtoMessage() {}
 
 func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2798,7 +3296,7 @@ func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WatchEventsResponse) GetEvent() *Event {
@@ -2822,7 +3320,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2834,7 +3332,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2847,7 +3345,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RenewLeaseRequest) GetLeaseId() string {
@@ -2875,7 +3373,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2887,7 +3385,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2900,7 +3398,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{32}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RenewLeaseResponse) GetLease() *Lease {
@@ -2921,7 +3419,7 @@ type SuspendDeviceRequest struct {
 
 func (x *SuspendDeviceRequest) Reset() {
 	*x = SuspendDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2933,7 +3431,7 @@ func (x *SuspendDeviceRequest) String() string {
 func (*SuspendDeviceRequest) ProtoMessage() {}
 
 func (x *SuspendDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2946,7 +3444,7 @@ func (x *SuspendDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendDeviceRequest.ProtoReflect.Descriptor instead.
 func (*SuspendDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{33}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *SuspendDeviceRequest) GetBdf() string {
@@ -2967,7 +3465,7 @@ type SuspendDeviceResponse struct {
 
 func (x *SuspendDeviceResponse) Reset() {
 	*x = SuspendDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2979,7 +3477,7 @@ func (x *SuspendDeviceResponse) String() string {
 func (*SuspendDeviceResponse) ProtoMessage() {}
 
 func (x *SuspendDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2992,7 +3490,7 @@ func (x *SuspendDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendDeviceResponse.ProtoReflect.Descriptor instead.
 func (*SuspendDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{34}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SuspendDeviceResponse) GetDevice() *Device {
@@ -3013,7 +3511,7 @@ type ResumeDeviceRequest struct {
 
 func (x *ResumeDeviceRequest) Reset() {
 	*x = ResumeDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3025,7 +3523,7 @@ func (x *ResumeDeviceRequest) String() string {
 func (*ResumeDeviceRequest) ProtoMessage() {}
 
 func (x *ResumeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3038,7 +3536,7 @@ func (x *ResumeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*ResumeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{35}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ResumeDeviceRequest) GetBdf() string {
@@ -3059,7 +3557,7 @@ type ResumeDeviceResponse struct {
 
 func (x *ResumeDeviceResponse) Reset() {
 	*x = ResumeDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3071,7 +3569,7 @@ func (x *ResumeDeviceResponse) String() string {
 func (*ResumeDeviceResponse) ProtoMessage() {}
 
 func (x *ResumeDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3084,7 +3582,7 @@ func (x *ResumeDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeDeviceResponse.ProtoReflect.Descriptor instead.
 func (*ResumeDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{36}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ResumeDeviceResponse) GetDevice() *Device {
@@ -3105,7 +3603,7 @@ type CycleDeviceRequest struct {
 
 func (x *CycleDeviceRequest) Reset() {
 	*x = CycleDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3117,7 +3615,7 @@ func (x *CycleDeviceRequest) String() string {
 func (*CycleDeviceRequest) ProtoMessage() {}
 
 func (x *CycleDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3130,7 +3628,7 @@ func (x *CycleDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CycleDeviceRequest.ProtoReflect.Descriptor instead.
 func (*CycleDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{37}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CycleDeviceRequest) GetBdf() string {
@@ -3153,7 +3651,7 @@ type CycleDeviceResponse struct {
 
 func (x *CycleDeviceResponse) Reset() {
 	*x = CycleDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3165,7 +3663,7 @@ func (x *CycleDeviceResponse) String() string {
 func (*CycleDeviceResponse) ProtoMessage() {}
 
 func (x *CycleDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3178,7 +3676,7 @@ func (x *CycleDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CycleDeviceResponse.ProtoReflect.Descriptor instead.
 func (*CycleDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{38}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CycleDeviceResponse) GetReissuedLeases() uint32 {
@@ -3204,7 +3702,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3216,7 +3714,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3229,7 +3727,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{39}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{44}
 }
 
 // DrainResponse says what a Drain ended.
@@ -3245,7 +3743,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3257,7 +3755,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3270,7 +3768,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{40}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *DrainResponse) GetEndedLeases() uint32 {
@@ -3445,11 +3943,48 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\vclaim_token\x18\x02 \x01(\tR\n" +
 	"claimToken\x12!\n" +
 	"\fclaim_socket\x18\x03 \x01(\tR\vclaimSocket\x12A\n" +
-	"\x0eclaim_deadline\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\rclaimDeadline\",\n" +
+	"\x0eclaim_deadline\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\rclaimDeadline\"U\n" +
 	"\x0fGetLeaseRequest\x12\x19\n" +
-	"\blease_id\x18\x01 \x01(\tR\aleaseId\">\n" +
+	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12'\n" +
+	"\x0finclude_holders\x18\x02 \x01(\bR\x0eincludeHolders\"\x91\x01\n" +
 	"\x10GetLeaseResponse\x12*\n" +
-	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"\x8d\x01\n" +
+	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x121\n" +
+	"\aholders\x18\x02 \x03(\v2\x17.mmiobroker.v1.FdHolderR\aholders\x12\x1e\n" +
+	"\n" +
+	"outlasting\x18\x03 \x01(\bR\n" +
+	"outlasting\"/\n" +
+	"\x12ScanHoldersRequest\x12\x19\n" +
+	"\blease_id\x18\x01 \x01(\tR\aleaseId\"\x81\x03\n" +
+	"\x13ScanHoldersResponse\x123\n" +
+	"\x06leases\x18\x01 \x03(\v2\x1b.mmiobroker.v1.LeaseHoldersR\x06leases\x12:\n" +
+	"\vunaccounted\x18\x02 \x03(\v2\x18.mmiobroker.v1.DmabufRefR\vunaccounted\x127\n" +
+	"\tscan_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\bscanTime\x12>\n" +
+	"\rscan_duration\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fscanDuration\x12+\n" +
+	"\x11processes_scanned\x18\x05 \x01(\rR\x10processesScanned\x125\n" +
+	"\x16processes_inaccessible\x18\x06 \x01(\rR\x15processesInaccessible\x12\x1c\n" +
+	"\ttruncated\x18\a \x01(\bR\ttruncated\"\x8d\x01\n" +
+	"\fLeaseHolders\x12*\n" +
+	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x121\n" +
+	"\aholders\x18\x02 \x03(\v2\x17.mmiobroker.v1.FdHolderR\aholders\x12\x1e\n" +
+	"\n" +
+	"outlasting\x18\x03 \x01(\bR\n" +
+	"outlasting\"\xc6\x01\n" +
+	"\bFdHolder\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\x12\x12\n" +
+	"\x04comm\x18\x02 \x01(\tR\x04comm\x12\x10\n" +
+	"\x03uid\x18\x03 \x01(\rR\x03uid\x12\x0e\n" +
+	"\x02fd\x18\x04 \x01(\x05R\x02fd\x12\x14\n" +
+	"\x05inode\x18\x05 \x01(\x04R\x05inode\x12-\n" +
+	"\x04role\x18\x06 \x01(\x0e2\x19.mmiobroker.v1.HolderRoleR\x04role\x12-\n" +
+	"\x12current_generation\x18\a \x01(\bR\x11currentGeneration\"\x91\x01\n" +
+	"\tDmabufRef\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\x12\x12\n" +
+	"\x04comm\x18\x02 \x01(\tR\x04comm\x12\x10\n" +
+	"\x03uid\x18\x03 \x01(\rR\x03uid\x12\x0e\n" +
+	"\x02fd\x18\x04 \x01(\x05R\x02fd\x12\x14\n" +
+	"\x05inode\x18\x05 \x01(\x04R\x05inode\x12\x12\n" +
+	"\x04name\x18\x06 \x01(\tR\x04name\x12\x12\n" +
+	"\x04size\x18\a \x01(\x04R\x04size\"\x8d\x01\n" +
 	"\x11ListLeasesRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x1b\n" +
 	"\tlive_only\x18\x02 \x01(\bR\bliveOnly\x12\"\n" +
@@ -3539,13 +4074,21 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x14EVENT_TYPE_SUSPENDED\x10\n" +
 	"\x12\x16\n" +
 	"\x12EVENT_TYPE_RESUMED\x10\v\x12\x19\n" +
-	"\x15EVENT_TYPE_FD_REVOKED\x10\f2\x9d\t\n" +
+	"\x15EVENT_TYPE_FD_REVOKED\x10\f*\x8e\x01\n" +
+	"\n" +
+	"HolderRole\x12\x1b\n" +
+	"\x17HOLDER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12HOLDER_ROLE_HOLDER\x10\x01\x12\x19\n" +
+	"\x15HOLDER_ROLE_PASSED_ON\x10\x02\x12\x16\n" +
+	"\x12HOLDER_ROLE_DAEMON\x10\x03\x12\x18\n" +
+	"\x14HOLDER_ROLE_FD_STORE\x10\x042\xf3\t\n" +
 	"\x06Broker\x12T\n" +
 	"\vListDevices\x12!.mmiobroker.v1.ListDevicesRequest\x1a\".mmiobroker.v1.ListDevicesResponse\x12N\n" +
 	"\tGetDevice\x12\x1f.mmiobroker.v1.GetDeviceRequest\x1a .mmiobroker.v1.GetDeviceResponse\x12H\n" +
 	"\aGetHost\x12\x1d.mmiobroker.v1.GetHostRequest\x1a\x1e.mmiobroker.v1.GetHostResponse\x12Z\n" +
 	"\rAllocateLease\x12#.mmiobroker.v1.AllocateLeaseRequest\x1a$.mmiobroker.v1.AllocateLeaseResponse\x12K\n" +
-	"\bGetLease\x12\x1e.mmiobroker.v1.GetLeaseRequest\x1a\x1f.mmiobroker.v1.GetLeaseResponse\x12Q\n" +
+	"\bGetLease\x12\x1e.mmiobroker.v1.GetLeaseRequest\x1a\x1f.mmiobroker.v1.GetLeaseResponse\x12T\n" +
+	"\vScanHolders\x12!.mmiobroker.v1.ScanHoldersRequest\x1a\".mmiobroker.v1.ScanHoldersResponse\x12Q\n" +
 	"\n" +
 	"ListLeases\x12 .mmiobroker.v1.ListLeasesRequest\x1a!.mmiobroker.v1.ListLeasesResponse\x12T\n" +
 	"\vRevokeLease\x12!.mmiobroker.v1.RevokeLeaseRequest\x1a\".mmiobroker.v1.RevokeLeaseResponse\x12W\n" +
@@ -3570,141 +4113,157 @@ func file_mmiobroker_v1_broker_proto_rawDescGZIP() []byte {
 	return file_mmiobroker_v1_broker_proto_rawDescData
 }
 
-var file_mmiobroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
+var file_mmiobroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(AccessMode)(0),               // 0: mmiobroker.v1.AccessMode
 	(LeaseKind)(0),                // 1: mmiobroker.v1.LeaseKind
 	(LeaseState)(0),               // 2: mmiobroker.v1.LeaseState
 	(EndReason)(0),                // 3: mmiobroker.v1.EndReason
 	(EventType)(0),                // 4: mmiobroker.v1.EventType
-	(*Bar)(nil),                   // 5: mmiobroker.v1.Bar
-	(*TsmState)(nil),              // 6: mmiobroker.v1.TsmState
-	(*DevicePolicy)(nil),          // 7: mmiobroker.v1.DevicePolicy
-	(*Device)(nil),                // 8: mmiobroker.v1.Device
-	(*Range)(nil),                 // 9: mmiobroker.v1.Range
-	(*Holder)(nil),                // 10: mmiobroker.v1.Holder
-	(*Lease)(nil),                 // 11: mmiobroker.v1.Lease
-	(*Event)(nil),                 // 12: mmiobroker.v1.Event
-	(*Host)(nil),                  // 13: mmiobroker.v1.Host
-	(*Probe)(nil),                 // 14: mmiobroker.v1.Probe
-	(*VmType)(nil),                // 15: mmiobroker.v1.VmType
-	(*Tsm)(nil),                   // 16: mmiobroker.v1.Tsm
-	(*Limits)(nil),                // 17: mmiobroker.v1.Limits
-	(*ListDevicesRequest)(nil),    // 18: mmiobroker.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),   // 19: mmiobroker.v1.ListDevicesResponse
-	(*GetDeviceRequest)(nil),      // 20: mmiobroker.v1.GetDeviceRequest
-	(*GetDeviceResponse)(nil),     // 21: mmiobroker.v1.GetDeviceResponse
-	(*GetHostRequest)(nil),        // 22: mmiobroker.v1.GetHostRequest
-	(*GetHostResponse)(nil),       // 23: mmiobroker.v1.GetHostResponse
-	(*AllocateLeaseRequest)(nil),  // 24: mmiobroker.v1.AllocateLeaseRequest
-	(*AllocateLeaseResponse)(nil), // 25: mmiobroker.v1.AllocateLeaseResponse
-	(*GetLeaseRequest)(nil),       // 26: mmiobroker.v1.GetLeaseRequest
-	(*GetLeaseResponse)(nil),      // 27: mmiobroker.v1.GetLeaseResponse
-	(*ListLeasesRequest)(nil),     // 28: mmiobroker.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),    // 29: mmiobroker.v1.ListLeasesResponse
-	(*RevokeLeaseRequest)(nil),    // 30: mmiobroker.v1.RevokeLeaseRequest
-	(*RevokeLeaseResponse)(nil),   // 31: mmiobroker.v1.RevokeLeaseResponse
-	(*ReleaseLeaseRequest)(nil),   // 32: mmiobroker.v1.ReleaseLeaseRequest
-	(*ReleaseLeaseResponse)(nil),  // 33: mmiobroker.v1.ReleaseLeaseResponse
-	(*WatchEventsRequest)(nil),    // 34: mmiobroker.v1.WatchEventsRequest
-	(*WatchEventsResponse)(nil),   // 35: mmiobroker.v1.WatchEventsResponse
-	(*RenewLeaseRequest)(nil),     // 36: mmiobroker.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),    // 37: mmiobroker.v1.RenewLeaseResponse
-	(*SuspendDeviceRequest)(nil),  // 38: mmiobroker.v1.SuspendDeviceRequest
-	(*SuspendDeviceResponse)(nil), // 39: mmiobroker.v1.SuspendDeviceResponse
-	(*ResumeDeviceRequest)(nil),   // 40: mmiobroker.v1.ResumeDeviceRequest
-	(*ResumeDeviceResponse)(nil),  // 41: mmiobroker.v1.ResumeDeviceResponse
-	(*CycleDeviceRequest)(nil),    // 42: mmiobroker.v1.CycleDeviceRequest
-	(*CycleDeviceResponse)(nil),   // 43: mmiobroker.v1.CycleDeviceResponse
-	(*DrainRequest)(nil),          // 44: mmiobroker.v1.DrainRequest
-	(*DrainResponse)(nil),         // 45: mmiobroker.v1.DrainResponse
-	(*timestamppb.Timestamp)(nil), // 46: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 47: google.protobuf.Duration
+	(HolderRole)(0),               // 5: mmiobroker.v1.HolderRole
+	(*Bar)(nil),                   // 6: mmiobroker.v1.Bar
+	(*TsmState)(nil),              // 7: mmiobroker.v1.TsmState
+	(*DevicePolicy)(nil),          // 8: mmiobroker.v1.DevicePolicy
+	(*Device)(nil),                // 9: mmiobroker.v1.Device
+	(*Range)(nil),                 // 10: mmiobroker.v1.Range
+	(*Holder)(nil),                // 11: mmiobroker.v1.Holder
+	(*Lease)(nil),                 // 12: mmiobroker.v1.Lease
+	(*Event)(nil),                 // 13: mmiobroker.v1.Event
+	(*Host)(nil),                  // 14: mmiobroker.v1.Host
+	(*Probe)(nil),                 // 15: mmiobroker.v1.Probe
+	(*VmType)(nil),                // 16: mmiobroker.v1.VmType
+	(*Tsm)(nil),                   // 17: mmiobroker.v1.Tsm
+	(*Limits)(nil),                // 18: mmiobroker.v1.Limits
+	(*ListDevicesRequest)(nil),    // 19: mmiobroker.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),   // 20: mmiobroker.v1.ListDevicesResponse
+	(*GetDeviceRequest)(nil),      // 21: mmiobroker.v1.GetDeviceRequest
+	(*GetDeviceResponse)(nil),     // 22: mmiobroker.v1.GetDeviceResponse
+	(*GetHostRequest)(nil),        // 23: mmiobroker.v1.GetHostRequest
+	(*GetHostResponse)(nil),       // 24: mmiobroker.v1.GetHostResponse
+	(*AllocateLeaseRequest)(nil),  // 25: mmiobroker.v1.AllocateLeaseRequest
+	(*AllocateLeaseResponse)(nil), // 26: mmiobroker.v1.AllocateLeaseResponse
+	(*GetLeaseRequest)(nil),       // 27: mmiobroker.v1.GetLeaseRequest
+	(*GetLeaseResponse)(nil),      // 28: mmiobroker.v1.GetLeaseResponse
+	(*ScanHoldersRequest)(nil),    // 29: mmiobroker.v1.ScanHoldersRequest
+	(*ScanHoldersResponse)(nil),   // 30: mmiobroker.v1.ScanHoldersResponse
+	(*LeaseHolders)(nil),          // 31: mmiobroker.v1.LeaseHolders
+	(*FdHolder)(nil),              // 32: mmiobroker.v1.FdHolder
+	(*DmabufRef)(nil),             // 33: mmiobroker.v1.DmabufRef
+	(*ListLeasesRequest)(nil),     // 34: mmiobroker.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),    // 35: mmiobroker.v1.ListLeasesResponse
+	(*RevokeLeaseRequest)(nil),    // 36: mmiobroker.v1.RevokeLeaseRequest
+	(*RevokeLeaseResponse)(nil),   // 37: mmiobroker.v1.RevokeLeaseResponse
+	(*ReleaseLeaseRequest)(nil),   // 38: mmiobroker.v1.ReleaseLeaseRequest
+	(*ReleaseLeaseResponse)(nil),  // 39: mmiobroker.v1.ReleaseLeaseResponse
+	(*WatchEventsRequest)(nil),    // 40: mmiobroker.v1.WatchEventsRequest
+	(*WatchEventsResponse)(nil),   // 41: mmiobroker.v1.WatchEventsResponse
+	(*RenewLeaseRequest)(nil),     // 42: mmiobroker.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),    // 43: mmiobroker.v1.RenewLeaseResponse
+	(*SuspendDeviceRequest)(nil),  // 44: mmiobroker.v1.SuspendDeviceRequest
+	(*SuspendDeviceResponse)(nil), // 45: mmiobroker.v1.SuspendDeviceResponse
+	(*ResumeDeviceRequest)(nil),   // 46: mmiobroker.v1.ResumeDeviceRequest
+	(*ResumeDeviceResponse)(nil),  // 47: mmiobroker.v1.ResumeDeviceResponse
+	(*CycleDeviceRequest)(nil),    // 48: mmiobroker.v1.CycleDeviceRequest
+	(*CycleDeviceResponse)(nil),   // 49: mmiobroker.v1.CycleDeviceResponse
+	(*DrainRequest)(nil),          // 50: mmiobroker.v1.DrainRequest
+	(*DrainResponse)(nil),         // 51: mmiobroker.v1.DrainResponse
+	(*timestamppb.Timestamp)(nil), // 52: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 53: google.protobuf.Duration
 }
 var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: mmiobroker.v1.DevicePolicy.allowed_kinds:type_name -> mmiobroker.v1.LeaseKind
 	0,  // 1: mmiobroker.v1.Device.access_mode:type_name -> mmiobroker.v1.AccessMode
-	5,  // 2: mmiobroker.v1.Device.bars:type_name -> mmiobroker.v1.Bar
-	6,  // 3: mmiobroker.v1.Device.tsm:type_name -> mmiobroker.v1.TsmState
-	7,  // 4: mmiobroker.v1.Device.policy:type_name -> mmiobroker.v1.DevicePolicy
-	46, // 5: mmiobroker.v1.Device.cycle_time:type_name -> google.protobuf.Timestamp
-	46, // 6: mmiobroker.v1.Device.last_tenant_cycle_time:type_name -> google.protobuf.Timestamp
-	9,  // 7: mmiobroker.v1.Lease.ranges:type_name -> mmiobroker.v1.Range
+	6,  // 2: mmiobroker.v1.Device.bars:type_name -> mmiobroker.v1.Bar
+	7,  // 3: mmiobroker.v1.Device.tsm:type_name -> mmiobroker.v1.TsmState
+	8,  // 4: mmiobroker.v1.Device.policy:type_name -> mmiobroker.v1.DevicePolicy
+	52, // 5: mmiobroker.v1.Device.cycle_time:type_name -> google.protobuf.Timestamp
+	52, // 6: mmiobroker.v1.Device.last_tenant_cycle_time:type_name -> google.protobuf.Timestamp
+	10, // 7: mmiobroker.v1.Lease.ranges:type_name -> mmiobroker.v1.Range
 	1,  // 8: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
 	2,  // 9: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
-	10, // 10: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
-	46, // 11: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	46, // 12: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
-	46, // 13: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	11, // 10: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
+	52, // 11: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	52, // 12: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
+	52, // 13: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 14: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
-	47, // 15: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
-	46, // 16: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	46, // 17: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
-	46, // 18: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
-	46, // 19: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
-	46, // 20: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
+	53, // 15: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	52, // 16: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	52, // 17: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
+	52, // 18: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
+	52, // 19: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
+	52, // 20: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
 	4,  // 21: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
-	11, // 22: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
-	14, // 23: mmiobroker.v1.Host.probes:type_name -> mmiobroker.v1.Probe
-	15, // 24: mmiobroker.v1.Host.vm_types:type_name -> mmiobroker.v1.VmType
-	16, // 25: mmiobroker.v1.Host.tsms:type_name -> mmiobroker.v1.Tsm
-	17, // 26: mmiobroker.v1.Host.limits:type_name -> mmiobroker.v1.Limits
-	47, // 27: mmiobroker.v1.Limits.claim_timeout:type_name -> google.protobuf.Duration
-	47, // 28: mmiobroker.v1.Limits.revoke_within:type_name -> google.protobuf.Duration
-	47, // 29: mmiobroker.v1.Limits.tenant_cycle_interval:type_name -> google.protobuf.Duration
-	47, // 30: mmiobroker.v1.Limits.min_ttl:type_name -> google.protobuf.Duration
-	8,  // 31: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
-	8,  // 32: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	13, // 33: mmiobroker.v1.GetHostResponse.host:type_name -> mmiobroker.v1.Host
-	9,  // 34: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
+	12, // 22: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
+	15, // 23: mmiobroker.v1.Host.probes:type_name -> mmiobroker.v1.Probe
+	16, // 24: mmiobroker.v1.Host.vm_types:type_name -> mmiobroker.v1.VmType
+	17, // 25: mmiobroker.v1.Host.tsms:type_name -> mmiobroker.v1.Tsm
+	18, // 26: mmiobroker.v1.Host.limits:type_name -> mmiobroker.v1.Limits
+	53, // 27: mmiobroker.v1.Limits.claim_timeout:type_name -> google.protobuf.Duration
+	53, // 28: mmiobroker.v1.Limits.revoke_within:type_name -> google.protobuf.Duration
+	53, // 29: mmiobroker.v1.Limits.tenant_cycle_interval:type_name -> google.protobuf.Duration
+	53, // 30: mmiobroker.v1.Limits.min_ttl:type_name -> google.protobuf.Duration
+	9,  // 31: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
+	9,  // 32: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	14, // 33: mmiobroker.v1.GetHostResponse.host:type_name -> mmiobroker.v1.Host
+	10, // 34: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
 	1,  // 35: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
-	47, // 36: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 37: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	46, // 38: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
-	11, // 39: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 40: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
-	47, // 41: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
-	11, // 42: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	11, // 43: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	12, // 44: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
-	47, // 45: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 46: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	8,  // 47: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	8,  // 48: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	18, // 49: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
-	20, // 50: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
-	22, // 51: mmiobroker.v1.Broker.GetHost:input_type -> mmiobroker.v1.GetHostRequest
-	24, // 52: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
-	26, // 53: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
-	28, // 54: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
-	30, // 55: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
-	32, // 56: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
-	34, // 57: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
-	36, // 58: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
-	38, // 59: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
-	40, // 60: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
-	42, // 61: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
-	44, // 62: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
-	19, // 63: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
-	21, // 64: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
-	23, // 65: mmiobroker.v1.Broker.GetHost:output_type -> mmiobroker.v1.GetHostResponse
-	25, // 66: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
-	27, // 67: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
-	29, // 68: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
-	31, // 69: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
-	33, // 70: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
-	35, // 71: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
-	37, // 72: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
-	39, // 73: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
-	41, // 74: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
-	43, // 75: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
-	45, // 76: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
-	63, // [63:77] is the sub-list for method output_type
-	49, // [49:63] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	53, // 36: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	12, // 37: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	52, // 38: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
+	12, // 39: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	32, // 40: mmiobroker.v1.GetLeaseResponse.holders:type_name -> mmiobroker.v1.FdHolder
+	31, // 41: mmiobroker.v1.ScanHoldersResponse.leases:type_name -> mmiobroker.v1.LeaseHolders
+	33, // 42: mmiobroker.v1.ScanHoldersResponse.unaccounted:type_name -> mmiobroker.v1.DmabufRef
+	52, // 43: mmiobroker.v1.ScanHoldersResponse.scan_time:type_name -> google.protobuf.Timestamp
+	53, // 44: mmiobroker.v1.ScanHoldersResponse.scan_duration:type_name -> google.protobuf.Duration
+	12, // 45: mmiobroker.v1.LeaseHolders.lease:type_name -> mmiobroker.v1.Lease
+	32, // 46: mmiobroker.v1.LeaseHolders.holders:type_name -> mmiobroker.v1.FdHolder
+	5,  // 47: mmiobroker.v1.FdHolder.role:type_name -> mmiobroker.v1.HolderRole
+	12, // 48: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
+	53, // 49: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
+	12, // 50: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	12, // 51: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	13, // 52: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
+	53, // 53: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	12, // 54: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	9,  // 55: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	9,  // 56: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	19, // 57: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
+	21, // 58: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
+	23, // 59: mmiobroker.v1.Broker.GetHost:input_type -> mmiobroker.v1.GetHostRequest
+	25, // 60: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
+	27, // 61: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
+	29, // 62: mmiobroker.v1.Broker.ScanHolders:input_type -> mmiobroker.v1.ScanHoldersRequest
+	34, // 63: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
+	36, // 64: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
+	38, // 65: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
+	40, // 66: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
+	42, // 67: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
+	44, // 68: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
+	46, // 69: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
+	48, // 70: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
+	50, // 71: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
+	20, // 72: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
+	22, // 73: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
+	24, // 74: mmiobroker.v1.Broker.GetHost:output_type -> mmiobroker.v1.GetHostResponse
+	26, // 75: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
+	28, // 76: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
+	30, // 77: mmiobroker.v1.Broker.ScanHolders:output_type -> mmiobroker.v1.ScanHoldersResponse
+	35, // 78: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
+	37, // 79: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
+	39, // 80: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
+	41, // 81: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
+	43, // 82: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
+	45, // 83: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
+	47, // 84: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
+	49, // 85: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
+	51, // 86: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
+	72, // [72:87] is the sub-list for method output_type
+	57, // [57:72] is the sub-list for method input_type
+	57, // [57:57] is the sub-list for extension type_name
+	57, // [57:57] is the sub-list for extension extendee
+	0,  // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_mmiobroker_v1_broker_proto_init() }
@@ -3712,14 +4271,14 @@ func file_mmiobroker_v1_broker_proto_init() {
 	if File_mmiobroker_v1_broker_proto != nil {
 		return
 	}
-	file_mmiobroker_v1_broker_proto_msgTypes[23].OneofWrappers = []any{}
+	file_mmiobroker_v1_broker_proto_msgTypes[28].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mmiobroker_v1_broker_proto_rawDesc), len(file_mmiobroker_v1_broker_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   41,
+			NumEnums:      6,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

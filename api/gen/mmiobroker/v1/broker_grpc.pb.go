@@ -87,6 +87,7 @@ const (
 	Broker_GetHost_FullMethodName       = "/mmiobroker.v1.Broker/GetHost"
 	Broker_AllocateLease_FullMethodName = "/mmiobroker.v1.Broker/AllocateLease"
 	Broker_GetLease_FullMethodName      = "/mmiobroker.v1.Broker/GetLease"
+	Broker_ScanHolders_FullMethodName   = "/mmiobroker.v1.Broker/ScanHolders"
 	Broker_ListLeases_FullMethodName    = "/mmiobroker.v1.Broker/ListLeases"
 	Broker_RevokeLease_FullMethodName   = "/mmiobroker.v1.Broker/RevokeLease"
 	Broker_ReleaseLease_FullMethodName  = "/mmiobroker.v1.Broker/ReleaseLease"
@@ -149,8 +150,21 @@ type BrokerClient interface {
 	AllocateLease(ctx context.Context, in *AllocateLeaseRequest, opts ...grpc.CallOption) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
 	// own tenant (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
-	// lease (ended leases are retained for a bounded number of later leases).
+	// lease (ended leases are retained for a bounded number of later leases). With
+	// include_holders the response also lists every process that has the lease's dma-buf open
+	// (a scan of /proc, as ScanHolders).
 	GetLease(ctx context.Context, in *GetLeaseRequest, opts ...grpc.CallOption) (*GetLeaseResponse, error)
+	// ScanHolders reports who really holds the daemon's dma-bufs: for every lease, each
+	// process that has its dma-buf open (from /proc/PID/fdinfo: exporter vfio_pci_core, the
+	// inode, the name mmb-<lease id>), whether a tenant still holds the working fd of a lease
+	// that has ended (it outlasts its lease until the device cycles), and, for admins, the
+	// vfio-pci dma-bufs no lease accounts for. Holders see only their own tenant's leases.
+	// The scan reads every process's descriptors; the daemon runs one scan at a time, and
+	// calls waiting for it share the next one (no answer predates its call). Processes the daemon may not inspect
+	// (it needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH for other users' processes) are
+	// counted in processes_inaccessible. NOT_FOUND if lease_id names no lease; PERMISSION_DENIED
+	// if it names another tenant's.
+	ScanHolders(ctx context.Context, in *ScanHoldersRequest, opts ...grpc.CallOption) (*ScanHoldersResponse, error)
 	// ListLeases returns leases, oldest first. Holders see only leases of their own tenant;
 	// admins see all.
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
@@ -320,6 +334,16 @@ func (c *brokerClient) GetLease(ctx context.Context, in *GetLeaseRequest, opts .
 	return out, nil
 }
 
+func (c *brokerClient) ScanHolders(ctx context.Context, in *ScanHoldersRequest, opts ...grpc.CallOption) (*ScanHoldersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ScanHoldersResponse)
+	err := c.cc.Invoke(ctx, Broker_ScanHolders_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *brokerClient) ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListLeasesResponse)
@@ -470,8 +494,21 @@ type BrokerServer interface {
 	AllocateLease(context.Context, *AllocateLeaseRequest) (*AllocateLeaseResponse, error)
 	// GetLease returns one lease, live or recently ended. Holders may get only leases of their
 	// own tenant (PERMISSION_DENIED otherwise); admins may get any. NOT_FOUND if there is no such
-	// lease (ended leases are retained for a bounded number of later leases).
+	// lease (ended leases are retained for a bounded number of later leases). With
+	// include_holders the response also lists every process that has the lease's dma-buf open
+	// (a scan of /proc, as ScanHolders).
 	GetLease(context.Context, *GetLeaseRequest) (*GetLeaseResponse, error)
+	// ScanHolders reports who really holds the daemon's dma-bufs: for every lease, each
+	// process that has its dma-buf open (from /proc/PID/fdinfo: exporter vfio_pci_core, the
+	// inode, the name mmb-<lease id>), whether a tenant still holds the working fd of a lease
+	// that has ended (it outlasts its lease until the device cycles), and, for admins, the
+	// vfio-pci dma-bufs no lease accounts for. Holders see only their own tenant's leases.
+	// The scan reads every process's descriptors; the daemon runs one scan at a time, and
+	// calls waiting for it share the next one (no answer predates its call). Processes the daemon may not inspect
+	// (it needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH for other users' processes) are
+	// counted in processes_inaccessible. NOT_FOUND if lease_id names no lease; PERMISSION_DENIED
+	// if it names another tenant's.
+	ScanHolders(context.Context, *ScanHoldersRequest) (*ScanHoldersResponse, error)
 	// ListLeases returns leases, oldest first. Holders see only leases of their own tenant;
 	// admins see all.
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
@@ -605,6 +642,9 @@ func (UnimplementedBrokerServer) AllocateLease(context.Context, *AllocateLeaseRe
 }
 func (UnimplementedBrokerServer) GetLease(context.Context, *GetLeaseRequest) (*GetLeaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetLease not implemented")
+}
+func (UnimplementedBrokerServer) ScanHolders(context.Context, *ScanHoldersRequest) (*ScanHoldersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ScanHolders not implemented")
 }
 func (UnimplementedBrokerServer) ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListLeases not implemented")
@@ -740,6 +780,24 @@ func _Broker_GetLease_Handler(srv interface{}, ctx context.Context, dec func(int
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(BrokerServer).GetLease(ctx, req.(*GetLeaseRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Broker_ScanHolders_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScanHoldersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).ScanHolders(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_ScanHolders_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).ScanHolders(ctx, req.(*ScanHoldersRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -925,6 +983,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetLease",
 			Handler:    _Broker_GetLease_Handler,
+		},
+		{
+			MethodName: "ScanHolders",
+			Handler:    _Broker_ScanHolders_Handler,
 		},
 		{
 			MethodName: "ListLeases",

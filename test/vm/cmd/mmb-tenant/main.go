@@ -20,6 +20,9 @@
 //	renew ID DUR                 RenewLease
 //	list [TENANT]                ListLeases (of TENANT only, if given): the lease ids
 //	close ID                     close the lease's fd (a held lease: stop holding)
+//	pass ID                      pass the lease's fd on to a child process (this program
+//	                             again, as `mmb-tenant child`, with the fd as its fd 3,
+//	                             until this one exits): {pid, fd} of the child
 //	attack BDF BAR DUR TTL       the hostile loop below, for DUR; its report
 //	conns N                      open up to N more control connections (one ListDevices
 //	                             each), stopping at the first the daemon refuses
@@ -46,6 +49,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strconv"
@@ -76,6 +80,11 @@ func main() {
 	gid := flag.Int("gid", -1, "drop to this gid (with -uid)")
 	flag.StringVar(&socket, "socket", client.DefaultSocket, "the daemon's control socket")
 	flag.Parse()
+	if flag.Arg(0) == "child" {
+		// Holds fd 3 (inherited) until its parent is gone: stdin is a pipe from it.
+		io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}
 	if flag.Arg(0) == "exit-holder" {
 		os.Exit(exitHolder(flag.Args()[1:]))
 	}
@@ -142,6 +151,9 @@ type tenant struct {
 	files map[string]*os.File // claimed fds of alloc'd leases, by lease id
 	held  map[string]*held
 	extra []*client.Client // conns
+	// children hold passed-on fds (pass); they exit with this process.
+	children []*exec.Cmd
+	childIn  []io.WriteCloser
 }
 
 func ctx() (context.Context, context.CancelFunc) {
@@ -272,6 +284,29 @@ func (t *tenant) do(f []string) (any, error) {
 			return map[string]any{"fd": file.Fd(), "pid": os.Getpid()}, nil
 		}
 		return nil, fmt.Errorf("no fd of lease %s", f[1])
+	case f[0] == "pass" && len(f) == 2:
+		file, ok := t.files[f[1]]
+		if h, held := t.held[f[1]]; held {
+			file, ok = h.h.File(), true
+		}
+		if !ok {
+			return nil, fmt.Errorf("no fd of lease %s", f[1])
+		}
+		child := exec.Command("/proc/self/exe", "child")
+		child.ExtraFiles = []*os.File{file}
+		child.Stderr = os.Stderr
+		// The pipe's write end stays referenced (an unreferenced *os.File is closed by its
+		// finalizer), and is closed when this process exits.
+		w, err := child.StdinPipe()
+		if err != nil {
+			return nil, err
+		}
+		t.childIn = append(t.childIn, w)
+		if err := child.Start(); err != nil {
+			return nil, err
+		}
+		t.children = append(t.children, child)
+		return map[string]any{"pid": child.Process.Pid, "fd": 3}, nil
 	case f[0] == "close" && len(f) == 2:
 		if h, ok := t.held[f[1]]; ok {
 			delete(t.held, f[1])
