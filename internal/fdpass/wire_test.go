@@ -13,7 +13,8 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
-// The example messages of docs/claim-protocol.md.
+// Sample messages with ids of another shape than the daemon's (the wire format takes any printable
+// id). docs/claim-protocol.md's own examples are checked against the encoder by test/docs.
 var (
 	exampleRequest = Request{LeaseID: "KZ4TQJ6M3WBRXHC2N5YDLPAVGE", Token: "T3MJ2QW7ZK4XC6PRVN5BHYDLAE"}
 	exampleReply   = Reply{Code: CodeOK, LeaseID: "KZ4TQJ6M3WBRXHC2N5YDLPAVGE", Generation: 2,

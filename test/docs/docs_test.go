@@ -1,7 +1,9 @@
 // Package docs checks the repository's Markdown documentation: every relative link points
-// at a file (and heading) that exists, code fences are balanced, and docs/api.md documents
-// exactly the methods of the proto's Broker service. The docs are part of the interface;
-// these checks keep them from drifting silently.
+// at a file (and heading) that exists, code fences are balanced, docs/api.md documents
+// exactly the methods of the proto's Broker service, a code block that shows a repository
+// file (an include marker) is that file, and the claim protocol's example messages are what
+// internal/fdpass encodes. The docs are part of the interface; these checks keep them from
+// drifting silently.
 package docs
 
 import (

@@ -8,9 +8,11 @@
 //   - [LoadEnv] reads rig.env, written by test/vm/setup.sh: the guest kernels ("stock",
 //     Debian's own, and "iommufd", the same source with iommufd and the VFIO cdev built in)
 //     and a static busybox.
-//   - [BuildPayload] compiles static binaries of cmd/mmiobrokerd and cmd/mmiobrokerctl (when
-//     they exist) and a `go test -c -tags vmtest` binary for every package that has a
-//     *_vm_test.go file.
+//   - [BuildPayload] compiles static binaries of the [Programs] (the daemon, the CLI and the
+//     rig's helpers), static gcc builds of the [CPrograms] (the C claim client of
+//     examples/c, -Wall -Wextra -Werror) and a `go test -c -tags vmtest` binary for every
+//     package that has a *_vm_test.go file (-tags vmsystemd and *_vmsd_test.go for the
+//     systemd boot mode).
 //   - [BuildImage] writes the initramfs (newc cpio, [CPIOWriter], compressed with zstd):
 //     busybox, the init (guest/init.sh), the demo script (guest/demo.sh), the payload and, for
 //     the modular stock kernel, the VFIO modules in modules.dep order ([ModuleDB]). Images are

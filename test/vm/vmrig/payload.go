@@ -3,6 +3,7 @@ package vmrig
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -20,6 +21,21 @@ const ModulePath = "github.com/mmiobroker/mmiobroker"
 // Programs are the binaries the guest gets when their packages exist: the project's
 // daemon and CLI, the rig's demo importer and the systemd guest tests' lease holder.
 var Programs = []string{"cmd/mmiobrokerd", "cmd/mmiobrokerctl", "test/vm/cmd/iommufd-import", "test/vm/cmd/mmb-holder", "test/vm/cmd/mmb-tenant"}
+
+// CProgram is a one-file C program of the repository that the guest gets on its PATH,
+// built by gcc with [CFlags].
+type CProgram struct {
+	Name   string // file name in the guest
+	Source string // repository-relative path of the .c file
+}
+
+// CPrograms are the C programs the guest gets next to [Programs]: the claim protocol's C
+// client (examples/c), which test/vm/e2e's TestClaimC runs against the daemon.
+var CPrograms = []CProgram{{Name: "mmb-claim-c", Source: "examples/c/mmb-claim.c"}}
+
+// CFlags are the flags of [CPrograms]: C11, every warning an error, and static, as the
+// busybox guest has no C library.
+var CFlags = []string{"-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-static"}
 
 // SwapDaemon is the second build of cmd/mmiobrokerd that the payload carries for the
 // systemd guest tests' binary swap (an upgrade: another binary installed at
@@ -172,6 +188,7 @@ type BuildOptions struct {
 	Go   string            // go command ("" = "go" from PATH)
 	Log  func(msg string)  // progress lines (may be nil)
 	Env  map[string]string // extra environment for the go command
+	CC   string            // C compiler for CPrograms ("" = "gcc" from PATH)
 	// Boot selects the guest tests: busybox (default) builds `go test -c -tags vmtest` of
 	// every package with *_vm_test.go files, systemd `-tags vmsystemd` of *_vmsd_test.go.
 	Boot BootMode
@@ -180,9 +197,11 @@ type BuildOptions struct {
 }
 
 // BuildPayload compiles the guest binaries: static builds (CGO_ENABLED=0) of the
-// programs in Programs that exist, and a test binary for every package with guest tests
-// of the boot mode (vmtest: *_vm_test.go; vmsystemd: *_vmsd_test.go). A package that fails to compile is recorded in Failures and the
-// rest are still built; only a failure to run the go command at all is an error.
+// programs in Programs that exist, static gcc builds of CPrograms, and a test binary for
+// every package with guest tests of the boot mode (vmtest: *_vm_test.go; vmsystemd:
+// *_vmsd_test.go). A program or package that fails to compile (for a C program also: a
+// warning, or no C compiler) is recorded in Failures and the rest are still built; only a
+// failure to run the go command at all is an error.
 func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 	start := time.Now()
 	if opt.Go == "" {
@@ -252,6 +271,13 @@ func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 			}
 		}
 	}
+	if opt.Programs == nil {
+		for _, prog := range CPrograms {
+			if err := buildC(ctx, opt, prog, p, logf); err != nil {
+				return nil, err
+			}
+		}
+	}
 	boot := opt.Boot
 	if boot == "" {
 		boot = Busybox
@@ -276,4 +302,41 @@ func BuildPayload(ctx context.Context, opt BuildOptions) (*Payload, error) {
 	}
 	p.Took = time.Since(start)
 	return p, nil
+}
+
+// buildC compiles prog with CFlags into opt.Dir and adds it to p.Programs. A compiler that
+// does not run, fails or prints anything (with -Werror every warning fails anyway) is a
+// build failure in p.Failures; only ctx ending is an error.
+func buildC(ctx context.Context, opt BuildOptions, prog CProgram, p *Payload, logf func(string, ...any)) error {
+	src := filepath.Join(opt.Root, filepath.FromSlash(prog.Source))
+	if _, err := os.Stat(src); err != nil {
+		p.Missing = append(p.Missing, prog.Source)
+		logf("build %s: not in the tree yet, skipped", prog.Source)
+		return nil
+	}
+	cc := opt.CC
+	if cc == "" {
+		cc = "gcc"
+	}
+	out := filepath.Join(opt.Dir, prog.Name)
+	args := append(append([]string{}, CFlags...), "-o", out, src)
+	logf("build %s (%s %s)", prog.Source, cc, strings.Join(CFlags, " "))
+	text, err := exec.CommandContext(ctx, cc, args...).CombinedOutput()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	var ee *exec.ExitError
+	switch {
+	case err != nil && !errors.As(err, &ee):
+		text = []byte(fmt.Sprintf("cannot run the C compiler: %v (install build-essential: %s)", err, setupHint))
+	case err == nil && len(bytes.TrimSpace(text)) > 0:
+		text = append([]byte("gcc succeeded but printed diagnostics; the build must be clean:\n"), text...)
+	case err == nil:
+		p.Programs = append(p.Programs, Binary{Name: prog.Name, Package: prog.Source, Path: out})
+		return nil
+	}
+	p.Failures = append(p.Failures, BuildFailure{Name: prog.Name, Package: prog.Source,
+		Output: strings.TrimSpace(cc + " " + strings.Join(args, " ") + "\n" + string(text))})
+	logf("build %s: FAILED", prog.Source)
+	return nil
 }

@@ -157,3 +157,107 @@ func TestBuildImage(t *testing.T) {
 		t.Errorf("dynamic busybox: err = %v", err)
 	}
 }
+
+// TestBuildPayloadC: the C programs are built static with CFlags, and a warning, a missing
+// compiler or a missing source shows in the payload instead of passing silently.
+func TestBuildPayloadC(t *testing.T) {
+	if _, err := exec.LookPath("gcc"); err != nil {
+		t.Fatalf("no gcc (%v): install build-essential (make setup)", err)
+	}
+	root := t.TempDir()
+	src := map[string]string{"go.mod": "module " + ModulePath + "\n\ngo 1.26\n"}
+	for _, prog := range CPrograms {
+		src[prog.Source] = "int main(void) { return 0; }\n"
+	}
+	writeFiles(t, root, src)
+	build := func(name string, opt BuildOptions) *Payload {
+		t.Helper()
+		opt.Root, opt.Dir = root, filepath.Join(root, "out-"+name)
+		p, err := BuildPayload(context.Background(), opt)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return p
+	}
+	p := build("clean", BuildOptions{})
+	if len(p.Failures) != 0 {
+		t.Fatalf("clean C programs failed: %+v", p.Failures)
+	}
+	for _, prog := range CPrograms {
+		b, ok := p.Program(prog.Name)
+		if !ok || b.Package != prog.Source {
+			t.Fatalf("payload programs %+v lack %s", p.Programs, prog.Name)
+		}
+		if err := checkStatic(b.Path); err != nil {
+			t.Errorf("%s: %v", prog.Name, err)
+		}
+		if out, err := exec.Command(b.Path).CombinedOutput(); err != nil {
+			t.Errorf("run %s: %v %s", prog.Name, err, out)
+		}
+	}
+	// Programs reused from another boot mode: nothing is rebuilt.
+	if again := build("reuse", BuildOptions{Programs: p.Programs}); len(again.Programs) != len(p.Programs) || len(again.Failures) != 0 {
+		t.Errorf("with programs to reuse: programs %+v, failures %+v", again.Programs, again.Failures)
+	}
+
+	for name, tc := range map[string]struct {
+		source, cc, want string
+	}{
+		"warning":  {"int main(void) { int unused; return 0; }\n", "", "unused"},
+		"compiler": {"int main(void) { return 0; }\n", filepath.Join(root, "no-gcc"), "make setup"},
+	} {
+		for _, prog := range CPrograms {
+			writeFiles(t, root, map[string]string{prog.Source: tc.source})
+		}
+		p := build(name, BuildOptions{CC: tc.cc})
+		if len(p.Failures) != len(CPrograms) {
+			t.Fatalf("%s: failures %+v, want one per C program", name, p.Failures)
+		}
+		for i, f := range p.Failures {
+			if f.Name != CPrograms[i].Name || !strings.Contains(f.Output, tc.want) {
+				t.Errorf("%s: failure %+v, want %s with %q", name, f, CPrograms[i].Name, tc.want)
+			}
+			if _, ok := p.Program(f.Name); ok {
+				t.Errorf("%s: %s failed but is in the payload", name, f.Name)
+			}
+		}
+	}
+
+	for _, prog := range CPrograms {
+		os.Remove(filepath.Join(root, filepath.FromSlash(prog.Source)))
+	}
+	p = build("missing", BuildOptions{})
+	for _, prog := range CPrograms {
+		found := false
+		for _, m := range p.Missing {
+			found = found || m == prog.Source
+		}
+		if !found {
+			t.Errorf("%s is not in the tree, but Missing = %v", prog.Source, p.Missing)
+		}
+	}
+}
+
+// TestCProgramsBuildClean builds the repository's own C programs exactly as the guest
+// gets them (CFlags, static): no diagnostics, a static executable.
+func TestCProgramsBuildClean(t *testing.T) {
+	gcc, err := exec.LookPath("gcc")
+	if err != nil {
+		t.Fatalf("no gcc (%v): install build-essential (make setup)", err)
+	}
+	root, err := FindRepoRoot(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, prog := range CPrograms {
+		out := filepath.Join(t.TempDir(), prog.Name)
+		args := append(append([]string{}, CFlags...), "-o", out, filepath.Join(root, filepath.FromSlash(prog.Source)))
+		if text, err := exec.Command(gcc, args...).CombinedOutput(); err != nil || len(text) > 0 {
+			t.Errorf("gcc %s: %v\n%s", strings.Join(args, " "), err, text)
+			continue
+		}
+		if err := checkStatic(out); err != nil {
+			t.Errorf("%s: %v", prog.Name, err)
+		}
+	}
+}
