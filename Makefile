@@ -47,6 +47,7 @@ $(PLUGINS)/grpcurl:
 	GOBIN=$(PLUGINS) $(GO) install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
 test-vm: setup
+	MMIOBROKER_VM=1 $(GO) test -count=1 ./test/uapi/
 	mkdir -p $(BIN)
 	MMIOBROKER_VM=1 $(GO) test -count=1 -timeout 30m -v ./test/vm/ 2>&1 | tee $(BIN)/vm-test.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|vm:)' ; test $${PIPESTATUS[0]} -eq 0
 

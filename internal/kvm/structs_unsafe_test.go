@@ -2,21 +2,24 @@ package kvm
 
 import (
 	"testing"
-	"unsafe"
 
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
 
-// Size and offsets printed by a C sizeof/offsetof program from include/uapi/linux/kvm.h of
-// Linux 7.2.13 (struct kvm_create_device: 12 bytes, type@0, fd@4, flags@8).
-func TestLayout(t *testing.T) {
-	var cd createDevice
-	testutil.CheckLayout(t, "kvm_create_device", unsafe.Sizeof(cd), 12,
-		testutil.Offset("type", unsafe.Offsetof(cd.Type), 0),
-		testutil.Offset("fd", unsafe.Offsetof(cd.FD), 4),
-		testutil.Offset("flags", unsafe.Offsetof(cd.Flags), 8))
-	if sizeofCreateDevice != 12 {
-		t.Errorf("sizeofCreateDevice = %d, want 12", sizeofCreateDevice)
+// TestUAPI compares the mirrored struct and every constant with test/uapi/linux-7.2.txt,
+// which test/uapi prints from the Linux 7.2 source's own uapi headers and checks in the
+// rig. It also fails for a mirror declared in this package but missing here.
+func TestUAPI(t *testing.T) {
+	testutil.CheckUAPI(t, testutil.UAPISpec{
+		Dir:     ".",
+		Headers: []string{"linux/kvm.h", "asm/kvm.h"},
+		Structs: []testutil.Mirror{
+			{C: "kvm_create_device", Go: createDevice{}, Fields: "type fd flags"},
+		},
+		Consts: kernelConsts,
+	})
+	if want := testutil.UAPIStruct(t, "kvm_create_device").Size; uint64(sizeofCreateDevice) != want {
+		t.Errorf("sizeofCreateDevice = %d, want %d", sizeofCreateDevice, want)
 	}
 }
 

@@ -1,5 +1,6 @@
 // Package testutil holds helpers shared by mmiobroker's tests: fd-leak checks, short
-// directories for unix sockets, and skips that say how to enable what they skip.
+// directories for unix sockets, skips that say how to enable what they skip, and the check
+// of the kernel struct mirrors against the uapi headers' own layout ([CheckUAPI]).
 package testutil
 
 import (
@@ -75,31 +76,6 @@ func SkipUnlessRoot(t testing.TB) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: run the test binary with sudo, or in the VM rig (make test-vm)")
 	}
-}
-
-// Field is one field of a mirrored kernel struct: its Go offset and the kernel's.
-type Field struct {
-	Name      string
-	Got, Want uintptr
-}
-
-// CheckLayout fails t if a mirrored kernel struct's size or field offsets differ from the
-// kernel's (callers pass unsafe.Sizeof and unsafe.Offsetof values).
-func CheckLayout(t testing.TB, name string, size, wantSize uintptr, fields ...Field) {
-	t.Helper()
-	if size != wantSize {
-		t.Errorf("sizeof(%s) = %d, want %d", name, size, wantSize)
-	}
-	for _, f := range fields {
-		if f.Got != f.Want {
-			t.Errorf("offsetof(%s.%s) = %d, want %d", name, f.Name, f.Got, f.Want)
-		}
-	}
-}
-
-// Offset describes a field for [CheckLayout]: its name, Go offset and kernel offset.
-func Offset(name string, got, want uintptr) Field {
-	return Field{Name: name, Got: got, Want: want}
 }
 
 // ReportPercentiles adds the p50 and p99 of ds, in microseconds, to b's results

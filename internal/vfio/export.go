@@ -1,7 +1,6 @@
 package vfio
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math/bits"
 
@@ -89,9 +88,9 @@ type dmaBufRequest struct {
 const maxRawRanges = 1 << 16
 
 // encode lays the request out as one byte slice of 8 + 16 + 16*n bytes (docs/kernel.md
-// §3.1): vfio_device_feature {argsz, flags}, vfio_device_feature_dma_buf {region_index,
-// open_flags, flags, nr_ranges}, then the ranges. argsz is the slice's length, computed
-// here rather than trusted from anywhere.
+// §3.1) through the mirrored structs: vfio_device_feature {argsz, flags} whose data is
+// vfio_device_feature_dma_buf {region_index, open_flags, flags, nr_ranges}, then the
+// ranges. argsz is the slice's length, computed here rather than trusted from anywhere.
 func (r dmaBufRequest) encode() ([]byte, error) {
 	nr := uint32(len(r.Ranges))
 	room := len(r.Ranges)
@@ -106,19 +105,11 @@ func (r dmaBufRequest) encode() ([]byte, error) {
 	if flags == 0 {
 		flags = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF
 	}
-	hdr := sizeofFeatureHeader + sizeofFeatureDMABuf
-	buf := make([]byte, int(hdr)+room*int(sizeofRegionDMARange))
-	ne := binary.NativeEndian
-	ne.PutUint32(buf[0:], uint32(len(buf))) // argsz
-	ne.PutUint32(buf[4:], flags)
-	ne.PutUint32(buf[8:], r.Region)
-	ne.PutUint32(buf[12:], r.OpenFlags)
-	ne.PutUint32(buf[16:], r.Flags)
-	ne.PutUint32(buf[20:], nr)
+	req := newDMABufFeature(room)
+	req.hdr.Flags = flags
+	*req.data = featureDMABuf{RegionIndex: r.Region, OpenFlags: r.OpenFlags, Flags: r.Flags, NrRanges: nr}
 	for i, rg := range r.Ranges {
-		o := int(hdr) + i*int(sizeofRegionDMARange)
-		ne.PutUint64(buf[o:], rg.Offset)
-		ne.PutUint64(buf[o+8:], rg.Length)
+		req.ranges[i] = regionDMARange{Offset: rg.Offset, Length: rg.Length}
 	}
-	return buf, nil
+	return req.buf, nil
 }

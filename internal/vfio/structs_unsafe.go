@@ -8,7 +8,9 @@ import (
 // The mirrored structs below follow include/uapi/linux/vfio.h of Linux 7.2.13; the
 // comment of each names the release that introduced the layout. They are hand-written
 // because the host's linux-libc-dev (6.1) lacks the newer ones and gives
-// vfio_device_info without its trailing pad. Layout tests pin every size and offset.
+// vfio_device_info without its trailing pad. TestUAPI checks every size, alignment and
+// field against test/uapi/linux-7.2.txt, which a C program prints from the 7.2 headers
+// (docs/kernel.md §0).
 
 // groupStatus mirrors struct vfio_group_status (include/uapi/linux/vfio.h, Linux 3.6).
 type groupStatus struct {
@@ -233,6 +235,35 @@ func newBindIOMMUFD(iommufd int32) bindIOMMUFD {
 
 func newAttachIOMMUFDPT(pt uint32) attachIOMMUFDPT {
 	return attachIOMMUFDPT{Argsz: uint32(unsafe.Sizeof(attachIOMMUFDPT{})), PtID: pt}
+}
+
+// dmaBufFeature is a VFIO_DEVICE_FEATURE_DMA_BUF request in one 8-byte aligned buffer:
+// struct vfio_device_feature, whose data is struct vfio_device_feature_dma_buf, whose
+// dma_ranges follow. hdr, data and ranges alias buf, the bytes the ioctl takes.
+type dmaBufFeature struct {
+	buf    []byte
+	hdr    *featureHeader
+	data   *featureDMABuf
+	ranges []regionDMARange
+}
+
+// newDMABufFeature allocates a zeroed request with room for n ranges, its argsz set to
+// the length of the whole buffer.
+func newDMABufFeature(n int) dmaBufFeature {
+	const fixed = sizeofFeatureHeader + sizeofFeatureDMABuf
+	size := int(fixed) + n*int(sizeofRegionDMARange)
+	words := make([]uint64, (size+7)/8)
+	p := unsafe.Pointer(&words[0])
+	f := dmaBufFeature{
+		buf:  unsafe.Slice((*byte)(p), size),
+		hdr:  (*featureHeader)(p),
+		data: (*featureDMABuf)(unsafe.Add(p, sizeofFeatureHeader)),
+	}
+	if n > 0 {
+		f.ranges = unsafe.Slice((*regionDMARange)(unsafe.Add(p, fixed)), n)
+	}
+	f.hdr.Argsz = uint32(size)
+	return f
 }
 
 // infoBuffer is an 8-byte aligned buffer of n bytes for an INFO ioctl whose fixed part is

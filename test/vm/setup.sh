@@ -14,7 +14,9 @@
 #   5. debootstraps a Debian trixie root filesystem with systemd (the "systemd" boot mode's
 #      guest: real systemd 257 as PID 1, the whole rootfs packed as the initramfs), once per
 #      hash of its package list and build steps;
-#   6. writes $CACHE/rig.env, which the Go harness (test/vm) reads.
+#   6. installs the uapi headers of that source (make headers), once per source version:
+#      test/uapi compiles its layout program against them, whichever kernels are asked for;
+#   7. writes $CACHE/rig.env, which the Go harness (test/vm, test/uapi) reads.
 #
 # Everything lives under $CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/mmiobroker/vm),
 # keyed by version and config. A warm run does no network access and no rebuild.
@@ -124,20 +126,25 @@ fi
 moddir=$(ls -d "$stock"/root/usr/lib/modules/"$KVER" "$stock"/root/lib/modules/"$KVER" 2>/dev/null | head -n1 || true)
 
 # --- 4. iommufd kernel ------------------------------------------------------------------
+# The unpacked linux-source-7.2 tree, shared by the iommufd build and the uapi headers.
+src=$CACHE/src/$KSRCVER
+tree=$src/linux-source-7.2
+unpack_source() {
+	[ -f "$src/.done" ] && return
+	fetch linux-source-7.2
+	log "unpacking linux-source-7.2 $KSRCVER"
+	rm -rf "$src" && mkdir -p "$src"
+	dpkg -x "$dl"/linux-source-7.2_*.deb "$src/deb"
+	tar -C "$src" -xJf "$src"/deb/usr/src/linux-source-7.2.tar.xz
+	rm -rf "$src/deb"
+	touch "$src/.done"
+}
+
 frag=$here/kernel/iommufd.config
 fraghash=$(sha256sum "$frag" | cut -c1-12)
 build=$CACHE/build/$KSRCVER-$fraghash
 if [[ " $KERNELS " == *" iommufd "* ]] && [ ! -f "$build/.done" ]; then
-	src=$CACHE/src/$KSRCVER
-	if [ ! -f "$src/.done" ]; then
-		fetch linux-source-7.2
-		rm -rf "$src" && mkdir -p "$src"
-		dpkg -x "$dl"/linux-source-7.2_*.deb "$src/deb"
-		tar -C "$src" -xJf "$src"/deb/usr/src/linux-source-7.2.tar.xz
-		rm -rf "$src/deb"
-		touch "$src/.done"
-	fi
-	tree=$src/linux-source-7.2
+	unpack_source
 	mkdir -p "$build"
 	log "building the iommufd kernel ($KSRCVER + iommufd.config $fraghash) with -j$JOBS; about 14 min on 2 cores"
 	b0=$(date +%s)
@@ -208,13 +215,32 @@ if [[ " $MODES " == *" systemd "* ]] && [ ! -f "$sd_dir/.done" ]; then
 		"$(du -h "$sd_dir/rootfs.cpio.zst" | cut -f1) initramfs; $(tr '\n' ' ' <"$sd_dir/versions.txt")"
 fi
 
-# --- 6. rig.env -------------------------------------------------------------------------
+# --- 6. uapi headers --------------------------------------------------------------------
+# The source's own exported headers (include/uapi and arch/x86/include/uapi, sanitized as
+# headers_install does), which test/uapi compiles its layout program against. `make headers`
+# is headers_install without its final rsync (rsync is not a rig package); cpio copies the
+# .h files instead.
+uapi=$CACHE/uapi/$KSRCVER
+if [ ! -f "$uapi/.done" ]; then
+	unpack_source
+	log "installing the uapi headers of $KSRCVER (about 30 s)"
+	rm -rf "$uapi" && mkdir -p "$uapi"
+	make -s -C "$tree" O="$uapi/build" ARCH=x86 -j"$JOBS" headers >"$uapi/headers.log" 2>&1 ||
+		{ tail -n 20 "$uapi/headers.log" >&2; log "make headers failed (log: $uapi/headers.log)"; exit 1; }
+	(cd "$uapi/build/usr" && find include -name '*.h' -print0 | cpio --null -pdm --quiet "$uapi")
+	rm -rf "$uapi/build"
+	[ -f "$uapi/include/linux/vfio.h" ] || { log "no linux/vfio.h in $uapi/include"; exit 1; }
+	touch "$uapi/.done"
+fi
+
+# --- 7. rig.env -------------------------------------------------------------------------
 {
 	echo "KVER=$KVER"
 	echo "KSRCVER=$KSRCVER"
 	[ -n "$moddir" ] && echo "STOCK_KERNEL=$moddir/vmlinuz" && echo "STOCK_MODULES=$moddir"
 	[ -f "$build/.done" ] && echo "IOMMUFD_KERNEL=$build/arch/x86/boot/bzImage"
 	echo "BUSYBOX=$(command -v busybox || echo /bin/busybox)"
+	echo "UAPI_INCLUDE=$uapi/include"
 	[ -f "$sd_dir/.done" ] && echo "SYSTEMD_ROOTFS=$sd_dir/rootfs" && echo "SYSTEMD_INITRAMFS=$sd_dir/rootfs.cpio.zst"
 } >"$CACHE/rig.env"
 log "ready in $(($(date +%s) - t0)) s: $CACHE/rig.env"

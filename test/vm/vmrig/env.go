@@ -51,6 +51,9 @@ type Env struct {
 	// The systemd boot mode's Debian root filesystem: the tree and its initramfs archive.
 	SystemdRootfs    string
 	SystemdInitramfs string
+	// UAPIInclude is the include directory of the kernel source's uapi headers (make
+	// headers), which test/uapi compiles its layout program against.
+	UAPIInclude string
 }
 
 // CacheDir returns the rig's cache directory: $MMIOBROKER_VM_CACHE, else
@@ -104,6 +107,7 @@ func LoadEnvFile(path string) (Env, error) {
 
 		SystemdRootfs:    vars["SYSTEMD_ROOTFS"],
 		SystemdInitramfs: vars["SYSTEMD_INITRAMFS"],
+		UAPIInclude:      vars["UAPI_INCLUDE"],
 	}, nil
 }
 
@@ -186,4 +190,16 @@ func (e Env) SystemdBase() (string, error) {
 		return "", fmt.Errorf("systemd boot mode: %w: %s", err, setupHint)
 	}
 	return e.SystemdInitramfs, nil
+}
+
+// UAPIHeaders returns the include directory of the kernel source's uapi headers,
+// checking that it holds linux/vfio.h.
+func (e Env) UAPIHeaders() (string, error) {
+	if e.UAPIInclude == "" {
+		return "", fmt.Errorf("uapi headers: no UAPI_INCLUDE in %s: %s", e.Path, setupHint)
+	}
+	if _, err := os.Stat(filepath.Join(e.UAPIInclude, "linux", "vfio.h")); err != nil {
+		return "", fmt.Errorf("uapi headers: %w: %s", err, setupHint)
+	}
+	return e.UAPIInclude, nil
 }

@@ -32,7 +32,7 @@ func TestLoadEnvAndKernel(t *testing.T) {
 	os.WriteFile(filepath.Join(mods, "modules.dep"), nil, 0o644)
 	os.WriteFile(filepath.Join(dir, "vmlinuz"), []byte("k"), 0o644)
 	env := "KVER=7.2.13+deb14-amd64\nKSRCVER=7.2.13-1\nSTOCK_KERNEL=" + filepath.Join(dir, "vmlinuz") +
-		"\nSTOCK_MODULES=" + mods + "\nBUSYBOX=/nonexistent/busybox\n"
+		"\nSTOCK_MODULES=" + mods + "\nBUSYBOX=/nonexistent/busybox\nUAPI_INCLUDE=" + filepath.Join(dir, "include") + "\n"
 	p := filepath.Join(dir, "rig.env")
 	os.WriteFile(p, []byte(env), 0o644)
 	t.Setenv("MMIOBROKER_VM_CACHE", dir)
@@ -52,6 +52,22 @@ func TestLoadEnvAndKernel(t *testing.T) {
 	}
 	if _, err := e.BusyboxPath(); err == nil {
 		t.Error("missing busybox accepted")
+	}
+	// Written by an older setup.sh: no uapi headers yet.
+	if _, err := (Env{Path: p}).UAPIHeaders(); err == nil || !strings.Contains(err.Error(), "setup.sh") {
+		t.Errorf("UAPIHeaders() err = %v, want a pointer to setup.sh", err)
+	}
+	inc := filepath.Join(dir, "include")
+	if e.UAPIInclude != inc {
+		t.Errorf("UAPIInclude = %q, want %q", e.UAPIInclude, inc)
+	}
+	if _, err := e.UAPIHeaders(); err == nil {
+		t.Error("UAPIHeaders accepted a directory without linux/vfio.h")
+	}
+	os.MkdirAll(filepath.Join(inc, "linux"), 0o755)
+	os.WriteFile(filepath.Join(inc, "linux", "vfio.h"), nil, 0o644)
+	if got, err := e.UAPIHeaders(); err != nil || got != inc {
+		t.Errorf("UAPIHeaders() = %q, %v, want %q", got, err, inc)
 	}
 	if _, err := LoadEnvFile(filepath.Join(dir, "absent.env")); err == nil || !strings.Contains(err.Error(), "setup.sh") {
 		t.Errorf("missing rig.env: err = %v", err)
