@@ -110,14 +110,23 @@ func (c *cli) leases(ctx context.Context, args []string) error {
 		return err
 	}
 	defer done()
-	resp, err := cl.API().ListLeases(ctx, req)
-	if err != nil {
-		return err
+	// Every page, in one list: the daemon sends at most 1000 leases a page.
+	list := &brokerv1.ListLeasesResponse{}
+	for {
+		resp, err := cl.API().ListLeases(ctx, req)
+		if err != nil {
+			return err
+		}
+		list.Leases = append(list.Leases, resp.GetLeases()...)
+		if resp.GetNextPageToken() == "" {
+			break
+		}
+		req.PageToken = resp.GetNextPageToken()
 	}
 	if c.json {
-		return writeJSON(c.stdout, resp)
+		return writeJSON(c.stdout, list)
 	}
-	return writeLeases(c.stdout, resp.GetLeases())
+	return writeLeases(c.stdout, list.GetLeases())
 }
 
 // revoke runs revoke [-grace DUR] LEASE_ID.

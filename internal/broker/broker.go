@@ -32,6 +32,7 @@ type Broker struct {
 	devices   map[string]*device     // by BDF
 	order     []string               // BDFs in configuration order
 	leases    map[string]*lease      // every lease ever granted, live or ended (ended ones bounded)
+	byAge     []*lease               // the leases of leases that are not pending, oldest first (list.go)
 	ended     []string               // ended lease IDs, oldest first, for bounded retention
 	live      int                    // leases not dead: live, pending, or ended but live
 	perTenant map[string]int         // leases not dead, by holder tenant
@@ -324,6 +325,7 @@ func (b *Broker) allocateOn(d *device, req AllocateRequest) (_ Lease, token stri
 	l.buf = buf
 	l.Inode, l.Size = buf.Inode(), buf.Size()
 	l.Created = now
+	b.indexLocked(l)
 	token = newToken()
 	l.digest = tokenDigest(token)
 	l.deadline = now.Add(b.cfg.ClaimTimeout)
@@ -338,7 +340,7 @@ func (b *Broker) allocateOn(d *device, req AllocateRequest) (_ Lease, token stri
 	if err := b.emitLocked(EventAllocated, l, ""); err != nil {
 		// Not recorded, so not granted: a restart would not know it.
 		b.endLocked(l, StateReleased, ReasonJournalFailed, "broker")
-		delete(b.leases, l.ID)
+		b.forgetLocked(l)
 		b.ended = slices.DeleteFunc(b.ended, func(id string) bool { return id == l.ID })
 		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
 	}
@@ -554,52 +556,6 @@ func (b *Broker) GetAs(id string, by Actor) (Lease, error) {
 	return l, nil
 }
 
-// ListAs returns the leases matching f that by may see, oldest first: admins see every
-// lease; others only their tenant's, and may not ask for another uid's or tenant's.
-func (b *Broker) ListAs(f Filter, by Actor) ([]Lease, error) {
-	if !by.Admin {
-		switch {
-		case f.UID != nil && *f.UID != by.UID:
-			return nil, fmt.Errorf("list leases of uid %d: %s may list only its own tenant's leases: %w", *f.UID, by, errdefs.ErrPermissionDenied)
-		case f.Tenant != "" && f.Tenant != by.tenant():
-			return nil, fmt.Errorf("list leases of tenant %s: %s may list only its own tenant's (%s): %w", f.Tenant, by, by.tenant(), errdefs.ErrPermissionDenied)
-		}
-		f.Tenant = by.tenant()
-	}
-	return b.List(f), nil
-}
-
-// List returns the leases matching f, oldest first.
-func (b *Broker) List(f Filter) []Lease {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	var out []Lease
-	for _, l := range b.leases {
-		switch {
-		case l.pending,
-			f.UID != nil && l.Holder.UID != *f.UID,
-			f.Tenant != "" && l.Holder.Tenant != f.Tenant,
-			f.BDF != "" && l.BDF != f.BDF,
-			f.Live && !l.Live():
-			continue
-		}
-		out = append(out, l.Lease)
-	}
-	slices.SortFunc(out, func(a, b Lease) int {
-		if c := a.Created.Compare(b.Created); c != 0 {
-			return c
-		}
-		switch {
-		case a.ID < b.ID:
-			return -1
-		case a.ID > b.ID:
-			return 1
-		}
-		return 0
-	})
-	return out
-}
-
 // Release ends lease id on behalf of its holder's tenant or an admin. It does not revoke
 // at once: the holder's fd keeps working until its device's next cycle, which comes at
 // the latest Config.RevokeWithin later (the lease is ended-but-live until then; see
@@ -672,7 +628,9 @@ func (b *Broker) trimEndedLocked() {
 		if l != nil && !l.Dead {
 			return
 		}
-		delete(b.leases, b.ended[0])
+		if l != nil {
+			b.forgetLocked(l)
+		}
 		b.dropped = append(b.dropped, b.ended[0])
 		b.ended = b.ended[1:]
 	}

@@ -148,6 +148,7 @@ func (b *Broker) restore(recs []Record) {
 		d := b.devices[r.BDF]
 		if !l.Live() {
 			b.leases[l.ID] = l
+			b.indexLocked(l)
 			b.ended = append(b.ended, l.ID)
 			if l.Dead {
 				continue
@@ -171,6 +172,7 @@ func (b *Broker) restore(recs []Record) {
 			continue
 		}
 		b.leases[l.ID] = l
+		b.indexLocked(l)
 		if d == nil || d.dev == nil {
 			why := "the device is no longer configured"
 			if d != nil {

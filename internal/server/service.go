@@ -184,11 +184,24 @@ func (s *service) ListLeases(ctx context.Context, req *brokerv1.ListLeasesReques
 		f.UID = &uid
 	}
 	f.Tenant = req.GetTenant()
-	ls, err := s.b.ListAs(f, actor(id, admin))
+	size, err := pageSize(req.GetPageSize())
 	if err != nil {
 		return nil, err
 	}
-	return &brokerv1.ListLeasesResponse{Leases: leasesToProto(ls)}, nil
+	after, err := parsePageToken(req.GetPageToken(), f)
+	if err != nil {
+		return nil, err
+	}
+	ls, more, err := s.b.ListPageAs(f, actor(id, admin), after, size)
+	if err != nil {
+		return nil, err
+	}
+	resp := &brokerv1.ListLeasesResponse{Leases: leasesToProto(ls)}
+	if more {
+		last := ls[len(ls)-1]
+		resp.NextPageToken = pageToken(broker.Cursor{Created: last.Created, ID: last.ID}, f)
+	}
+	return resp, nil
 }
 
 // RevokeLease implements brokerv1.BrokerServer.

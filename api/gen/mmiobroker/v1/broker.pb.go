@@ -2896,7 +2896,13 @@ type ListLeasesRequest struct {
 	HolderUid *uint32 `protobuf:"varint,3,opt,name=holder_uid,json=holderUid,proto3,oneof" json:"holder_uid,omitempty"`
 	// Only leases of this tenant (Holder.tenant). Admins may name any tenant; a holder may name
 	// only its own (PERMISSION_DENIED otherwise).
-	Tenant        string `protobuf:"bytes,4,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Tenant string `protobuf:"bytes,4,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// The most leases to return (AIP-158 paging): 0 means 1000, and larger values are
+	// reduced to 1000.
+	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The next_page_token of the previous page; empty for the first page. The other fields
+	// must be those of the first page's request (INVALID_ARGUMENT otherwise).
+	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2959,11 +2965,29 @@ func (x *ListLeasesRequest) GetTenant() string {
 	return ""
 }
 
+func (x *ListLeasesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListLeasesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 // ListLeasesResponse lists leases.
 type ListLeasesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The matching leases, oldest first.
-	Leases        []*Lease `protobuf:"bytes,1,rep,name=leases,proto3" json:"leases,omitempty"`
+	// The matching leases, oldest first; at most page_size of them.
+	Leases []*Lease `protobuf:"bytes,1,rep,name=leases,proto3" json:"leases,omitempty"`
+	// Set when more leases follow: pass it as page_token for the next page. Paging is by
+	// position in the creation order, so a lease created while paging appears on a later page,
+	// and one forgotten meanwhile is skipped; no lease appears twice.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3003,6 +3027,13 @@ func (x *ListLeasesResponse) GetLeases() []*Lease {
 		return x.Leases
 	}
 	return nil
+}
+
+func (x *ListLeasesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // RevokeLeaseRequest names the lease to revoke.
@@ -3984,16 +4015,20 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x02fd\x18\x04 \x01(\x05R\x02fd\x12\x14\n" +
 	"\x05inode\x18\x05 \x01(\x04R\x05inode\x12\x12\n" +
 	"\x04name\x18\x06 \x01(\tR\x04name\x12\x12\n" +
-	"\x04size\x18\a \x01(\x04R\x04size\"\x8d\x01\n" +
+	"\x04size\x18\a \x01(\x04R\x04size\"\xc9\x01\n" +
 	"\x11ListLeasesRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x1b\n" +
 	"\tlive_only\x18\x02 \x01(\bR\bliveOnly\x12\"\n" +
 	"\n" +
 	"holder_uid\x18\x03 \x01(\rH\x00R\tholderUid\x88\x01\x01\x12\x16\n" +
-	"\x06tenant\x18\x04 \x01(\tR\x06tenantB\r\n" +
-	"\v_holder_uid\"B\n" +
+	"\x06tenant\x18\x04 \x01(\tR\x06tenant\x12\x1b\n" +
+	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x06 \x01(\tR\tpageTokenB\r\n" +
+	"\v_holder_uid\"j\n" +
 	"\x12ListLeasesResponse\x12,\n" +
-	"\x06leases\x18\x01 \x03(\v2\x14.mmiobroker.v1.LeaseR\x06leases\"m\n" +
+	"\x06leases\x18\x01 \x03(\v2\x14.mmiobroker.v1.LeaseR\x06leases\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"m\n" +
 	"\x12RevokeLeaseRequest\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12<\n" +
 	"\fgrace_period\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vgracePeriod\"j\n" +

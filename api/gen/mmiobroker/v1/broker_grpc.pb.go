@@ -165,8 +165,8 @@ type BrokerClient interface {
 	// counted in processes_inaccessible. NOT_FOUND if lease_id names no lease; PERMISSION_DENIED
 	// if it names another tenant's.
 	ScanHolders(ctx context.Context, in *ScanHoldersRequest, opts ...grpc.CallOption) (*ScanHoldersResponse, error)
-	// ListLeases returns leases, oldest first. Holders see only leases of their own tenant;
-	// admins see all.
+	// ListLeases returns leases, oldest first, a page at a time (page_size, page_token,
+	// next_page_token). Holders see only leases of their own tenant; admins see all.
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
 	// RevokeLease ends a lease and makes its dma-buf dead for good. Admins only
 	// (PERMISSION_DENIED otherwise).
@@ -509,8 +509,8 @@ type BrokerServer interface {
 	// counted in processes_inaccessible. NOT_FOUND if lease_id names no lease; PERMISSION_DENIED
 	// if it names another tenant's.
 	ScanHolders(context.Context, *ScanHoldersRequest) (*ScanHoldersResponse, error)
-	// ListLeases returns leases, oldest first. Holders see only leases of their own tenant;
-	// admins see all.
+	// ListLeases returns leases, oldest first, a page at a time (page_size, page_token,
+	// next_page_token). Holders see only leases of their own tenant; admins see all.
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
 	// RevokeLease ends a lease and makes its dma-buf dead for good. Admins only
 	// (PERMISSION_DENIED otherwise).
