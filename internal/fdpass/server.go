@@ -74,9 +74,12 @@ type Options struct {
 	// MaxConns bounds the claims served at once (default 64); clients beyond it get
 	// RESOURCE_EXHAUSTED.
 	MaxConns int
-	// MaxConnsPerTenant bounds the claims of one tenant served at once (default
-	// MaxConns/4, at least 1), so that one tenant's idle connections cannot starve the
-	// others.
+	// MaxConnsPerTenant is each tenant's share of the claim slots (default MaxConns/4, at
+	// least 1): a tenant may always have that many claims in progress while a slot is free.
+	// Beyond its share a tenant takes free slots only while more than a share's worth stays
+	// free, so that one tenant's connections (idle or not) cannot starve the others, and a
+	// burst of one tenant's VMs starting at once (many VMs under one uid, with tenants by
+	// uid) is not refused while the server is idle.
 	MaxConnsPerTenant int
 	// TenantOf names the tenant of a connecting peer (uid and pid from SO_PEERCRED) for
 	// MaxConnsPerTenant. Nil: the tenant is the uid ("uid=N"). It only counts slots: the
@@ -92,10 +95,10 @@ type Server struct {
 	claimer Claimer
 	log     *slog.Logger
 	opt     Options
-	slots   chan struct{} // one token per claim in progress, across all Serve calls
 	rejects chan struct{} // one token per busy-rejection in progress
 
 	tenantMu sync.Mutex
+	inUse    int            // claims in progress, across all Serve calls; guarded by tenantMu
 	byTenant map[string]int // claims in progress per peer tenant; guarded by tenantMu
 
 	rejected atomic.Uint64 // connections answered RESOURCE_EXHAUSTED (busy)
@@ -107,7 +110,7 @@ type Stats struct {
 	// InProgress is how many claims are being served; MaxConns is Options.MaxConns.
 	InProgress, MaxConns int
 	// TenantMax is how many claims the tenant with the most has in progress;
-	// TenantLimit is Options.MaxConnsPerTenant.
+	// TenantLimit is Options.MaxConnsPerTenant (a tenant's share; see Options).
 	TenantMax, TenantLimit int
 	// Rejected counts the connections answered RESOURCE_EXHAUSTED because every slot (or
 	// the tenant's share) was taken; Dropped those hung up at once because even the
@@ -117,30 +120,36 @@ type Stats struct {
 
 // Stats returns a snapshot of the server's claim slots.
 func (s *Server) Stats() Stats {
-	st := Stats{InProgress: len(s.slots), MaxConns: s.opt.MaxConns, TenantLimit: s.opt.MaxConnsPerTenant,
+	st := Stats{MaxConns: s.opt.MaxConns, TenantLimit: s.opt.MaxConnsPerTenant,
 		Rejected: s.rejected.Load(), Dropped: s.dropped.Load()}
 	s.tenantMu.Lock()
 	defer s.tenantMu.Unlock()
+	st.InProgress = s.inUse
 	for _, n := range s.byTenant {
 		st.TenantMax = max(st.TenantMax, n)
 	}
 	return st
 }
 
-// takeTenant counts a claim of tenant in progress, unless tenant is at its limit.
-func (s *Server) takeTenant(tenant string) bool {
+// takeSlot counts a claim of tenant in progress if the limits allow it: a slot is free,
+// and the tenant is within its share or more than a share's worth of slots stays free for
+// the others (Options.MaxConnsPerTenant).
+func (s *Server) takeSlot(tenant string) bool {
 	s.tenantMu.Lock()
 	defer s.tenantMu.Unlock()
-	if s.byTenant[tenant] >= s.opt.MaxConnsPerTenant {
+	free, share := s.opt.MaxConns-s.inUse, s.opt.MaxConnsPerTenant
+	if free <= 0 || (s.byTenant[tenant] >= share && free <= share) {
 		return false
 	}
+	s.inUse++
 	s.byTenant[tenant]++
 	return true
 }
 
-func (s *Server) releaseTenant(tenant string) {
+func (s *Server) releaseSlot(tenant string) {
 	s.tenantMu.Lock()
 	defer s.tenantMu.Unlock()
+	s.inUse--
 	if s.byTenant[tenant]--; s.byTenant[tenant] <= 0 {
 		delete(s.byTenant, tenant)
 	}
@@ -186,7 +195,7 @@ func NewServer(c Claimer, opt Options) *Server {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Server{claimer: c, log: log, opt: opt, byTenant: map[string]int{},
-		slots: make(chan struct{}, opt.MaxConns), rejects: make(chan struct{}, opt.MaxConns)}
+		rejects: make(chan struct{}, opt.MaxConns)}
 }
 
 // Listen creates a SOCK_SEQPACKET unix socket at path with the given permission bits. A
@@ -278,17 +287,12 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			uc.Close()
 			continue
 		}
-		if s.takeTenant(tenant) {
-			select {
-			case s.slots <- struct{}{}:
-				wg.Go(func() {
-					defer func() { <-s.slots; s.releaseTenant(tenant) }()
-					s.handle(ctx, uc)
-				})
-				continue
-			default:
-				s.releaseTenant(tenant)
-			}
+		if s.takeSlot(tenant) {
+			wg.Go(func() {
+				defer s.releaseSlot(tenant)
+				s.handle(ctx, uc)
+			})
+			continue
 		}
 		select {
 		case s.rejects <- struct{}{}:
@@ -354,7 +358,8 @@ func (s *Server) reject(ctx context.Context, c *net.UnixConn) {
 	if !answer {
 		return
 	}
-	msg := fmt.Sprintf("too many claims in progress (at most %d, %d per tenant); retry later", s.opt.MaxConns, s.opt.MaxConnsPerTenant)
+	msg := fmt.Sprintf("too many claims in progress (at most %d; beyond %d per tenant only while %d more stay free); retry later",
+		s.opt.MaxConns, s.opt.MaxConnsPerTenant, s.opt.MaxConnsPerTenant)
 	s.log.Warn("claim rejected", "lease_id", req.LeaseID, "code", CodeResourceExhausted.String(), "reason", msg)
 	s.writeError(c, CodeResourceExhausted, req.LeaseID, msg)
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -53,6 +54,7 @@ func neverClaimer(t *testing.T) *fakeClaimer {
 
 type testServer struct {
 	path string
+	srv  *Server
 	stop func() error // cancels Serve and returns its result; idempotent
 }
 
@@ -79,7 +81,7 @@ func serveOn(t testing.TB, l *net.UnixListener, c Claimer, opt Options) *testSer
 	srv := NewServer(c, opt)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ctx, l) }()
-	ts := &testServer{path: path, stop: sync.OnceValue(func() error {
+	ts := &testServer{path: path, srv: srv, stop: sync.OnceValue(func() error {
 		cancel()
 		return <-errc
 	})}
@@ -500,14 +502,68 @@ func holdFirstClaim(t *testing.T, opt Options) (ts *testServer, finish func() er
 	}
 }
 
-// TestServerMaxConnsPerTenant: one uid cannot take more than its share of the claim slots,
-// even while slots are free for others.
-func TestServerMaxConnsPerTenant(t *testing.T) {
+// TestServerTenantShare: a tenant takes free slots beyond its share only while more than
+// a share's worth stays free: alone on a server of 4 slots with a share of 1 it gets 3
+// claims at once, its 4th is refused, and another tenant still gets the last slot.
+func TestServerTenantShare(t *testing.T) {
 	testutil.FDLeakCheck(t)
-	ts, finish := holdFirstClaim(t, Options{MaxConns: 8, MaxConnsPerTenant: 1})
+	var tenant atomic.Value
+	tenant.Store("A")
+	buf := memfd(t, "x")
+	var entered sync.WaitGroup
+	release := make(chan struct{})
+	fc := &fakeClaimer{claim: func(_ context.Context, req Request, _ Peer) (Grant, *os.File, error) {
+		if strings.HasPrefix(req.LeaseID, "hold") {
+			entered.Done()
+			<-release
+		}
+		f, err := dup(buf)
+		return Grant{}, f, err
+	}}
+	ts := startServer(t, fc, Options{MaxConns: 4, MaxConnsPerTenant: 1,
+		TenantOf: func(uint32, int32) string { return tenant.Load().(string) }})
+	held := make(chan error, 3)
+	for i := range 3 {
+		entered.Add(1)
+		go func() {
+			f, _, err := Claim(testCtx(t), ts.path, fmt.Sprintf("hold%d", i), "T")
+			if f != nil {
+				f.Close()
+			}
+			held <- err
+		}()
+		entered.Wait() // tenant A's claim i is in progress: slot taken
+	}
+	_, rep, err := Claim(testCtx(t), ts.path, "A4", "T")
+	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted || !strings.Contains(rep.Message, "beyond 1 per tenant") {
+		t.Errorf("tenant A's 4th claim with one slot left: %v (code %s, %q), want RESOURCE_EXHAUSTED", err, rep.Code, rep.Message)
+	}
+	if st := ts.srv.Stats(); st.InProgress != 3 || st.TenantMax != 3 || st.Rejected != 1 {
+		t.Errorf("stats %+v, want 3 in progress, 3 for tenant A, 1 rejected", st)
+	}
+	tenant.Store("B")
+	f, _, err := Claim(testCtx(t), ts.path, "B1", "T")
+	if err != nil {
+		t.Errorf("tenant B's claim on the last slot: %v", err)
+	} else {
+		f.Close()
+	}
+	close(release)
+	for range 3 {
+		if err := <-held; err != nil {
+			t.Errorf("held claim: %v", err)
+		}
+	}
+}
+
+// TestServerShareAtTheLimit: with 2 slots and a share of 1, a tenant holding one claim may
+// not take the last slot (it is the others' share).
+func TestServerShareAtTheLimit(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	ts, finish := holdFirstClaim(t, Options{MaxConns: 2, MaxConnsPerTenant: 1})
 	_, rep, err := Claim(testCtx(t), ts.path, "L2", "T2")
-	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted || !strings.Contains(rep.Message, "1 per tenant") {
-		t.Errorf("second claim of the same uid: %v (code %s, %q), want RESOURCE_EXHAUSTED per uid", err, rep.Code, rep.Message)
+	if !errors.Is(err, errdefs.ErrResourceExhausted) || rep.Code != CodeResourceExhausted {
+		t.Errorf("second claim of the same uid with one slot left: %v (code %s, %q), want RESOURCE_EXHAUSTED", err, rep.Code, rep.Message)
 	}
 	if err := finish(); err != nil {
 		t.Errorf("first claim: %v", err)
