@@ -2,6 +2,7 @@ package fdpass
 
 import (
 	"context"
+	"net"
 	"os"
 	"testing"
 
@@ -62,4 +63,51 @@ type claimFunc func(context.Context, Request, Peer) (Grant, *os.File, error)
 
 func (f claimFunc) Claim(ctx context.Context, req Request, peer Peer) (Grant, *os.File, error) {
 	return f(ctx, req, peer)
+}
+
+// BenchmarkDialSCMRightsBare is the floor of a claim through the net package: dial a
+// SOCK_SEQPACKET listener, send a 32-byte request, receive a reply carrying one fd (the
+// server's dup of a memfd) and close both ends, with no credentials, pidfd or checks.
+func BenchmarkDialSCMRightsBare(b *testing.B) {
+	l := listenTest(b)
+	defer l.Close()
+	f := memfd(b, "x")
+	go func() {
+		for {
+			c, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			req := make([]byte, 64)
+			if _, err := c.Read(req); err == nil {
+				if d, err := dup(f); err == nil {
+					c.WriteMsgUnix(make([]byte, ReplyFixedSize+24+12), unix.UnixRights(int(d.Fd())), nil)
+					d.Close()
+				}
+			}
+			c.Close()
+		}
+	}()
+	path := l.Addr().String()
+	req := make([]byte, 32)
+	buf := make([]byte, MaxReplySize)
+	oob := make([]byte, unix.CmsgSpace(4*maxReplyFDs))
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := c.Write(req); err != nil {
+			b.Fatal(err)
+		}
+		_, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if closeRights(oob[:oobn]) != 1 {
+			b.Fatal("no fd received")
+		}
+		c.Close()
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -155,25 +156,16 @@ func (s *Server) releaseSlot(tenant string) {
 	}
 }
 
-// peerTenant names the tenant of the process at the other end of c (SO_PEERCRED and
-// Options.TenantOf).
-func (s *Server) peerTenant(c *net.UnixConn) (string, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return "", err
-	}
-	var cred *unix.Ucred
-	var gerr error
-	if err := rc.Control(func(fd uintptr) { cred, gerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
-		return "", err
-	}
-	if gerr != nil {
-		return "", os.NewSyscallError("getsockopt SO_PEERCRED", gerr)
-	}
+// unidentified is the slot tenant of peers whose credentials could not be read (their
+// claims are answered with the reason and count against one shared share).
+const unidentified = "unidentified"
+
+// peerTenant names the tenant of a peer with credentials creds (Options.TenantOf).
+func (s *Server) peerTenant(creds peercred.Creds) string {
 	if s.opt.TenantOf != nil {
-		return s.opt.TenantOf(cred.Uid, cred.Pid), nil
+		return s.opt.TenantOf(creds.UID, creds.PID)
 	}
-	return fmt.Sprintf("uid=%d", cred.Uid), nil
+	return "uid=" + strconv.FormatUint(uint64(creds.UID), 10)
 }
 
 // NewServer returns a server that asks c about each claim.
@@ -281,18 +273,22 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			// only guards against a kernel that would not copy the flag.
 			_ = refuseRights(uc)
 		}
-		tenant, err := s.peerTenant(uc)
-		if err != nil {
-			s.log.Warn("claim peer without credentials; dropping connection", "error", err)
-			uc.Close()
-			continue
+		// Pin the peer at once (with the pidfd_open fallback, the earlier the better); its
+		// credentials also name its tenant for the slots.
+		creds, proc, perr := peercred.FromConn(uc)
+		tenant := unidentified
+		if perr == nil {
+			tenant = s.peerTenant(creds)
 		}
 		if s.takeSlot(tenant) {
 			wg.Go(func() {
 				defer s.releaseSlot(tenant)
-				s.handle(ctx, uc)
+				s.handle(ctx, uc, creds, proc, perr)
 			})
 			continue
+		}
+		if proc != nil {
+			proc.Close()
 		}
 		select {
 		case s.rejects <- struct{}{}:
@@ -407,16 +403,14 @@ func (s *Server) readRequest(ctx context.Context, c *net.UnixConn, log *slog.Log
 	return req, true, err
 }
 
-// handle serves one connection: one request, one reply.
-func (s *Server) handle(ctx context.Context, c *net.UnixConn) {
+// handle serves one connection of a peer with credentials creds, pinned by proc (which it
+// closes), or perr why the peer could not be identified: one request, one reply.
+func (s *Server) handle(ctx context.Context, c *net.UnixConn, creds peercred.Creds, proc *peercred.Process, perr error) {
 	defer c.Close()
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	c.SetReadDeadline(time.Now().Add(s.opt.ReadTimeout))
 
-	// Pin the peer before anything else: with the pidfd_open fallback, the earlier the
-	// better.
-	creds, proc, perr := peercred.FromConn(c)
 	log := s.log
 	if perr == nil {
 		defer proc.Close()

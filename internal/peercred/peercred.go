@@ -62,7 +62,7 @@ func FromConn(c *net.UnixConn) (Creds, *Process, error) {
 	if err != nil {
 		return Creds{}, nil, fmt.Errorf("peer credentials: %w", err)
 	}
-	return fromRawConn(rc, pinPeerPidfd)
+	return fromRawConn(rc, pinPeerPidfd, true) // a *net.UnixConn is AF_UNIX
 }
 
 // pinMode says whether and how to pin the peer with a pidfd.
@@ -85,19 +85,19 @@ func fromSyscallConn(c net.Conn, mode pinMode) (Creds, *Process, error) {
 	if err != nil {
 		return Creds{}, nil, fmt.Errorf("peer credentials: %w", err)
 	}
-	return fromRawConn(rc, mode)
+	return fromRawConn(rc, mode, false)
 }
 
 // fromRawConn reads the peer credentials of the AF_UNIX socket behind rc and pins the
-// peer as mode says.
-func fromRawConn(rc syscall.RawConn, mode pinMode) (Creds, *Process, error) {
+// peer as mode says. isUnix says the socket is known to be AF_UNIX (else it is checked).
+func fromRawConn(rc syscall.RawConn, mode pinMode, isUnix bool) (Creds, *Process, error) {
 	var (
 		creds Creds
 		pidfd = -1
 		opErr error
 	)
 	err := rc.Control(func(fd uintptr) {
-		creds, opErr = readCreds(int(fd))
+		creds, opErr = readCreds(int(fd), isUnix)
 		if opErr == nil && mode != pinNone {
 			pidfd, opErr = pin(int(fd), creds.PID, mode == pinPeerPidfd)
 		}
@@ -122,13 +122,15 @@ func fromRawConn(rc syscall.RawConn, mode pinMode) (Creds, *Process, error) {
 }
 
 // readCreds does the credential getsockopt calls on socket s.
-func readCreds(s int) (Creds, error) {
-	domain, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_DOMAIN)
-	if err != nil {
-		return Creds{}, os.NewSyscallError("getsockopt SO_DOMAIN", err)
-	}
-	if domain != unix.AF_UNIX {
-		return Creds{}, fmt.Errorf("socket family %d is not AF_UNIX: %w", domain, errdefs.ErrInvalidArgument)
+func readCreds(s int, isUnix bool) (Creds, error) {
+	if !isUnix {
+		domain, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_DOMAIN)
+		if err != nil {
+			return Creds{}, os.NewSyscallError("getsockopt SO_DOMAIN", err)
+		}
+		if domain != unix.AF_UNIX {
+			return Creds{}, fmt.Errorf("socket family %d is not AF_UNIX: %w", domain, errdefs.ErrInvalidArgument)
+		}
 	}
 	uc, err := unix.GetsockoptUcred(s, unix.SOL_SOCKET, unix.SO_PEERCRED)
 	if err != nil {
@@ -158,7 +160,7 @@ func pin(s int, pid int32, usePeerPidfd bool) (int, error) {
 		}
 		// Kernel before 6.5: fall back.
 	}
-	pidfd, err := unix.PidfdOpen(int(pid), unix.PIDFD_NONBLOCK)
+	pidfd, err := unix.PidfdOpen(int(pid), 0)
 	if err != nil {
 		if errors.Is(err, unix.ESRCH) {
 			return -1, fmt.Errorf("pid %d exited: %w: %w", pid, os.NewSyscallError("pidfd_open", err), errdefs.ErrFailedPrecondition)

@@ -64,7 +64,7 @@ func TestFromConnChildProcess(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			creds, proc, err := fromRawConn(rc, pm.mode)
+			creds, proc, err := fromRawConn(rc, pm.mode, false)
 			if err != nil {
 				t.Fatalf("fromRawConn: %v", err)
 			}
@@ -156,7 +156,7 @@ func TestFromConnReapedPeer(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, proc, err := fromRawConn(rc, pm.mode)
+			_, proc, err := fromRawConn(rc, pm.mode, false)
 			switch {
 			case pm.mode == pinFallback:
 				// pidfd_open of a reaped pid fails; so does the recheck if the pid was reused.

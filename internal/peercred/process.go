@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -22,7 +23,9 @@ const pidfsMagic = 0x50494446
 // concurrent use.
 type Process struct {
 	pid int32
-	f   *os.File // the pidfd: O_CLOEXEC|O_NONBLOCK, registered with the runtime poller
+	// f is the pidfd (O_CLOEXEC), not registered with the runtime poller: pinning a peer
+	// costs no epoll_ctl. Only the duplicates that Wait blocks on are (dupFile).
+	f *os.File
 
 	mu      sync.Mutex
 	closed  bool                  // guarded by mu
@@ -35,7 +38,7 @@ func Open(pid int32) (*Process, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("pidfd_open pid %d: %w", pid, errdefs.ErrInvalidArgument)
 	}
-	fd, err := unix.PidfdOpen(int(pid), unix.PIDFD_NONBLOCK)
+	fd, err := unix.PidfdOpen(int(pid), 0)
 	if err != nil {
 		err = fmt.Errorf("pid %d: %w", pid, os.NewSyscallError("pidfd_open", err))
 		if errors.Is(err, unix.ESRCH) {
@@ -48,13 +51,10 @@ func Open(pid int32) (*Process, error) {
 
 // newProcess takes ownership of pidfd (closed on error too).
 func newProcess(pidfd int, pid int32) (*Process, error) {
-	// O_NONBLOCK makes os.NewFile register the fd with the runtime poller; pidfds from
-	// SO_PEERPIDFD come without it. The flag only changes waitid(P_PIDFD), which is unused.
-	if err := unix.SetNonblock(pidfd, true); err != nil {
-		unix.Close(pidfd)
-		return nil, os.NewSyscallError("fcntl pidfd O_NONBLOCK", err)
-	}
-	f := os.NewFile(uintptr(pidfd), fmt.Sprintf("pidfd:%d", pid))
+	// Without O_NONBLOCK (pidfds from SO_PEERPIDFD and pidfd_open without
+	// PIDFD_NONBLOCK come without it) os.NewFile leaves the fd out of the runtime poller:
+	// every use of it here is a non-blocking poll(2) or fstat(2) through Control.
+	f := os.NewFile(uintptr(pidfd), "pidfd:"+strconv.Itoa(int(pid)))
 	if f == nil {
 		unix.Close(pidfd)
 		return nil, fmt.Errorf("pidfd %d: invalid fd: %w", pidfd, errdefs.ErrInvalidArgument)
@@ -173,7 +173,14 @@ func (p *Process) dupFile() (*os.File, error) {
 	if derr != nil {
 		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", derr)
 	}
-	// The dup shares the open file description, O_NONBLOCK included.
+	// O_NONBLOCK makes os.NewFile register the dup with the runtime poller, so that Wait
+	// blocks there rather than in a system call. The flag belongs to the open file
+	// description that p.f shares, which changes nothing for p.f (never read), and it only
+	// changes waitid(P_PIDFD), which is unused.
+	if err := unix.SetNonblock(nfd, true); err != nil {
+		unix.Close(nfd)
+		return nil, os.NewSyscallError("fcntl pidfd O_NONBLOCK", err)
+	}
 	f := os.NewFile(uintptr(nfd), p.f.Name())
 	if f == nil {
 		unix.Close(nfd)
