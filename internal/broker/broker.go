@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
@@ -32,7 +31,8 @@ type Broker struct {
 	devices   map[string]*device     // by BDF
 	order     []string               // BDFs in configuration order
 	leases    map[string]*lease      // every lease ever granted, live or ended (ended ones bounded)
-	byAge     []*lease               // the leases of leases that are not pending, oldest first (list.go)
+	byAge     []*lease               // the leases that are not pending, oldest first (list.go)
+	holders   map[string]*holderProc // live leases' holder processes, by holderKey
 	ended     []string               // ended lease IDs, oldest first, for bounded retention
 	live      int                    // leases not dead: live, pending, or ended but live
 	perTenant map[string]int         // leases not dead, by holder tenant
@@ -89,8 +89,8 @@ type lease struct {
 	timer    *time.Timer // claim expiry
 	ttl      *time.Timer // time to live
 	grace    *time.Timer // cooperative revoke deadline
-	unwatch  context.CancelFunc
-	pending  bool // being exported: invisible to Get, List and Claim
+	hp       *holderProc // the holder process, shared with its other live leases (holderproc.go)
+	pending  bool        // being exported: invisible to Get, List and Claim
 	// reissuing is set (and recorded) while a device cycle kills this live lease's fd and
 	// before the lease is reissued: a broker restarted in between cycles the device again.
 	reissuing bool
@@ -133,6 +133,7 @@ func NewWithOptions(cfg Config, open Opener, log *slog.Logger, opt Options) (*Br
 		now:       time.Now,
 		devices:   map[string]*device{},
 		leases:    map[string]*lease{},
+		holders:   map[string]*holderProc{},
 		perTenant: map[string]int{},
 		cycles:    map[string][]time.Time{},
 		events:    newEventLog(cfg.EventBacklog),
@@ -444,7 +445,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 		return Lease{}, nil, fmt.Errorf("lease %s: claim from uid %d pid %d, but the lease was allocated by uid %d pid %d: %w",
 			id, peer.UID, peer.PID, l.Holder.UID, l.Holder.PID, errdefs.ErrPermissionDenied)
 	}
-	if l.holder.Proc != nil && !l.holder.Proc.Alive() {
+	if !l.holderAlive() {
 		return Lease{}, nil, fmt.Errorf("lease %s: the allocating process %d has exited (pid reused?): %w", id, l.Holder.PID, errdefs.ErrPermissionDenied)
 	}
 	if b.closed || l.buf == nil {
@@ -597,10 +598,7 @@ func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 			*t = nil
 		}
 	}
-	if l.unwatch != nil {
-		l.unwatch()
-		l.unwatch = nil
-	}
+	b.unwatchHolder(l)
 	if l.buf != nil {
 		l.buf.Close()
 		l.buf = nil
@@ -776,6 +774,7 @@ func (b *Broker) Detach() error {
 		return nil
 	}
 	b.closed, b.detached = true, true
+	b.unwatchAllLocked()
 	var bufs []Buffer
 	for _, l := range b.leases {
 		for _, t := range []**time.Timer{&l.timer, &l.ttl, &l.grace} {
@@ -783,10 +782,6 @@ func (b *Broker) Detach() error {
 				(*t).Stop()
 				*t = nil
 			}
-		}
-		if l.unwatch != nil {
-			l.unwatch()
-			l.unwatch = nil
 		}
 		if l.buf != nil {
 			bufs = append(bufs, l.buf) // closed once the devices are detached

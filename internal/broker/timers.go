@@ -4,7 +4,6 @@ package broker
 // cooperative revoke, and the holder process watch.
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -71,28 +70,6 @@ func mayChange(by Actor, l *lease, verb string) error {
 // MayView reports whether by may see lease l (get, list, watch its events): its holder's
 // tenant or an admin.
 func MayView(by Actor, l Lease) bool { return by.Admin || by.tenant() == l.Holder.Tenant }
-
-// watchHolder ends l when its holder process exits. Called with b.mu held.
-func (b *Broker) watchHolder(l *lease) {
-	p := l.holder.Proc
-	if p == nil {
-		return
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	l.unwatch = cancel
-	id, pid := l.ID, l.Holder.PID
-	b.watchers.Add(1)
-	go func() {
-		defer b.watchers.Done()
-		if p.Wait(ctx) != nil {
-			return // the lease ended first
-		}
-		b.log.Info("lease holder exited", "lease_id", id, "client_pid", pid)
-		if _, err := b.endByTenant(id, StateReleased, ReasonHolderExited, fmt.Sprintf("pid %d exited", pid), EventReleased); err != nil && !errors.Is(err, errdefs.ErrFailedPrecondition) {
-			b.log.Error("ending the lease of an exited holder failed", "lease_id", id, "err", err)
-		}
-	}()
-}
 
 // revokeAtDeadline enforces a cooperative revoke at its deadline, on behalf of the admin
 // who asked (who).

@@ -19,7 +19,7 @@ const (
 	fdsPerControlConn = 2      // the socket and the pinned caller's pidfd
 	fdsPerClaimConn   = 3      // the socket, the peer's pidfd, the dma-buf being sent
 	claimConns        = 2 * 64 // fdpass's claim slots plus its reject slots (fdpass.Options defaults)
-	fdsPerLease       = 3      // the holder's pidfd, its waiter's dup, the broker's dma-buf copy
+	fdsPerLease       = 3      // the broker's dma-buf copy, and (if it is the process's only lease) the holder's pidfd and its waiter's dup
 	fdsPerDevice      = 6      // device, group and container (or iommufd), two notifier eventfds, a reopen
 	fdReserve         = 64     // listeners, uevent socket, journal, sd_notify sockets, runtime, stdio, logs
 )
