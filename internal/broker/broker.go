@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"slices"
 	"sync"
@@ -96,9 +97,10 @@ type lease struct {
 	reissuing bool
 	// before is the lease as it was before the last claim, for Unclaim.
 	before struct {
-		state    State
-		digest   []byte
-		deadline time.Time
+		state     State
+		digest    []byte
+		deadline  time.Time
+		delegated bool // the claim made the claiming process the holder of a delegated lease
 	}
 }
 
@@ -268,7 +270,13 @@ func (b *Broker) Allocate(req AllocateRequest) (_ Lease, token string, err error
 	if err := b.checkTTL(req.TTL, req.Admin); err != nil {
 		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
 	}
-	req.Holder.Tenant = TenantOf(req.Holder.UID, req.Holder.Tenant)
+	if !req.Claimant.IsZero() {
+		if err := b.delegate(&req); err != nil {
+			return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, err)
+		}
+	} else {
+		req.Holder.Tenant = TenantOf(req.Holder.UID, req.Holder.Tenant)
+	}
 	var l Lease
 	if werr := d.w.run(func() { l, token, err = b.allocateOn(d, req) }); werr != nil {
 		return Lease{}, "", fmt.Errorf("device %s: %w", req.BDF, werr)
@@ -329,10 +337,12 @@ func (b *Broker) allocateOn(d *device, req AllocateRequest) (_ Lease, token stri
 	b.indexLocked(l)
 	token = newToken()
 	l.digest = tokenDigest(token)
-	l.deadline = now.Add(b.cfg.ClaimTimeout)
-	l.ClaimDeadline = l.deadline
 	id, gen := l.ID, l.Generation
-	l.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
+	if !l.Delegated() { // a delegated lease waits for its claimant's VMM, however long it takes to start
+		l.deadline = now.Add(b.cfg.ClaimTimeout)
+		l.ClaimDeadline = l.deadline
+		l.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
+	}
 	if req.TTL > 0 {
 		l.TTL, l.Expires = req.TTL, now.Add(req.TTL)
 		l.ttl = time.AfterFunc(req.TTL, func() { b.expireTTL(id) })
@@ -417,6 +427,7 @@ func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*leas
 	l.State, l.Generation = StateAllocated, 1
 	l.Holder.UID, l.Holder.PID, l.Holder.Tenant = req.Holder.UID, req.Holder.PID, req.Holder.Tenant
 	l.VMName, l.Unattested = req.VMName, unattested
+	l.Claimant, l.Labels = req.Claimant, maps.Clone(req.Labels)
 	b.leases[l.ID] = l
 	d.live[l.ID] = l
 	b.countLive(l, +1)
@@ -438,24 +449,38 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 	if l.digest == nil || subtle.ConstantTimeCompare(l.digest, tokenDigest(token)) != 1 {
 		return Lease{}, nil, fmt.Errorf("lease %s: %w", id, ErrBadToken)
 	}
-	if l.State == StateAllocated && !b.now().Before(l.deadline) {
+	if l.State == StateAllocated && !l.deadline.IsZero() && !b.now().Before(l.deadline) {
 		return Lease{}, nil, fmt.Errorf("lease %s: claim token expired at %s: %w", id, l.deadline.Format(time.RFC3339), errdefs.ErrDeadlineExceeded)
 	}
-	if peer.UID != l.Holder.UID || peer.PID != l.Holder.PID {
+	delegated := l.Delegated()
+	switch {
+	case delegated:
+		if err := b.claimDelegatedLocked(l, peer); err != nil {
+			return Lease{}, nil, err
+		}
+	case peer.UID != l.Holder.UID || peer.PID != l.Holder.PID:
 		return Lease{}, nil, fmt.Errorf("lease %s: claim from uid %d pid %d, but the lease was allocated by uid %d pid %d: %w",
 			id, peer.UID, peer.PID, l.Holder.UID, l.Holder.PID, errdefs.ErrPermissionDenied)
 	}
+	undelegate := func() {
+		if delegated {
+			b.undelegateLocked(l)
+		}
+	}
 	if !l.holderAlive() {
+		undelegate()
 		return Lease{}, nil, fmt.Errorf("lease %s: the allocating process %d has exited (pid reused?): %w", id, l.Holder.PID, errdefs.ErrPermissionDenied)
 	}
 	if b.closed || l.buf == nil {
+		undelegate()
 		return Lease{}, nil, fmt.Errorf("lease %s: the broker is stopping: %w", id, errdefs.ErrUnavailable)
 	}
 	f, err := l.buf.Dup()
 	if err != nil {
+		undelegate()
 		return Lease{}, nil, fmt.Errorf("lease %s: duplicate dma-buf fd: %w", id, err)
 	}
-	l.before.state, l.before.digest, l.before.deadline = l.State, l.digest, l.deadline
+	l.before.state, l.before.digest, l.before.deadline, l.before.delegated = l.State, l.digest, l.deadline, delegated
 	l.digest = nil
 	l.ClaimDeadline = time.Time{}
 	if l.timer != nil {
@@ -469,6 +494,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 		f.Close()
 		l.State, l.digest, l.Claimed = l.before.state, l.before.digest, time.Time{}
 		l.before.digest = nil
+		undelegate()
 		if l.State == StateAllocated {
 			l.deadline, l.ClaimDeadline = l.before.deadline, l.before.deadline
 			gen := l.Generation
@@ -523,6 +549,9 @@ func (b *Broker) Unclaim(id string, gen uint64) {
 	}
 	l.State, l.digest, l.Claimed = l.before.state, l.before.digest, time.Time{}
 	l.before.digest = nil
+	if l.before.delegated {
+		b.undelegateLocked(l)
+	}
 	if l.State == StateAllocated {
 		l.deadline, l.ClaimDeadline = l.before.deadline, l.before.deadline
 		l.timer = time.AfterFunc(max(l.deadline.Sub(b.now()), 0), func() { b.expire(id, gen) })

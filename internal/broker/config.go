@@ -45,6 +45,9 @@ type Config struct {
 	// MinTTL is the shortest time to live a tenant may ask for (admins are exempt). Zero:
 	// no minimum.
 	MinTTL time.Duration
+	// PeerUnits says the claim path resolves the cgroup unit of claiming processes
+	// (Peer.Unit; tenants by cgroup), which delegated leases need.
+	PeerUnits bool
 }
 
 // DeviceConfig is the policy of one configured device.

@@ -345,14 +345,22 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease, causedBy str
 		o.Generation++
 		o.Inode, o.Size = buf.Inode(), buf.Size()
 		o.Claimed = time.Time{}
-		token := newToken()
-		o.digest = tokenDigest(token)
+		token := ""
 		o.deadline, o.ClaimDeadline = time.Time{}, time.Time{}
-		if o.State == StateAllocated { // never claimed: the claim window starts again
+		switch {
+		case o.Delegated():
+			// Its claimant's token (in the pod's CDI spec) stays valid, and it still waits
+			// without a deadline: nobody has a stream to be told a new one.
+		case o.State == StateAllocated: // never claimed: the claim window starts again
+			token = newToken()
+			o.digest = tokenDigest(token)
 			o.deadline = b.now().Add(b.cfg.ClaimTimeout)
 			o.ClaimDeadline = o.deadline
 			id, gen := o.ID, o.Generation
 			o.timer = time.AfterFunc(b.cfg.ClaimTimeout, func() { b.expire(id, gen) })
+		default:
+			token = newToken()
+			o.digest = tokenDigest(token)
 		}
 		b.emitCausedLocked(EventReissued, o, token, causedBy)
 		failpoint.Hit(failpoint.MidReissue)

@@ -110,7 +110,8 @@ func (b *Broker) ListPage(f Filter, after Cursor, limit int) ([]Lease, bool) {
 			f.UID != nil && l.Holder.UID != *f.UID,
 			f.Tenant != "" && l.Holder.Tenant != f.Tenant,
 			f.BDF != "" && l.BDF != f.BDF,
-			f.Live && !l.Live():
+			f.Live && !l.Live(),
+			!hasLabels(l.Labels, f.Labels):
 			continue
 		}
 		if limit > 0 && len(out) == limit {
@@ -119,4 +120,14 @@ func (b *Broker) ListPage(f Filter, after Cursor, limit int) ([]Lease, bool) {
 		out = append(out, l.Lease)
 	}
 	return out, false
+}
+
+// hasLabels reports whether labels has every label of want.
+func hasLabels(labels, want map[string]string) bool {
+	for k, v := range want {
+		if w, ok := labels[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
 }

@@ -207,7 +207,7 @@ func (b *Broker) restore(recs []Record) {
 			}
 			l.buf = buf
 		}
-		if b.repin != nil {
+		if b.repin != nil && !l.Delegated() {
 			p, err := b.repin(l.Holder.PID, l.holder.Start)
 			if err != nil {
 				gone = append(gone, exited{l.ID, l.Holder.PID})

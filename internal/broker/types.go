@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"time"
+
+	"github.com/mmiobroker/mmiobroker/internal/tenant"
 )
 
 // Range is a byte range of a BAR: Offset and Length are page aligned, Length is non-zero.
@@ -186,6 +188,55 @@ type Holder struct {
 type Peer struct {
 	UID uint32
 	PID int32
+	// Delegate identifies the peer for a delegated lease, which it would hold (called
+	// only for those, under the broker's lock). Nil: this peer cannot take delegated
+	// leases.
+	Delegate func() (Claimer, error)
+}
+
+// Claimer is a claiming process as a delegated lease needs it: its tenant identity
+// (internal/tenant), its cgroup unit ("" if it runs in none), which decides the claim, and
+// a pinned process handle the broker owns from then on, with its start stamp.
+type Claimer struct {
+	Tenant, Unit string
+	Proc         Process
+	Start        uint64
+}
+
+// Claimant names who may claim a delegated lease: processes of a Kubernetes pod (by the
+// pod's uid) or of a cgroup unit. Exactly one field is set on a delegated lease; the zero
+// Claimant marks an ordinary lease, which only its allocating process may claim.
+type Claimant struct {
+	PodUID string
+	Unit   string
+}
+
+// IsZero reports whether c names nobody (an ordinary lease).
+func (c Claimant) IsZero() bool { return c == Claimant{} }
+
+func (c Claimant) String() string {
+	if c.PodUID != "" {
+		return "pod=" + c.PodUID
+	}
+	return "unit=" + c.Unit
+}
+
+// ClaimantTenant is the holder tenant of a delegated lease until its claim: it never
+// equals a caller's tenant (so only admins see the lease), two leases of one claimant
+// share it (shared ranges, the per-tenant lease limit), and it names the claimant.
+func ClaimantTenant(c Claimant) string { return "claimant:" + c.String() }
+
+// Matches reports whether a process in cgroup unit unit (as tenants by cgroup resolve it;
+// "" if the process is in no unit) may claim a lease delegated to c.
+func (c Claimant) Matches(unit string) bool {
+	switch {
+	case unit == "":
+		return false
+	case c.PodUID != "":
+		uid, ok := tenant.PodUID(unit)
+		return ok && uid == c.PodUID
+	}
+	return unit == c.Unit
 }
 
 // Actor identifies the caller of a management operation.
@@ -360,7 +411,18 @@ type Lease struct {
 	// RevokeDue is set on an ended-but-live lease: its device cycles, and its fd dies, at
 	// the latest then (the lease's end + Config.RevokeWithin). Zero otherwise.
 	RevokeDue time.Time
+	// Labels are the labels given at allocation (nil if none); never modified.
+	Labels map[string]string
+	// Claimant is set on a delegated lease: who may claim it. Until its first claim the
+	// lease has no holder (Holder.PID 0, uid 0; only admins see it); the claiming process
+	// becomes the holder.
+	Claimant Claimant
 }
+
+// Delegated reports whether the lease was allocated on behalf of a claimant and has no
+// holder yet: nobody is pinned, its Holder.Tenant is [ClaimantTenant], and only a process
+// of the claimant may claim it.
+func (l Lease) Delegated() bool { return !l.Claimant.IsZero() && l.Holder.PID == 0 }
 
 // Live reports whether the lease has not ended.
 func (l Lease) Live() bool { return !l.State.Ended() }
@@ -439,6 +501,8 @@ type Filter struct {
 	BDF    string
 	// Live matches only allocated and active leases.
 	Live bool
+	// Labels, if set, matches leases that have every one of these labels.
+	Labels map[string]string
 }
 
 // AllocateRequest asks for a lease.
@@ -455,4 +519,8 @@ type AllocateRequest struct {
 	// TTL, if positive, ends the lease (reason expired) that long after allocation
 	// unless renewed.
 	TTL time.Duration
+	// Claimant, if set, makes a delegated lease (admins only): see [Claimant].
+	Claimant Claimant
+	// Labels are kept with the lease (see [Filter.Labels]).
+	Labels map[string]string
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
 	"github.com/mmiobroker/mmiobroker/internal/metrics"
+	"github.com/mmiobroker/mmiobroker/internal/tenant"
 )
 
 // claimer adapts [broker.Broker.Claim] to the claim socket's [fdpass.Claimer].
@@ -21,13 +22,18 @@ import (
 // It counts every claim the broker decides by the code its client gets (m.Claimed): a
 // refusal when the broker refuses it, the delivery's outcome when it grants it.
 type claimer struct {
-	b *broker.Broker
-	m *metrics.Metrics
+	b       *broker.Broker
+	m       *metrics.Metrics
+	tenants tenant.Resolver // resolves a delegated lease's claimer (its tenant and unit)
 }
 
 // Claim implements fdpass.Claimer.
 func (c claimer) Claim(_ context.Context, req fdpass.Request, peer fdpass.Peer) (fdpass.Grant, *os.File, error) {
-	l, f, err := c.b.Claim(req.LeaseID, req.Token, broker.Peer{UID: peer.UID, PID: peer.PID})
+	bp := broker.Peer{UID: peer.UID, PID: peer.PID}
+	if c.tenants.Mode == tenant.ByCgroup && peer.Process != nil {
+		bp.Delegate = func() (broker.Claimer, error) { return delegateClaimer(c.tenants, peer) }
+	}
+	l, f, err := c.b.Claim(req.LeaseID, req.Token, bp)
 	if errors.Is(err, broker.ErrBadToken) {
 		err = fdpass.WithCode(fdpass.CodeBadToken, err)
 	}
@@ -63,4 +69,24 @@ func (c claimer) Delivered(req fdpass.Request, grant fdpass.Grant, _ fdpass.Peer
 			c.m.RoundTrip(time.Since(l.Created))
 		}
 	}
+}
+
+// delegateClaimer identifies the claim socket peer for a delegated lease: its tenant and
+// cgroup unit, read while fdpass's pidfd pins it, and a pin of its own for the broker.
+func delegateClaimer(r tenant.Resolver, peer fdpass.Peer) (broker.Claimer, error) {
+	id, err := r.ResolveProcess(peer.UID, peer.Process, "")
+	if err != nil {
+		return broker.Claimer{}, err
+	}
+	unit, _ := id.Unit()
+	proc, err := peer.Process.Dup()
+	if err != nil {
+		return broker.Claimer{}, err
+	}
+	start, err := proc.Stamp()
+	if err != nil {
+		proc.Close()
+		return broker.Claimer{}, err
+	}
+	return broker.Claimer{Tenant: string(id), Unit: unit, Proc: proc, Start: start}, nil
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/server"
 	"github.com/mmiobroker/mmiobroker/internal/systemd"
+	"github.com/mmiobroker/mmiobroker/internal/tenant"
 	"github.com/mmiobroker/mmiobroker/internal/uevent"
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
@@ -110,7 +111,9 @@ func Run(ctx context.Context, opt Options) error {
 	st.observer = m
 	var b *broker.Broker
 	err = extendWhile(notify, func() (err error) {
-		b, err = broker.NewWithOptions(res.Broker, hr.track(opt.Opener(st.keeper())), log, st.brokerOptions())
+		bc := res.Broker
+		bc.PeerUnits = res.Tenants.Mode == tenant.ByCgroup // the claimer below resolves units
+		b, err = broker.NewWithOptions(bc, hr.track(opt.Opener(st.keeper())), log, st.brokerOptions())
 		return err
 	})
 	if err != nil {
@@ -164,7 +167,7 @@ func Run(ctx context.Context, opt Options) error {
 		Host:        hr.source(b),
 		Holders:     hc,
 	})
-	claims := fdpass.NewServer(claimer{b: b, m: m}, fdpass.Options{Log: log, TenantOf: claimTenant(res.Tenants)})
+	claims := fdpass.NewServer(claimer{b: b, m: m, tenants: res.Tenants}, fdpass.Options{Log: log, TenantOf: claimTenant(res.Tenants)})
 	if err := m.Watch(metrics.Sources{Broker: b, GRPCConns: srv.Conns, Claims: claims.Stats, FDBudget: need,
 		Holders: holderSource(hc, d.HolderCheck)}); err != nil {
 		log.Error("metrics incomplete", "err", err)

@@ -143,7 +143,7 @@ func toJournal(r broker.Record) journal.Lease {
 		Created: l.Created, Claimed: l.Claimed, ClaimDeadline: l.ClaimDeadline, Expires: l.Expires,
 		RevokeDeadline: l.RevokeDeadline, Ended: l.Ended, TTL: l.TTL,
 		EndReason: string(l.EndReason), EndedBy: l.EndedBy, Dead: l.Dead, RevokeDue: l.RevokeDue, Seq: r.Seq,
-		Reissuing: r.Reissuing,
+		Reissuing: r.Reissuing, Labels: l.Labels, ClaimantPodUID: l.Claimant.PodUID, ClaimantUnit: l.Claimant.Unit,
 	}
 	for _, rg := range l.Ranges {
 		jl.Ranges = append(jl.Ranges, journal.Range{Offset: rg.Offset, Length: rg.Length})
@@ -171,6 +171,7 @@ func fromJournal(jl journal.Lease) (broker.Record, error) {
 	l.Created, l.Claimed, l.ClaimDeadline, l.Expires = jl.Created, jl.Claimed, jl.ClaimDeadline, jl.Expires
 	l.RevokeDeadline, l.Ended, l.TTL = jl.RevokeDeadline, jl.Ended, jl.TTL
 	l.EndReason, l.EndedBy, l.Dead, l.RevokeDue = broker.Reason(jl.EndReason), jl.EndedBy, jl.Dead, jl.RevokeDue
+	l.Labels, l.Claimant = jl.Labels, broker.Claimant{PodUID: jl.ClaimantPodUID, Unit: jl.ClaimantUnit}
 	for _, rg := range jl.Ranges {
 		l.Ranges = append(l.Ranges, broker.Range{Offset: rg.Offset, Length: rg.Length})
 	}

@@ -112,6 +112,8 @@ func fullLease(id string, seq uint64) Lease {
 		Reissuing:      true,
 		Seq:            seq,
 		Labels:         map[string]string{"team": "gpu", "ünicode": "✓ \"quoted\""},
+		ClaimantPodUID: "8d1c4e2a-11f0-9c3b-0242ac120002",
+		ClaimantUnit:   "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope",
 	}
 }
 

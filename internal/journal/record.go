@@ -64,6 +64,9 @@ type Lease struct {
 	Reissuing      bool              `json:"reissuing,omitzero"`  // a device cycle killed its fd; not reissued yet
 	Seq            uint64            `json:"seq,omitzero"`        // the seq of the event that produced this record
 	Labels         map[string]string `json:"labels,omitzero"`
+	// ClaimantPodUID or ClaimantUnit is set on a delegated lease: who may claim it.
+	ClaimantPodUID string `json:"claimant_pod_uid,omitzero"`
+	ClaimantUnit   string `json:"claimant_unit,omitzero"`
 }
 
 // Event is one stored lease transition, kept for replay to watchers after a restart.

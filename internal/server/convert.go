@@ -2,7 +2,9 @@ package server
 
 import (
 	"fmt"
+	"maps"
 	"slices"
+	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -99,7 +101,48 @@ func allocateRequest(req *brokerv1.AllocateLeaseRequest) (broker.AllocateRequest
 	if err != nil {
 		return broker.AllocateRequest{}, fmt.Errorf("device %s: %w", bdf, err)
 	}
-	return broker.AllocateRequest{BDF: bdf, BAR: int(bar), Ranges: ranges, Kind: kind, VMName: vm, TTL: ttl}, nil
+	labels, err := parseLabels(req.GetLabels())
+	if err != nil {
+		return broker.AllocateRequest{}, fmt.Errorf("device %s: %w", bdf, err)
+	}
+	var claimant broker.Claimant
+	if c := req.GetClaimant(); c != nil {
+		claimant = broker.Claimant{PodUID: c.GetPodUid(), Unit: c.GetUnit()}
+		if claimant.IsZero() {
+			return broker.AllocateRequest{}, invalid("device %s: claimant: set pod_uid or unit", bdf)
+		}
+	}
+	return broker.AllocateRequest{BDF: bdf, BAR: int(bar), Ranges: ranges, Kind: kind, VMName: vm, TTL: ttl,
+		Claimant: claimant, Labels: labels}, nil
+}
+
+// Label limits (AllocateLeaseRequest.labels, ListLeasesRequest.labels).
+const (
+	maxLabels          = 16
+	maxLabelKeyBytes   = 63
+	maxLabelValueBytes = 256
+)
+
+// parseLabels checks labels: at most maxLabels; keys of [A-Za-z0-9._/-]; values of
+// printable ASCII. Nil or empty gives nil.
+func parseLabels(m map[string]string) (map[string]string, error) {
+	if len(m) == 0 {
+		return nil, nil
+	}
+	if len(m) > maxLabels {
+		return nil, invalid("%d labels, at most %d allowed", len(m), maxLabels)
+	}
+	for k, v := range m {
+		if k == "" || len(k) > maxLabelKeyBytes || strings.IndexFunc(k, func(r rune) bool {
+			return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '/' || r == '-')
+		}) >= 0 {
+			return nil, invalid("label key %q: want 1-%d bytes of letters, digits and ._/-", clip(k), maxLabelKeyBytes)
+		}
+		if len(v) > maxLabelValueBytes || strings.IndexFunc(v, func(r rune) bool { return r < 0x20 || r > 0x7e }) >= 0 {
+			return nil, invalid("label %s: value %q: want at most %d bytes of printable ASCII", k, clip(v), maxLabelValueBytes)
+		}
+	}
+	return maps.Clone(m), nil
 }
 
 // durationFromProto converts the optional duration field name, which must be well formed
@@ -288,7 +331,16 @@ func leaseToProto(l broker.Lease) *brokerv1.Lease {
 		RevokeDue:      timestamp(l.RevokeDue),
 		FdDead:         !l.Live() && l.Dead,
 		ClaimDeadline:  timestamp(l.ClaimDeadline),
+		Labels:         maps.Clone(l.Labels),
+		Claimant:       claimantToProto(l.Claimant),
 	}
+}
+
+func claimantToProto(c broker.Claimant) *brokerv1.Claimant {
+	if c.IsZero() {
+		return nil
+	}
+	return &brokerv1.Claimant{PodUid: c.PodUID, Unit: c.Unit}
 }
 
 func leasesToProto(ls []broker.Lease) []*brokerv1.Lease {
@@ -347,4 +399,12 @@ func deviceToProto(st broker.DeviceStatus) *brokerv1.Device {
 		d.Policy.AllowedKinds = append(d.Policy.AllowedKinds, kindToProto(k))
 	}
 	return d
+}
+
+// clip shortens s for an error message.
+func clip(s string) string {
+	if len(s) > 80 {
+		return s[:80] + "…"
+	}
+	return s
 }

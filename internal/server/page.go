@@ -4,6 +4,8 @@ import (
 	"encoding/base64"
 	"fmt"
 	"hash/fnv"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -64,7 +66,7 @@ func parsePageToken(tok string, f broker.Filter) (broker.Cursor, error) {
 		return bad("not a token this daemon made")
 	}
 	if parts[3] != fmt.Sprintf("%08x", filterHash(f)) {
-		return bad("made for other filters (bdf, live_only, holder_uid, tenant)")
+		return bad("made for other filters (bdf, live_only, holder_uid, tenant, labels)")
 	}
 	return broker.Cursor{Created: time.Unix(0, ns), ID: parts[2]}, nil
 }
@@ -78,5 +80,8 @@ func filterHash(f broker.Filter) uint32 {
 		uid = strconv.FormatUint(uint64(*f.UID), 10)
 	}
 	fmt.Fprintf(h, "%s\x00%t\x00%s\x00%s", f.BDF, f.Live, uid, f.Tenant)
+	for _, k := range slices.Sorted(maps.Keys(f.Labels)) {
+		fmt.Fprintf(h, "\x00%s=%s", k, f.Labels[k])
+	}
 	return h.Sum32()
 }

@@ -184,6 +184,9 @@ func (s *service) ListLeases(ctx context.Context, req *brokerv1.ListLeasesReques
 		f.UID = &uid
 	}
 	f.Tenant = req.GetTenant()
+	if f.Labels, err = parseLabels(req.GetLabels()); err != nil {
+		return nil, err
+	}
 	size, err := pageSize(req.GetPageSize())
 	if err != nil {
 		return nil, err

@@ -171,3 +171,39 @@ func validPath(p string) bool {
 
 // validUnit reports whether p can be the unit in an [ID].
 func validUnit(p string) bool { return validPath(p) && p != "/" }
+
+// PodUID returns the uid of the Kubernetes pod whose unit unit is (a pod slice of the
+// systemd cgroup driver or a pod directory of cgroupfs, as [Unit] recognises them), with
+// the '_' the systemd driver writes for '-' turned back: the pod's metadata.uid. It
+// reports false if unit is not exactly a pod's unit.
+func PodUID(unit string) (string, bool) {
+	if !strings.HasPrefix(unit, "/") {
+		return "", false
+	}
+	n, ok := kubePod(unit)
+	if !ok || n != len(unit) {
+		return "", false
+	}
+	last := unit[strings.LastIndexByte(unit, '/')+1:]
+	if uid, ok := strings.CutSuffix(last, ".slice"); ok {
+		i := strings.LastIndex(uid, "-pod")
+		return strings.ReplaceAll(uid[i+len("-pod"):], "_", "-"), true
+	}
+	return strings.TrimPrefix(last, "pod"), true
+}
+
+// ValidPodUID reports whether s is a pod uid that [PodUID] can return: letters, digits
+// and '-', at most 128 bytes.
+func ValidPodUID(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	for i := range len(s) {
+		switch c := s[i]; {
+		case c >= '0' && c <= '9', c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}

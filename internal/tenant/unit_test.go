@@ -1,6 +1,9 @@
 package tenant
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestUnit(t *testing.T) {
 	const (
@@ -103,5 +106,37 @@ func TestDefaultUnitsFresh(t *testing.T) {
 	DefaultUnits()[0] = "/changed"
 	if got := DefaultUnits(); len(got) != 1 || got[0] != "/machine.slice" {
 		t.Errorf("DefaultUnits() = %q after a caller changed an earlier result", got)
+	}
+}
+
+func TestPodUID(t *testing.T) {
+	for _, c := range []struct {
+		unit, uid string
+		ok        bool
+	}{
+		{"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod8d1c_4e2a_11f0_9c3b_0242ac120002.slice", "8d1c-4e2a-11f0-9c3b-0242ac120002", true},
+		{"/kubepods.slice/kubepods-pod0a1b2c3d_0000_1111_2222_333344445555.slice", "0a1b2c3d-0000-1111-2222-333344445555", true},
+		{"/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-podabc_def.slice", "abc-def", true},
+		{"/kubepods/burstable/pod8d1c4e2a-11f0-9c3b-0242ac120002", "8d1c4e2a-11f0-9c3b-0242ac120002", true},
+		{"/kubepods/pod1234", "1234", true},
+		// not exactly a pod's unit
+		{"/kubepods/burstable/pod1234/cri-containerd-abc.scope", "", false},
+		{"/kubepods.slice/kubepods-burstable.slice", "", false},
+		{"/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope", "", false},
+		{"kubepods/pod1234", "", false},
+		{"", "", false},
+	} {
+		uid, ok := PodUID(c.unit)
+		if uid != c.uid || ok != c.ok {
+			t.Errorf("PodUID(%q) = %q, %v; want %q, %v", c.unit, uid, ok, c.uid, c.ok)
+		}
+		if ok && !ValidPodUID(uid) {
+			t.Errorf("PodUID(%q) = %q, which ValidPodUID refuses", c.unit, uid)
+		}
+	}
+	for _, s := range []string{"", "a/b", "a_b", "ü", strings.Repeat("a", 129)} {
+		if ValidPodUID(s) {
+			t.Errorf("ValidPodUID(%q) = true", s)
+		}
 	}
 }

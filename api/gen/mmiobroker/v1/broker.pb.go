@@ -1162,7 +1162,12 @@ type Lease struct {
 	RevokeDue *timestamppb.Timestamp `protobuf:"bytes,22,opt,name=revoke_due,json=revokeDue,proto3" json:"revoke_due,omitempty"`
 	// True once an ended lease's dma-buf is dead in every process (it never left the daemon,
 	// or its device cycled or closed since). False on live leases and on ended-but-live ones.
-	FdDead        bool `protobuf:"varint,23,opt,name=fd_dead,json=fdDead,proto3" json:"fd_dead,omitempty"`
+	FdDead bool `protobuf:"varint,23,opt,name=fd_dead,json=fdDead,proto3" json:"fd_dead,omitempty"`
+	// The labels given at allocation.
+	Labels map[string]string `protobuf:"bytes,24,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Set on a delegated lease (AllocateLeaseRequest.claimant): who may claim it. Until the
+	// claim, holder is the allocating admin; from the claim on, the claiming process.
+	Claimant      *Claimant `protobuf:"bytes,25,opt,name=claimant,proto3" json:"claimant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1356,6 +1361,20 @@ func (x *Lease) GetFdDead() bool {
 		return x.FdDead
 	}
 	return false
+}
+
+func (x *Lease) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *Lease) GetClaimant() *Claimant {
+	if x != nil {
+		return x.Claimant
+	}
+	return nil
 }
 
 // Event is one lease transition.
@@ -2202,7 +2221,19 @@ type AllocateLeaseRequest struct {
 	// Optional time to live: the lease ends (EXPIRED event, state REVOKED, end reason EXPIRED,
 	// dma-buf revoked) this long after allocation unless renewed with RenewLease. Unset or 0:
 	// no time to live. At most 366 days; negative or malformed durations are INVALID_ARGUMENT.
-	Ttl           *durationpb.Duration `protobuf:"bytes,6,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Ttl *durationpb.Duration `protobuf:"bytes,6,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Admins only (PERMISSION_DENIED otherwise): a delegated lease, allocated on behalf of
+	// the VMM of a pod or VM unit (a Kubernetes DRA driver preparing a ResourceClaim). The
+	// allocating process is not its holder: it is not pinned, its exit ends nothing, and it
+	// cannot claim the fd. Any process in the claimant's cgroup unit can claim it with the
+	// token; that process becomes the holder (pinned, its exit ends the lease) and its tenant
+	// the lease's. Until then the lease counts against max_leases only, and only admins see
+	// it. Needs [tenants] by = "cgroup" or "label" (FAILED_PRECONDITION otherwise).
+	Claimant *Claimant `protobuf:"bytes,7,opt,name=claimant,proto3" json:"claimant,omitempty"`
+	// Labels to find the lease by (ListLeasesRequest.labels), e.g. the ResourceClaim's uid: at
+	// most 16; keys 1-63 bytes of [A-Za-z0-9._/-], values at most 256 bytes of printable
+	// ASCII. Kept with the lease (and across restarts) and shown in Lease.labels.
+	Labels        map[string]string `protobuf:"bytes,8,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2279,6 +2310,78 @@ func (x *AllocateLeaseRequest) GetTtl() *durationpb.Duration {
 	return nil
 }
 
+func (x *AllocateLeaseRequest) GetClaimant() *Claimant {
+	if x != nil {
+		return x.Claimant
+	}
+	return nil
+}
+
+func (x *AllocateLeaseRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+// Claimant names who may claim a delegated lease: exactly one of its fields.
+type Claimant struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A Kubernetes pod by its uid (metadata.uid): a process in that pod's cgroup (the pod
+	// slice of the systemd cgroup driver or the pod directory of cgroupfs, as tenants by
+	// cgroup recognise it).
+	PodUid string `protobuf:"bytes,1,opt,name=pod_uid,json=podUid,proto3" json:"pod_uid,omitempty"`
+	// A cgroup unit as the cgroup part of a tenant id shows it, e.g.
+	// "/machine.slice/machine-qemu\x2d1\x2dvm1.scope": a process in it or below it.
+	Unit          string `protobuf:"bytes,2,opt,name=unit,proto3" json:"unit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Claimant) Reset() {
+	*x = Claimant{}
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Claimant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Claimant) ProtoMessage() {}
+
+func (x *Claimant) ProtoReflect() protoreflect.Message {
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Claimant.ProtoReflect.Descriptor instead.
+func (*Claimant) Descriptor() ([]byte, []int) {
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *Claimant) GetPodUid() string {
+	if x != nil {
+		return x.PodUid
+	}
+	return ""
+}
+
+func (x *Claimant) GetUnit() string {
+	if x != nil {
+		return x.Unit
+	}
+	return ""
+}
+
 // AllocateLeaseResponse carries the new lease and how to claim its fd.
 type AllocateLeaseResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2298,7 +2401,7 @@ type AllocateLeaseResponse struct {
 
 func (x *AllocateLeaseResponse) Reset() {
 	*x = AllocateLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2310,7 +2413,7 @@ func (x *AllocateLeaseResponse) String() string {
 func (*AllocateLeaseResponse) ProtoMessage() {}
 
 func (x *AllocateLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[20]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2323,7 +2426,7 @@ func (x *AllocateLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllocateLeaseResponse.ProtoReflect.Descriptor instead.
 func (*AllocateLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{20}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AllocateLeaseResponse) GetLease() *Lease {
@@ -2367,7 +2470,7 @@ type GetLeaseRequest struct {
 
 func (x *GetLeaseRequest) Reset() {
 	*x = GetLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2482,7 @@ func (x *GetLeaseRequest) String() string {
 func (*GetLeaseRequest) ProtoMessage() {}
 
 func (x *GetLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[21]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2495,7 @@ func (x *GetLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLeaseRequest.ProtoReflect.Descriptor instead.
 func (*GetLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{21}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetLeaseRequest) GetLeaseId() string {
@@ -2426,7 +2529,7 @@ type GetLeaseResponse struct {
 
 func (x *GetLeaseResponse) Reset() {
 	*x = GetLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2438,7 +2541,7 @@ func (x *GetLeaseResponse) String() string {
 func (*GetLeaseResponse) ProtoMessage() {}
 
 func (x *GetLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[22]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2451,7 +2554,7 @@ func (x *GetLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLeaseResponse.ProtoReflect.Descriptor instead.
 func (*GetLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{22}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetLeaseResponse) GetLease() *Lease {
@@ -2486,7 +2589,7 @@ type ScanHoldersRequest struct {
 
 func (x *ScanHoldersRequest) Reset() {
 	*x = ScanHoldersRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2498,7 +2601,7 @@ func (x *ScanHoldersRequest) String() string {
 func (*ScanHoldersRequest) ProtoMessage() {}
 
 func (x *ScanHoldersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[23]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2511,7 +2614,7 @@ func (x *ScanHoldersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanHoldersRequest.ProtoReflect.Descriptor instead.
 func (*ScanHoldersRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{23}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ScanHoldersRequest) GetLeaseId() string {
@@ -2546,7 +2649,7 @@ type ScanHoldersResponse struct {
 
 func (x *ScanHoldersResponse) Reset() {
 	*x = ScanHoldersResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2558,7 +2661,7 @@ func (x *ScanHoldersResponse) String() string {
 func (*ScanHoldersResponse) ProtoMessage() {}
 
 func (x *ScanHoldersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[24]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2571,7 +2674,7 @@ func (x *ScanHoldersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanHoldersResponse.ProtoReflect.Descriptor instead.
 func (*ScanHoldersResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{24}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ScanHoldersResponse) GetLeases() []*LeaseHolders {
@@ -2640,7 +2743,7 @@ type LeaseHolders struct {
 
 func (x *LeaseHolders) Reset() {
 	*x = LeaseHolders{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2652,7 +2755,7 @@ func (x *LeaseHolders) String() string {
 func (*LeaseHolders) ProtoMessage() {}
 
 func (x *LeaseHolders) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[25]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2665,7 +2768,7 @@ func (x *LeaseHolders) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseHolders.ProtoReflect.Descriptor instead.
 func (*LeaseHolders) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{25}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *LeaseHolders) GetLease() *Lease {
@@ -2711,7 +2814,7 @@ type FdHolder struct {
 
 func (x *FdHolder) Reset() {
 	*x = FdHolder{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2723,7 +2826,7 @@ func (x *FdHolder) String() string {
 func (*FdHolder) ProtoMessage() {}
 
 func (x *FdHolder) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[26]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2736,7 +2839,7 @@ func (x *FdHolder) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdHolder.ProtoReflect.Descriptor instead.
 func (*FdHolder) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{26}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FdHolder) GetPid() uint32 {
@@ -2807,7 +2910,7 @@ type DmabufRef struct {
 
 func (x *DmabufRef) Reset() {
 	*x = DmabufRef{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2819,7 +2922,7 @@ func (x *DmabufRef) String() string {
 func (*DmabufRef) ProtoMessage() {}
 
 func (x *DmabufRef) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[27]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2832,7 +2935,7 @@ func (x *DmabufRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DmabufRef.ProtoReflect.Descriptor instead.
 func (*DmabufRef) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{27}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DmabufRef) GetPid() uint32 {
@@ -2902,14 +3005,16 @@ type ListLeasesRequest struct {
 	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The next_page_token of the previous page; empty for the first page. The other fields
 	// must be those of the first page's request (INVALID_ARGUMENT otherwise).
-	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageToken string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Only leases with all these labels (AllocateLeaseRequest.labels).
+	Labels        map[string]string `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListLeasesRequest) Reset() {
 	*x = ListLeasesRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2921,7 +3026,7 @@ func (x *ListLeasesRequest) String() string {
 func (*ListLeasesRequest) ProtoMessage() {}
 
 func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[28]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2934,7 +3039,7 @@ func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesRequest.ProtoReflect.Descriptor instead.
 func (*ListLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{28}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListLeasesRequest) GetBdf() string {
@@ -2979,6 +3084,13 @@ func (x *ListLeasesRequest) GetPageToken() string {
 	return ""
 }
 
+func (x *ListLeasesRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
 // ListLeasesResponse lists leases.
 type ListLeasesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2994,7 +3106,7 @@ type ListLeasesResponse struct {
 
 func (x *ListLeasesResponse) Reset() {
 	*x = ListLeasesResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3006,7 +3118,7 @@ func (x *ListLeasesResponse) String() string {
 func (*ListLeasesResponse) ProtoMessage() {}
 
 func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[29]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3019,7 +3131,7 @@ func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesResponse.ProtoReflect.Descriptor instead.
 func (*ListLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{29}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListLeasesResponse) GetLeases() []*Lease {
@@ -3051,7 +3163,7 @@ type RevokeLeaseRequest struct {
 
 func (x *RevokeLeaseRequest) Reset() {
 	*x = RevokeLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3063,7 +3175,7 @@ func (x *RevokeLeaseRequest) String() string {
 func (*RevokeLeaseRequest) ProtoMessage() {}
 
 func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[30]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3076,7 +3188,7 @@ func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{30}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RevokeLeaseRequest) GetLeaseId() string {
@@ -3110,7 +3222,7 @@ type RevokeLeaseResponse struct {
 
 func (x *RevokeLeaseResponse) Reset() {
 	*x = RevokeLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3122,7 +3234,7 @@ func (x *RevokeLeaseResponse) String() string {
 func (*RevokeLeaseResponse) ProtoMessage() {}
 
 func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[31]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3135,7 +3247,7 @@ func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{31}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RevokeLeaseResponse) GetLease() *Lease {
@@ -3163,7 +3275,7 @@ type ReleaseLeaseRequest struct {
 
 func (x *ReleaseLeaseRequest) Reset() {
 	*x = ReleaseLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3175,7 +3287,7 @@ func (x *ReleaseLeaseRequest) String() string {
 func (*ReleaseLeaseRequest) ProtoMessage() {}
 
 func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[32]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3188,7 +3300,7 @@ func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{32}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ReleaseLeaseRequest) GetLeaseId() string {
@@ -3209,7 +3321,7 @@ type ReleaseLeaseResponse struct {
 
 func (x *ReleaseLeaseResponse) Reset() {
 	*x = ReleaseLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3221,7 +3333,7 @@ func (x *ReleaseLeaseResponse) String() string {
 func (*ReleaseLeaseResponse) ProtoMessage() {}
 
 func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[33]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3234,7 +3346,7 @@ func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{33}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReleaseLeaseResponse) GetLease() *Lease {
@@ -3256,7 +3368,7 @@ type WatchEventsRequest struct {
 
 func (x *WatchEventsRequest) Reset() {
 	*x = WatchEventsRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3268,7 +3380,7 @@ func (x *WatchEventsRequest) String() string {
 func (*WatchEventsRequest) ProtoMessage() {}
 
 func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[34]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3281,7 +3393,7 @@ func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{34}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WatchEventsRequest) GetAfterSeq() uint64 {
@@ -3302,7 +3414,7 @@ type WatchEventsResponse struct {
 
 func (x *WatchEventsResponse) Reset() {
 	*x = WatchEventsResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3314,7 +3426,7 @@ func (x *WatchEventsResponse) String() string {
 func (*WatchEventsResponse) ProtoMessage() {}
 
 func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[35]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3327,7 +3439,7 @@ func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{35}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WatchEventsResponse) GetEvent() *Event {
@@ -3351,7 +3463,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3363,7 +3475,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[36]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3376,7 +3488,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{36}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RenewLeaseRequest) GetLeaseId() string {
@@ -3404,7 +3516,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3416,7 +3528,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[37]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3429,7 +3541,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{37}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RenewLeaseResponse) GetLease() *Lease {
@@ -3450,7 +3562,7 @@ type SuspendDeviceRequest struct {
 
 func (x *SuspendDeviceRequest) Reset() {
 	*x = SuspendDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3462,7 +3574,7 @@ func (x *SuspendDeviceRequest) String() string {
 func (*SuspendDeviceRequest) ProtoMessage() {}
 
 func (x *SuspendDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[38]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3475,7 +3587,7 @@ func (x *SuspendDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendDeviceRequest.ProtoReflect.Descriptor instead.
 func (*SuspendDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{38}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SuspendDeviceRequest) GetBdf() string {
@@ -3496,7 +3608,7 @@ type SuspendDeviceResponse struct {
 
 func (x *SuspendDeviceResponse) Reset() {
 	*x = SuspendDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3508,7 +3620,7 @@ func (x *SuspendDeviceResponse) String() string {
 func (*SuspendDeviceResponse) ProtoMessage() {}
 
 func (x *SuspendDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[39]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3521,7 +3633,7 @@ func (x *SuspendDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SuspendDeviceResponse.ProtoReflect.Descriptor instead.
 func (*SuspendDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{39}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *SuspendDeviceResponse) GetDevice() *Device {
@@ -3542,7 +3654,7 @@ type ResumeDeviceRequest struct {
 
 func (x *ResumeDeviceRequest) Reset() {
 	*x = ResumeDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3554,7 +3666,7 @@ func (x *ResumeDeviceRequest) String() string {
 func (*ResumeDeviceRequest) ProtoMessage() {}
 
 func (x *ResumeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[40]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3567,7 +3679,7 @@ func (x *ResumeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*ResumeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{40}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ResumeDeviceRequest) GetBdf() string {
@@ -3588,7 +3700,7 @@ type ResumeDeviceResponse struct {
 
 func (x *ResumeDeviceResponse) Reset() {
 	*x = ResumeDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[41]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3600,7 +3712,7 @@ func (x *ResumeDeviceResponse) String() string {
 func (*ResumeDeviceResponse) ProtoMessage() {}
 
 func (x *ResumeDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[41]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3613,7 +3725,7 @@ func (x *ResumeDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeDeviceResponse.ProtoReflect.Descriptor instead.
 func (*ResumeDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{41}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ResumeDeviceResponse) GetDevice() *Device {
@@ -3634,7 +3746,7 @@ type CycleDeviceRequest struct {
 
 func (x *CycleDeviceRequest) Reset() {
 	*x = CycleDeviceRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[42]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3646,7 +3758,7 @@ func (x *CycleDeviceRequest) String() string {
 func (*CycleDeviceRequest) ProtoMessage() {}
 
 func (x *CycleDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[42]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3659,7 +3771,7 @@ func (x *CycleDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CycleDeviceRequest.ProtoReflect.Descriptor instead.
 func (*CycleDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{42}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CycleDeviceRequest) GetBdf() string {
@@ -3682,7 +3794,7 @@ type CycleDeviceResponse struct {
 
 func (x *CycleDeviceResponse) Reset() {
 	*x = CycleDeviceResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[43]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3694,7 +3806,7 @@ func (x *CycleDeviceResponse) String() string {
 func (*CycleDeviceResponse) ProtoMessage() {}
 
 func (x *CycleDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[43]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3707,7 +3819,7 @@ func (x *CycleDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CycleDeviceResponse.ProtoReflect.Descriptor instead.
 func (*CycleDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{43}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *CycleDeviceResponse) GetReissuedLeases() uint32 {
@@ -3733,7 +3845,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[44]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3745,7 +3857,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[44]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3758,7 +3870,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{44}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{45}
 }
 
 // DrainResponse says what a Drain ended.
@@ -3774,7 +3886,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[45]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3786,7 +3898,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mmiobroker_v1_broker_proto_msgTypes[45]
+	mi := &file_mmiobroker_v1_broker_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3799,7 +3911,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{45}
+	return file_mmiobroker_v1_broker_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *DrainResponse) GetEndedLeases() uint32 {
@@ -3871,7 +3983,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x06Holder\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\rR\x03uid\x12\x10\n" +
 	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12\x16\n" +
-	"\x06tenant\x18\x03 \x01(\tR\x06tenant\"\xc3\a\n" +
+	"\x06tenant\x18\x03 \x01(\tR\x06tenant\"\xed\b\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03bdf\x18\x02 \x01(\tR\x03bdf\x12\x10\n" +
@@ -3905,7 +4017,12 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x0eclaim_deadline\x18\x15 \x01(\v2\x1a.google.protobuf.TimestampR\rclaimDeadline\x129\n" +
 	"\n" +
 	"revoke_due\x18\x16 \x01(\v2\x1a.google.protobuf.TimestampR\trevokeDue\x12\x17\n" +
-	"\afd_dead\x18\x17 \x01(\bR\x06fdDead\"\xe1\x01\n" +
+	"\afd_dead\x18\x17 \x01(\bR\x06fdDead\x128\n" +
+	"\x06labels\x18\x18 \x03(\v2 .mmiobroker.v1.Lease.LabelsEntryR\x06labels\x123\n" +
+	"\bclaimant\x18\x19 \x01(\v2\x17.mmiobroker.v1.ClaimantR\bclaimant\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xe1\x01\n" +
 	"\x05Event\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12,\n" +
@@ -3961,14 +4078,22 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x06device\x18\x01 \x01(\v2\x15.mmiobroker.v1.DeviceR\x06device\"\x10\n" +
 	"\x0eGetHostRequest\":\n" +
 	"\x0fGetHostResponse\x12'\n" +
-	"\x04host\x18\x01 \x01(\v2\x13.mmiobroker.v1.HostR\x04host\"\xdc\x01\n" +
+	"\x04host\x18\x01 \x01(\v2\x13.mmiobroker.v1.HostR\x04host\"\x95\x03\n" +
 	"\x14AllocateLeaseRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x10\n" +
 	"\x03bar\x18\x02 \x01(\rR\x03bar\x12,\n" +
 	"\x06ranges\x18\x03 \x03(\v2\x14.mmiobroker.v1.RangeR\x06ranges\x12,\n" +
 	"\x04kind\x18\x04 \x01(\x0e2\x18.mmiobroker.v1.LeaseKindR\x04kind\x12\x17\n" +
 	"\avm_name\x18\x05 \x01(\tR\x06vmName\x12+\n" +
-	"\x03ttl\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\xca\x01\n" +
+	"\x03ttl\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x123\n" +
+	"\bclaimant\x18\a \x01(\v2\x17.mmiobroker.v1.ClaimantR\bclaimant\x12G\n" +
+	"\x06labels\x18\b \x03(\v2/.mmiobroker.v1.AllocateLeaseRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"7\n" +
+	"\bClaimant\x12\x17\n" +
+	"\apod_uid\x18\x01 \x01(\tR\x06podUid\x12\x12\n" +
+	"\x04unit\x18\x02 \x01(\tR\x04unit\"\xca\x01\n" +
 	"\x15AllocateLeaseResponse\x12*\n" +
 	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x12\x1f\n" +
 	"\vclaim_token\x18\x02 \x01(\tR\n" +
@@ -4015,7 +4140,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x02fd\x18\x04 \x01(\x05R\x02fd\x12\x14\n" +
 	"\x05inode\x18\x05 \x01(\x04R\x05inode\x12\x12\n" +
 	"\x04name\x18\x06 \x01(\tR\x04name\x12\x12\n" +
-	"\x04size\x18\a \x01(\x04R\x04size\"\xc9\x01\n" +
+	"\x04size\x18\a \x01(\x04R\x04size\"\xca\x02\n" +
 	"\x11ListLeasesRequest\x12\x10\n" +
 	"\x03bdf\x18\x01 \x01(\tR\x03bdf\x12\x1b\n" +
 	"\tlive_only\x18\x02 \x01(\bR\bliveOnly\x12\"\n" +
@@ -4024,7 +4149,11 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x06tenant\x18\x04 \x01(\tR\x06tenant\x12\x1b\n" +
 	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x06 \x01(\tR\tpageTokenB\r\n" +
+	"page_token\x18\x06 \x01(\tR\tpageToken\x12D\n" +
+	"\x06labels\x18\a \x03(\v2,.mmiobroker.v1.ListLeasesRequest.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\r\n" +
 	"\v_holder_uid\"j\n" +
 	"\x12ListLeasesResponse\x12,\n" +
 	"\x06leases\x18\x01 \x03(\v2\x14.mmiobroker.v1.LeaseR\x06leases\x12&\n" +
@@ -4149,7 +4278,7 @@ func file_mmiobroker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_mmiobroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_mmiobroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(AccessMode)(0),               // 0: mmiobroker.v1.AccessMode
 	(LeaseKind)(0),                // 1: mmiobroker.v1.LeaseKind
@@ -4177,34 +4306,38 @@ var file_mmiobroker_v1_broker_proto_goTypes = []any{
 	(*GetHostRequest)(nil),        // 23: mmiobroker.v1.GetHostRequest
 	(*GetHostResponse)(nil),       // 24: mmiobroker.v1.GetHostResponse
 	(*AllocateLeaseRequest)(nil),  // 25: mmiobroker.v1.AllocateLeaseRequest
-	(*AllocateLeaseResponse)(nil), // 26: mmiobroker.v1.AllocateLeaseResponse
-	(*GetLeaseRequest)(nil),       // 27: mmiobroker.v1.GetLeaseRequest
-	(*GetLeaseResponse)(nil),      // 28: mmiobroker.v1.GetLeaseResponse
-	(*ScanHoldersRequest)(nil),    // 29: mmiobroker.v1.ScanHoldersRequest
-	(*ScanHoldersResponse)(nil),   // 30: mmiobroker.v1.ScanHoldersResponse
-	(*LeaseHolders)(nil),          // 31: mmiobroker.v1.LeaseHolders
-	(*FdHolder)(nil),              // 32: mmiobroker.v1.FdHolder
-	(*DmabufRef)(nil),             // 33: mmiobroker.v1.DmabufRef
-	(*ListLeasesRequest)(nil),     // 34: mmiobroker.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),    // 35: mmiobroker.v1.ListLeasesResponse
-	(*RevokeLeaseRequest)(nil),    // 36: mmiobroker.v1.RevokeLeaseRequest
-	(*RevokeLeaseResponse)(nil),   // 37: mmiobroker.v1.RevokeLeaseResponse
-	(*ReleaseLeaseRequest)(nil),   // 38: mmiobroker.v1.ReleaseLeaseRequest
-	(*ReleaseLeaseResponse)(nil),  // 39: mmiobroker.v1.ReleaseLeaseResponse
-	(*WatchEventsRequest)(nil),    // 40: mmiobroker.v1.WatchEventsRequest
-	(*WatchEventsResponse)(nil),   // 41: mmiobroker.v1.WatchEventsResponse
-	(*RenewLeaseRequest)(nil),     // 42: mmiobroker.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),    // 43: mmiobroker.v1.RenewLeaseResponse
-	(*SuspendDeviceRequest)(nil),  // 44: mmiobroker.v1.SuspendDeviceRequest
-	(*SuspendDeviceResponse)(nil), // 45: mmiobroker.v1.SuspendDeviceResponse
-	(*ResumeDeviceRequest)(nil),   // 46: mmiobroker.v1.ResumeDeviceRequest
-	(*ResumeDeviceResponse)(nil),  // 47: mmiobroker.v1.ResumeDeviceResponse
-	(*CycleDeviceRequest)(nil),    // 48: mmiobroker.v1.CycleDeviceRequest
-	(*CycleDeviceResponse)(nil),   // 49: mmiobroker.v1.CycleDeviceResponse
-	(*DrainRequest)(nil),          // 50: mmiobroker.v1.DrainRequest
-	(*DrainResponse)(nil),         // 51: mmiobroker.v1.DrainResponse
-	(*timestamppb.Timestamp)(nil), // 52: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 53: google.protobuf.Duration
+	(*Claimant)(nil),              // 26: mmiobroker.v1.Claimant
+	(*AllocateLeaseResponse)(nil), // 27: mmiobroker.v1.AllocateLeaseResponse
+	(*GetLeaseRequest)(nil),       // 28: mmiobroker.v1.GetLeaseRequest
+	(*GetLeaseResponse)(nil),      // 29: mmiobroker.v1.GetLeaseResponse
+	(*ScanHoldersRequest)(nil),    // 30: mmiobroker.v1.ScanHoldersRequest
+	(*ScanHoldersResponse)(nil),   // 31: mmiobroker.v1.ScanHoldersResponse
+	(*LeaseHolders)(nil),          // 32: mmiobroker.v1.LeaseHolders
+	(*FdHolder)(nil),              // 33: mmiobroker.v1.FdHolder
+	(*DmabufRef)(nil),             // 34: mmiobroker.v1.DmabufRef
+	(*ListLeasesRequest)(nil),     // 35: mmiobroker.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),    // 36: mmiobroker.v1.ListLeasesResponse
+	(*RevokeLeaseRequest)(nil),    // 37: mmiobroker.v1.RevokeLeaseRequest
+	(*RevokeLeaseResponse)(nil),   // 38: mmiobroker.v1.RevokeLeaseResponse
+	(*ReleaseLeaseRequest)(nil),   // 39: mmiobroker.v1.ReleaseLeaseRequest
+	(*ReleaseLeaseResponse)(nil),  // 40: mmiobroker.v1.ReleaseLeaseResponse
+	(*WatchEventsRequest)(nil),    // 41: mmiobroker.v1.WatchEventsRequest
+	(*WatchEventsResponse)(nil),   // 42: mmiobroker.v1.WatchEventsResponse
+	(*RenewLeaseRequest)(nil),     // 43: mmiobroker.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),    // 44: mmiobroker.v1.RenewLeaseResponse
+	(*SuspendDeviceRequest)(nil),  // 45: mmiobroker.v1.SuspendDeviceRequest
+	(*SuspendDeviceResponse)(nil), // 46: mmiobroker.v1.SuspendDeviceResponse
+	(*ResumeDeviceRequest)(nil),   // 47: mmiobroker.v1.ResumeDeviceRequest
+	(*ResumeDeviceResponse)(nil),  // 48: mmiobroker.v1.ResumeDeviceResponse
+	(*CycleDeviceRequest)(nil),    // 49: mmiobroker.v1.CycleDeviceRequest
+	(*CycleDeviceResponse)(nil),   // 50: mmiobroker.v1.CycleDeviceResponse
+	(*DrainRequest)(nil),          // 51: mmiobroker.v1.DrainRequest
+	(*DrainResponse)(nil),         // 52: mmiobroker.v1.DrainResponse
+	nil,                           // 53: mmiobroker.v1.Lease.LabelsEntry
+	nil,                           // 54: mmiobroker.v1.AllocateLeaseRequest.LabelsEntry
+	nil,                           // 55: mmiobroker.v1.ListLeasesRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 56: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 57: google.protobuf.Duration
 }
 var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	1,  // 0: mmiobroker.v1.DevicePolicy.allowed_kinds:type_name -> mmiobroker.v1.LeaseKind
@@ -4212,93 +4345,98 @@ var file_mmiobroker_v1_broker_proto_depIdxs = []int32{
 	6,  // 2: mmiobroker.v1.Device.bars:type_name -> mmiobroker.v1.Bar
 	7,  // 3: mmiobroker.v1.Device.tsm:type_name -> mmiobroker.v1.TsmState
 	8,  // 4: mmiobroker.v1.Device.policy:type_name -> mmiobroker.v1.DevicePolicy
-	52, // 5: mmiobroker.v1.Device.cycle_time:type_name -> google.protobuf.Timestamp
-	52, // 6: mmiobroker.v1.Device.last_tenant_cycle_time:type_name -> google.protobuf.Timestamp
+	56, // 5: mmiobroker.v1.Device.cycle_time:type_name -> google.protobuf.Timestamp
+	56, // 6: mmiobroker.v1.Device.last_tenant_cycle_time:type_name -> google.protobuf.Timestamp
 	10, // 7: mmiobroker.v1.Lease.ranges:type_name -> mmiobroker.v1.Range
 	1,  // 8: mmiobroker.v1.Lease.kind:type_name -> mmiobroker.v1.LeaseKind
 	2,  // 9: mmiobroker.v1.Lease.state:type_name -> mmiobroker.v1.LeaseState
 	11, // 10: mmiobroker.v1.Lease.holder:type_name -> mmiobroker.v1.Holder
-	52, // 11: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	52, // 12: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
-	52, // 13: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	56, // 11: mmiobroker.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	56, // 12: mmiobroker.v1.Lease.claim_time:type_name -> google.protobuf.Timestamp
+	56, // 13: mmiobroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 14: mmiobroker.v1.Lease.end_reason:type_name -> mmiobroker.v1.EndReason
-	53, // 15: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
-	52, // 16: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	52, // 17: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
-	52, // 18: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
-	52, // 19: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
-	52, // 20: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
-	4,  // 21: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
-	12, // 22: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
-	15, // 23: mmiobroker.v1.Host.probes:type_name -> mmiobroker.v1.Probe
-	16, // 24: mmiobroker.v1.Host.vm_types:type_name -> mmiobroker.v1.VmType
-	17, // 25: mmiobroker.v1.Host.tsms:type_name -> mmiobroker.v1.Tsm
-	18, // 26: mmiobroker.v1.Host.limits:type_name -> mmiobroker.v1.Limits
-	53, // 27: mmiobroker.v1.Limits.claim_timeout:type_name -> google.protobuf.Duration
-	53, // 28: mmiobroker.v1.Limits.revoke_within:type_name -> google.protobuf.Duration
-	53, // 29: mmiobroker.v1.Limits.tenant_cycle_interval:type_name -> google.protobuf.Duration
-	53, // 30: mmiobroker.v1.Limits.min_ttl:type_name -> google.protobuf.Duration
-	9,  // 31: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
-	9,  // 32: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	14, // 33: mmiobroker.v1.GetHostResponse.host:type_name -> mmiobroker.v1.Host
-	10, // 34: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
-	1,  // 35: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
-	53, // 36: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	12, // 37: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	52, // 38: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
-	12, // 39: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	32, // 40: mmiobroker.v1.GetLeaseResponse.holders:type_name -> mmiobroker.v1.FdHolder
-	31, // 41: mmiobroker.v1.ScanHoldersResponse.leases:type_name -> mmiobroker.v1.LeaseHolders
-	33, // 42: mmiobroker.v1.ScanHoldersResponse.unaccounted:type_name -> mmiobroker.v1.DmabufRef
-	52, // 43: mmiobroker.v1.ScanHoldersResponse.scan_time:type_name -> google.protobuf.Timestamp
-	53, // 44: mmiobroker.v1.ScanHoldersResponse.scan_duration:type_name -> google.protobuf.Duration
-	12, // 45: mmiobroker.v1.LeaseHolders.lease:type_name -> mmiobroker.v1.Lease
-	32, // 46: mmiobroker.v1.LeaseHolders.holders:type_name -> mmiobroker.v1.FdHolder
-	5,  // 47: mmiobroker.v1.FdHolder.role:type_name -> mmiobroker.v1.HolderRole
-	12, // 48: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
-	53, // 49: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
-	12, // 50: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	12, // 51: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	13, // 52: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
-	53, // 53: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	12, // 54: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
-	9,  // 55: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	9,  // 56: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
-	19, // 57: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
-	21, // 58: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
-	23, // 59: mmiobroker.v1.Broker.GetHost:input_type -> mmiobroker.v1.GetHostRequest
-	25, // 60: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
-	27, // 61: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
-	29, // 62: mmiobroker.v1.Broker.ScanHolders:input_type -> mmiobroker.v1.ScanHoldersRequest
-	34, // 63: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
-	36, // 64: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
-	38, // 65: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
-	40, // 66: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
-	42, // 67: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
-	44, // 68: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
-	46, // 69: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
-	48, // 70: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
-	50, // 71: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
-	20, // 72: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
-	22, // 73: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
-	24, // 74: mmiobroker.v1.Broker.GetHost:output_type -> mmiobroker.v1.GetHostResponse
-	26, // 75: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
-	28, // 76: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
-	30, // 77: mmiobroker.v1.Broker.ScanHolders:output_type -> mmiobroker.v1.ScanHoldersResponse
-	35, // 78: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
-	37, // 79: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
-	39, // 80: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
-	41, // 81: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
-	43, // 82: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
-	45, // 83: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
-	47, // 84: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
-	49, // 85: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
-	51, // 86: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
-	72, // [72:87] is the sub-list for method output_type
-	57, // [57:72] is the sub-list for method input_type
-	57, // [57:57] is the sub-list for extension type_name
-	57, // [57:57] is the sub-list for extension extendee
-	0,  // [0:57] is the sub-list for field type_name
+	57, // 15: mmiobroker.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	56, // 16: mmiobroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	56, // 17: mmiobroker.v1.Lease.revoke_deadline:type_name -> google.protobuf.Timestamp
+	56, // 18: mmiobroker.v1.Lease.claim_deadline:type_name -> google.protobuf.Timestamp
+	56, // 19: mmiobroker.v1.Lease.revoke_due:type_name -> google.protobuf.Timestamp
+	53, // 20: mmiobroker.v1.Lease.labels:type_name -> mmiobroker.v1.Lease.LabelsEntry
+	26, // 21: mmiobroker.v1.Lease.claimant:type_name -> mmiobroker.v1.Claimant
+	56, // 22: mmiobroker.v1.Event.time:type_name -> google.protobuf.Timestamp
+	4,  // 23: mmiobroker.v1.Event.type:type_name -> mmiobroker.v1.EventType
+	12, // 24: mmiobroker.v1.Event.lease:type_name -> mmiobroker.v1.Lease
+	15, // 25: mmiobroker.v1.Host.probes:type_name -> mmiobroker.v1.Probe
+	16, // 26: mmiobroker.v1.Host.vm_types:type_name -> mmiobroker.v1.VmType
+	17, // 27: mmiobroker.v1.Host.tsms:type_name -> mmiobroker.v1.Tsm
+	18, // 28: mmiobroker.v1.Host.limits:type_name -> mmiobroker.v1.Limits
+	57, // 29: mmiobroker.v1.Limits.claim_timeout:type_name -> google.protobuf.Duration
+	57, // 30: mmiobroker.v1.Limits.revoke_within:type_name -> google.protobuf.Duration
+	57, // 31: mmiobroker.v1.Limits.tenant_cycle_interval:type_name -> google.protobuf.Duration
+	57, // 32: mmiobroker.v1.Limits.min_ttl:type_name -> google.protobuf.Duration
+	9,  // 33: mmiobroker.v1.ListDevicesResponse.devices:type_name -> mmiobroker.v1.Device
+	9,  // 34: mmiobroker.v1.GetDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	14, // 35: mmiobroker.v1.GetHostResponse.host:type_name -> mmiobroker.v1.Host
+	10, // 36: mmiobroker.v1.AllocateLeaseRequest.ranges:type_name -> mmiobroker.v1.Range
+	1,  // 37: mmiobroker.v1.AllocateLeaseRequest.kind:type_name -> mmiobroker.v1.LeaseKind
+	57, // 38: mmiobroker.v1.AllocateLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	26, // 39: mmiobroker.v1.AllocateLeaseRequest.claimant:type_name -> mmiobroker.v1.Claimant
+	54, // 40: mmiobroker.v1.AllocateLeaseRequest.labels:type_name -> mmiobroker.v1.AllocateLeaseRequest.LabelsEntry
+	12, // 41: mmiobroker.v1.AllocateLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	56, // 42: mmiobroker.v1.AllocateLeaseResponse.claim_deadline:type_name -> google.protobuf.Timestamp
+	12, // 43: mmiobroker.v1.GetLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	33, // 44: mmiobroker.v1.GetLeaseResponse.holders:type_name -> mmiobroker.v1.FdHolder
+	32, // 45: mmiobroker.v1.ScanHoldersResponse.leases:type_name -> mmiobroker.v1.LeaseHolders
+	34, // 46: mmiobroker.v1.ScanHoldersResponse.unaccounted:type_name -> mmiobroker.v1.DmabufRef
+	56, // 47: mmiobroker.v1.ScanHoldersResponse.scan_time:type_name -> google.protobuf.Timestamp
+	57, // 48: mmiobroker.v1.ScanHoldersResponse.scan_duration:type_name -> google.protobuf.Duration
+	12, // 49: mmiobroker.v1.LeaseHolders.lease:type_name -> mmiobroker.v1.Lease
+	33, // 50: mmiobroker.v1.LeaseHolders.holders:type_name -> mmiobroker.v1.FdHolder
+	5,  // 51: mmiobroker.v1.FdHolder.role:type_name -> mmiobroker.v1.HolderRole
+	55, // 52: mmiobroker.v1.ListLeasesRequest.labels:type_name -> mmiobroker.v1.ListLeasesRequest.LabelsEntry
+	12, // 53: mmiobroker.v1.ListLeasesResponse.leases:type_name -> mmiobroker.v1.Lease
+	57, // 54: mmiobroker.v1.RevokeLeaseRequest.grace_period:type_name -> google.protobuf.Duration
+	12, // 55: mmiobroker.v1.RevokeLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	12, // 56: mmiobroker.v1.ReleaseLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	13, // 57: mmiobroker.v1.WatchEventsResponse.event:type_name -> mmiobroker.v1.Event
+	57, // 58: mmiobroker.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	12, // 59: mmiobroker.v1.RenewLeaseResponse.lease:type_name -> mmiobroker.v1.Lease
+	9,  // 60: mmiobroker.v1.SuspendDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	9,  // 61: mmiobroker.v1.ResumeDeviceResponse.device:type_name -> mmiobroker.v1.Device
+	19, // 62: mmiobroker.v1.Broker.ListDevices:input_type -> mmiobroker.v1.ListDevicesRequest
+	21, // 63: mmiobroker.v1.Broker.GetDevice:input_type -> mmiobroker.v1.GetDeviceRequest
+	23, // 64: mmiobroker.v1.Broker.GetHost:input_type -> mmiobroker.v1.GetHostRequest
+	25, // 65: mmiobroker.v1.Broker.AllocateLease:input_type -> mmiobroker.v1.AllocateLeaseRequest
+	28, // 66: mmiobroker.v1.Broker.GetLease:input_type -> mmiobroker.v1.GetLeaseRequest
+	30, // 67: mmiobroker.v1.Broker.ScanHolders:input_type -> mmiobroker.v1.ScanHoldersRequest
+	35, // 68: mmiobroker.v1.Broker.ListLeases:input_type -> mmiobroker.v1.ListLeasesRequest
+	37, // 69: mmiobroker.v1.Broker.RevokeLease:input_type -> mmiobroker.v1.RevokeLeaseRequest
+	39, // 70: mmiobroker.v1.Broker.ReleaseLease:input_type -> mmiobroker.v1.ReleaseLeaseRequest
+	41, // 71: mmiobroker.v1.Broker.WatchEvents:input_type -> mmiobroker.v1.WatchEventsRequest
+	43, // 72: mmiobroker.v1.Broker.RenewLease:input_type -> mmiobroker.v1.RenewLeaseRequest
+	45, // 73: mmiobroker.v1.Broker.SuspendDevice:input_type -> mmiobroker.v1.SuspendDeviceRequest
+	47, // 74: mmiobroker.v1.Broker.ResumeDevice:input_type -> mmiobroker.v1.ResumeDeviceRequest
+	49, // 75: mmiobroker.v1.Broker.CycleDevice:input_type -> mmiobroker.v1.CycleDeviceRequest
+	51, // 76: mmiobroker.v1.Broker.Drain:input_type -> mmiobroker.v1.DrainRequest
+	20, // 77: mmiobroker.v1.Broker.ListDevices:output_type -> mmiobroker.v1.ListDevicesResponse
+	22, // 78: mmiobroker.v1.Broker.GetDevice:output_type -> mmiobroker.v1.GetDeviceResponse
+	24, // 79: mmiobroker.v1.Broker.GetHost:output_type -> mmiobroker.v1.GetHostResponse
+	27, // 80: mmiobroker.v1.Broker.AllocateLease:output_type -> mmiobroker.v1.AllocateLeaseResponse
+	29, // 81: mmiobroker.v1.Broker.GetLease:output_type -> mmiobroker.v1.GetLeaseResponse
+	31, // 82: mmiobroker.v1.Broker.ScanHolders:output_type -> mmiobroker.v1.ScanHoldersResponse
+	36, // 83: mmiobroker.v1.Broker.ListLeases:output_type -> mmiobroker.v1.ListLeasesResponse
+	38, // 84: mmiobroker.v1.Broker.RevokeLease:output_type -> mmiobroker.v1.RevokeLeaseResponse
+	40, // 85: mmiobroker.v1.Broker.ReleaseLease:output_type -> mmiobroker.v1.ReleaseLeaseResponse
+	42, // 86: mmiobroker.v1.Broker.WatchEvents:output_type -> mmiobroker.v1.WatchEventsResponse
+	44, // 87: mmiobroker.v1.Broker.RenewLease:output_type -> mmiobroker.v1.RenewLeaseResponse
+	46, // 88: mmiobroker.v1.Broker.SuspendDevice:output_type -> mmiobroker.v1.SuspendDeviceResponse
+	48, // 89: mmiobroker.v1.Broker.ResumeDevice:output_type -> mmiobroker.v1.ResumeDeviceResponse
+	50, // 90: mmiobroker.v1.Broker.CycleDevice:output_type -> mmiobroker.v1.CycleDeviceResponse
+	52, // 91: mmiobroker.v1.Broker.Drain:output_type -> mmiobroker.v1.DrainResponse
+	77, // [77:92] is the sub-list for method output_type
+	62, // [62:77] is the sub-list for method input_type
+	62, // [62:62] is the sub-list for extension type_name
+	62, // [62:62] is the sub-list for extension extendee
+	0,  // [0:62] is the sub-list for field type_name
 }
 
 func init() { file_mmiobroker_v1_broker_proto_init() }
@@ -4306,14 +4444,14 @@ func file_mmiobroker_v1_broker_proto_init() {
 	if File_mmiobroker_v1_broker_proto != nil {
 		return
 	}
-	file_mmiobroker_v1_broker_proto_msgTypes[28].OneofWrappers = []any{}
+	file_mmiobroker_v1_broker_proto_msgTypes[29].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mmiobroker_v1_broker_proto_rawDesc), len(file_mmiobroker_v1_broker_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   46,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
