@@ -22,7 +22,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(withExampleDaemon{m})
 }
 
 const bdf = "0000:00:03.0"

@@ -17,7 +17,7 @@
 //		return err // a gRPC status error: status.Code(err) says which class
 //	}
 //	defer lease.File.Close()
-//	// Import lease.File into iommufd (IOMMU_IOAS_MAP_FILE) or pass it to the VMM …
+//	// Import lease.File into iommufd (package client/iommufd) or pass it to the VMM …
 //	defer c.Release(context.Background(), lease.ID)
 //
 // # Fd lifetime and revocation
@@ -44,6 +44,14 @@
 // administrator has suspended the device ([Client.Suspend]) the fd is inaccessible; after
 // the RESUMED event it works again, but importers that dropped their mappings must map it
 // again.
+//
+// # Importing into iommufd
+//
+// Package [github.com/mmiobroker/mmiobroker/client/iommufd] maps a lease's fd into the
+// caller's iommufd IO address space (IOMMU_IOAS_MAP_FILE), where the VM's VFIO devices
+// reach the BAR by DMA. Its IOAS.AllocateAndImport holds the lease as AllocateAndHold does
+// and keeps the fd mapped at one IOVA through reissues and resumes, unmapping it at the
+// lease's end. iommufd maps only dma-bufs of one range: lease each range on its own.
 //
 // # Errors
 //

@@ -27,8 +27,9 @@ type HoldOptions struct {
 	// OnReissue, if set, is called after the lease was reissued (another lease of the device
 	// was revoked, which killed this lease's fd too) and the hold claimed the new
 	// generation. f is the new fd, which the HeldLease owns: re-import it here (iommufd:
-	// IOMMU_IOAS_MAP_FILE again; mappings of the old fd are dead). The old fd is dead for
-	// good and is closed when OnReissue returns.
+	// IOMMU_IOAS_MAP_FILE again; mappings of the old fd are dead; client/iommufd's
+	// IOAS.AllocateAndImport does it for you). The old fd is dead for good and is closed
+	// when OnReissue returns.
 	OnReissue func(f *os.File, info ClaimInfo)
 	// OnEvent, if set, is called with every event of the lease, after the hold acted on it
 	// (for REISSUED: after OnReissue), the lease's final event included. Of note:

@@ -3,7 +3,8 @@
 //
 // mmiobroker uses it twice: the vfio package binds VFIO cdevs to an [FD] and attaches them
 // to an IO address space (IOAS), and clients import a BAR dma-buf into their own IOAS with
-// [FD.MapFile] for peer-to-peer DMA.
+// [FD.MapFile] for peer-to-peer DMA. VMMs outside this module use the public importer
+// built on it, package client/iommufd, which also follows a lease's reissues.
 //
 // # Descriptor lifetime
 //

@@ -27,8 +27,8 @@ import (
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
+	"github.com/mmiobroker/mmiobroker/client/iommufd"
 	"github.com/mmiobroker/mmiobroker/internal/dmabuf"
-	"github.com/mmiobroker/mmiobroker/internal/iommufd"
 )
 
 const childEnv = "MMB_E2E_CHILD"
@@ -364,18 +364,17 @@ func TestE2ERevokeReissue(t *testing.T) {
 	}
 	victim, survivor := alloc(0), alloc(64<<10)
 
-	var iofd *iommufd.FD
-	var ioas uint32
+	var ioas *iommufd.IOAS
 	if iommufdKernel() {
-		var err error
-		if iofd, err = iommufd.Open("/dev"); err != nil {
+		iofd, err := iommufd.Open("")
+		if err != nil {
 			t.Fatal(err)
 		}
 		defer iofd.Close()
 		if ioas, err = iofd.AllocIOAS(); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := iofd.MapFile(ioas, survivor.File, 0, 64<<10, 0x100000, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable); err != nil {
+		if _, err := ioas.MapLease(survivor, iommufd.MapOptions{IOVA: 0x100000, Fixed: true}); err != nil {
 			t.Fatalf("map the survivor's dma-buf before the revoke: %v", err)
 		}
 	}
@@ -432,15 +431,15 @@ func TestE2ERevokeReissue(t *testing.T) {
 		t.Fatalf("reissued fd fdinfo %+v, %v", fi, err)
 	}
 
-	if iofd != nil {
-		_, err := iofd.MapFile(ioas, survivor.File, 0, 64<<10, 0x200000, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable)
+	if ioas != nil {
+		_, err := ioas.MapLease(survivor, iommufd.MapOptions{IOVA: 0x200000, Fixed: true})
 		if !errors.Is(err, unix.ENODEV) {
 			t.Fatalf("map of the old generation's fd after the revoke: %v, want ENODEV", err)
 		}
-		if _, err := iofd.MapFile(ioas, f, 0, 64<<10, 0x300000, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable); err != nil {
-			t.Fatalf("map of the reissued fd: %v", err)
+		if m, err := ioas.Map(f, iommufd.MapOptions{IOVA: 0x300000, Fixed: true}); err != nil || m.Length != 64<<10 {
+			t.Fatalf("map of the reissued fd: %+v, %v", m, err)
 		}
-		_, err = iofd.MapFile(ioas, victim.File, 0, 64<<10, 0x400000, iommufd.MapFixedIOVA|iommufd.MapReadable)
+		_, err = ioas.MapLease(victim, iommufd.MapOptions{IOVA: 0x400000, Fixed: true, ReadOnly: true})
 		if !errors.Is(err, unix.ENODEV) {
 			t.Fatalf("map of the revoked lease's fd: %v, want ENODEV", err)
 		}

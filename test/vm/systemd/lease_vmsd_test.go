@@ -10,7 +10,7 @@ import (
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
-	"github.com/mmiobroker/mmiobroker/internal/iommufd"
+	"github.com/mmiobroker/mmiobroker/client/iommufd"
 )
 
 // TestRestartKeepsLease: a lease allocated and claimed before `systemctl restart` is still
@@ -47,7 +47,7 @@ func TestRestartKeepsLease(t *testing.T) {
 		if !iommufdKernel {
 			return
 		}
-		fd, err := iommufd.Open("/dev")
+		fd, err := iommufd.Open("")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -56,7 +56,7 @@ func TestRestartKeepsLease(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := fd.MapFile(ioas, l.File, 0, 64<<10, 0x100000, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable); err != nil {
+		if _, err := ioas.MapLease(l, iommufd.MapOptions{IOVA: 0x100000, Fixed: true}); err != nil {
 			t.Fatalf("%s: IOMMU_IOAS_MAP_FILE of the holder's dma-buf into a fresh IOAS: %v (revoked?)", when, err)
 		}
 		t.Logf("%s: the holder's dma-buf maps into a fresh IOAS", when)

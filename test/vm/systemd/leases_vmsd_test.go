@@ -24,7 +24,7 @@ import (
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
-	"github.com/mmiobroker/mmiobroker/internal/iommufd"
+	"github.com/mmiobroker/mmiobroker/client/iommufd"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -744,9 +744,10 @@ func (g *loadGen) finish() {
 	g.c.Close()
 }
 
-// mapsFresh reports whether f maps into a fresh iommufd IOAS (a revoked dma-buf does not).
+// mapsFresh reports whether f, a dma-buf of size bytes, maps as a whole into a fresh
+// iommufd IOAS (a revoked dma-buf does not: ENODEV).
 func mapsFresh(f *os.File, size uint64) error {
-	fd, err := iommufd.Open("/dev")
+	fd, err := iommufd.Open("")
 	if err != nil {
 		return err
 	}
@@ -755,6 +756,9 @@ func mapsFresh(f *os.File, size uint64) error {
 	if err != nil {
 		return err
 	}
-	_, err = fd.MapFile(ioas, f, 0, size, 0x100000, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable)
+	m, err := ioas.Map(f, iommufd.MapOptions{IOVA: 0x100000, Fixed: true})
+	if err == nil && m.Length != size {
+		err = fmt.Errorf("mapped %d bytes, want the dma-buf's %d", m.Length, size)
+	}
 	return err
 }

@@ -1,7 +1,7 @@
 // Command iommufd-import plays a VMM's importer in the rig demo (test/vm/vmrig/guest/demo.sh).
 // It maps a dma-buf it inherited (fd 3 by default, as `mmiobrokerctl allocate --exec`
 // passes it) into a new iommufd IO address space with IOMMU_IOAS_MAP_FILE and prints the
-// IOVA. With -ready PATH it then writes the value of the environment variable -ready-env
+// IOVA, with the public importer package client/iommufd, as a Go VMM would. With -ready PATH it then writes the value of the environment variable -ready-env
 // (default MMIO_LEASE_ID) to PATH, the demo's cue that the import is done. With -wait FIFO
 // it then blocks until a line arrives on FIFO (the demo writes one
 // after revoking the lease) and shows what the revoke did: a new IOMMU_IOAS_MAP_FILE of the
@@ -17,10 +17,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mmiobroker/mmiobroker/internal/iommufd"
+	"github.com/mmiobroker/mmiobroker/client/iommufd"
 )
 
 func main() {
@@ -45,11 +46,7 @@ func run(fd int, iova uint64, ready, readyText, wait, dev, prefix string, w io.W
 		return fmt.Errorf("fd %d is not open", fd)
 	}
 	defer f.Close()
-	size, err := f.Seek(0, io.SeekEnd)
-	if err != nil {
-		return fmt.Errorf("size of fd %d: %w", fd, err)
-	}
-	ifd, err := iommufd.Open(dev)
+	ifd, err := iommufd.Open(filepath.Join(dev, "iommu"))
 	if err != nil {
 		return err
 	}
@@ -58,13 +55,12 @@ func run(fd int, iova uint64, ready, readyText, wait, dev, prefix string, w io.W
 	if err != nil {
 		return err
 	}
-	flags := iommufd.MapFixedIOVA | iommufd.MapReadable | iommufd.MapWriteable
-	got, err := ifd.MapFile(ioas, f, 0, uint64(size), iova, flags)
+	m, err := ioas.Map(f, iommufd.MapOptions{IOVA: iova, Fixed: true})
 	if err != nil {
 		return err
 	}
-	say("iommufd: IOMMU_IOAS_MAP_FILE of the dma-buf (%d bytes) into IOAS %d at IOVA %#x: ok", size, ioas, got)
-	say("iommufd: the BAR is now reachable by DMA of any device attached to IOAS %d", ioas)
+	say("iommufd: IOMMU_IOAS_MAP_FILE of the dma-buf (%d bytes) into IOAS %d at IOVA %#x: ok", m.Length, ioas.ID(), m.IOVA)
+	say("iommufd: the BAR is now reachable by DMA of any device attached to IOAS %d", ioas.ID())
 	if ready != "" {
 		if err := os.WriteFile(ready, []byte(readyText+"\n"), 0o600); err != nil {
 			return err
@@ -80,18 +76,20 @@ func run(fd int, iova uint64, ready, readyText, wait, dev, prefix string, w io.W
 	line, _ := bufio.NewReader(fifo).ReadString('\n')
 	fifo.Close()
 	say("cue from the demo: %q", trimNL(line))
-	if _, err := ifd.MapFile(ioas, f, 0, uint64(size), iova+uint64(size), flags); errors.Is(err, unix.ENODEV) {
+	if again, err := ioas.Map(f, iommufd.MapOptions{IOVA: iova + m.Length, Fixed: true}); errors.Is(err, unix.ENODEV) {
 		say("iommufd: IOMMU_IOAS_MAP_FILE of the same dma-buf again: ENODEV: the exporter revoked it")
 	} else if err != nil {
 		say("iommufd: IOMMU_IOAS_MAP_FILE again: %v", err)
 	} else {
 		say("iommufd: IOMMU_IOAS_MAP_FILE again: ok (the dma-buf is NOT revoked)")
+		if err := ioas.Unmap(again); err != nil {
+			return err
+		}
 	}
-	n, err := ifd.Unmap(ioas, iova, uint64(size))
-	if err != nil {
+	if err := ioas.Unmap(m); err != nil {
 		return err
 	}
-	say("iommufd: IOMMU_IOAS_UNMAP of the dead mapping: %d bytes", n)
+	say("iommufd: IOMMU_IOAS_UNMAP of the dead mapping: %d bytes", m.Length)
 	return nil
 }
 

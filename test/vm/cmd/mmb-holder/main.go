@@ -6,7 +6,8 @@
 //
 //	info              the lease id, generation and inode of fd 3 (fstat)
 //	map               (iommufd kernels) open an iommufd, allocate an IOAS and map fd 3 at
-//	                  IOVA 0x400000: the mapping the holder keeps across restarts
+//	                  IOVA 0x400000 (client/iommufd): the mapping the holder keeps across
+//	                  restarts
 //	edu BDF           open the edu device BDF (VFIO cdev) into that IOAS, bus master on,
 //	                  a memfd mapped at IOVA 0x100000: the DMA engine of `dma`
 //	dma TAG OFF       edu DMA of a 64-byte block starting with TAG from the memfd into
@@ -31,7 +32,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/mmiobroker/mmiobroker/internal/iommufd"
+	"github.com/mmiobroker/mmiobroker/client/iommufd"
+	internaliommufd "github.com/mmiobroker/mmiobroker/internal/iommufd"
 	"github.com/mmiobroker/mmiobroker/internal/pci"
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
 	"golang.org/x/sys/unix"
@@ -57,7 +59,8 @@ type holder struct {
 	buf     *os.File
 	size    uint64
 	io      *iommufd.FD
-	ioas    uint32
+	ioas    *iommufd.IOAS
+	eduIO   *internaliommufd.FD // io's file (a dup) in the form internal/vfio binds devices to
 	edu     *vfio.Device
 	memfd   *os.File
 	leaseID string
@@ -85,6 +88,9 @@ func main() {
 	if h.edu != nil {
 		h.edu.Close()
 	}
+	if h.eduIO != nil {
+		h.eduIO.Close()
+	}
 	if h.io != nil {
 		h.io.Close()
 	}
@@ -103,7 +109,7 @@ func (h *holder) do(f []string) (string, error) {
 		if h.io != nil {
 			return "", errors.New("already mapped")
 		}
-		io, err := iommufd.Open("/dev")
+		io, err := iommufd.Open("")
 		if err != nil {
 			return "", err
 		}
@@ -112,12 +118,13 @@ func (h *holder) do(f []string) (string, error) {
 			io.Close()
 			return "", err
 		}
-		if _, err := io.MapFile(ioas, h.buf, 0, h.size, iovaBuf, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable); err != nil {
+		m, err := ioas.Map(h.buf, iommufd.MapOptions{IOVA: iovaBuf, Fixed: true})
+		if err != nil {
 			io.Close()
 			return "", fmt.Errorf("IOMMU_IOAS_MAP_FILE of the dma-buf (%d bytes) at %#x: %w", h.size, iovaBuf, err)
 		}
 		h.io, h.ioas = io, ioas
-		return fmt.Sprintf("mapped %d bytes at IOVA %#x", h.size, iovaBuf), nil
+		return fmt.Sprintf("mapped %d bytes at IOVA %#x", m.Length, m.IOVA), nil
 	case f[0] == "edu" && len(f) == 2:
 		if h.io == nil {
 			return "", errors.New("map first")
@@ -126,31 +133,43 @@ func (h *holder) do(f []string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		edu, err := vfio.Open(addr, vfio.OpenOptions{IOMMUFD: h.io, IOAS: h.ioas})
+		// internal/vfio binds the device to an iommufd of internal/iommufd: the holder's,
+		// through a duplicate of its descriptor (the same iommufd, the same IOAS ids).
+		dup, err := dupFile(h.io.File())
 		if err != nil {
+			return "", err
+		}
+		eduIO := internaliommufd.FromFile(dup)
+		edu, err := vfio.Open(addr, vfio.OpenOptions{IOMMUFD: eduIO, IOAS: h.ioas.ID()})
+		if err != nil {
+			eduIO.Close()
+			return "", err
+		}
+		fail := func(err error) (string, error) {
+			edu.Close()
+			eduIO.Close()
 			return "", err
 		}
 		if err := edu.SetMemoryEnable(true); err != nil {
-			edu.Close()
-			return "", err
+			return fail(err)
 		}
 		if err := edu.SetBusMaster(true); err != nil {
-			edu.Close()
-			return "", err
+			return fail(err)
 		}
 		fd, err := unix.MemfdCreate("mmb-holder-dma", unix.MFD_CLOEXEC)
 		if err != nil {
-			edu.Close()
-			return "", err
+			return fail(err)
 		}
 		m := os.NewFile(uintptr(fd), "memfd")
 		if err := m.Truncate(4096); err != nil {
-			return "", err
+			m.Close()
+			return fail(err)
 		}
-		if _, err := h.io.MapFile(h.ioas, m, 0, 4096, iovaRAM, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable); err != nil {
-			edu.Close()
-			return "", fmt.Errorf("map the memfd: %w", err)
+		if _, err := h.ioas.Map(m, iommufd.MapOptions{IOVA: iovaRAM, Fixed: true}); err != nil {
+			m.Close()
+			return fail(fmt.Errorf("map the memfd: %w", err))
 		}
+		h.eduIO = eduIO
 		h.edu, h.memfd = edu, m
 		return "edu " + f[1] + " attached to the holder's IOAS", nil
 	case f[0] == "dma" && len(f) == 3:
@@ -192,7 +211,7 @@ func (h *holder) do(f []string) (string, error) {
 		}
 		return fmt.Sprintf("%s landed at %#x and read back (%v)", f[1], off, time.Since(start).Round(time.Millisecond)), nil
 	case f[0] == "fresh":
-		io, err := iommufd.Open("/dev")
+		io, err := iommufd.Open("")
 		if err != nil {
 			return "", err
 		}
@@ -201,12 +220,29 @@ func (h *holder) do(f []string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		if _, err := io.MapFile(ioas, h.buf, 0, h.size, iovaBuf, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable); err != nil {
+		if _, err := ioas.Map(h.buf, iommufd.MapOptions{IOVA: iovaBuf, Fixed: true}); err != nil {
 			return "", fmt.Errorf("IOMMU_IOAS_MAP_FILE into a fresh IOAS: %w", err)
 		}
 		return "maps into a fresh IOAS", nil
 	}
 	return "", fmt.Errorf("unknown command %q", strings.Join(f, " "))
+}
+
+// dupFile duplicates f's descriptor (close-on-exec).
+func dupFile(f *os.File) (*os.File, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	dup := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("dup %s: %w", f.Name(), derr)
+	}
+	return os.NewFile(uintptr(dup), f.Name()), nil
 }
 
 // eduDMA runs one transfer and waits for the engine (start bit clear), up to eduDMATimeout.
