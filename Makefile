@@ -37,10 +37,14 @@ test-unit: $(PLUGINS)/grpcurl
 	PATH=$(PLUGINS):$$PATH $(GO) test -race -count=1 ./...
 	$(MAKE) bench-smoke
 
-# Every in-process benchmark, 100 iterations each: a benchmark that breaks fails make test
-# (the speed figures come from make bench).
+# Every in-process benchmark, 100 iterations each, and the cross-process load generator
+# (test/bench) with a few hundred operations and 4 client processes: a benchmark or a
+# generator run that breaks fails make test, never its speed (the figures come from make
+# bench). The generator's table goes to bin/bench-smoke.md.
 bench-smoke:
 	@out=$$($(GO) test -count=1 -run '^$$' -bench . -benchtime 100x ./internal/... 2>&1) || { echo "$$out" | grep -v '^ok\|no test files\|^PASS$$' | tail -80; exit 1; }; echo "bench smoke: every benchmark ran 100 times"
+	@mkdir -p $(BIN)
+	@out=$$($(GO) run ./test/bench/cmd/mmiobroker-bench run -ops 300 -clients 4 -revokes 100 -alloc-ops 100 -warmup 5 -out $(BIN)/bench-smoke.md 2>&1) || { echo "$$out" | tail -40; exit 1; }; echo "bench smoke: mmiobroker-bench ran every scenario ($(BIN)/bench-smoke.md)"
 
 # grpcurl drives the API in internal/server's TestGrpcurl, as a client written from the docs.
 $(PLUGINS)/grpcurl:
@@ -97,10 +101,14 @@ demo: setup
 vm-shell: setup
 	$(GO) run ./test/vm/cmd/rig shell -kernel $(KERNEL)
 
+# The cross-process load generator first (docs/benchmarks.md, the results table; daemon CPU
+# profiles in bench/profiles), then the in-process benchmarks and the VM's (bench/results.txt).
+# Any failure fails make bench, after the steps before it wrote their results.
 bench: setup
 	mkdir -p bench
-	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./internal/... | tee bench/results.txt
-	$(GO) run ./test/vm/cmd/rig run -kernel all -tests e2e -run '^$$' -bench . | grep '^Benchmark' | tee -a bench/results.txt
+	$(GO) run ./test/bench/cmd/mmiobroker-bench run -out docs/benchmarks.md -cpuprofile bench/profiles
+	set -o pipefail; $(GO) test -run '^$$' -bench . -benchmem -count 5 ./internal/... | tee bench/results.txt
+	$(GO) run ./test/vm/cmd/rig run -kernel all -tests e2e -run '^$$' -bench . | grep '^Benchmark' | tee -a bench/results.txt; test $${PIPESTATUS[0]} -eq 0
 
 fuzz:
 	@for p in $$($(GO) list ./...); do \
