@@ -8,7 +8,8 @@
 #   make soak             1000 kill -9 restarts of mmiobrokerd under load in the systemd-mode VM
 #                         (iommufd kernel; not in CI; SOAK=N for another count)
 #   make vm-shell         boot the rig VM with a shell
-#   make bench            benchmarks (results table in bench/results.txt)
+#   make bench            the cross-process generator (docs/benchmarks.md, the results table), then
+#                         the in-process and VM benchmarks (bench/results.txt)
 #   make generate         regenerate protobuf code (protoc + pinned plugins)
 
 SHELL     := /bin/bash
