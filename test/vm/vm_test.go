@@ -172,6 +172,9 @@ func report(t *testing.T, rep *vmrig.Report, opts vmrig.RunOptions) {
 		if b.Name == "systemd" && rep.Boot == vmrig.Systemd && rep.Kernel == vmrig.IOMMUFD {
 			checkRestartDMAFromHost(t, b, o.Ivshmem)
 		}
+		if b.Name == "dravm" && rep.Boot == vmrig.Busybox && rep.Kernel == vmrig.IOMMUFD {
+			checkDRAFromHost(t, b, o.Ivshmem)
+		}
 		ran[b.Name] = true
 		t.Run(b.Name, func(t *testing.T) {
 			reportTests(t, b.Tests, "")
@@ -251,6 +254,24 @@ func checkK9FromHost(t *testing.T, b *vmrig.BinaryResult, shm []byte) {
 			t.Error("the DMA issued after the revoke landed in the ivshmem backing file")
 		}
 	})
+}
+
+// checkDRAFromHost checks, on the host, that the DMA internal/dra/dravm's
+// TestVMDelegatedLease had the pod's process do through its delegated lease (claimed with
+// nothing but the CDI spec's environment and mounts) landed in the ivshmem BAR, this host
+// file.
+func checkDRAFromHost(t *testing.T, b *vmrig.BinaryResult, shm []byte) {
+	for _, tc := range b.Tests {
+		if tc.Name != "TestVMDelegatedLease" || tc.Status != vmrig.Pass {
+			continue // failed in the guest: reported there
+		}
+		t.Run("DRAHostSeesDMA", func(t *testing.T) {
+			const off, want = 0x60000, "MMB-DRA-P2P-LANDED"
+			if len(shm) < off+len(want) || string(shm[off:off+len(want)]) != want {
+				t.Errorf("ivshmem backing file at %#x lacks %q", off, want)
+			}
+		})
+	}
 }
 
 // restartDMAModes and restartDMAOffset mirror test/vm/systemd's TestRestartModes: before

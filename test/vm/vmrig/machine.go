@@ -64,7 +64,7 @@ type MachineConfig struct {
 	// Soak, if not zero, is the number of kill -9 restarts the systemd guest's soak test
 	// runs (kernel command line mmb.soak=N, MMIOBROKER_VM_SOAK in the tests' environment).
 	Soak      int
-	Memory    string   // default 512M (busybox) or 1G (systemd: the rootfs lives in RAM)
+	Memory    string   // default 768M (busybox: the test binaries unpack into RAM) or 1G (systemd: the rootfs lives in RAM)
 	SMP       int      // default 1 (two vCPUs under TCG occasionally panic a loaded guest)
 	LogPath   string   // serial log; "" = none
 	ExtraArgs []string // more QEMU arguments
@@ -106,7 +106,8 @@ func (c *MachineConfig) defaults() {
 		}
 	}
 	if c.Memory == "" {
-		c.Memory = "512M"
+		// 512M left ~20M once the k8s-linked DRA test binary was in the image.
+		c.Memory = "768M"
 		if c.Boot == Systemd {
 			c.Memory = "1G"
 		}

@@ -290,7 +290,7 @@ func TestQEMUArgs(t *testing.T) {
 	}
 	s := strings.Join(args, " ")
 	for _, want := range []string{
-		"-M q35 -accel tcg -cpu max -smp 1 -m 512M", "-no-reboot", "-device intel-iommu,intremap=on",
+		"-M q35 -accel tcg -cpu max -smp 1 -m 768M", "-no-reboot", "-device intel-iommu,intremap=on",
 		"-device pcie-root-port,id=rp1,chassis=1,slot=1,addr=03.0 -device edu,bus=rp1",
 		"-device pcie-root-port,id=rp2,chassis=2,slot=2,addr=04.0 -device edu,bus=rp2",
 		"mem-path=/dev/shm/x,size=1048576,share=on", "-device ivshmem-plain,memdev=shm0,bus=rp3",

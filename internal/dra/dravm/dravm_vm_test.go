@@ -1,0 +1,496 @@
+//go:build vmtest
+
+package dravm
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/apimachinery/pkg/types"
+	cdispec "tags.cncf.io/container-device-interface/specs-go"
+
+	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/internal/dra"
+	"github.com/mmiobroker/mmiobroker/internal/dra/dratest"
+)
+
+// The rig's revocation bound R for this test: short, so that the unprepare's end of the
+// lease is seen to kill the fd within it.
+const vmRevokeWithin = 2 * time.Second
+
+// vmDMAOffset is where in the ivshmem BAR the pod's DMA lands; test/vm's host side
+// looks for vmDMATag there in the BAR's backing file (checkDRAFromHost).
+const (
+	vmDMAOffset = "0x60000"
+	vmDMATag    = "MMB-DRA-P2P-LANDED"
+)
+
+func vmEnv(t *testing.T, name string) string {
+	t.Helper()
+	v := os.Getenv("MMIOBROKER_VM_" + name)
+	if v == "" {
+		t.Skipf("MMIOBROKER_VM_%s is not set: a guest test of the VM rig (test/vm)", name)
+	}
+	return v
+}
+
+// startVMDaemon runs the guest's mmiobrokerd on the ivshmem device, tenants by cgroup,
+// R = vmRevokeWithin, and waits for its READY=1.
+func startVMDaemon(t *testing.T, dir, ivshmem string) (control, claim string) {
+	t.Helper()
+	bin, err := exec.LookPath("mmiobrokerd")
+	if err != nil {
+		t.Fatalf("mmiobrokerd is not in the guest: %v", err)
+	}
+	control, claim = filepath.Join(dir, "control.sock"), filepath.Join(dir, "fd.sock")
+	cfg := fmt.Sprintf(`
+[daemon]
+control_socket = %q
+claim_socket = %q
+log_level = "debug"
+
+[limits]
+revoke_within = %q
+tenant_cycle_interval = "1s"
+
+[tenants]
+by = "cgroup"
+
+[[device]]
+address = %q
+bars = [2]
+`, control, claim, vmRevokeWithin.String(), ivshmem)
+	cfgPath := filepath.Join(dir, "mmiobrokerd.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	notifyPath := filepath.Join(dir, "notify")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	logPath := filepath.Join(dir, "mmiobrokerd.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-config", cfgPath)
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notifyPath)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("mmiobrokerd exited with %v after SIGTERM", err)
+			}
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+			t.Errorf("mmiobrokerd did not stop within 30 s of SIGTERM")
+		}
+		logf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("mmiobrokerd log:\n%s", b)
+		}
+	})
+	ready := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 4096)
+		notify.SetReadDeadline(time.Now().Add(60 * time.Second))
+		for {
+			n, err := notify.Read(buf)
+			if err != nil {
+				ready <- err
+				return
+			}
+			if strings.Contains("\n"+string(buf[:n])+"\n", "\nREADY=1\n") {
+				ready <- nil
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			t.Fatalf("mmiobrokerd never said READY=1: %v", err)
+		}
+	case err := <-exited:
+		t.Fatalf("mmiobrokerd exited during start-up: %v", err)
+	}
+	return control, claim
+}
+
+// startPlugin runs the plugin in this process until the test ends, logging to t.
+func startPlugin(t *testing.T, opt dra.Options) {
+	t.Helper()
+	opt.NodeName = dratest.Node
+	opt.Log = slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	for _, d := range []string{opt.CDIDir, opt.PluginDataDir, opt.RegistrarDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err := dra.Start(context.Background(), opt)
+	if err != nil {
+		t.Fatalf("start plugin: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := d.Stop(); err != nil {
+			t.Errorf("plugin stop: %v", err)
+		}
+	})
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSuffix(string(b), "\n"))
+	return len(b), nil
+}
+
+// readSpec reads the CDI spec file the plugin wrote, strictly.
+func readSpec(t *testing.T, path string) *cdispec.Spec {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("cdi spec: %v", err)
+	}
+	var spec cdispec.Spec
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&spec); err != nil {
+		t.Fatalf("cdi spec %s: %v", path, err)
+	}
+	return &spec
+}
+
+// podCgroup creates the cgroup the kubelet (systemd cgroup driver) gives a burstable pod
+// and returns its path; it is removed when the test ends.
+func podCgroup(t *testing.T, uid types.UID) string {
+	t.Helper()
+	path := filepath.Join("/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice",
+		"kubepods-burstable-pod"+strings.ReplaceAll(string(uid), "-", "_")+".slice")
+	if err := os.MkdirAll(path, 0o755); err != nil {
+		t.Fatalf("pod cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		for _, p := range []string{path, filepath.Dir(path), filepath.Dir(filepath.Dir(path))} {
+			if err := os.Remove(p); err != nil && !os.IsNotExist(err) && !strings.Contains(err.Error(), "busy") {
+				t.Errorf("remove cgroup: %v", err)
+			}
+		}
+	})
+	return path
+}
+
+// child is a re-executed test binary in a runtime's role (see runChild).
+type child struct {
+	cmd   *exec.Cmd
+	in    io.WriteCloser
+	lines chan string
+	done  chan error
+}
+
+// startChild starts a child with exactly the CDI device's environment (and PATH), in a
+// new mount namespace, in cgroup (if not "").
+func startChild(t *testing.T, mode string, spec *cdispec.Spec, device, cgroup string) *child {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env []string
+	var mounts []*cdispec.Mount
+	for _, edits := range []cdispec.ContainerEdits{spec.ContainerEdits, specDevice(t, spec, device).ContainerEdits} {
+		env = append(env, edits.Env...)
+		mounts = append(mounts, edits.Mounts...)
+	}
+	mj, err := json.Marshal(mounts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(env, "PATH="+os.Getenv("PATH"), childEnv+"="+mode, mountsEnv+"="+string(mj))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	if cgroup != "" {
+		fd, err := unix.Open(cgroup, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, fd
+	}
+	cmd.Stderr = os.Stderr
+	c := &child{cmd: cmd, lines: make(chan string, 16), done: make(chan error, 1)}
+	if c.in, err = cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			c.lines <- sc.Text()
+		}
+		close(c.lines)
+		c.done <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		c.in.Close()
+		select {
+		case <-c.done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-c.done
+		}
+	})
+	return c
+}
+
+// line returns the child's next output line (30 s at most).
+func (c *child) line(t *testing.T) string {
+	t.Helper()
+	select {
+	case l, ok := <-c.lines:
+		if !ok {
+			t.Fatalf("child %d ended: %v", c.cmd.Process.Pid, <-c.done)
+		}
+		return l
+	case <-time.After(30 * time.Second):
+		t.Fatalf("child %d: no answer in 30 s", c.cmd.Process.Pid)
+	}
+	return ""
+}
+
+// ask sends mmb-holder a command and returns its answer, which must start with "ok".
+func (c *child) ask(t *testing.T, cmd string) string {
+	t.Helper()
+	if _, err := fmt.Fprintln(c.in, cmd); err != nil {
+		t.Fatal(err)
+	}
+	l := c.line(t)
+	t.Logf("mmb-holder %s: %s", cmd, l)
+	return l
+}
+
+func specDevice(t *testing.T, spec *cdispec.Spec, cdiID string) cdispec.Device {
+	t.Helper()
+	name, ok := strings.CutPrefix(cdiID, spec.Kind+"=")
+	if !ok {
+		t.Fatalf("CDI device %s is not of kind %s", cdiID, spec.Kind)
+	}
+	for _, d := range spec.Devices {
+		if d.Name == name {
+			return d
+		}
+	}
+	t.Fatalf("CDI device %s is not in the spec", cdiID)
+	return cdispec.Device{}
+}
+
+// TestVMDelegatedLease is the whole DRA flow on the rig's ivshmem BAR2 with the real
+// daemon (tenants by cgroup) and the plugin in this process (there is no API server in
+// the VM: the claim comes from a fake clientset). The test is the kubelet: it prepares a
+// claim for a pod uid, makes that pod's cgroup and starts a "container" in it with only
+// the CDI spec's environment and mounts; the container claims the fd and (iommufd
+// kernel) has the edu device DMA through it into the ivshmem BAR, which the host sees in
+// the BAR's backing file (test/vm). A process outside the pod is refused the same claim.
+// The unprepare ends the lease and its fd dies within R.
+func TestVMDelegatedLease(t *testing.T) {
+	ivshmem := vmEnv(t, "IVSHMEM")
+	iommufdKernel := vmEnv(t, "KERNEL") == "iommufd"
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err != nil {
+		t.Fatalf("cgroup v2 is not mounted on /sys/fs/cgroup: %v", err)
+	}
+	dir, err := os.MkdirTemp("", "dra")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	control, claimSock := startVMDaemon(t, dir, ivshmem)
+	cdi, plugins, registry := filepath.Join(dir, "cdi"), filepath.Join(dir, "plugins"), filepath.Join(dir, "registry")
+	kube := dratest.NewKube(t)
+	startPlugin(t, dra.Options{
+		Kube: kube, ControlSocket: control, ClaimSocketHost: claimSock, CDIDir: cdi, PluginDataDir: plugins, RegistrarDir: registry,
+		SysFS: os.DirFS("/sys"),
+	})
+
+	// Published: the ivshmem BAR2, with what sysfs adds.
+	devName := dra.DeviceName(ivshmem, 2, 0, 1)
+	devs := dratest.WaitDevices(t, kube, devName)
+	if r := devs[0].Attributes["resource.kubernetes.io/pcieRoot"].StringValue; r == nil || !strings.HasPrefix(*r, "pci0000:") {
+		t.Errorf("published %s without its PCIe root: %+v", devName, devs[0].Attributes)
+	}
+	if s := devs[0].Attributes[dra.AttrBARSize].IntValue; s == nil || *s != 1<<20 {
+		t.Errorf("published %s: BAR size %v, want 1 MiB", devName, s)
+	}
+
+	podUID := types.UID("5f0e7c3a-21b4-4c6e-9a8d-0c1d2e3f4a5b")
+	claim := dratest.CreateClaim(t, kube, dratest.NewClaim("vm1-mmio", "7d2a9b10-3c4d-4e5f-8a9b-0c1d2e3f4a5c",
+		[]dratest.Pod{{Name: "virt-launcher-vm1", UID: podUID}}, []dratest.Alloc{{Request: "bar", Device: devName}}))
+	k := dratest.RegisterPlugin(t, registry)
+	r := k.Prepare(claim)
+	if r.GetError() != "" || len(r.GetDevices()) != 1 || len(r.GetDevices()[0].GetCdiDeviceIds()) != 1 {
+		t.Fatalf("prepare: %v", r)
+	}
+	cdiID := r.GetDevices()[0].GetCdiDeviceIds()[0]
+	spec := readSpec(t, dra.CDISpecPath(cdi, claim.UID))
+	c := dratest.DialBroker(t, control)
+	leases := dratest.ClaimLeases(t, c, claim.UID)
+	if len(leases) != 1 {
+		t.Fatalf("leases of the claim: %v", leases)
+	}
+	lease := leases[0]
+	if m := specDevice(t, spec, cdiID).ContainerEdits.Mounts; len(m) != 1 || m[0].HostPath != claimSock {
+		t.Fatalf("cdi mounts %v: want the daemon's claim socket %s", m, claimSock)
+	}
+
+	// Outside the pod: in no pod's cgroup, and in another pod's. Refused; the token stays.
+	other := podCgroup(t, "0a0b0c0d-0000-4000-8000-000000000099")
+	for _, cg := range []string{"", other} {
+		f := startChild(t, "foreign", spec, cdiID, cg)
+		if l := f.line(t); l != "refused PERMISSION_DENIED" {
+			t.Fatalf("claim from outside the pod (cgroup %q): %q, want refused PERMISSION_DENIED", cg, l)
+		}
+	}
+
+	// The pod's container claims it and becomes the lease's holder.
+	podCG := podCgroup(t, podUID)
+	p := startChild(t, "pod", spec, cdiID, podCG)
+	claimed := p.line(t)
+	if !strings.HasPrefix(claimed, "claimed "+lease.GetId()+" ") {
+		t.Fatalf("pod: %q", claimed)
+	}
+	info := p.ask(t, "info")
+	got, err := c.API().GetLease(context.Background(), &brokerv1.GetLeaseRequest{LeaseId: lease.GetId()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := got.GetLease()
+	wantTenant := "cgroup=/kubepods.slice/kubepods-burstable.slice/" + filepath.Base(podCG)
+	if l.GetState() != brokerv1.LeaseState_LEASE_STATE_ACTIVE || int(l.GetHolder().GetPid()) != p.cmd.Process.Pid ||
+		!strings.HasSuffix(l.GetHolder().GetTenant(), wantTenant) ||
+		!strings.Contains(info, fmt.Sprintf("inode=%d ", l.GetInode())) {
+		t.Fatalf("lease after the pod's claim: %v (holder %v); mmb-holder: %s; want ACTIVE, held by pid %d of tenant …%s, inode in fd 3",
+			l, l.GetHolder(), info, p.cmd.Process.Pid, wantTenant)
+	}
+	if iommufdKernel {
+		for _, cmd := range []string{"map", "edu " + vmEnv(t, "EDU2"), "dma " + vmDMATag + " " + vmDMAOffset} {
+			if a := p.ask(t, cmd); !strings.HasPrefix(a, "ok ") {
+				t.Fatalf("mmb-holder %s: %s", cmd, a)
+			}
+		}
+	} else {
+		t.Log("stock kernel: no iommufd, so no DMA through the fd; the claim and the revocation are checked")
+	}
+
+	// A second prepare (kubelet restart) keeps the claimed lease.
+	if r2 := k.Prepare(claim); r2.GetError() != "" {
+		t.Fatalf("second prepare: %s", r2.GetError())
+	}
+	if ls := dratest.ClaimLeases(t, c, claim.UID); len(ls) != 1 || ls[0].GetId() != lease.GetId() {
+		t.Fatalf("leases after the second prepare: %v", ls)
+	}
+	// Even without its spec: the lease is claimed (its token spent), so it stays with
+	// the running VMM, and the rewritten spec names it without a token.
+	if err := os.Remove(dra.CDISpecPath(cdi, claim.UID)); err != nil {
+		t.Fatal(err)
+	}
+	if r3 := k.Prepare(claim); r3.GetError() != "" {
+		t.Fatalf("prepare without the spec: %s", r3.GetError())
+	}
+	if ls := dratest.ClaimLeases(t, c, claim.UID); len(ls) != 1 || ls[0].GetId() != lease.GetId() || ls[0].GetState() != brokerv1.LeaseState_LEASE_STATE_ACTIVE {
+		t.Fatalf("leases after a prepare without the spec: %v, want %s kept", ls, lease.GetId())
+	}
+	if env := dratest.EnvOf(specDevice(t, readSpec(t, dra.CDISpecPath(cdi, claim.UID)), cdiID).ContainerEdits.Env); env[dra.EnvLeaseID] != lease.GetId() || env[dra.EnvClaimToken] != "" {
+		t.Errorf("rewritten spec of a claimed lease: %v, want its id and no token", env)
+	}
+
+	// Unprepare: the lease ends and its fd dies within R (FD_REVOKED by revoke_due).
+	ctx, cancel := context.WithTimeout(context.Background(), vmRevokeWithin+30*time.Second)
+	defer cancel()
+	events := make(chan *brokerv1.Event, 64)
+	stream, err := c.API().WatchEvents(ctx, &brokerv1.WatchEventsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer close(events)
+		for {
+			r, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			events <- r.GetEvent()
+		}
+	}()
+	if msg := k.Unprepare(claim); msg != "" {
+		t.Fatalf("unprepare: %s", msg)
+	}
+	var ended, revoked *brokerv1.Event
+	for revoked == nil {
+		select {
+		case e, ok := <-events:
+			if !ok {
+				t.Fatalf("event stream ended before FD_REVOKED of %s", lease.GetId())
+			}
+			if e.GetLease().GetId() != lease.GetId() {
+				continue
+			}
+			switch e.GetType() {
+			case brokerv1.EventType_EVENT_TYPE_RELEASED:
+				ended = e
+			case brokerv1.EventType_EVENT_TYPE_FD_REVOKED:
+				revoked = e
+			}
+		case <-ctx.Done():
+			t.Fatalf("no FD_REVOKED of %s", lease.GetId())
+		}
+	}
+	if ended == nil || ended.GetLease().GetRevokeDue() == nil {
+		t.Fatalf("the unprepare's end of the lease: %v", ended)
+	}
+	due := ended.GetLease().GetRevokeDue().AsTime()
+	at := revoked.GetTime().AsTime()
+	t.Logf("lease %s: released at %s, fd revoked %v later (R = %v)", lease.GetId(),
+		ended.GetTime().AsTime().Format(time.RFC3339Nano), at.Sub(ended.GetTime().AsTime()), vmRevokeWithin)
+	if at.After(due) {
+		t.Errorf("FD_REVOKED at %s, after the lease's revoke_due %s", at, due)
+	}
+	if iommufdKernel {
+		if a := p.ask(t, "fresh"); !strings.Contains(a, "no such device") {
+			t.Errorf("the pod's fd after the unprepare maps into a fresh IOAS: %s, want ENODEV", a)
+		}
+	}
+	if _, err := os.Stat(dra.CDISpecPath(cdi, claim.UID)); !os.IsNotExist(err) {
+		t.Errorf("cdi spec after unprepare: %v", err)
+	}
+	fmt.Fprintln(p.in, "quit")
+}
