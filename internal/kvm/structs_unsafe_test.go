@@ -1,8 +1,3 @@
-//go:build !vmtest
-
-// These tests read the repository (test/uapi/linux-7.2.txt and the package source), which
-// the guest of the VM rig does not have: they run on the host only.
-
 package kvm
 
 import (

@@ -179,9 +179,15 @@ type UAPISpec struct {
 	NotMirrored []string
 }
 
-// LoadUAPI reads [UAPIFile] from the repository around the working directory.
+// LoadUAPI reads [UAPIFile] from the repository around the working directory. In the VM
+// rig's guest (MMIOBROKER_VM_KERNEL set), which has no repository, it skips the test.
 func LoadUAPI(t testing.TB) []UAPIFact {
 	t.Helper()
+	if k := os.Getenv("MMIOBROKER_VM_KERNEL"); k != "" {
+		// A test binary of the VM rig, running in the guest: no repository there. The
+		// host runs these tests, and test/uapi checks the file against the headers.
+		t.Skipf("%s is in the repository, not in the %s guest of the VM rig", UAPIFile, k)
+	}
 	dir, err := os.Getwd()
 	if err != nil {
 		t.Fatal(err)
