@@ -1011,11 +1011,13 @@ func countFds(t *testing.T, pid int) int {
 // the other two (no EMFILE, no DEVICE_LOST), whose new generations claim (and map,
 // iommufd) while the revoked fds do not.
 func TestFdBudget(t *testing.T) {
-	if !iommufdKernel() {
+	if iommufdKernel() {
 		// The budget and the connection limits are the same code on both kernels; the
 		// flood of 1024 connections takes about 2.5 minutes under TCG, which CI's time
-		// allows once.
-		t.Skip("runs on the iommufd kernel only (CI time); the fd budget does not depend on the kernel")
+		// allows once, and the two kernels' systemd suites run side by side: it runs on
+		// the stock kernel, whose suite is the shorter one (the iommufd suite has the
+		// soak), so the reissued generations are claimed but not mapped.
+		t.Skip("runs on the stock kernel only (CI time); the fd budget does not depend on the kernel")
 	}
 	requireDaemon(t)
 	dumpJournalOnFailure(t)
