@@ -16,8 +16,11 @@ import (
 //
 // The broker checks that the claim comes from the allocating process: same uid and pid,
 // and the allocating process, pinned by a pidfd since allocation, still alive (so its pid
-// cannot have been reused). fdpass pins the claiming peer and checks it is still alive
-// before sending.
+// cannot have been reused). A delegated lease is claimed instead by a process of its
+// claimant's cgroup unit: for those (tenants by cgroup only) the broker asks the claimer's
+// tenant and unit, read while fdpass's pidfd pins the peer, and takes a pin of its own
+// (delegateClaimer). fdpass pins the claiming peer and checks it is still alive before
+// sending.
 //
 // It counts every claim the broker decides by the code its client gets (m.Claimed): a
 // refusal when the broker refuses it, the delivery's outcome when it grants it.
