@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,6 +25,7 @@ import (
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/internal/dra"
 	"github.com/mmiobroker/mmiobroker/internal/dra/dratest"
+	"github.com/mmiobroker/mmiobroker/test/vm/guestd"
 )
 
 // The rig's revocation bound R for this test: short, so that the unprepare's end of the
@@ -43,7 +43,7 @@ func vmEnv(t *testing.T, name string) string {
 	t.Helper()
 	v := os.Getenv("MMIOBROKER_VM_" + name)
 	if v == "" {
-		t.Skipf("MMIOBROKER_VM_%s is not set: a guest test of the VM rig (test/vm)", name)
+		t.Fatalf("MMIOBROKER_VM_%s is not set: run in the rig (make test-vm)", name)
 	}
 	return v
 }
@@ -52,10 +52,6 @@ func vmEnv(t *testing.T, name string) string {
 // R = vmRevokeWithin, and waits for its READY=1.
 func startVMDaemon(t *testing.T, dir, ivshmem string) (control, claim string) {
 	t.Helper()
-	bin, err := exec.LookPath("mmiobrokerd")
-	if err != nil {
-		t.Fatalf("mmiobrokerd is not in the guest: %v", err)
-	}
 	control, claim = filepath.Join(dir, "control.sock"), filepath.Join(dir, "fd.sock")
 	cfg := fmt.Sprintf(`
 [daemon]
@@ -78,67 +74,7 @@ bars = [2]
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	notifyPath := filepath.Join(dir, "notify")
-	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer notify.Close()
-	logPath := filepath.Join(dir, "mmiobrokerd.log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-config", cfgPath)
-	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notifyPath)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Errorf("mmiobrokerd exited with %v after SIGTERM", err)
-			}
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-			<-exited
-			t.Errorf("mmiobrokerd did not stop within 30 s of SIGTERM")
-		}
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			t.Logf("mmiobrokerd log:\n%s", b)
-		}
-	})
-	ready := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 4096)
-		notify.SetReadDeadline(time.Now().Add(60 * time.Second))
-		for {
-			n, err := notify.Read(buf)
-			if err != nil {
-				ready <- err
-				return
-			}
-			if strings.Contains("\n"+string(buf[:n])+"\n", "\nREADY=1\n") {
-				ready <- nil
-				return
-			}
-		}
-	}()
-	select {
-	case err := <-ready:
-		if err != nil {
-			t.Fatalf("mmiobrokerd never said READY=1: %v", err)
-		}
-	case err := <-exited:
-		t.Fatalf("mmiobrokerd exited during start-up: %v", err)
-	}
+	guestd.Start(t, dir, cfgPath)
 	return control, claim
 }
 

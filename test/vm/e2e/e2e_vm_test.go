@@ -11,7 +11,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -29,6 +28,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/client"
 	"github.com/mmiobroker/mmiobroker/client/iommufd"
 	"github.com/mmiobroker/mmiobroker/internal/dmabuf"
+	"github.com/mmiobroker/mmiobroker/test/vm/guestd"
 )
 
 const childEnv = "MMB_E2E_CHILD"
@@ -85,8 +85,6 @@ func checkInheritedLease() error {
 
 type daemon struct {
 	dir, control, claim string
-	cmd                 *exec.Cmd
-	log                 *os.File
 }
 
 func env(t *testing.T, name string) string {
@@ -104,10 +102,6 @@ func iommufdKernel() bool { return os.Getenv("MMIOBROKER_VM_KERNEL") == "iommufd
 // sd_notify READY=1.
 func startDaemon(t *testing.T) *daemon {
 	t.Helper()
-	bin, err := exec.LookPath("mmiobrokerd")
-	if err != nil {
-		t.Fatalf("mmiobrokerd is not in the guest: %v", err)
-	}
 	dir, err := os.MkdirTemp("", "e2e")
 	if err != nil {
 		t.Fatal(err)
@@ -155,73 +149,8 @@ allow_unattested_private = true
 		t.Fatal(err)
 	}
 
-	notifyPath := filepath.Join(dir, "notify")
-	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer notify.Close()
-	d.log, err = os.Create(filepath.Join(dir, "mmiobrokerd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.cmd = exec.Command(bin, "-config", cfgPath)
-	d.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notifyPath)
-	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- d.cmd.Wait() }()
-	t.Cleanup(func() {
-		d.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Errorf("mmiobrokerd exited with %v after SIGTERM", err)
-			}
-		case <-time.After(30 * time.Second):
-			d.cmd.Process.Kill()
-			t.Errorf("mmiobrokerd did not stop within 30 s of SIGTERM")
-		}
-		d.dumpLog(t)
-	})
-
-	ready := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 4096)
-		notify.SetReadDeadline(time.Now().Add(60 * time.Second))
-		for {
-			n, err := notify.Read(buf)
-			if err != nil {
-				ready <- err
-				return
-			}
-			if strings.Contains("\n"+string(buf[:n])+"\n", "\nREADY=1\n") {
-				ready <- nil
-				return
-			}
-		}
-	}()
-	select {
-	case err := <-ready:
-		if err != nil {
-			d.dumpLog(t)
-			t.Fatalf("mmiobrokerd never said READY=1: %v", err)
-		}
-	case err := <-exited:
-		d.dumpLog(t)
-		t.Fatalf("mmiobrokerd exited during start-up: %v", err)
-	}
+	guestd.Start(t, dir, cfgPath)
 	return d
-}
-
-func (d *daemon) dumpLog(t *testing.T) {
-	t.Helper()
-	b, _ := os.ReadFile(d.log.Name())
-	if t.Failed() || testing.Verbose() {
-		t.Logf("mmiobrokerd log:\n%s", b)
-	}
 }
 
 func (d *daemon) client(t *testing.T) *client.Client {
