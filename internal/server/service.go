@@ -332,20 +332,39 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	if err := stream.SendHeader(metadata.Pairs(LastSeqHeader, strconv.FormatUint(sub.Last(), 10))); err != nil {
 		return err
 	}
+	send := func(ev broker.Event) error {
+		if e := eventFor(ev, id, who); e != nil {
+			return stream.Send(&brokerv1.WatchEventsResponse{Event: e})
+		}
+		return nil
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.stopping:
-			return fmt.Errorf("event stream: the server is shutting down: %w", errdefs.ErrUnavailable)
+			// The daemon stops the broker before the server, so the last events (the
+			// leases a shutdown ended) may be queued here: deliver them first. A select
+			// with both channels ready picks either.
+			for {
+				select {
+				case ev, ok := <-sub.Events():
+					if !ok {
+						return subscriptionEnded(sub.Err())
+					}
+					if err := send(ev); err != nil {
+						return err
+					}
+				default:
+					return fmt.Errorf("event stream: the server is shutting down: %w", errdefs.ErrUnavailable)
+				}
+			}
 		case ev, ok := <-sub.Events():
 			if !ok {
 				return subscriptionEnded(sub.Err())
 			}
-			if e := eventFor(ev, id, who); e != nil {
-				if err := stream.Send(&brokerv1.WatchEventsResponse{Event: e}); err != nil {
-					return err
-				}
+			if err := send(ev); err != nil {
+				return err
 			}
 		}
 	}
