@@ -91,10 +91,12 @@ generate: $(PLUGINS)/protoc-gen-go $(PLUGINS)/protoc-gen-go-grpc
 		--go_out=. --go_opt=module=github.com/mmiobroker/mmiobroker \
 		--go-grpc_out=. --go-grpc_opt=module=github.com/mmiobroker/mmiobroker \
 		$$(find api/proto -name '*.proto')
+	PATH=$(PLUGINS):$$PATH protoc -I internal/journal/recordpb \
+		--go_out=. --go_opt=module=github.com/mmiobroker/mmiobroker internal/journal/recordpb/record.proto
 
 check-generate: generate
-	@git diff --exit-code -- api/gen || { echo "generated code is stale: run make generate and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- api/gen)" || { echo "untracked generated files: run make generate and commit"; git status --porcelain -- api/gen; exit 1; }
+	@git diff --exit-code -- api/gen internal/journal/recordpb || { echo "generated code is stale: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- api/gen internal/journal/recordpb)" || { echo "untracked generated files: run make generate and commit"; git status --porcelain -- api/gen internal/journal/recordpb; exit 1; }
 
 demo: setup
 	$(GO) run ./test/vm/cmd/rig demo -kernel $(KERNEL)

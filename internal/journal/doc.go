@@ -7,14 +7,21 @@
 //
 //   - "leases": one record per lease, live or ended, keyed by lease id ([Lease]);
 //   - "events": the last Options.EventBacklog lease transitions ([Event]), keyed by their
-//     seq as 8 bytes big-endian, for replay to watchers that resume after a restart;
+//     seq as 8 bytes big-endian, for replay to watchers that resume after a restart (a
+//     commit trims a batch of the oldest once an eighth more are stored, not one per
+//     commit; [Journal.Load] returns the backlog's newest);
 //   - "meta": schema_version and last_seq (8 bytes big-endian), boot_id and created (text).
+//     The last seq is the last stored event's; meta last_seq holds it only where the
+//     events bucket does not (after [Journal.Reset]), so a commit does not rewrite meta.
 //
-// Records are JSON objects with short snake_case names, decoded strictly (unknown fields
-// and trailing bytes are refused); schema_version versions the encoding. Every decode of
-// stored bytes is fuzzed, and a record that does not decode is an error naming its key
-// ([RecordError], [ErrCorrupt]), never a panic. The records are this package's own plain
-// types; the broker converts its domain types, and this package does not import it.
+// Records are protocol buffers (recordpb/record.proto, schema version 2), decoded strictly
+// (unknown fields are refused). Version 1 stored JSON objects: at 15 µs to decode one
+// lease record, a journal of 100,000 leases took 1.5 s to replay, and JSON encoding was a
+// fifth of a commit; [Open] migrates a version-1 journal in place, so an upgrade restart
+// keeps every lease. Every decode of stored bytes is fuzzed, and a record that does not
+// decode is an error naming its key ([RecordError], [ErrCorrupt]), never a panic. The
+// records are this package's own plain types; the broker converts its domain types, and
+// this package does not import it.
 //
 // Lease records hold only the SHA-256 of a claim token. Event records of reissued leases
 // hold the new token itself, so that its holder can still collect it after a restart; the

@@ -11,9 +11,10 @@ import (
 func FuzzDecodeLease(f *testing.F) {
 	full, _ := encodeLease(new(fullLease("lease-a", 7)))
 	f.Add("lease-a", full)
-	f.Add("b", []byte(`{"id":"b"}`))
-	f.Add("c", []byte(`{"id":"c","ranges":[{"off":4096,"len":8192}],"labels":{"k":"v"},"ttl":1000000000}`))
-	f.Add("d", []byte(`null`))
+	f.Add("b", pbLease("b"))
+	f.Add("c", pbLease("c")[:4])
+	f.Add("d", []byte(`{"id":"d"}`)) // schema 1
+	f.Add("e", []byte{})
 	f.Fuzz(func(t *testing.T, key string, val []byte) {
 		l, err := decodeLease([]byte(key), val)
 		if err != nil {
@@ -40,9 +41,9 @@ func FuzzDecodeLease(f *testing.F) {
 func FuzzDecodeEvent(f *testing.F) {
 	full, _ := encodeEvent(new(fullEvent(9, fullLease("lease-a", 9))))
 	f.Add(seqKey(9), full)
-	f.Add(seqKey(1), []byte(`{"seq":1,"type":"allocated","lease":{"id":"x"}}`))
-	f.Add(seqKey(1), []byte(`{"seq":1,"time":"2026-11-25T10:30:00.5+02:00","lease":{"id":"x","token_digest":"3q2+7w=="}}`))
-	f.Add([]byte("short"), []byte(`{"seq":1}`))
+	f.Add(seqKey(1), pbEvent(1))
+	f.Add(seqKey(1), []byte(`{"seq":1,"type":"allocated","lease":{"id":"x"}}`)) // schema 1
+	f.Add([]byte("short"), pbEvent(1))
 	f.Fuzz(func(t *testing.T, key, val []byte) {
 		e, err := decodeEvent(key, val)
 		if err != nil {

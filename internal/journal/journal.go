@@ -26,9 +26,13 @@ const (
 	BootIDPath = "/proc/sys/kernel/random/boot_id"
 )
 
-// schemaVersion is the version of the record encoding and bucket layout. A journal with
-// another version is discarded at Open.
-const schemaVersion = 1
+// schemaVersion is the version of the record encoding and bucket layout: 2 encodes records
+// with protocol buffers (recordpb), 1 with JSON. Open migrates a version-1 journal (the
+// daemon's before it) in place and discards one of any other version.
+const (
+	schemaVersion   = 2
+	schemaVersionV1 = 1
+)
 
 // Buckets and meta keys.
 const (
@@ -81,8 +85,32 @@ type Journal struct {
 
 	mu      sync.RWMutex // writers: Commit, Reset, Close; readers: Load
 	nevents int          // guarded by mu: how many events are stored
-	lastSeq uint64       // guarded by mu: meta last_seq
+	lastSeq uint64       // guarded by mu: the last seq (see lastSeqIn)
 	closed  bool         // guarded by mu
+}
+
+// trimSlack returns how many events above the backlog a commit leaves stored before it
+// trims: trimming one event per commit would rewrite the events bucket's first page on
+// every commit; trimming a batch now and then rewrites it once per batch. [Journal.Load]
+// returns only the backlog's newest.
+func trimSlack(backlog int) int { return max(backlog/8, 16) }
+
+// lastSeqIn returns the last event seq the journal holds: the last stored event's, or
+// meta last_seq where no event is stored above it. A commit does not write meta last_seq
+// (one page less per commit): the events bucket keeps at least the newest event, and
+// [Journal.Reset], which empties it, writes meta last_seq first.
+func lastSeqIn(tx *bolt.Tx) (uint64, error) {
+	last, ok := getUint(tx.Bucket([]byte(bucketMeta)), keyLastSeq)
+	if !ok {
+		return 0, &RecordError{Bucket: bucketMeta, Key: keyLastSeq, Err: errors.New("not 8 bytes")}
+	}
+	if k, _ := tx.Bucket([]byte(bucketEvents)).Cursor().Last(); k != nil {
+		if len(k) != 8 {
+			return 0, &RecordError{Bucket: bucketEvents, Key: printKey(bucketEvents, k), Err: errors.New("key not 8 bytes")}
+		}
+		last = max(last, binary.BigEndian.Uint64(k))
+	}
+	return last, nil
 }
 
 // Open opens the journal at path, creating it if needed, and takes its lock, waiting at
@@ -143,7 +171,11 @@ func Open(path string, opt Options) (*Journal, error) {
 
 	j := &Journal{path: path, db: db, log: opt.Log, backlog: opt.EventBacklog}
 	if reason == "" {
-		reason, err = j.inspect(opt.BootID, existed)
+		var version uint64
+		version, reason, err = j.inspect(opt.BootID, existed)
+		if err == nil && reason == "" && version == schemaVersionV1 {
+			err = j.migrateV1()
+		}
 		if err != nil {
 			_ = db.Close()
 			return nil, opError("open", path, err)
@@ -319,9 +351,11 @@ func moveAside(path string, fi os.FileInfo) (string, error) {
 	return aside, os.Rename(path, aside)
 }
 
-// inspect returns why the opened journal cannot be used as it is, or "".
-func (j *Journal) inspect(bootID string, existed bool) (string, error) {
+// inspect returns the opened journal's schema version and why it cannot be used as it is,
+// or "".
+func (j *Journal) inspect(bootID string, existed bool) (uint64, string, error) {
 	var reason string
+	var version uint64
 	err := j.db.View(func(tx *bolt.Tx) error {
 		meta := tx.Bucket([]byte(bucketMeta))
 		if meta == nil {
@@ -337,7 +371,8 @@ func (j *Journal) inspect(bootID string, existed bool) (string, error) {
 			reason = "journal metadata unreadable (schema_version)"
 			return nil
 		}
-		if v != schemaVersion {
+		version = v
+		if v != schemaVersion && v != schemaVersionV1 {
 			reason = fmt.Sprintf("schema version %d unsupported", v)
 			return nil
 		}
@@ -354,7 +389,61 @@ func (j *Journal) inspect(bootID string, existed bool) (string, error) {
 		}
 		return nil
 	})
-	return reason, err
+	return version, reason, err
+}
+
+// migrateV1 re-encodes a schema-1 journal's records (JSON) as schema 2 in one transaction,
+// so that an upgraded daemon takes back the leases of the one before it. A record that
+// does not decode stays as it was: [Journal.Load] reports it.
+func (j *Journal) migrateV1() error {
+	n := 0
+	err := j.db.Update(func(tx *bolt.Tx) error {
+		type kv struct{ k, v []byte }
+		recode := func(bucket string, enc func(k, v []byte) ([]byte, bool)) error {
+			b := tx.Bucket([]byte(bucket))
+			var out []kv
+			err := b.ForEach(func(k, v []byte) error {
+				if nv, ok := enc(k, v); ok {
+					out = append(out, kv{slices.Clone(k), nv})
+				}
+				return nil
+			})
+			for _, r := range out {
+				if err == nil {
+					err = b.Put(r.k, r.v)
+				}
+			}
+			n += len(out)
+			return err
+		}
+		err := recode(bucketLeases, func(k, v []byte) ([]byte, bool) {
+			var l Lease
+			if decodeStrict(v, &l) != nil {
+				return nil, false
+			}
+			b, err := encodeLease(&l)
+			return b, err == nil
+		})
+		if err == nil {
+			err = recode(bucketEvents, func(k, v []byte) ([]byte, bool) {
+				var e Event
+				if decodeStrict(v, &e) != nil {
+					return nil, false
+				}
+				b, err := encodeEvent(&e)
+				return b, err == nil
+			})
+		}
+		if err != nil {
+			return err
+		}
+		return tx.Bucket([]byte(bucketMeta)).Put([]byte(keySchema), seqKey(schemaVersion))
+	})
+	if err != nil {
+		return fmt.Errorf("migrate from schema version 1: %w", err)
+	}
+	j.log.Info("journal migrated from schema version 1", "path", j.path, "records", n)
+	return nil
 }
 
 // initialize drops everything and writes fresh metadata for bootID.
@@ -386,7 +475,13 @@ func (j *Journal) initialize(bootID string) error {
 // shrunk since they were written).
 func (j *Journal) countAndTrim() error {
 	return j.db.Update(func(tx *bolt.Tx) error {
-		j.lastSeq, _ = getUint(tx.Bucket([]byte(bucketMeta)), keyLastSeq) // checked by inspect
+		// A malformed last event key is Load's to report (Open fails only on I/O):
+		// meta's last seq stands meanwhile.
+		last, err := lastSeqIn(tx)
+		if err != nil {
+			last, _ = getUint(tx.Bucket([]byte(bucketMeta)), keyLastSeq) // checked by inspect
+		}
+		j.lastSeq = last
 		eb := tx.Bucket([]byte(bucketEvents))
 		n, err := trim(eb, eb.Stats().KeyN, j.backlog)
 		j.nevents = n
@@ -435,15 +530,14 @@ func (j *Journal) Load() (State, error) {
 	}
 	var st State
 	err := j.db.View(func(tx *bolt.Tx) error {
-		meta := tx.Bucket([]byte(bucketMeta))
-		last, ok := getUint(meta, keyLastSeq)
-		if !ok {
-			return &RecordError{Bucket: bucketMeta, Key: keyLastSeq, Err: errors.New("not 8 bytes")}
+		last, err := lastSeqIn(tx)
+		if err != nil {
+			return err
 		}
 		st.LastSeq = last
 		lb := tx.Bucket([]byte(bucketLeases))
 		st.Leases = make([]Lease, 0, lb.Stats().KeyN)
-		err := lb.ForEach(func(k, v []byte) error {
+		err = lb.ForEach(func(k, v []byte) error {
 			l, err := decodeLease(k, v)
 			st.Leases = append(st.Leases, l)
 			return err
@@ -451,18 +545,22 @@ func (j *Journal) Load() (State, error) {
 		if err != nil {
 			return err
 		}
-		eb := tx.Bucket([]byte(bucketEvents))
-		st.Events = make([]Event, 0, j.nevents)
-		err = eb.ForEach(func(k, v []byte) error {
+		// The newest backlog events (up to trimSlack more may be stored).
+		c := tx.Bucket([]byte(bucketEvents)).Cursor()
+		var first []byte
+		n := 0
+		for k, _ := c.Last(); k != nil && n < j.backlog; k, _ = c.Prev() {
+			first, n = k, n+1
+		}
+		st.Events = make([]Event, 0, n)
+		for k, v := c.Seek(first); first != nil && k != nil; k, v = c.Next() {
 			e, err := decodeEvent(k, v)
-			if err == nil && e.Seq > last {
-				err = &RecordError{Bucket: bucketEvents, Key: printKey(bucketEvents, k),
-					Err: fmt.Errorf("seq above the journal's last seq %d", last)}
+			if err != nil {
+				return err
 			}
 			st.Events = append(st.Events, e)
-			return err
-		})
-		return err
+		}
+		return nil
 	})
 	if err != nil {
 		return State{}, opError("load", j.path, err)
@@ -520,15 +618,9 @@ func (j *Journal) Commit(events []Event, leases []Lease, drop []string) error {
 	}
 	n := j.nevents
 	err := j.db.Update(func(tx *bolt.Tx) error {
-		meta := tx.Bucket([]byte(bucketMeta))
 		if len(events) > 0 {
-			last, ok := getUint(meta, keyLastSeq)
-			if !ok {
-				return &RecordError{Bucket: bucketMeta, Key: keyLastSeq, Err: errors.New("not 8 bytes")}
-			}
-			if events[0].Seq <= last {
-				return fmt.Errorf("%w: event seq %d is not above the last seq %d", ErrInvalid, events[0].Seq, last)
-			}
+			// events[0].Seq is above j.lastSeq (checked above), which is the stored last
+			// seq (lastSeqIn): Open reads it, and every Commit and Reset keeps it.
 			eb := tx.Bucket([]byte(bucketEvents))
 			eb.FillPercent = 1 // append-only keys: fill pages, split none in half
 			for i := range events {
@@ -536,12 +628,12 @@ func (j *Journal) Commit(events []Event, leases []Lease, drop []string) error {
 					return err
 				}
 			}
-			var err error
-			if n, err = trim(eb, n+len(events), j.backlog); err != nil {
-				return err
-			}
-			if err := meta.Put([]byte(keyLastSeq), seqKey(events[len(events)-1].Seq)); err != nil {
-				return err
+			n += len(events)
+			if n > j.backlog+trimSlack(j.backlog) {
+				var err error
+				if n, err = trim(eb, n, j.backlog); err != nil {
+					return err
+				}
 			}
 		}
 		lb := tx.Bucket([]byte(bucketLeases))
@@ -623,6 +715,10 @@ func (j *Journal) Reset(reason string) error {
 		return opError("reset", j.path, ErrClosed)
 	}
 	err := j.db.Update(func(tx *bolt.Tx) error {
+		// The events bucket no longer holds the last seq: meta does.
+		if err := tx.Bucket([]byte(bucketMeta)).Put([]byte(keyLastSeq), seqKey(j.lastSeq)); err != nil {
+			return err
+		}
 		for _, name := range []string{bucketLeases, bucketEvents} {
 			if err := tx.DeleteBucket([]byte(name)); err != nil {
 				return err

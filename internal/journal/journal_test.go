@@ -2,6 +2,7 @@ package journal
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
@@ -170,6 +172,40 @@ func TestEventTrim(t *testing.T) {
 	}
 }
 
+// TestEventTrimBatch: commits trim the oldest events in batches, so more than the backlog
+// may be stored, never more than the backlog plus its slack, and Load returns only the
+// backlog's newest; meta last_seq is not written by commits.
+func TestEventTrimBatch(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	path := newPath(t)
+	const backlog = 32
+	slack := trimSlack(backlog)
+	j := open(t, path, Options{EventBacklog: backlog})
+	stored, maxStored := 0, 0
+	for seq := uint64(1); seq <= 200; seq++ {
+		commit(t, j, []Event{{Seq: seq, Type: "renewed"}}, nil, nil)
+		st := load(t, j)
+		if want := min(seq, backlog); uint64(len(st.Events)) != want || st.LastSeq != seq || st.Events[len(st.Events)-1].Seq != seq {
+			t.Fatalf("after seq %d: Load has %d events ending at %v, LastSeq %d; want %d ending at %d", seq, len(st.Events), eventSeqs(st)[len(st.Events)-1:], st.LastSeq, want, seq)
+		}
+		stored = j.nevents
+		maxStored = max(maxStored, stored)
+	}
+	if maxStored != backlog+slack || stored < backlog {
+		t.Errorf("stored events peaked at %d (now %d); want backlog %d + slack %d", maxStored, stored, backlog, slack)
+	}
+	j.Close()
+	rawUpdate(t, path, func(tx *bolt.Tx) error {
+		if n := tx.Bucket([]byte(bucketEvents)).Stats().KeyN; n != stored {
+			t.Errorf("events bucket holds %d events, the journal counted %d", n, stored)
+		}
+		if v, _ := getUint(tx.Bucket([]byte(bucketMeta)), keyLastSeq); v != 0 {
+			t.Errorf("meta last_seq = %d; commits should not write it", v)
+		}
+		return nil
+	})
+}
+
 func TestBootIDMismatch(t *testing.T) {
 	testutil.FDLeakCheck(t)
 	path := newPath(t)
@@ -243,6 +279,74 @@ func TestSchemaUnsupported(t *testing.T) {
 	}
 	if st := load(t, j); len(st.Leases) != 0 || st.LastSeq != 0 {
 		t.Errorf("old data survived: %+v", st)
+	}
+}
+
+// TestMigrateV1: a journal of schema version 1 (JSON records, the daemon's before the
+// protobuf encoding) is migrated in place at Open and loads as it was written, so an
+// upgrade restart keeps every lease; a schema-1 record that does not decode stays and
+// Load names it.
+func TestMigrateV1(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	path := newPath(t)
+	j := open(t, path, Options{})
+	j.Close()
+	l1, l2 := fullLease("l1", 4), fullLease("l2", 5)
+	l2.Labels, l2.Ranges = nil, nil
+	want := State{Leases: []Lease{l1, l2}, Events: []Event{fullEvent(4, l1), fullEvent(5, l2)}, LastSeq: 5}
+	v1 := func(v any) []byte {
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	writeV1 := func(extra func(tx *bolt.Tx) error) {
+		rawUpdate(t, path, func(tx *bolt.Tx) error {
+			meta, lb, eb := tx.Bucket([]byte(bucketMeta)), tx.Bucket([]byte(bucketLeases)), tx.Bucket([]byte(bucketEvents))
+			errs := []error{meta.Put([]byte(keySchema), seqKey(schemaVersionV1)), meta.Put([]byte(keyLastSeq), seqKey(5))}
+			for _, l := range want.Leases {
+				errs = append(errs, lb.Put([]byte(l.ID), v1(l)))
+			}
+			for _, e := range want.Events {
+				errs = append(errs, eb.Put(seqKey(e.Seq), v1(e)))
+			}
+			if extra != nil {
+				errs = append(errs, extra(tx))
+			}
+			return errors.Join(errs...)
+		})
+	}
+	writeV1(nil)
+	j = open(t, path, Options{})
+	if fresh, reason := j.Fresh(); fresh {
+		t.Fatalf("schema-1 journal started fresh: %s", reason)
+	}
+	if diff := cmp.Diff(want, load(t, j), cmpOpts...); diff != "" {
+		t.Errorf("migrated journal (-want +got):\n%s", diff)
+	}
+	commit(t, j, []Event{{Seq: 6}}, nil, nil)
+	j.Close()
+	rawUpdate(t, path, func(tx *bolt.Tx) error {
+		if v, _ := getUint(tx.Bucket([]byte(bucketMeta)), keySchema); v != schemaVersion {
+			t.Errorf("schema version after migration = %d, want %d", v, schemaVersion)
+		}
+		if v := tx.Bucket([]byte(bucketLeases)).Get([]byte("l1")); len(v) == 0 || v[0] == '{' {
+			t.Errorf("lease l1 still stored as JSON: %q", v)
+		}
+		return nil
+	})
+
+	// A schema-1 record that does not decode: migrated around, named by Load.
+	path = newPath(t)
+	open(t, path, Options{}).Close()
+	writeV1(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte(bucketLeases)).Put([]byte("bad"), []byte(`{"id":"bad","colour":1}`))
+	})
+	j = open(t, path, Options{})
+	var re *RecordError
+	if _, err := j.Load(); !errors.As(err, &re) || re.Key != `"bad"` {
+		t.Errorf("Load = %v, want a *RecordError naming lease \"bad\"", err)
 	}
 }
 
@@ -361,6 +465,25 @@ func TestCorruptTree(t *testing.T) {
 	t.Log(reason)
 }
 
+// pbLease is a valid encoded lease record with id (and bar 3 in field 3's right type).
+func pbLease(id string) []byte {
+	l := Lease{ID: id, BAR: 3}
+	b, err := encodeLease(&l)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// pbEvent is a valid encoded event record with seq.
+func pbEvent(seq uint64) []byte {
+	b, err := encodeEvent(&Event{Seq: seq, Type: "renewed", Lease: Lease{ID: "x"}})
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
 // TestCorruptRecord: a record that does not decode fails Load with an error naming it.
 func TestCorruptRecord(t *testing.T) {
 	for _, tc := range []struct {
@@ -369,14 +492,16 @@ func TestCorruptRecord(t *testing.T) {
 		val     []byte
 		wantKey string
 	}{
-		{bucketLeases, []byte("lease-x"), []byte(`{"id":"lease-x","bar":"two"}`), `"lease-x"`},
-		{bucketLeases, []byte("lease-y"), []byte(`{"id":"lease-z"}`), `"lease-y"`},
-		{bucketLeases, []byte("lease-u"), []byte(`{"id":"lease-u","colour":1}`), `"lease-u"`},
-		{bucketLeases, []byte("lease-t"), []byte(`{"id":"lease-t"} {}`), `"lease-t"`},
-		{bucketEvents, seqKey(2), []byte(`{"seq":2,"lease":`), "seq 2"},
-		{bucketEvents, seqKey(2), []byte(`{"seq":3}`), "seq 2"},
-		{bucketEvents, []byte("k"), []byte(`{"seq":2}`), "0x6b"},
-		{bucketEvents, seqKey(7), []byte(`{"seq":7}`), "seq 7"}, // above last_seq
+		// bar (field 3) as bytes: a field of an unexpected wire type is an unknown field.
+		{bucketLeases, []byte("lease-x"), protowire.AppendString(protowire.AppendTag(pbLease("lease-x"), 3, protowire.BytesType), "two"), `"lease-x"`},
+		{bucketLeases, []byte("lease-y"), pbLease("lease-z"), `"lease-y"`},
+		{bucketLeases, []byte("lease-u"), protowire.AppendVarint(protowire.AppendTag(pbLease("lease-u"), 99, protowire.VarintType), 1), `"lease-u"`},
+		{bucketLeases, []byte("lease-t"), pbLease("lease-t")[:5], `"lease-t"`},
+		{bucketLeases, []byte("lease-j"), []byte(`{"id":"lease-j"}`), `"lease-j"`}, // schema 1 in a schema-2 journal
+		{bucketEvents, seqKey(2), pbEvent(2)[:3], "seq 2"},
+		{bucketEvents, seqKey(2), pbEvent(3), "seq 2"},
+		{bucketEvents, seqKey(2), protowire.AppendVarint(protowire.AppendTag(pbEvent(2), 4, protowire.VarintType), 1), "seq 2"}, // lease as a varint
+		{bucketEvents, []byte("k"), pbEvent(2), "0x6b"},
 	} {
 		t.Run(tc.bucket+"/"+tc.wantKey, func(t *testing.T) {
 			testutil.FDLeakCheck(t)

@@ -9,6 +9,10 @@ import (
 	"fmt"
 	"io"
 	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mmiobroker/mmiobroker/internal/journal/recordpb"
 )
 
 // Range is a byte range of a BAR, as the broker's Range.
@@ -20,6 +24,8 @@ type Range struct {
 // Lease is the stored record of one lease, live or ended. It mirrors the broker's lease
 // with plain types (strings for kind, state and reasons) so that this package does not
 // depend on the broker; the broker converts. Unknown future states are stored as given.
+// It is stored as a recordpb.Lease; the JSON names are schema version 1's, read when
+// migrating such a journal.
 //
 // Nil and empty slices and maps are not told apart: both are stored as absent and come
 // back nil. Times come back without a monotonic reading and in a fixed zone; compare them
@@ -101,9 +107,100 @@ func (e *RecordError) Unwrap() error { return e.Err }
 // Is reports whether target is [ErrCorrupt].
 func (e *RecordError) Is(target error) bool { return target == ErrCorrupt }
 
-func encodeLease(l *Lease) ([]byte, error) { return json.Marshal(l) }
+// encodeLease encodes l as a schema-2 record (recordpb.Lease).
+func encodeLease(l *Lease) ([]byte, error) {
+	return proto.MarshalOptions{Deterministic: true}.Marshal(leaseToPB(l))
+}
 
-func encodeEvent(e *Event) ([]byte, error) { return json.Marshal(e) }
+// encodeEvent encodes e as a schema-2 record (recordpb.Event).
+func encodeEvent(e *Event) ([]byte, error) {
+	return proto.MarshalOptions{Deterministic: true}.Marshal(&recordpb.Event{
+		Seq: e.Seq, Time: nanos(e.Time), Type: e.Type, Lease: leaseToPB(&e.Lease), Token: e.Token, CausedBy: e.CausedBy,
+	})
+}
+
+func leaseToPB(l *Lease) *recordpb.Lease {
+	p := &recordpb.Lease{
+		Id: l.ID, Bdf: l.BDF, Bar: int32(l.BAR), Kind: l.Kind, State: l.State,
+		Generation: l.Generation, Inode: l.Inode, Size: l.Size,
+		HolderUid: l.HolderUID, HolderGid: l.HolderGID, HolderPid: l.HolderPID, HolderStart: l.HolderStart,
+		Tenant: l.Tenant, VmName: l.VMName, Unattested: l.Unattested, TokenDigest: l.TokenDigest,
+		Created: nanos(l.Created), Claimed: nanos(l.Claimed), ClaimDeadline: nanos(l.ClaimDeadline),
+		Expires: nanos(l.Expires), RevokeDeadline: nanos(l.RevokeDeadline), Ended: nanos(l.Ended),
+		Ttl: int64(l.TTL), EndReason: l.EndReason, EndedBy: l.EndedBy, Dead: l.Dead,
+		RevokeDue: nanos(l.RevokeDue), Reissuing: l.Reissuing, Seq: l.Seq, Labels: l.Labels,
+		ClaimantPodUid: l.ClaimantPodUID, ClaimantUnit: l.ClaimantUnit,
+	}
+	if len(l.Ranges) > 0 {
+		p.Ranges = make([]*recordpb.Range, len(l.Ranges))
+		for i, r := range l.Ranges {
+			p.Ranges[i] = &recordpb.Range{Offset: r.Offset, Length: r.Length}
+		}
+	}
+	return p
+}
+
+func leaseFromPB(p *recordpb.Lease) Lease {
+	l := Lease{
+		ID: p.Id, BDF: p.Bdf, BAR: int(p.Bar), Kind: p.Kind, State: p.State,
+		Generation: p.Generation, Inode: p.Inode, Size: p.Size,
+		HolderUID: p.HolderUid, HolderGID: p.HolderGid, HolderPID: p.HolderPid, HolderStart: p.HolderStart,
+		Tenant: p.Tenant, VMName: p.VmName, Unattested: p.Unattested,
+		Created: fromNanos(p.Created), Claimed: fromNanos(p.Claimed), ClaimDeadline: fromNanos(p.ClaimDeadline),
+		Expires: fromNanos(p.Expires), RevokeDeadline: fromNanos(p.RevokeDeadline), Ended: fromNanos(p.Ended),
+		TTL: time.Duration(p.Ttl), EndReason: p.EndReason, EndedBy: p.EndedBy, Dead: p.Dead,
+		RevokeDue: fromNanos(p.RevokeDue), Reissuing: p.Reissuing, Seq: p.Seq,
+		ClaimantPodUID: p.ClaimantPodUid, ClaimantUnit: p.ClaimantUnit,
+	}
+	if len(p.TokenDigest) > 0 {
+		l.TokenDigest = p.TokenDigest
+	}
+	if len(p.Labels) > 0 {
+		l.Labels = p.Labels
+	}
+	if len(p.Ranges) > 0 {
+		l.Ranges = make([]Range, len(p.Ranges))
+		for i, r := range p.Ranges {
+			l.Ranges[i] = Range{Offset: r.GetOffset(), Length: r.GetLength()}
+		}
+	}
+	return l
+}
+
+// nanos stores t as nanoseconds since the Unix epoch; the zero time is 0.
+func nanos(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+// fromNanos is the inverse of nanos, in UTC.
+func fromNanos(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
+}
+
+// unknownLease reports whether a decoded lease record had fields this version does not
+// know (also a field of an unexpected wire type): such a record is refused.
+func unknownLease(p *recordpb.Lease) bool {
+	if p == nil {
+		return false
+	}
+	if len(p.ProtoReflect().GetUnknown()) > 0 {
+		return true
+	}
+	for _, r := range p.Ranges {
+		if len(r.ProtoReflect().GetUnknown()) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+var errUnknownFields = errors.New("unknown fields in record")
 
 // seqKey is the key of the event with sequence number seq: 8 bytes big-endian, so that
 // bbolt's byte order is seq order.
@@ -122,7 +219,8 @@ func printKey(bucket string, key []byte) string {
 }
 
 // decodeStrict decodes exactly one JSON object from b into v, refusing unknown fields and
-// trailing data.
+// trailing data: the record encoding of schema version 1, read only to migrate such a
+// journal (migrateV1).
 func decodeStrict(b []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
@@ -137,10 +235,15 @@ func decodeStrict(b []byte, v any) error {
 
 // decodeLease decodes the lease stored under key. The record's id must equal the key.
 func decodeLease(key, val []byte) (Lease, error) {
-	var l Lease
-	if err := decodeStrict(val, &l); err != nil {
+	var p recordpb.Lease
+	err := proto.Unmarshal(val, &p)
+	if err == nil && unknownLease(&p) {
+		err = errUnknownFields
+	}
+	if err != nil {
 		return Lease{}, &RecordError{Bucket: bucketLeases, Key: printKey(bucketLeases, key), Err: err}
 	}
+	l := leaseFromPB(&p)
 	if l.ID != string(key) {
 		return Lease{}, &RecordError{Bucket: bucketLeases, Key: printKey(bucketLeases, key),
 			Err: fmt.Errorf("record id %q differs from its key", l.ID)}
@@ -157,9 +260,17 @@ func decodeEvent(key, val []byte) (Event, error) {
 	if len(key) != 8 {
 		return fail(fmt.Errorf("key is %d bytes, want 8", len(key)))
 	}
-	var e Event
-	if err := decodeStrict(val, &e); err != nil {
+	var p recordpb.Event
+	err := proto.Unmarshal(val, &p)
+	if err == nil && (len(p.ProtoReflect().GetUnknown()) > 0 || unknownLease(p.Lease)) {
+		err = errUnknownFields
+	}
+	if err != nil {
 		return fail(err)
+	}
+	e := Event{Seq: p.Seq, Time: fromNanos(p.Time), Type: p.Type, Token: p.Token, CausedBy: p.CausedBy}
+	if p.Lease != nil {
+		e.Lease = leaseFromPB(p.Lease)
 	}
 	if e.Seq == 0 || e.Seq != binary.BigEndian.Uint64(key) {
 		return fail(fmt.Errorf("record seq %d differs from its key", e.Seq))
