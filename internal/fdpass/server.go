@@ -347,9 +347,8 @@ func checkSeqpacket(l net.Listener) error {
 // replies RESOURCE_EXHAUSTED.
 func (s *Server) reject(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	stop := stopDeadlines(ctx, c, min(s.opt.ReadTimeout, time.Second))
 	defer stop()
-	c.SetReadDeadline(time.Now().Add(min(s.opt.ReadTimeout, time.Second)))
 	req, answer, _ := s.readRequest(ctx, c, s.log)
 	if !answer {
 		return
@@ -357,16 +356,35 @@ func (s *Server) reject(ctx context.Context, c *net.UnixConn) {
 	msg := fmt.Sprintf("too many claims in progress (at most %d; beyond %d per tenant only while %d more stay free); retry later",
 		s.opt.MaxConns, s.opt.MaxConnsPerTenant, s.opt.MaxConnsPerTenant)
 	s.log.Warn("claim rejected", "lease_id", req.LeaseID, "code", CodeResourceExhausted.String(), "reason", msg)
-	s.writeError(c, CodeResourceExhausted, req.LeaseID, msg)
+	s.writeError(ctx, c, CodeResourceExhausted, req.LeaseID, msg)
 }
 
-func (s *Server) writeError(c *net.UnixConn, code Code, leaseID, msg string) {
+// stopDeadlines sets c's read deadline readTimeout from now and makes the end of ctx (the
+// server stopping) put every deadline of c in the past, which wakes a blocked read or
+// write. The read deadline is set first: set after, it could undo a stop that came in
+// between. The returned func unregisters the stop.
+func stopDeadlines(ctx context.Context, c *net.UnixConn, readTimeout time.Duration) func() bool {
+	c.SetReadDeadline(time.Now().Add(readTimeout))
+	return context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+}
+
+// setWriteDeadline sets c's write deadline timeout from now, unless the server is stopping
+// (see stopDeadlines): ctx.Err is set before the stop's AfterFunc runs, so a stop is never
+// undone.
+func setWriteDeadline(ctx context.Context, c *net.UnixConn, timeout time.Duration) {
+	c.SetWriteDeadline(time.Now().Add(timeout))
+	if ctx.Err() != nil {
+		c.SetDeadline(time.Unix(1, 0))
+	}
+}
+
+func (s *Server) writeError(ctx context.Context, c *net.UnixConn, code Code, leaseID, msg string) {
 	b, err := EncodeReply(Reply{Code: code, LeaseID: leaseID, Message: TruncateMessage(msg)})
 	if err != nil {
 		// leaseID came from a decoded request, msg was truncated: cannot happen.
 		b, _ = EncodeReply(Reply{Code: code, Message: TruncateMessage(msg)})
 	}
-	c.SetWriteDeadline(time.Now().Add(s.opt.WriteTimeout))
+	setWriteDeadline(ctx, c, s.opt.WriteTimeout)
 	c.Write(b)
 }
 
@@ -407,9 +425,8 @@ func (s *Server) readRequest(ctx context.Context, c *net.UnixConn, log *slog.Log
 // closes), or perr why the peer could not be identified: one request, one reply.
 func (s *Server) handle(ctx context.Context, c *net.UnixConn, creds peercred.Creds, proc *peercred.Process, perr error) {
 	defer c.Close()
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	stop := stopDeadlines(ctx, c, s.opt.ReadTimeout)
 	defer stop()
-	c.SetReadDeadline(time.Now().Add(s.opt.ReadTimeout))
 
 	log := s.log
 	if perr == nil {
@@ -422,12 +439,12 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn, creds peercred.Cre
 	}
 	if perr != nil {
 		log.Warn("claim peer not identified", "lease_id", req.LeaseID, "error", perr)
-		s.writeError(c, CodeOf(perr), req.LeaseID, "cannot identify the connecting process: "+perr.Error())
+		s.writeError(ctx, c, CodeOf(perr), req.LeaseID, "cannot identify the connecting process: "+perr.Error())
 		return
 	}
 	if err != nil {
 		log.Warn("claim request malformed", "error", err)
-		s.writeError(c, CodeOf(err), "", err.Error())
+		s.writeError(ctx, c, CodeOf(err), "", err.Error())
 		return
 	}
 	log = log.With("lease_id", req.LeaseID)
@@ -454,12 +471,12 @@ func (s *Server) handle(ctx context.Context, c *net.UnixConn, creds peercred.Cre
 			msg = "internal error; see the broker log"
 		}
 		log.Warn("claim refused", "code", code.String(), "error", err)
-		s.writeError(c, code, req.LeaseID, msg)
+		s.writeError(ctx, c, code, req.LeaseID, msg)
 		s.reportDelivery(req, grant, peer, err, f != nil)
 		return
 	}
 
-	err = s.send(c, reply, grant.LeaseID, f)
+	err = s.send(ctx, c, reply, grant.LeaseID, f)
 	s.reportDelivery(req, grant, peer, err, true)
 	if err != nil {
 		log.Warn("claim fd delivery failed", "error", err, "generation", grant.Generation)
@@ -506,12 +523,12 @@ func encodeGrant(g *Grant, req Request, f *os.File) ([]byte, error) {
 }
 
 // send writes the success reply with f attached by SCM_RIGHTS.
-func (s *Server) send(c *net.UnixConn, reply []byte, leaseID string, f *os.File) error {
+func (s *Server) send(ctx context.Context, c *net.UnixConn, reply []byte, leaseID string, f *os.File) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return fmt.Errorf("lease %s: %w", leaseID, err)
 	}
-	c.SetWriteDeadline(time.Now().Add(s.opt.WriteTimeout))
+	setWriteDeadline(ctx, c, s.opt.WriteTimeout)
 	var werr error
 	if err := rc.Control(func(fd uintptr) {
 		_, _, werr = c.WriteMsgUnix(reply, unix.UnixRights(int(fd)), nil)
