@@ -503,7 +503,8 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 		return Lease{}, nil, fmt.Errorf("lease %s: %w", id, err)
 	}
 	failpoint.Hit(failpoint.AfterJournal)
-	b.log.Info("lease claimed", "lease_id", id, "generation", l.Generation, "client_pid", peer.PID, "inode", l.Inode)
+	// Debug: the claim server logs the outcome ("claim delivered" or why not).
+	b.log.Debug("lease claimed", "lease_id", id, "generation", l.Generation, "client_pid", peer.PID, "inode", l.Inode)
 	return l.Lease, f, nil
 }
 

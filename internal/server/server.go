@@ -9,7 +9,6 @@ import (
 	"os"
 	"runtime/debug"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -271,19 +270,19 @@ func (s *Server) panicked(method string, r any) error {
 	return status.Errorf(codes.Internal, "internal error in %s; the daemon logged the details", method)
 }
 
-// brokerMethodPrefix starts the full method names of the Broker service.
-var brokerMethodPrefix = "/" + brokerv1.Broker_ServiceDesc.ServiceName + "/"
-
-// logRPC writes the one log line of an RPC: Error for server faults, Debug for successful
-// health and reflection calls, Info otherwise.
+// logRPC writes the one log line of an RPC: Error for server faults, Info for the other
+// failures, Debug for successful calls. What a successful call changed has its own line
+// from the broker ("lease allocated", "lease ended", …) and every call is counted by
+// method and code in the metrics (grpc_server_handled_total), so an Info line per
+// successful call would only double the log (and cost the lease path a write each).
 func (s *Server) logRPC(method string, id Identity, identified bool, start time.Time, err error) {
 	code := status.Code(err)
 	level := slog.LevelInfo
 	switch {
 	case code == codes.Internal, code == codes.Unknown, code == codes.DataLoss:
 		level = slog.LevelError
-	case code == codes.OK && !strings.HasPrefix(method, brokerMethodPrefix):
-		level = slog.LevelDebug // health probes and reflection
+	case code == codes.OK:
+		level = slog.LevelDebug
 	}
 	if !s.log.Enabled(context.Background(), level) {
 		return

@@ -236,7 +236,7 @@ func TestLogging(t *testing.T) {
 	for i, want := range []map[string]any{
 		{"level": "INFO", "method": "/mmiobroker.v1.Broker/GetLease", "code": "NotFound", "uid": float64(uidHolder),
 			"client_pid": float64(os.Getpid()), "err": "lease 0123456789abcdef01234567: not found"},
-		{"level": "INFO", "method": "/mmiobroker.v1.Broker/ListDevices", "code": "OK", "uid": float64(uidStranger),
+		{"level": "DEBUG", "method": "/mmiobroker.v1.Broker/ListDevices", "code": "OK", "uid": float64(uidStranger),
 			"client_pid": float64(os.Getpid())},
 		{"level": "DEBUG", "method": "/grpc.health.v1.Health/Check", "code": "OK", "uid": float64(uidHolder),
 			"client_pid": float64(os.Getpid())},
