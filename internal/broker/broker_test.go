@@ -317,7 +317,7 @@ func TestRevokeReissues(t *testing.T) {
 	r.claim(t, victim, vtok)
 	survivor, stok := r.allocate(t, req(dev0, 0, 1001, 2, broker.Range{Offset: page, Length: page}))
 	r.claim(t, survivor, stok)
-	unclaimed, _ := r.allocate(t, req(dev0, 4, 1001, 2, broker.Range{Length: page}))
+	unclaimed, utok := r.allocate(t, req(dev0, 4, 1001, 2, broker.Range{Length: page}))
 	orq := req(dev1, 0, 0, 3, broker.Range{Length: page})
 	orq.Admin = true
 	other, otok := r.allocate(t, orq)
@@ -349,14 +349,21 @@ func TestRevokeReissues(t *testing.T) {
 		t.Fatalf("claim of revoked lease: %v", err)
 	}
 
-	// survivors: new generation, live buffer, new token in a reissued event
-	tokens := map[string]string{}
+	// survivors: new generation, live buffer; a new token in the reissued event of the
+	// claimed one, none for the never-claimed one, which keeps its allocation's token
+	tokens := map[string]string{unclaimed.ID: utok}
 	var types []broker.EventType
 	for len(types) < 9 {
 		e := <-sub.Events()
 		types = append(types, e.Type)
 		if e.Type == broker.EventReissued {
-			tokens[e.Lease.ID] = e.Token
+			if e.Lease.ID == unclaimed.ID {
+				if e.Token != "" {
+					t.Errorf("never-claimed lease reissued with a new token")
+				}
+			} else {
+				tokens[e.Lease.ID] = e.Token
+			}
 			if e.Lease.Generation != 2 {
 				t.Errorf("reissued %s generation %d, want 2", e.Lease.ID, e.Lease.Generation)
 			}
@@ -370,7 +377,13 @@ func TestRevokeReissues(t *testing.T) {
 	if e.Type != broker.EventReissued {
 		t.Fatalf("10th event %+v, want the second reissue", e)
 	}
-	tokens[e.Lease.ID] = e.Token
+	if e.Lease.ID == unclaimed.ID {
+		if e.Token != "" {
+			t.Errorf("never-claimed lease reissued with a new token")
+		}
+	} else {
+		tokens[e.Lease.ID] = e.Token
+	}
 	for _, l := range []broker.Lease{survivor, unclaimed} {
 		if tokens[l.ID] == "" {
 			t.Fatalf("lease %s not reissued", l.ID)

@@ -351,9 +351,10 @@ func (b *Broker) reissue(d *device, dev Device, survivors []*lease, causedBy str
 		case o.Delegated():
 			// Its claimant's token (in the pod's CDI spec) stays valid, and it still waits
 			// without a deadline: nobody has a stream to be told a new one.
-		case o.State == StateAllocated: // never claimed: the claim window starts again
-			token = newToken()
-			o.digest = tokenDigest(token)
+		case o.State == StateAllocated:
+			// Never claimed: the token the allocation answered stays valid (its holder may
+			// be claiming with it right now: a new one would reach it only on an event
+			// stream it may not have), and the claim window starts again.
 			o.deadline = b.now().Add(b.cfg.ClaimTimeout)
 			o.ClaimDeadline = o.deadline
 			id, gen := o.ID, o.Generation

@@ -1390,9 +1390,11 @@ type Event struct {
 	Type EventType `protobuf:"varint,3,opt,name=type,proto3,enum=mmiobroker.v1.EventType" json:"type,omitempty"`
 	// The lease after the transition.
 	Lease *Lease `protobuf:"bytes,4,opt,name=lease,proto3" json:"lease,omitempty"`
-	// The new claim token of a REISSUED lease. Set only on REISSUED events and only on streams
-	// of the lease's holder process (same uid and pid as Lease.holder); empty otherwise, also
-	// for admins who are not the holder.
+	// The new claim token of a REISSUED lease. Set only on REISSUED events of a lease that was
+	// claimed before and only on streams of the lease's holder process (same uid and pid as
+	// Lease.holder); empty otherwise, also for admins who are not the holder. A lease reissued
+	// before its first claim keeps the token AllocateLease answered (and a delegated lease
+	// its claimant's).
 	ClaimToken string `protobuf:"bytes,5,opt,name=claim_token,json=claimToken,proto3" json:"claim_token,omitempty"`
 	// Who caused the device cycle behind a REISSUED, FD_REVOKED or REVOKED event: a tenant
 	// ("uid=1000", "uid=107,cgroup=…"), an admin ("uid 0 (admin) pid 42"), or "broker …" (its
