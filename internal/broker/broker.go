@@ -519,12 +519,12 @@ func (b *Broker) CommitClaim(id string, gen uint64) {
 	if !ok || !l.Live() || l.Generation != gen || l.digest != nil || l.Claimed.IsZero() {
 		return
 	}
-	if l.before.digest != nil {
-		l.before.digest = nil
-		if err := b.persistLocked(l); err != nil {
-			b.log.Error("recording a delivered claim failed", "lease_id", id, "err", err)
-		}
-	}
+	// The record keeps the token's digest until the lease's next commit: no commit of its
+	// own here (one of four per lease round trip). A restart in between finds the claim
+	// either still in flight (the broker's copy is still kept: the holder may claim once
+	// more with the same token, getting the same generation) or delivered (the copy was let
+	// go below, which only a delivered claim does: restore clears the digest).
+	l.before.digest = nil
 	if l.buf == nil {
 		return
 	}

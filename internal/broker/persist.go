@@ -71,7 +71,9 @@ func tokenDigest(token string) []byte {
 
 // record returns l's Record. A claim granted but not yet committed (its fd may or may not
 // have reached the holder) keeps its token's digest in the record: a broker restarted in
-// between lets the holder claim again with the same token.
+// between lets the holder claim again with the same token. The record of a committed claim
+// keeps it too until the lease's next commit (CommitClaim writes none); restore tells the
+// two apart by whether the broker's copy of the dma-buf was still kept.
 func (l *lease) record() Record {
 	digest := l.digest
 	if digest == nil && l.Live() && !l.Claimed.IsZero() {
@@ -200,6 +202,13 @@ func (b *Broker) restore(recs []Record) {
 		case l.digest != nil:
 			// A token is outstanding: the broker needs its copy of the dma-buf to hand out.
 			buf, err := d.dev.(Restorer).AdoptBuffer(l.Inode)
+			if err != nil && l.State == StateActive && !l.Claimed.IsZero() {
+				// Claimed, and the copy let go: the claim's fd was delivered (CommitClaim
+				// records nothing; only a delivered claim lets the copy go, and every
+				// exported copy is kept until then). Nothing to hand out again.
+				l.digest = nil
+				break
+			}
 			if err != nil {
 				b.log.Warn("a lease's dma-buf was not kept; reissuing it", "lease_id", l.ID, "inode", l.Inode, "err", err)
 				reissue[d] = append(reissue[d], l)

@@ -21,6 +21,14 @@ type memStore struct {
 	events  []broker.Event
 	last    uint64
 	fail    error
+	n       int // commits
+}
+
+// commits returns how many commits succeeded.
+func (s *memStore) commits() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.n
 }
 
 func newMemStore() *memStore { return &memStore{records: map[string]broker.Record{}} }
@@ -44,6 +52,7 @@ func (s *memStore) Commit(evs []broker.Event, recs []broker.Record, drop []strin
 	for _, id := range drop {
 		delete(s.records, id)
 	}
+	s.n++
 	return nil
 }
 
@@ -351,6 +360,39 @@ func TestRestartClaimInFlight(t *testing.T) {
 	b2.CommitClaim(l.ID, l.Generation)
 	if _, _, err := b2.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41}); err == nil {
 		t.Error("a committed claim's token works again")
+	}
+}
+
+// TestRestartAfterDeliveredClaim: CommitClaim writes no record, so the journal still has
+// the token's digest of a delivered claim; the restarted broker sees that the claim was
+// delivered (its copy of the dma-buf was let go), takes the lease back as it is (no cycle,
+// no reissue: the holder's fd keeps working) and the token does not work again.
+func TestRestartAfterDeliveredClaim(t *testing.T) {
+	dev := brokertest.NewDevice(dev0)
+	st := newMemStore()
+	b1, p, l, tok := startClaimed(t, dev, st)
+	commits := st.commits()
+	b1.CommitClaim(l.ID, l.Generation)
+	if n := st.commits(); n != commits {
+		t.Errorf("CommitClaim committed %d records, want none", n-commits)
+	}
+	if err := b1.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	cycles := dev.Revokes
+	b2, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st, Restore: st.snapshot(), Repin: procs{41: p}.repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b2.Close()
+	if got, err := b2.Get(l.ID); err != nil || got.Generation != 1 || got.State != broker.StateActive {
+		t.Errorf("lease after the restart: %+v, %v; want generation 1, active", got, err)
+	}
+	if dev.Revokes != cycles {
+		t.Errorf("the restart cycled the device %d times, want 0", dev.Revokes-cycles)
+	}
+	if _, _, err := b2.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41}); !errors.Is(err, broker.ErrBadToken) {
+		t.Errorf("claim with a delivered claim's token after the restart: %v, want ErrBadToken", err)
 	}
 }
 
