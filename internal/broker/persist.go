@@ -136,6 +136,7 @@ func (b *Broker) restore(recs []Record) {
 		pid int32
 	}
 	var gone []exited
+	repinFailed := map[string]error{} // by holderKey
 	reissue := map[*device][]*lease{}
 	cycle := map[*device]bool{}
 	now := b.now()
@@ -217,7 +218,22 @@ func (b *Broker) restore(recs []Record) {
 			l.buf = buf
 		}
 		if b.repin != nil && !l.Delegated() {
-			p, err := b.repin(l.Holder.PID, l.holder.Start)
+			// One pin per holder process, however many leases it holds (and one failed
+			// repin per process that is gone).
+			key := holderKey(l)
+			if h := b.holders[key]; h != nil && h.proc.Alive() {
+				h.leases[l.ID] = l
+				l.hp = h
+				b.rearmLocked(l, now)
+				continue
+			}
+			err, failed := repinFailed[key]
+			var p Process
+			if !failed {
+				if p, err = b.repin(l.Holder.PID, l.holder.Start); err != nil {
+					repinFailed[key] = err
+				}
+			}
 			if err != nil {
 				gone = append(gone, exited{l.ID, l.Holder.PID})
 				b.log.Info("lease holder gone across the restart", "lease_id", l.ID, "client_pid", l.Holder.PID, "err", err)

@@ -396,6 +396,66 @@ func TestRestartAfterDeliveredClaim(t *testing.T) {
 	}
 }
 
+// TestRestartRepinsEachProcessOnce: a restart pins each holder process once, however many
+// leases it holds (100,000 leases of a few VMMs must not cost 100,000 pidfd_open calls),
+// and tries a gone one once.
+func TestRestartRepinsEachProcessOnce(t *testing.T) {
+	dev := brokertest.NewDevice(dev0)
+	st := newMemStore()
+	b1, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p41, p42 := &brokertest.Process{Pid: 41}, &brokertest.Process{Pid: 42}
+	var ids41, ids42 []string
+	for i := range 6 {
+		pid, p, ids := int32(41), p41, &ids41
+		if i%2 == 1 {
+			pid, p, ids = 42, p42, &ids42
+		}
+		l, tok, err := b1.Allocate(broker.AllocateRequest{BDF: dev0, BAR: 0, Ranges: []broker.Range{{uint64(i) * page, page}},
+			Holder: broker.Holder{UID: 1000, PID: pid, Start: uint64(pid) * 100, Proc: p}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, f, err := b1.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: pid}); err != nil {
+			t.Fatal(err)
+		} else {
+			f.Close()
+		}
+		*ids = append(*ids, l.ID)
+	}
+	if err := b1.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	calls := map[int32]int{}
+	repin := func(pid int32, start uint64) (broker.Process, error) {
+		calls[pid]++
+		if pid != 41 || start != 4100 {
+			return nil, errors.New("no such process")
+		}
+		return &brokertest.Process{Pid: 41}, nil
+	}
+	b2, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st, Restore: st.snapshot(), Repin: repin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b2.Close()
+	if calls[41] != 1 || calls[42] != 1 {
+		t.Errorf("repin calls %v, want one per process", calls)
+	}
+	for _, id := range ids41 {
+		if l, err := b2.Get(id); err != nil || !l.Live() {
+			t.Errorf("lease %s of the live holder after the restart: %+v, %v", id, l, err)
+		}
+	}
+	for _, id := range ids42 {
+		if l, err := b2.Get(id); err != nil || l.Live() || l.EndReason != broker.ReasonHolderExited {
+			t.Errorf("lease %s of the gone holder after the restart: %+v, %v; want ended, holder exited", id, l, err)
+		}
+	}
+}
+
 // snapStore records like memStore and takes a snapshot when an event of type at is
 // committed (what a crash right after it would leave).
 type snapStore struct {
