@@ -206,14 +206,16 @@ func (b *Broker) cycleDevice(d *device, cause cycleCause, dead func()) (reissued
 // so their fds died with it. Each gets an FD_REVOKED event naming what caused it. Called
 // with b.mu held.
 func (b *Broker) buryLocked(d *device, causedBy string) {
+	dead := make([]*lease, 0, len(d.released))
 	for _, l := range d.released {
 		if l.Dead {
 			continue
 		}
 		b.setDeadLocked(l)
-		b.emitCausedLocked(EventFdRevoked, l, "", causedBy)
+		dead = append(dead, l)
 	}
 	d.released = nil
+	b.emitEachLocked(EventFdRevoked, dead, causedBy)
 }
 
 // setDeadLocked records that l's dma-buf is dead: it no longer counts against its

@@ -112,13 +112,59 @@ func (b *Broker) commitLocked(evs []Event, l *lease) error {
 	if len(evs) > 0 {
 		rec.Seq = evs[len(evs)-1].Seq
 	}
-	drop := b.dropped
-	if err := b.store.Commit(evs, []Record{rec}, drop); err != nil {
+	recs := []Record{rec}
+	if slices.Contains(b.dropped, l.ID) {
+		recs = nil // forgotten by the transition itself (the oldest ended lease died)
+	}
+	if err := b.store.Commit(evs, recs, b.dropped); err != nil {
 		b.log.Error("recording a lease transition failed: a restart would not know it", "lease_id", l.ID, "err", err)
 		return fmt.Errorf("record lease %s: %w: %w", l.ID, err, errdefs.ErrUnavailable)
 	}
 	b.dropped = b.dropped[:0]
 	return nil
+}
+
+// emitEachLocked records and publishes the transition t of every lease of ls (distinct
+// leases) in one commit: a device cycle that buries a thousand ended-but-live leases
+// writes one journal transaction, not a thousand. causedBy is as for emitCausedLocked.
+// An error means the transitions could not be recorded; they are still published.
+func (b *Broker) emitEachLocked(t EventType, ls []*lease, causedBy string) error {
+	if len(ls) == 0 {
+		return nil
+	}
+	now := b.now()
+	evs := make([]Event, len(ls))
+	for i, l := range ls {
+		evs[i] = Event{Seq: b.events.next + uint64(i), Time: now, Type: t, Lease: l.Lease, CausedBy: causedBy}
+	}
+	var err error
+	if b.store != nil {
+		dropped := make(map[string]bool, len(b.dropped))
+		for _, id := range b.dropped {
+			dropped[id] = true
+		}
+		recs := make([]Record, 0, len(ls))
+		for i, l := range ls {
+			if dropped[l.ID] {
+				continue // forgotten already: dropped by this commit
+			}
+			r := l.record()
+			r.Seq = evs[i].Seq
+			recs = append(recs, r)
+		}
+		if err = b.store.Commit(evs, recs, b.dropped); err != nil {
+			b.log.Error("recording lease transitions failed: a restart would not know them", "event", string(t), "leases", len(ls), "err", err)
+			err = fmt.Errorf("record %d leases: %w: %w", len(ls), err, errdefs.ErrUnavailable)
+		}
+	}
+	if err == nil {
+		b.dropped = b.dropped[:0]
+	}
+	for _, e := range evs {
+		b.events.append(e)
+		b.obs.Event(e)
+	}
+	return err
 }
 
 // restore takes back the leases a previous run recorded (see [Options.Restore]). Called

@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"sync"
@@ -45,6 +46,11 @@ func (s *memStore) Commit(evs []broker.Event, recs []broker.Record, drop []strin
 		}
 		s.last = e.Seq
 		s.events = append(s.events, e)
+	}
+	for _, r := range recs {
+		if slices.Contains(drop, r.ID) {
+			return fmt.Errorf("lease %s both upserted and dropped", r.ID) // as internal/journal
+		}
 	}
 	for _, r := range recs {
 		s.records[r.ID] = r
@@ -453,6 +459,71 @@ func TestRestartRepinsEachProcessOnce(t *testing.T) {
 		if l, err := b2.Get(id); err != nil || l.Live() || l.EndReason != broker.ReasonHolderExited {
 			t.Errorf("lease %s of the gone holder after the restart: %+v, %v; want ended, holder exited", id, l, err)
 		}
+	}
+}
+
+// TestBuryCommitsOnce: a device cycle that buries many ended-but-live leases records their
+// FD_REVOKED events in one commit; and a buried lease that the trim of ended leases forgets
+// at once (the oldest of more than the broker keeps visible, here on another device) is
+// dropped, not also upserted in the same commit, which the journal refuses.
+func TestBuryCommitsOnce(t *testing.T) {
+	d0, d1 := brokertest.NewDevice(dev0), brokertest.NewDevice(dev1)
+	st := newMemStore()
+	cfg := broker.Config{Devices: []broker.DeviceConfig{{BDF: dev0, UIDs: []uint32{1000}}, {BDF: dev1, UIDs: []uint32{1000}}},
+		RevokeWithin: time.Hour, Limits: broker.Limits{MaxLeases: 4096, MaxLeasesPerHolder: 4096}}
+	b, err := broker.NewWithOptions(cfg, brokertest.Opener(d0, d1), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	p := &brokertest.Process{Pid: 41}
+	endLive := func(bdf string, n int) {
+		for i := range n {
+			l, tok, err := b.Allocate(broker.AllocateRequest{BDF: bdf, BAR: 0, Ranges: []broker.Range{{0, page}}, Holder: broker.Holder{UID: 1000, PID: 41, Start: 7, Proc: p}})
+			if err != nil {
+				t.Fatalf("allocation %d on %s: %v", i, bdf, err)
+			}
+			_, f, err := b.Claim(l.ID, tok, broker.Peer{UID: 1000, PID: 41})
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			b.CommitClaim(l.ID, l.Generation)
+			if _, err := b.Release(l.ID, broker.Actor{UID: 1000, PID: 41}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	endLive(dev1, 50)   // the oldest ended leases
+	endLive(dev0, 1000) // 1050 ended but live in all: more than the 1024 kept visible
+	for _, c := range []struct {
+		bdf  string
+		want int
+	}{{dev1, 50}, {dev0, 1000}} {
+		commits := st.commits()
+		_, buried, err := b.CycleDevice(c.bdf, admin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := st.commits() - commits; got != 1 || buried != c.want {
+			t.Errorf("cycle of %s buried %d leases (want %d) in %d commits (want 1)", c.bdf, buried, c.want, got)
+		}
+	}
+	snap := st.snapshot()
+	fdRevoked := 0
+	for _, e := range snap.Events {
+		if e.Type == broker.EventFdRevoked {
+			fdRevoked++
+		}
+	}
+	if fdRevoked != 1050 {
+		t.Errorf("%d FD_REVOKED events recorded, want 1050", fdRevoked)
+	}
+	if len(snap.Events) == 0 || snap.Events[len(snap.Events)-1].Seq != snap.LastSeq {
+		t.Errorf("store's last seq %d does not end its events", snap.LastSeq)
+	}
+	if len(snap.Records) > 1024 {
+		t.Errorf("store keeps %d records, want at most the 1024 ended leases kept visible", len(snap.Records))
 	}
 }
 
