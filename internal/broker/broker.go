@@ -495,7 +495,7 @@ func (b *Broker) Claim(id, token string, peer Peer) (Lease, *os.File, error) {
 		l.State, l.digest, l.Claimed = l.before.state, l.before.digest, time.Time{}
 		l.before.digest = nil
 		undelegate()
-		if l.State == StateAllocated {
+		if l.State == StateAllocated && !l.before.deadline.IsZero() { // a delegated lease has none
 			l.deadline, l.ClaimDeadline = l.before.deadline, l.before.deadline
 			gen := l.Generation
 			l.timer = time.AfterFunc(max(l.deadline.Sub(b.now()), 0), func() { b.expire(id, gen) })
@@ -553,7 +553,7 @@ func (b *Broker) Unclaim(id string, gen uint64) {
 	if l.before.delegated {
 		b.undelegateLocked(l)
 	}
-	if l.State == StateAllocated {
+	if l.State == StateAllocated && !l.before.deadline.IsZero() { // a delegated lease has none
 		l.deadline, l.ClaimDeadline = l.before.deadline, l.before.deadline
 		l.timer = time.AfterFunc(max(l.deadline.Sub(b.now()), 0), func() { b.expire(id, gen) })
 	}

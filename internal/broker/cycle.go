@@ -152,17 +152,17 @@ func (b *Broker) cycleDevice(d *device, cause cycleCause, dead func()) (reissued
 	b.mu.Lock()
 	dev, suspended := d.dev, d.suspended
 	survivors := make([]*lease, 0, len(d.live))
+	var marked []*lease
 	for _, o := range d.live {
 		if !o.pending {
 			survivors = append(survivors, o)
 			if dev != nil && !o.reissuing {
 				o.reissuing = true
-				if err := b.persistLocked(o); err != nil {
-					b.log.Error("recording a lease about to be reissued failed", "lease_id", o.ID, "err", err)
-				}
+				marked = append(marked, o)
 			}
 		}
 	}
+	b.persistEachLocked(marked) // one commit; a failure is logged per lease
 	b.mu.Unlock()
 	if dev == nil {
 		dead()

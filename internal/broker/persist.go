@@ -124,6 +124,11 @@ func (b *Broker) commitLocked(evs []Event, l *lease) error {
 	return nil
 }
 
+// persistEachLocked records the leases of ls (distinct) without events, in one commit.
+func (b *Broker) persistEachLocked(ls []*lease) error {
+	return b.emitEachLocked("", ls, "")
+}
+
 // emitEachLocked records and publishes the transition t of every lease of ls (distinct
 // leases) in one commit: a device cycle that buries a thousand ended-but-live leases
 // writes one journal transaction, not a thousand. causedBy is as for emitCausedLocked.
@@ -132,10 +137,13 @@ func (b *Broker) emitEachLocked(t EventType, ls []*lease, causedBy string) error
 	if len(ls) == 0 {
 		return nil
 	}
-	now := b.now()
-	evs := make([]Event, len(ls))
-	for i, l := range ls {
-		evs[i] = Event{Seq: b.events.next + uint64(i), Time: now, Type: t, Lease: l.Lease, CausedBy: causedBy}
+	var evs []Event // none for persistEachLocked (t == "")
+	if t != "" {
+		now := b.now()
+		evs = make([]Event, len(ls))
+		for i, l := range ls {
+			evs[i] = Event{Seq: b.events.next + uint64(i), Time: now, Type: t, Lease: l.Lease, CausedBy: causedBy}
+		}
 	}
 	var err error
 	if b.store != nil {
@@ -149,11 +157,16 @@ func (b *Broker) emitEachLocked(t EventType, ls []*lease, causedBy string) error
 				continue // forgotten already: dropped by this commit
 			}
 			r := l.record()
-			r.Seq = evs[i].Seq
+			if evs != nil {
+				r.Seq = evs[i].Seq
+			}
 			recs = append(recs, r)
 		}
 		if err = b.store.Commit(evs, recs, b.dropped); err != nil {
 			b.log.Error("recording lease transitions failed: a restart would not know them", "event", string(t), "leases", len(ls), "err", err)
+			for _, l := range ls {
+				b.log.Error("lease transition not recorded", "lease_id", l.ID)
+			}
 			err = fmt.Errorf("record %d leases: %w: %w", len(ls), err, errdefs.ErrUnavailable)
 		}
 	}
