@@ -11,14 +11,19 @@ import (
 )
 
 // worker runs one device's kernel work (open, export, cycle, suspend, close) one job at
-// a time on its own goroutine. Jobs submitted while another runs wait their turn, so
-// revocations that arrive during a device cycle are batched into the next one without
-// any waiting window. The job running now is visible to [Broker.Ping] (busySince), which
-// lets a service watchdog notice a device operation that hangs in the kernel.
+// a time. Jobs submitted while another runs wait their turn, so revocations that arrive
+// during a device cycle are batched into the next one without any waiting window. The job
+// running now is visible to [Broker.Ping] (busySince), which lets a service watchdog
+// notice a device operation that hangs in the kernel.
+//
+// A job runs on the goroutine that submitted it, under the worker's turn (a one-slot
+// channel, so that waiting for a turn is a channel operation, durably blocking for
+// testing/synctest): handing each job to a goroutine of the device's own cost two
+// goroutine switches per device operation, a tenth of a lease round trip on a busy host.
 type worker struct {
-	jobs      chan func()
+	turn      chan struct{} // holds a token while a job runs
 	quit      chan struct{} // closed by stop
-	exited    chan struct{} // closed when the loop has returned
+	stopped   chan struct{} // closed once stop holds the turn for good
 	busySince atomic.Int64  // unix nanoseconds when the running job started; 0 when idle
 	now       func() time.Time
 }
@@ -27,39 +32,29 @@ type worker struct {
 var errWorkerStopped = fmt.Errorf("the broker is shutting down: %w", errdefs.ErrUnavailable)
 
 func newWorker(now func() time.Time) *worker {
-	w := &worker{jobs: make(chan func()), quit: make(chan struct{}), exited: make(chan struct{}), now: now}
-	go w.loop()
-	return w
+	return &worker{turn: make(chan struct{}, 1), quit: make(chan struct{}), stopped: make(chan struct{}), now: now}
 }
 
-func (w *worker) loop() {
-	defer close(w.exited)
-	for {
-		select {
-		case job := <-w.jobs:
-			w.busySince.Store(w.now().UnixNano())
-			job()
-			w.busySince.Store(0)
-		case <-w.quit:
-			return
-		}
-	}
-}
-
-// run runs f on the worker and returns when f has returned, or errWorkerStopped without
-// running f if the worker has stopped.
+// run runs f in the worker's turn and returns when f has returned, or errWorkerStopped
+// without running f if the worker has stopped.
 func (w *worker) run(f func()) error {
-	done := make(chan struct{})
-	job := func() {
-		defer close(done)
-		f()
-	}
 	select {
-	case w.jobs <- job:
+	case w.turn <- struct{}{}:
 	case <-w.quit:
 		return errWorkerStopped
 	}
-	<-done
+	select {
+	case <-w.quit: // stopped while this job waited: stop holds no turn until it has one
+		<-w.turn
+		return errWorkerStopped
+	default:
+	}
+	defer func() {
+		w.busySince.Store(0)
+		<-w.turn
+	}()
+	w.busySince.Store(w.now().UnixNano())
+	f()
 	return nil
 }
 
@@ -70,8 +65,10 @@ func (w *worker) stop() {
 	case <-w.quit:
 	default:
 		close(w.quit)
+		w.turn <- struct{}{} // waits for the running job; kept: no job runs again
+		close(w.stopped)
 	}
-	<-w.exited
+	<-w.stopped
 }
 
 // busyFor returns how long the running job has been running, 0 if idle.
