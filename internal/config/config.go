@@ -54,6 +54,8 @@ const (
 	DefaultTenantCycleBudget = 60
 	// DefaultMinTTL is the shortest ttl a tenant may ask for.
 	DefaultMinTTL = 10 * time.Second
+	// DefaultMaxConnections bounds the control socket's connections (peercred.MaxConns).
+	DefaultMaxConnections = 1024
 )
 
 // Upper bounds of the [limits] table; the kernel allows at most 16 ranges per dma-buf
@@ -62,6 +64,10 @@ const (
 	MaxRangesPerLease = 16
 	MaxLeases         = 1 << 20
 	MaxEventBacklog   = 1 << 20
+	MaxConnections    = 1 << 16
+	// MinConnections keeps room for one tenant's usual connections (a VMM, its
+	// monitoring) below the total.
+	MinConnections = 16
 )
 
 // Config is mmiobrokerd's configuration file, decoded. The zero value is not useful; start
@@ -142,6 +148,9 @@ type Limits struct {
 	TenantCycleBudget int `toml:"tenant_cycle_budget"`
 	// MinTTL is the shortest ttl a tenant may ask for (admins are exempt).
 	MinTTL Duration `toml:"min_ttl"`
+	// MaxConnections bounds the control socket's open connections of all uids together
+	// (root has a reserve beyond it); each costs the daemon two fds.
+	MaxConnections int `toml:"max_connections"`
 }
 
 // Tenants is the [tenants] table: how callers are grouped into tenants (visibility,
@@ -228,6 +237,7 @@ func Default() *Config {
 			TenantCycleInterval: Duration(DefaultTenantCycleInterval),
 			TenantCycleBudget:   DefaultTenantCycleBudget,
 			MinTTL:              Duration(DefaultMinTTL),
+			MaxConnections:      DefaultMaxConnections,
 		},
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/mmiobroker/mmiobroker/internal/peercred"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -112,6 +113,7 @@ func TestDefaults(t *testing.T) {
 		{"max_ranges_per_lease", d.Limits.MaxRangesPerLease, 16},
 		{"claim_timeout", d.Limits.ClaimTimeout, Duration(30 * time.Second)},
 		{"event_backlog", d.Limits.EventBacklog, 1024},
+		{"max_connections", d.Limits.MaxConnections, peercred.MaxConns},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
@@ -170,7 +172,7 @@ func schemaKeys() []string {
 		"control_socket", "control_socket_mode", "claim_socket", "claim_socket_mode",
 		"socket_group", "admin_group", "access_mode", "sysfs_root", "dev_root", "log_level",
 		"log_format", "journal", "on_stop", "max_leases_per_holder", "max_leases", "max_ranges_per_lease",
-		"claim_timeout", "event_backlog", "revoke_within", "tenant_cycle_interval", "tenant_cycle_budget", "min_ttl", "address", "bars", "kinds", "allow_uids", "allow_gids",
+		"claim_timeout", "event_backlog", "revoke_within", "tenant_cycle_interval", "tenant_cycle_budget", "min_ttl", "max_connections", "address", "bars", "kinds", "allow_uids", "allow_gids",
 		"allow_users", "allow_groups", "allow_unattested_private", "managed_bind", "by", "units",
 		"socket", "socket_mode", "listen",
 	}
@@ -334,6 +336,8 @@ func TestValidateErrors(t *testing.T) {
 		{"revoke within integer", "[limits]\nrevoke_within = 2\n", `test.toml:2: limits.revoke_within: write a duration string with a unit`},
 		{"revoke within long", "[limits]\nrevoke_within = \"2h\"\n", `test.toml:2: limits.revoke_within: 2h0m0s is outside 0s-1h0m0s`},
 		{"min ttl negative", "[limits]\nmin_ttl = \"-1ms\"\n", `test.toml:2: limits.min_ttl: -1ms is outside 0s-1h0m0s`},
+		{"max connections low", "[limits]\nmax_connections = 8\n", `test.toml:2: limits.max_connections: 8 is outside 16-65536`},
+		{"max connections high", "[limits]\nmax_connections = 100000\n", `test.toml:2: limits.max_connections: 100000 is outside 16-65536`},
 		{"C above R/2", "[limits]\nrevoke_within = \"5s\"\ntenant_cycle_interval = \"3s\"\n", `test.toml:3: limits.tenant_cycle_interval: 3s is longer than half of limits.revoke_within (5s)`},
 		{"tenants by", "[tenants]\nby = \"gid\"\n", `test.toml:2: tenants.by`},
 		{"tenants units relative", "[tenants]\nunits = [\"machine.slice\"]\n", `test.toml:2: tenants.units: tenant unit parent "machine.slice": want an absolute, clean cgroup path`},

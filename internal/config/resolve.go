@@ -69,6 +69,8 @@ type Resolved struct {
 	Tenants tenant.Resolver
 	// Metrics says where the daemon serves its metrics.
 	Metrics MetricsListen
+	// MaxConnections bounds the control socket's connections ([limits] max_connections).
+	MaxConnections int
 }
 
 // MetricsListen is the [metrics] table resolved.
@@ -112,7 +114,8 @@ func (c *Config) Resolve(look Lookup) (*Resolved, error) {
 	v := validator{c: c}
 	mode, _ := tenant.ParseMode(c.Tenants.By) // validated
 	r := &Resolved{
-		Tenants:   tenant.Resolver{Mode: mode, Units: append([]string{}, c.Tenants.Units...)},
+		Tenants:        tenant.Resolver{Mode: mode, Units: append([]string{}, c.Tenants.Units...)},
+		MaxConnections: c.Limits.MaxConnections,
 		SocketGID: v.gid(look, "daemon.socket_group", c.Daemon.SocketGroup),
 		AdminGID:  v.gid(look, "daemon.admin_group", c.Daemon.AdminGroup),
 		Metrics: MetricsListen{Socket: c.MetricsSocket(), SocketMode: c.Metrics.SocketMode,

@@ -151,6 +151,9 @@ func (v *validator) limits() {
 	v.atLeast1("limits.max_leases", l.MaxLeases, MaxLeases)
 	v.atLeast1("limits.max_ranges_per_lease", l.MaxRangesPerLease, MaxRangesPerLease)
 	v.atLeast1("limits.event_backlog", l.EventBacklog, MaxEventBacklog)
+	if l.MaxConnections < MinConnections || l.MaxConnections > MaxConnections {
+		v.bad("limits.max_connections", "limits.max_connections: %d is outside %d-%d", l.MaxConnections, MinConnections, MaxConnections)
+	}
 	const key = "limits.claim_timeout"
 	switch loc, ok := v.c.lines[key]; {
 	case ok && loc.kind != unstable.String:

@@ -164,6 +164,7 @@ func Run(ctx context.Context, opt Options) error {
 		AdminGroups: admins,
 		Log:         log,
 		Tenant:      grpcTenant(res.Tenants),
+		MaxConns:    res.MaxConnections,
 		Host:        hr.source(b),
 		Holders:     hc,
 	})

@@ -26,7 +26,7 @@ const (
 
 // fdBudget returns how many fds the configuration can need at most, and the parts.
 func fdBudget(res *config.Resolved) (int, string) {
-	control := (peercred.MaxConns + peercred.RootConnsReserve) * fdsPerControlConn
+	control := (maxConns(res) + peercred.RootConnsReserve) * fdsPerControlConn
 	claim := claimConns * fdsPerClaimConn
 	maxLeases := res.Broker.Limits.MaxLeases
 	if maxLeases <= 0 {
@@ -36,7 +36,16 @@ func fdBudget(res *config.Resolved) (int, string) {
 	devices := len(res.Devices) * fdsPerDevice
 	need := control + claim + leases + devices + fdReserve
 	return need, fmt.Sprintf("%d for %d control connections, %d for claims, %d for %d leases, %d for %d devices, %d reserved",
-		control, peercred.MaxConns+peercred.RootConnsReserve, claim, leases, maxLeases, devices, len(res.Devices), fdReserve)
+		control, maxConns(res)+peercred.RootConnsReserve, claim, leases, maxLeases, devices, len(res.Devices), fdReserve)
+}
+
+// maxConns is the control socket's connection bound: [limits] max_connections, or
+// peercred's default where the configuration was resolved without one (tests).
+func maxConns(res *config.Resolved) int {
+	if res.MaxConnections > 0 {
+		return res.MaxConnections
+	}
+	return peercred.MaxConns
 }
 
 // checkFDs fails unless the configuration's worst case fits limit (RLIMIT_NOFILE). With

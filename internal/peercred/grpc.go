@@ -95,10 +95,22 @@ const RootConnsReserve = 16
 // daemon's fds must not run out.
 const MaxConnsPerTenant = 128
 
-// MaxConns bounds the connections all uids together may have open: per-uid limits alone
-// let many uids exhaust the daemon's fds (each connection costs two), and a device cycle
-// that cannot reopen its device for lack of an fd loses every lease of the device.
+// MaxConns bounds the connections all uids together may have open, unless
+// [WithMaxConns] sets another bound: per-uid limits alone let many uids exhaust the
+// daemon's fds (each connection costs two), and a device cycle that cannot reopen its
+// device for lack of an fd loses every lease of the device.
 const MaxConns = 1024
+
+// WithMaxConns bounds the connections all uids together may have open to n instead of
+// [MaxConns] (n > 0); one tenant may have at most [MaxConnsPerTenant] of them, or n if
+// that is less.
+func WithMaxConns(n int) Option {
+	return func(c *transportCredentials) {
+		if n > 0 {
+			c.conns = newConnLimit(min(MaxConnsPerTenant, n), n)
+		}
+	}
+}
 
 type transportCredentials struct {
 	pin    pinMode    // pinFallback forces the pre-6.5 path (tests)

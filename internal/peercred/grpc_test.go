@@ -372,3 +372,28 @@ func TestConnLimitTotal(t *testing.T) {
 		t.Fatalf("after a release: %v", err)
 	}
 }
+
+// TestWithMaxConns: the option sets the total, and the per-tenant limit never exceeds it;
+// the stats report what the credentials enforce.
+func TestWithMaxConns(t *testing.T) {
+	for _, c := range []struct{ n, total, tenant int }{
+		{0, MaxConns, MaxConnsPerTenant},
+		{256, 256, MaxConnsPerTenant},
+		{16, 16, 16},
+	} {
+		creds := NewTransportCredentials(WithMaxConns(c.n))
+		st, ok := Stats(creds)
+		if !ok || st.Limit != c.total || st.TenantLimit != c.tenant {
+			t.Errorf("WithMaxConns(%d): stats %+v, want limit %d per tenant %d", c.n, st, c.total, c.tenant)
+		}
+		l := creds.(*transportCredentials).conns
+		for i := range c.tenant {
+			if err := l.take("t", false); err != nil {
+				t.Fatalf("WithMaxConns(%d): connection %d of one tenant: %v", c.n, i+1, err)
+			}
+		}
+		if err := l.take("t", false); !errors.Is(err, errdefs.ErrResourceExhausted) {
+			t.Errorf("WithMaxConns(%d): one more of the tenant = %v, want resource exhausted", c.n, err)
+		}
+	}
+}

@@ -57,6 +57,9 @@ type Options struct {
 	// Tenant resolves each connecting peer's tenant (internal/tenant) for [IdentifyPeer]
 	// and the per-tenant connection limit. Nil: the tenant is the uid.
 	Tenant peercred.TenantFunc
+	// MaxConns bounds the open connections of all uids together (peercred.WithMaxConns);
+	// 0: peercred.MaxConns.
+	MaxConns int
 	// Host reports the host for GetHost ([HostFunc]). Nil: GetHost is Unimplemented.
 	Host HostFunc
 	// Holders scans /proc for who holds the leases' dma-bufs (ScanHolders, GetLease with
@@ -100,7 +103,7 @@ func New(b *broker.Broker, opt Options) *Server {
 	if s.identify == nil {
 		s.identify = IdentifyPeer
 	}
-	s.creds = peercred.NewTransportCredentials(tenantOption(opt.Tenant)...)
+	s.creds = peercred.NewTransportCredentials(append(tenantOption(opt.Tenant), peercred.WithMaxConns(opt.MaxConns))...)
 	s.g = grpc.NewServer(
 		grpc.Creds(s.creds),
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),

@@ -981,7 +981,7 @@ func refusedStart(t *testing.T, limit, devices, maxLeases int) int {
 		t.Errorf("the parts of the fd budget (%s) add up to %d, not %d", m[2], sum, need)
 	}
 	for _, part := range []string{
-		fmt.Sprintf("for %d control connections", peercred.MaxConns+peercred.RootConnsReserve), "for claims",
+		fmt.Sprintf("for %d control connections", fdBudgetConns+peercred.RootConnsReserve), "for claims",
 		fmt.Sprintf("for %d leases", maxLeases), fmt.Sprintf("for %d devices", devices), "reserved",
 	} {
 		if !strings.Contains(m[2], part) {
@@ -990,6 +990,12 @@ func refusedStart(t *testing.T, limit, devices, maxLeases int) int {
 	}
 	return need
 }
+
+// fdBudgetConns is TestFdBudget's [limits] max_connections: two tenants' worth of
+// connections and part of a third, so that the flood reaches the total (with a tenant
+// refused short of its own limit) after ~300 connections instead of the default 1024's
+// (about 2.5 minutes under TCG).
+const fdBudgetConns = 300
 
 // countFds counts the open fds of process pid.
 func countFds(t *testing.T, pid int) int {
@@ -1005,7 +1011,7 @@ func countFds(t *testing.T, pid int) int {
 // to start under LimitNOFILE=64 and LimitNOFILE=budget-1, naming the parts of its budget
 // in the journal, and starts with LimitNOFILE=budget. There, with 16 claimed leases (3 on
 // edu1), connections of one tenant after another flood the control socket until the
-// daemon refuses them (per tenant at 128, then all at 1024); uid 0 still opens its reserve
+// daemon refuses them (per tenant at 128, then all at max_connections = 300); uid 0 still opens its reserve
 // of connections beyond that, and no more. With every connection the budget counts open,
 // an admin's RevokeLease of the claimed edu1 lease still cycles the device and reissues
 // the other two (no EMFILE, no DEVICE_LOST), whose new generations claim (and map,
@@ -1013,8 +1019,8 @@ func countFds(t *testing.T, pid int) int {
 func TestFdBudget(t *testing.T) {
 	if iommufdKernel() {
 		// The budget and the connection limits are the same code on both kernels; the
-		// flood of 1024 connections takes about 2.5 minutes under TCG, which CI's time
-		// allows once, and the two kernels' systemd suites run side by side: it runs on
+		// flood of fdBudgetConns connections takes most of a minute under TCG, which CI's
+		// time allows once, and the two kernels' systemd suites run side by side: it runs on
 		// the stock kernel, whose suite is the shorter one (the iommufd suite has the
 		// soak), so the reissued generations are claimed but not mapped.
 		t.Skip("runs on the stock kernel only (CI time); the fd budget does not depend on the kernel")
@@ -1027,7 +1033,8 @@ func TestFdBudget(t *testing.T) {
 	devices := rigDevices(t)
 	orig := keepConfig(t)
 	conf := withLimits(t, string(orig), map[string]string{
-		"max_leases": strconv.Itoa(maxLeases), "max_leases_per_holder": strconv.Itoa(maxLeases)})
+		"max_leases": strconv.Itoa(maxLeases), "max_leases_per_holder": strconv.Itoa(maxLeases),
+		"max_connections": strconv.Itoa(fdBudgetConns)})
 	if err := os.WriteFile(daemonConfig, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -1050,7 +1057,7 @@ func TestFdBudget(t *testing.T) {
 	}
 	cursor := journalCursor(t)
 
-	// The admin's connection, opened before the flood (it counts against the 1024).
+	// The admin's connection, opened before the flood (it counts against the total).
 	c := dial(t)
 	t.Cleanup(func() { c.Close() })
 	cycleAll(t, c, devices...)
@@ -1095,7 +1102,7 @@ func TestFdBudget(t *testing.T) {
 	flooded := 0
 	var counts []string
 	totalReached := false
-	for k := 0; k < peercred.MaxConns/peercred.MaxConnsPerTenant+3; k++ {
+	for k := 0; k < fdBudgetConns/peercred.MaxConnsPerTenant+3; k++ {
 		f := startTenant(t, fmt.Sprintf("flood-%d", k+1), 2001+k, false)
 		var r connReport
 		f.okWithin(fmt.Sprintf("conns %d", peercred.MaxConnsPerTenant+16), 10*time.Minute, &r)
@@ -1111,18 +1118,18 @@ func TestFdBudget(t *testing.T) {
 		case !totalReached && r.Opened < peercred.MaxConnsPerTenant:
 			totalReached = true
 			// the admin's connection is the only other one
-			if flooded+1 != peercred.MaxConns {
-				t.Errorf("refused at %d connections in all (%d flood + the admin's), want %d", flooded+1, flooded, peercred.MaxConns)
+			if flooded+1 != fdBudgetConns {
+				t.Errorf("refused at %d connections in all (%d flood + the admin's), want %d", flooded+1, flooded, fdBudgetConns)
 			}
 		case totalReached && r.Opened != 0:
-			t.Errorf("tenant %s opened %d connections after the daemon reached its %d in all", f.tenant, r.Opened, peercred.MaxConns)
+			t.Errorf("tenant %s opened %d connections after the daemon reached its %d in all", f.tenant, r.Opened, fdBudgetConns)
 		}
 		if totalReached && r.Opened == 0 {
 			break
 		}
 	}
 	if !totalReached {
-		t.Fatalf("the flood (%d connections) never reached the daemon's limit of %d", flooded, peercred.MaxConns)
+		t.Fatalf("the flood (%d connections) never reached the daemon's limit of %d", flooded, fdBudgetConns)
 	}
 	peak := countFds(t, pid)
 	t.Logf("flood: connections per tenant %s = %d (+1 admin); the daemon has %d fds open (%d before the flood, %+.2f per connection) of its budget %d",
