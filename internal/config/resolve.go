@@ -116,8 +116,8 @@ func (c *Config) Resolve(look Lookup) (*Resolved, error) {
 	r := &Resolved{
 		Tenants:        tenant.Resolver{Mode: mode, Units: append([]string{}, c.Tenants.Units...)},
 		MaxConnections: c.Limits.MaxConnections,
-		SocketGID: v.gid(look, "daemon.socket_group", c.Daemon.SocketGroup),
-		AdminGID:  v.gid(look, "daemon.admin_group", c.Daemon.AdminGroup),
+		SocketGID:      v.gid(look, "daemon.socket_group", c.Daemon.SocketGroup),
+		AdminGID:       v.gid(look, "daemon.admin_group", c.Daemon.AdminGroup),
 		Metrics: MetricsListen{Socket: c.MetricsSocket(), SocketMode: c.Metrics.SocketMode,
 			SocketGID: v.gid(look, "metrics.socket_group", c.Metrics.SocketGroup), Listen: c.Metrics.Listen},
 		Broker: broker.Config{
