@@ -45,7 +45,7 @@ test-unit: $(PLUGINS)/grpcurl
 bench-smoke:
 	@out=$$($(GO) test -count=1 -run '^$$' -bench . -benchtime 100x ./internal/... 2>&1) || { echo "$$out" | grep -v '^ok\|no test files\|^PASS$$' | tail -80; exit 1; }; echo "bench smoke: every benchmark ran 100 times"
 	@mkdir -p $(BIN)
-	@out=$$($(GO) run ./test/bench/cmd/mmiobroker-bench run -ops 300 -clients 4 -revokes 100 -alloc-ops 100 -warmup 5 -out $(BIN)/bench-smoke.md 2>&1) || { echo "$$out" | tail -40; exit 1; }; echo "bench smoke: mmiobroker-bench ran every scenario ($(BIN)/bench-smoke.md)"
+	@out=$$($(GO) run ./test/bench/cmd/mmiobroker-bench run -ops 300 -clients 4 -revokes 100 -alloc-ops 100 -warmup 5 -scale-leases 2000 -scale-probes 20 -scale-watchers 20 -scale-stream 1s -out $(BIN)/bench-smoke.md 2>&1) || { echo "$$out" | tail -40; exit 1; }; echo "bench smoke: mmiobroker-bench ran every scenario ($(BIN)/bench-smoke.md)"
 
 # grpcurl drives the API in internal/server's TestGrpcurl, as a client written from the docs.
 $(PLUGINS)/grpcurl:

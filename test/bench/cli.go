@@ -11,13 +11,14 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // Main runs the command line args ("run", "daemon" or "client" and its flags) and returns
 // the exit status: 0, 1 if the mode failed, 2 for a bad command line.
 func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	usage := func() {
-		fmt.Fprintln(stderr, "Usage: mmiobroker-bench run|daemon|client [flags] (-h for a mode's flags)")
+		fmt.Fprintln(stderr, "Usage: mmiobroker-bench run|daemon|client|holder|watcher [flags] (-h for a mode's flags)")
 	}
 	if len(args) == 0 {
 		usage()
@@ -33,6 +34,10 @@ func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = mainDaemon(ctx, args[1:], stderr)
 	case "client":
 		err = mainClient(ctx, args[1:], stdin, stdout, stderr)
+	case "holder":
+		err = mainHolder(ctx, args[1:], stdin, stdout, stderr)
+	case "watcher":
+		err = mainWatcher(ctx, args[1:], stdin, stdout, stderr)
 	case "-h", "-help", "--help":
 		usage()
 		return 0
@@ -88,8 +93,21 @@ func mainRun(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.IntVar(&o.FDStore, "fd-store", 4096, "the fake systemd's FileDescriptorStoreMax= (deploy/mmiobrokerd.service: 4096); 0: no fd store, hence no lease journal")
 	fs.StringVar(&o.RevokeWithin, "revoke-within", revokeAuto, "the daemon's [limits] revoke_within: 1h (releases batched), 0s (every release cycles its device), or auto (1h unless the daemon refuses it for want of fds, then 0s)")
 	fs.StringVar(&o.LogLevel, "log-level", "", "the daemon's [daemon] log_level (default: the daemon's default, info)")
+	var scenarios string
+	fs.StringVar(&scenarios, "scenarios", "", "comma-separated `names` of the scenarios to run: single, parallel, revoke, allocs, scale (default: all)")
+	fs.IntVar(&o.Scale.Leases, "scale-leases", 100000, "live leases of the scale scenario (0: skip it)")
+	fs.IntVar(&o.Scale.Devices, "scale-devices", 100, "fake devices of the scale scenario")
+	fs.IntVar(&o.Scale.UIDs, "scale-uids", 10, "uids of the scale scenario's holder processes (when run as root)")
+	fs.IntVar(&o.Scale.PerProcess, "scale-per-process", 4000, "the most leases (and fds) one holder process of the scale scenario holds")
+	fs.IntVar(&o.Scale.Probes, "scale-probes", 500, "GetLease and AllocateLease calls timed at each level of the scale scenario")
+	fs.IntVar(&o.Scale.Watchers, "scale-watchers", 1000, "WatchEvents subscribers of the scale scenario (0: no event stream phase)")
+	fs.IntVar(&o.Scale.Rate, "scale-rate", 1000, "events per second of the scale scenario's event stream")
+	fs.DurationVar(&o.Scale.Stream, "scale-stream", 10*time.Second, "how long the scale scenario's event stream runs at each rate")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
+	}
+	if scenarios != "" {
+		o.Scenarios = strings.Split(scenarios, ",")
 	}
 	var cmd []string
 	fs.VisitAll(func(f *flag.Flag) {
@@ -131,6 +149,9 @@ func mainDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	fs.StringVar(&o.FloorGRPC, "floor-grpc", "", "the floor's gRPC socket `path`")
 	fs.StringVar(&o.FloorClaim, "floor-claim", "", "the floor's claim socket `path`")
 	fs.StringVar(&o.CPUProfile, "cpuprofile", "", "write a CPU profile to `file` at exit")
+	fs.StringVar(&o.MemProfile, "memprofile", "", "write a heap profile to `file` when told to stop")
+	fs.BoolVar(&o.KeptDevices, "kept-devices", false, "fake devices that survive a restart of this process through the fd store")
+	fs.Uint64Var(&o.FDLimit, "fd-limit", 0, "the RLIMIT_NOFILE the daemon's fd budget check assumes (0: the process's own)")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
@@ -158,4 +179,35 @@ func mainClient(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	}
 	o.Mode = Mode(mode)
 	return RunClient(ctx, o, stdin, stdout)
+}
+
+func mainHolder(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	var o HolderOptions
+	fs := flag.NewFlagSet("holder", flag.ContinueOnError)
+	fs.StringVar(&o.Dir, "dir", "", "the scenario's `directory` (the daemon's sockets)")
+	fs.IntVar(&o.Index, "index", 0, "this process's number, from 0")
+	fs.IntVar(&o.Procs, "procs", 1, "holder processes in all")
+	fs.IntVar(&o.Devices, "devices", 1, "fake devices")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	if o.Dir == "" {
+		return usageError{errors.New("-dir is required")}
+	}
+	return RunHolder(ctx, o, stdin, stdout)
+}
+
+func mainWatcher(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	var o WatcherOptions
+	fs := flag.NewFlagSet("watcher", flag.ContinueOnError)
+	fs.StringVar(&o.Dir, "dir", "", "the scenario's `directory` (the daemon's sockets)")
+	fs.IntVar(&o.Streams, "streams", 1, "event streams")
+	fs.IntVar(&o.PerConn, "per-conn", 50, "event streams per connection")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	if o.Dir == "" {
+		return usageError{errors.New("-dir is required")}
+	}
+	return RunWatcher(ctx, o, stdin, stdout)
 }

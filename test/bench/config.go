@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 )
 
@@ -28,6 +29,13 @@ type DaemonConfig struct {
 	LogLevel string
 	// RevokeWithin is [limits] revoke_within (R): "1h" or "0s" (see [RunOptions]).
 	RevokeWithin string
+	// Bars are the BARs each device lets lease; nil means [0].
+	Bars []int
+	// AllowUIDs are the uids each device lets lease; nil means the running uid.
+	AllowUIDs []int
+	// SocketMode is control_socket_mode and claim_socket_mode; "" keeps the defaults
+	// (0660: the running group only).
+	SocketMode string
 }
 
 // Paths of the sockets and files in a scenario's directory.
@@ -76,6 +84,9 @@ func (c DaemonConfig) TOML() string {
 	if c.LogLevel != "" {
 		fmt.Fprintf(&b, "log_level = %q\n", c.LogLevel)
 	}
+	if c.SocketMode != "" {
+		fmt.Fprintf(&b, "control_socket_mode = %q\nclaim_socket_mode = %q\n", c.SocketMode, c.SocketMode)
+	}
 	b.WriteString("\n[limits]\n")
 	fmt.Fprintf(&b, "max_leases = %d\n", c.MaxLeases)
 	fmt.Fprintf(&b, "max_leases_per_holder = %d\n", c.MaxLeases)
@@ -85,10 +96,26 @@ func (c DaemonConfig) TOML() string {
 	if c.TenantsBy != "" {
 		fmt.Fprintf(&b, "\n[tenants]\nby = %q\n", c.TenantsBy)
 	}
+	bars, uids := "0", strconv.Itoa(os.Getuid())
+	if c.Bars != nil {
+		bars = joinInts(c.Bars)
+	}
+	if c.AllowUIDs != nil {
+		uids = joinInts(c.AllowUIDs)
+	}
 	for i := range c.Devices {
-		fmt.Fprintf(&b, "\n[[device]]\naddress = %q\nbars = [0]\nallow_uids = [%d]\n", DeviceBDF(i), os.Getuid())
+		fmt.Fprintf(&b, "\n[[device]]\naddress = %q\nbars = [%s]\nallow_uids = [%s]\n", DeviceBDF(i), bars, uids)
 	}
 	return b.String()
+}
+
+// joinInts returns ns as a TOML array's items: "1, 2, 3".
+func joinInts(ns []int) string {
+	s := make([]string, len(ns))
+	for i, n := range ns {
+		s[i] = strconv.Itoa(n)
+	}
+	return strings.Join(s, ", ")
 }
 
 // LimitNotes explains the limits [DaemonConfig.TOML] raises and why, for the results.

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+
 	"github.com/mmiobroker/mmiobroker/internal/config"
 )
 
@@ -61,5 +63,36 @@ func TestConfigValid(t *testing.T) {
 		if got := cfg.MetricsSocket(); got != filepath.Join(dir, metricsSocket) {
 			t.Errorf("R %s: metrics socket %s, want %s", rw, got, filepath.Join(dir, metricsSocket))
 		}
+	}
+}
+
+// TestScaleConfigValid: the scale scenario's configuration (other uids, BAR 4, sockets
+// open to every user) is one the daemon accepts, with the policy asked for.
+func TestScaleConfigValid(t *testing.T) {
+	dir := t.TempDir()
+	c := DaemonConfig{Dir: dir, Devices: 2, MaxLeases: 100000, RevokeWithin: revokeBatched,
+		Bars: []int{scaleBAR}, AllowUIDs: []int{200000, 200001}, SocketMode: "0666"}
+	path := filepath.Join(dir, configFile)
+	if err := os.WriteFile(path, []byte(c.TOML()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := cfg.Resolve(config.OSLookup())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range res.Broker.Devices {
+		if !cmp.Equal(d.BARs, []int{scaleBAR}) || !cmp.Equal(d.UIDs, []uint32{200000, 200001}) {
+			t.Errorf("device %s: bars %v, uids %v", d.BDF, d.BARs, d.UIDs)
+		}
+	}
+	if cfg.Daemon.ControlSocketMode.Perm() != 0o666 || cfg.Daemon.ClaimSocketMode.Perm() != 0o666 {
+		t.Errorf("socket modes %v, %v; want 0666", cfg.Daemon.ControlSocketMode.Perm(), cfg.Daemon.ClaimSocketMode.Perm())
+	}
+	if res.Broker.Limits.MaxLeases != 100000 || res.Broker.Limits.MaxLeasesPerHolder != 100000 {
+		t.Errorf("limits %+v", res.Broker.Limits)
 	}
 }

@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"runtime/pprof"
+	"strconv"
 	"sync"
 	"time"
 
@@ -49,6 +51,17 @@ type DaemonOptions struct {
 	FloorGRPC, FloorClaim string
 	// CPUProfile, if set, is where the process's CPU profile is written at exit.
 	CPUProfile string
+	// MemProfile, if set, is where the process's heap profile is written when it is told
+	// to stop (SIGTERM), after a garbage collection, while the daemon still holds every
+	// lease.
+	MemProfile string
+	// KeptDevices serves the fake devices of [keptOpener], which survive a restart of
+	// the daemon process through the fd store, instead of brokertest's.
+	KeptDevices bool
+	// FDLimit is daemon.Options.FDLimit: the RLIMIT_NOFILE that the daemon's start-up
+	// check of its fd budget assumes (0: the process's own). Only the scale scenario sets
+	// it; see scaleFDLimit.
+	FDLimit uint64
 }
 
 // RunDaemon runs the daemon as mmiobrokerd does (daemon.Run with the configuration file
@@ -64,9 +77,21 @@ func RunDaemon(ctx context.Context, o DaemonOptions, stderr io.Writer) (err erro
 	if err != nil {
 		return err
 	}
+	bdfs := make([]string, len(res.Broker.Devices))
 	devs := make([]*brokertest.Device, len(res.Broker.Devices))
 	for i, d := range res.Broker.Devices {
+		bdfs[i] = d.BDF
 		devs[i] = brokertest.NewDevice(d.BDF)
+	}
+	opener := func(vfio.Keeper) broker.Opener { return brokertest.Opener(devs...) }
+	if o.KeptDevices {
+		opener = func(k vfio.Keeper) broker.Opener { return keptOpener(k, bdfs) }
+	}
+	// systemd sets LISTEN_PID to the pid of the service it passes fds to (a restart with
+	// its fd store); the orchestrator cannot know that pid before it starts the process,
+	// so the process names itself (systemdtest.Manager.Restart).
+	if os.Getenv("LISTEN_FDS") != "" && os.Getenv("LISTEN_PID") == "" {
+		os.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
 	}
 	if o.CPUProfile != "" {
 		f, err := os.Create(o.CPUProfile)
@@ -90,15 +115,54 @@ func RunDaemon(ctx context.Context, o DaemonOptions, stderr io.Writer) (err erro
 		return err
 	}
 	defer fl.stop()
-	pprof.Do(ctx, pprof.Labels(labelRole, roleDaemon), func(ctx context.Context) {
+	runCtx := ctx
+	if o.MemProfile != "" {
+		// A sample every 64 KiB allocated instead of 512 KiB: finer, for little cost.
+		runtime.MemProfileRate = 64 << 10
+		// Written when told to stop, before the daemon sees the stop (it runs until the
+		// profile is written, every lease still in memory); not if it fails first.
+		var stopRun context.CancelFunc
+		runCtx, stopRun = context.WithCancel(context.WithoutCancel(ctx))
+		profiled, finished := make(chan error, 1), make(chan struct{})
+		go func() {
+			defer stopRun()
+			select {
+			case <-ctx.Done():
+				profiled <- writeHeapProfile(o.MemProfile)
+			case <-finished:
+				profiled <- nil
+			}
+		}()
+		defer func() {
+			close(finished)
+			if perr := <-profiled; err == nil {
+				err = perr
+			}
+		}()
+	}
+	pprof.Do(runCtx, pprof.Labels(labelRole, roleDaemon), func(ctx context.Context) {
 		err = daemon.Run(ctx, daemon.Options{
 			Config:   cfg,
 			Resolved: res,
-			Opener:   func(vfio.Keeper) broker.Opener { return brokertest.Opener(devs...) },
+			Opener:   opener,
 			Log:      log,
+			FDLimit:  o.FDLimit,
 		})
 	})
 	return err
+}
+
+// writeHeapProfile collects garbage and writes the heap profile to path. Twice: the first
+// collection moves what sync.Pools hold (gRPC's and protobuf's buffers) to their victim
+// caches, the second frees it, so that the profile shows what the daemon keeps.
+func writeHeapProfile(path string) error {
+	runtime.GC()
+	runtime.GC()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	return errors.Join(pprof.Lookup("heap").WriteTo(f, 0), f.Close())
 }
 
 // floor is the bare counterpart of the daemon's two sockets.

@@ -35,7 +35,8 @@ const (
 	metricOpenFDs      = "process_open_fds"
 )
 
-var sampledMetrics = []string{metricMallocs, metricAllocBytes, metricClaimRefused, metricCycles, metricOpenFDs}
+var sampledMetrics = []string{metricMallocs, metricAllocBytes, metricClaimRefused, metricCycles, metricOpenFDs,
+	metricHeapInuse, metricHeapAlloc, metricHeapIdle, metricHeapFreed, metricLeases, metricReissues, metricCPU}
 
 // sampleDaemon reads the memory of process pid and the metrics served on the unix socket
 // metricsSock.

@@ -21,17 +21,20 @@ import (
 // child's log, for the reason of a failure. The daemon logs a few lines per lease, so
 // Write must stay cheap: it moves the kept bytes once per max bytes written.
 type tail struct {
-	mu  sync.Mutex
-	max int
-	buf []byte // guarded by mu
+	mu      sync.Mutex
+	max     int
+	buf     []byte        // guarded by mu
+	written chan struct{} // guarded by mu; closed and replaced by every Write
 }
 
-func newTail(max int) *tail { return &tail{max: max} }
+func newTail(max int) *tail { return &tail{max: max, written: make(chan struct{})} }
 
 // Write implements io.Writer.
 func (t *tail) Write(p []byte) (int, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	close(t.written)
+	t.written = make(chan struct{})
 	n := len(p)
 	if len(p) > t.max {
 		p = p[len(p)-t.max:]
@@ -60,6 +63,29 @@ func (t *tail) Matching(n int, subs ...string) string {
 		out = out[len(out)-n:]
 	}
 	return strings.Join(out, "\n")
+}
+
+// WaitMatching waits up to timeout for a line that contains sub and returns the last
+// one kept, or "" if none came. The child's output reaches its tail through a pipe, so a
+// line it wrote before telling something by another way (READY=1) may still be on its way.
+func (t *tail) WaitMatching(ctx context.Context, sub string, timeout time.Duration) string {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		t.mu.Lock()
+		written := t.written
+		t.mu.Unlock()
+		if line := t.Matching(1, sub); line != "" {
+			return line
+		}
+		select {
+		case <-written:
+		case <-timer.C:
+			return ""
+		case <-ctx.Done():
+			return ""
+		}
+	}
 }
 
 // Last returns up to n of the last lines written.
@@ -126,11 +152,31 @@ func childEnv(extra ...string) []string {
 // startChild starts argv with env; its stderr (and stdout, unless stdout is set) go to
 // its log.
 func startChild(name string, argv, env []string, stdin io.Reader, stdout io.Writer) (*child, error) {
+	return startChildWith(name, argv, env, stdin, stdout, childExtras{})
+}
+
+// childExtras are what some children get besides their command line and environment.
+type childExtras struct {
+	// Files become the child's fds 3, 4, … (the caller keeps owning and closes them).
+	Files []*os.File
+	// Cred, if set, is the uid and gids the child runs with (the parent must be root).
+	Cred *syscall.Credential
+	// Dir is the child's working directory ("": the parent's).
+	Dir string
+}
+
+// startChildWith is startChild with extras.
+func startChildWith(name string, argv, env []string, stdin io.Reader, stdout io.Writer, x childExtras) (*child, error) {
 	c := &child{name: name, cmd: exec.Command(argv[0], argv[1:]...), log: newTail(64 << 10), exited: make(chan struct{})}
 	c.cmd.Env = env
 	c.cmd.Stdin = stdin
 	c.cmd.Stderr = c.log
 	c.cmd.Stdout = c.log
+	c.cmd.ExtraFiles = x.Files
+	c.cmd.Dir = x.Dir
+	if x.Cred != nil {
+		c.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: x.Cred}
+	}
 	if stdout != nil {
 		c.cmd.Stdout = stdout
 	}
@@ -210,16 +256,53 @@ func startDaemon(ctx context.Context, argv, env []string, fdStoreMax int, timeou
 	if err != nil {
 		return nil, err
 	}
-	c, err := startChild("daemon", argv, append(env, sd.Env()...), nil, nil)
+	d, err := runUnder(ctx, sd, argv, append(env, sd.Env()...), nil, timeout)
 	if err != nil {
 		sd.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// restartDaemon starts the daemon mode with argv again under the service manager of
+// prev, which must have stopped (stopKeep), as systemd restarts a service: with the fds
+// of its fd store passed as fds 3, 4, … (LISTEN_FDS, LISTEN_FDNAMES). It waits for the new
+// process's READY=1 and returns it with the time from its start until then.
+func restartDaemon(ctx context.Context, prev *daemonProc, argv, env []string, timeout time.Duration) (*daemonProc, time.Time, error) {
+	sdEnv, files, err := prev.sd.Restart()
+	if err != nil {
+		prev.sd.Close()
+		return nil, time.Time{}, err
+	}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	start := time.Now()
+	d, err := runUnder(ctx, prev.sd, argv, append(env, sdEnv...), files, timeout)
+	if err != nil {
+		prev.sd.Close()
+		return nil, start, err
+	}
+	return d, start, nil
+}
+
+// runUnder starts the daemon process under sd and waits until it sent one more READY=1
+// than sd has seen so far. It kills the process if it does not; sd stays open.
+func runUnder(ctx context.Context, sd *systemdtest.Manager, argv, env []string, files []*os.File, timeout time.Duration) (*daemonProc, error) {
+	readies := countState(sd.States(), "READY=1")
+	c, err := startChildWith("daemon", argv, env, nil, nil, childExtras{Files: files})
+	if err != nil {
 		return nil, err
 	}
 	d := &daemonProc{child: c, sd: sd}
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	ready := make(chan error, 1)
-	go func() { ready <- sd.WaitState(wctx, "READY=1") }()
+	go func() {
+		ready <- sd.Wait(wctx, func(states []string) bool { return countState(states, "READY=1") > readies })
+	}()
 	select {
 	case err = <-ready:
 		if err == nil {
@@ -231,30 +314,42 @@ func startDaemon(ctx context.Context, argv, env []string, fdStoreMax int, timeou
 	}
 	cancel()
 	<-ready
-	d.kill()
+	c.kill()
 	return nil, err
 }
 
-// kill ends the daemon if it runs and closes its service manager.
-func (d *daemonProc) kill() {
-	d.child.kill()
-	d.sd.Close()
+// countState counts the notifications that have the line line.
+func countState(states []string, line string) int {
+	n := 0
+	for _, s := range states {
+		if slices.Contains(strings.Split(s, "\n"), line) {
+			n++
+		}
+	}
+	return n
 }
 
 // stop stops the daemon as systemd does (SIGTERM) and fails unless it exited with status 0
 // after telling STOPPING=1, or the fake service manager saw something systemd would warn
-// about.
+// about. It closes the service manager, and with it the fd store.
 func (d *daemonProc) stop(grace time.Duration) error {
-	err := d.terminate(grace)
-	states, warnings := d.sd.States(), d.sd.Warnings()
-	err = errors.Join(err, d.sd.Close())
-	if err != nil {
+	err := d.stopKeep(grace)
+	return errors.Join(err, d.sd.Close())
+}
+
+// stopKeep is stop without closing the service manager, whose fd store keeps what the
+// daemon kept there for its next start (restartDaemon). If it fails, the caller still
+// closes d.sd (kill).
+func (d *daemonProc) stopKeep(grace time.Duration) error {
+	stopping := countState(d.sd.States(), "STOPPING=1")
+	if err := d.terminate(grace); err != nil {
 		return err
 	}
+	states, warnings := d.sd.States(), d.sd.Warnings()
 	if len(warnings) > 0 {
 		return d.failure(fmt.Sprintf("the service manager would warn: %q", warnings))
 	}
-	if !slices.Contains(states, "STOPPING=1") {
+	if countState(states, "STOPPING=1") <= stopping {
 		return d.failure(fmt.Sprintf("exited without STOPPING=1 (notifications %q)", states))
 	}
 	return nil

@@ -38,7 +38,9 @@ go_memstats_alloc_bytes_total 1.5e+07
 mmiobroker_claim_connections_refused_total{how="busy"} 3
 mmiobroker_claim_connections_refused_total{how="dropped"} 1
 mmiobroker_device_cycles_total{bdf="0000:01:00.0",caused_by="tenant",result="ok"} 7 1700000000000
-mmiobroker_leases 9
+mmiobroker_leases{bdf="0000:01:00.0",kind="shared",state="active"} 9
+mmiobroker_leases{bdf="0000:02:00.0",kind="shared",state="active"} 1
+mmiobroker_leases_limit 4096
 `
 	got, err := parseMetrics(strings.NewReader(text), sampledMetrics)
 	if err != nil {
@@ -49,6 +51,7 @@ mmiobroker_leases 9
 		metricAllocBytes:   1.5e7,
 		metricClaimRefused: 4,
 		metricCycles:       7,
+		metricLeases:       10,
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("parseMetrics (-want +got):\n%s", diff)

@@ -16,6 +16,8 @@ type Report struct {
 	Options RunOptions
 	// Scenarios are in the order they ran.
 	Scenarios []ScenarioResult
+	// Scale is the scale scenario (nil: not run).
+	Scale *ScaleResult
 	// Limits explain the configuration's raised limits ([LimitNotes]).
 	Limits []string
 }
@@ -137,6 +139,9 @@ func (r *Report) Targets() []Target {
 			Floor: fmtDur(p.Unary.P99) + " (bare unary call)", Ratio: fmtRatio(ratio(float64(p.Revoke.P99), float64(p.Unary.P99))),
 			Goal: "< 1 ms", Met: p.Revoke.P99 < time.Millisecond})
 	}
+	if r.Scale != nil {
+		ts = append(ts, r.Scale.targets()...)
+	}
 	return ts
 }
 
@@ -194,62 +199,68 @@ func (r *Report) Markdown(out io.Writer) error {
 		}
 	}
 
-	p("## Daemon process")
-	p("")
-	p("Sampled before the clients start and after the last one is done (all still connected): RSS from /proc/PID/status, open fds (process_open_fds) and allocations (go_memstats_mallocs_total, go_memstats_alloc_bytes_total) from the daemon's metrics socket. The floor runs in the same process, so allocations per operation of a mixed phase count a lease round trip and a floor round trip; the allocation phases run each kind alone.")
-	p("")
-	p("| scenario | phase | RSS before | RSS after | peak RSS | open fds before | after | allocs / op | bytes / op | device cycles | claims refused |")
-	p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-	for _, sc := range r.Scenarios {
-		for _, ph := range sc.Phases {
-			p("| %s | %s | %s | %s | %s | %.0f | %.0f | %.0f | %s | %.0f | %.0f |", sc.Name, ph.Name, fmtBytes(ph.Before.RSS), fmtBytes(ph.After.RSS), fmtBytes(ph.After.HWM),
-				ph.Before.Metrics[metricOpenFDs], ph.After.Metrics[metricOpenFDs],
-				ph.perOp(metricMallocs), fmtBytes(uint64(ph.perOp(metricAllocBytes))), ph.delta(metricCycles), ph.delta(metricClaimRefused))
-		}
-	}
-	p("")
-	if b, f := r.phase(ScenarioAllocs, ModeBroker), r.phase(ScenarioAllocs, ModeFloor); b != nil && f != nil {
-		p("Per round trip alone (%d of each): the lease round trip allocates %.0f objects and %s in the daemon, %s the floor's %.0f objects and %s its %s.",
-			b.Ops, b.perOp(metricMallocs), fmtBytes(uint64(b.perOp(metricAllocBytes))),
-			fmtRatio(ratio(b.perOp(metricMallocs), f.perOp(metricMallocs))), f.perOp(metricMallocs),
-			fmtRatio(ratio(b.perOp(metricAllocBytes), f.perOp(metricAllocBytes))), fmtBytes(uint64(f.perOp(metricAllocBytes))))
-		p("")
+	if r.Scale != nil {
+		r.Scale.markdown(p)
 	}
 
-	p("## Configuration")
-	p("")
-	fdStore := fmt.Sprintf("with an fd store of %d fds (FileDescriptorStoreMax=, as deploy/mmiobrokerd.service), so that the daemon keeps its leases across restarts and runs its lease journal, as deployed", r.Options.FDStore)
-	if r.Options.FDStore == 0 {
-		fdStore = "without an fd store, so the daemon runs without its lease journal (not as deployed)"
-	}
-	p("Each scenario runs its own daemon process: `mmiobroker-bench daemon`, which runs the daemon as mmiobrokerd does (daemon.Run with its configuration file, logging at the configured level to its stderr, a pipe the orchestrator reads like journald) on fake devices (internal/broker/brokertest: memfds for dma-bufs, a device cycle is a generation counter), under a fake systemd (internal/systemd/systemdtest: $NOTIFY_SOCKET, READY=1, STOPPING=1) %s.", fdStore)
-	p("")
-	p("| scenario | fake devices | revoke_within | max_leases |")
-	p("|---|---:|---:|---:|")
-	for _, sc := range r.Scenarios {
-		p("| %s | %d | %s | %d |", sc.Name, sc.Devices, sc.RevokeWithin, sc.MaxLeases)
-	}
-	p("")
-	for _, sc := range r.Scenarios {
-		if sc.Fallback != "" {
-			p("The %s scenario runs with revoke_within %s: the daemon refused the batching configuration (%s): %s", sc.Name, sc.RevokeWithin, revokeBatched, sc.Fallback)
+	if len(r.Scenarios) > 0 {
+		p("## Daemon process")
+		p("")
+		p("Sampled before the clients start and after the last one is done (all still connected): RSS from /proc/PID/status, open fds (process_open_fds) and allocations (go_memstats_mallocs_total, go_memstats_alloc_bytes_total) from the daemon's metrics socket. The floor runs in the same process, so allocations per operation of a mixed phase count a lease round trip and a floor round trip; the allocation phases run each kind alone.")
+		p("")
+		p("| scenario | phase | RSS before | RSS after | peak RSS | open fds before | after | allocs / op | bytes / op | device cycles | claims refused |")
+		p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, sc := range r.Scenarios {
+			for _, ph := range sc.Phases {
+				p("| %s | %s | %s | %s | %s | %.0f | %.0f | %.0f | %s | %.0f | %.0f |", sc.Name, ph.Name, fmtBytes(ph.Before.RSS), fmtBytes(ph.After.RSS), fmtBytes(ph.After.HWM),
+					ph.Before.Metrics[metricOpenFDs], ph.After.Metrics[metricOpenFDs],
+					ph.perOp(metricMallocs), fmtBytes(uint64(ph.perOp(metricAllocBytes))), ph.delta(metricCycles), ph.delta(metricClaimRefused))
+			}
+		}
+		p("")
+		if b, f := r.phase(ScenarioAllocs, ModeBroker), r.phase(ScenarioAllocs, ModeFloor); b != nil && f != nil {
+			p("Per round trip alone (%d of each): the lease round trip allocates %.0f objects and %s in the daemon, %s the floor's %.0f objects and %s its %s.",
+				b.Ops, b.perOp(metricMallocs), fmtBytes(uint64(b.perOp(metricAllocBytes))),
+				fmtRatio(ratio(b.perOp(metricMallocs), f.perOp(metricMallocs))), f.perOp(metricMallocs),
+				fmtRatio(ratio(b.perOp(metricAllocBytes), f.perOp(metricAllocBytes))), fmtBytes(uint64(f.perOp(metricAllocBytes))))
 			p("")
 		}
-	}
-	p("Limits raised, and why:")
-	p("")
-	for _, l := range r.Limits {
-		p("- %s", l)
-	}
-	p("")
-	for _, sc := range r.Scenarios {
-		if sc.Name == ScenarioSingle {
-			p("The configuration file of the %s scenario (the others differ in their devices, revoke_within and max_leases):", sc.Name)
-			p("")
-			p("```toml")
-			p("%s", strings.TrimRight(sc.Config, "\n"))
-			p("```")
-			p("")
+
+		p("## Configuration")
+		p("")
+		fdStore := fmt.Sprintf("with an fd store of %d fds (FileDescriptorStoreMax=, as deploy/mmiobrokerd.service), so that the daemon keeps its leases across restarts and runs its lease journal, as deployed", r.Options.FDStore)
+		if r.Options.FDStore == 0 {
+			fdStore = "without an fd store, so the daemon runs without its lease journal (not as deployed)"
+		}
+		p("Each scenario runs its own daemon process: `mmiobroker-bench daemon`, which runs the daemon as mmiobrokerd does (daemon.Run with its configuration file, logging at the configured level to its stderr, a pipe the orchestrator reads like journald) on fake devices (internal/broker/brokertest: memfds for dma-bufs, a device cycle is a generation counter), under a fake systemd (internal/systemd/systemdtest: $NOTIFY_SOCKET, READY=1, STOPPING=1) %s.", fdStore)
+		p("")
+		p("| scenario | fake devices | revoke_within | max_leases |")
+		p("|---|---:|---:|---:|")
+		for _, sc := range r.Scenarios {
+			p("| %s | %d | %s | %d |", sc.Name, sc.Devices, sc.RevokeWithin, sc.MaxLeases)
+		}
+		p("")
+		for _, sc := range r.Scenarios {
+			if sc.Fallback != "" {
+				p("The %s scenario runs with revoke_within %s: the daemon refused the batching configuration (%s): %s", sc.Name, sc.RevokeWithin, revokeBatched, sc.Fallback)
+				p("")
+			}
+		}
+		p("Limits raised, and why:")
+		p("")
+		for _, l := range r.Limits {
+			p("- %s", l)
+		}
+		p("")
+		for _, sc := range r.Scenarios {
+			if sc.Name == ScenarioSingle {
+				p("The configuration file of the %s scenario (the others differ in their devices, revoke_within and max_leases):", sc.Name)
+				p("")
+				p("```toml")
+				p("%s", strings.TrimRight(sc.Config, "\n"))
+				p("```")
+				p("")
+			}
 		}
 	}
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -61,6 +62,11 @@ type RunOptions struct {
 	// nil means this executable. Env is added to the children's environment.
 	Exe []string
 	Env []string
+	// Scenarios names the scenarios to run (ScenarioSingle, …, ScenarioScale); empty
+	// means all of them.
+	Scenarios []string
+	// Scale is the scale scenario's settings; Scale.Leases 0 skips it.
+	Scale ScaleOptions
 	// Progress receives a line per step; nil discards.
 	Progress io.Writer
 	// Command is the command line to report.
@@ -82,8 +88,22 @@ type phase struct {
 	ops     int // of each kind, over all clients
 }
 
-// scenarios returns what o runs.
+// runs reports whether o runs the scenario name.
+func (o RunOptions) runs(name string) bool {
+	if name == ScenarioScale && o.Scale.Leases == 0 {
+		return false
+	}
+	return len(o.Scenarios) == 0 || slices.Contains(o.Scenarios, name)
+}
+
+// scenarios returns the round-trip scenarios o runs (the scale scenario runs on its own:
+// runScale).
 func (o RunOptions) scenarios() []scenario {
+	return slices.DeleteFunc(o.allScenarios(), func(sc scenario) bool { return !o.runs(sc.name) })
+}
+
+// allScenarios returns every round-trip scenario.
+func (o RunOptions) allScenarios() []scenario {
 	return []scenario{
 		{name: ScenarioSingle, devices: 1, phases: []phase{{name: "1 client process", mode: ModeMixed, clients: 1, ops: o.Ops}}},
 		{name: ScenarioParallel, devices: o.Clients, phases: []phase{
@@ -122,6 +142,19 @@ func (o RunOptions) validate() error {
 	if o.Clients > 250 {
 		errs = append(errs, fmt.Errorf("-clients %d: at most 250 (one fake device each)", o.Clients))
 	}
+	known := []string{ScenarioSingle, ScenarioParallel, ScenarioRevoke, ScenarioAllocs, ScenarioScale}
+	for _, name := range o.Scenarios {
+		if !slices.Contains(known, name) {
+			errs = append(errs, fmt.Errorf("-scenarios: unknown scenario %q (want %s)", name, strings.Join(known, ", ")))
+		}
+	}
+	if slices.Contains(o.Scenarios, ScenarioScale) && o.Scale.Leases == 0 {
+		errs = append(errs, errors.New("-scenarios scale with -scale-leases 0: nothing to run"))
+	}
+	if o.Scale.Leases < 0 {
+		errs = append(errs, fmt.Errorf("-scale-leases %d: must not be negative", o.Scale.Leases))
+	}
+	errs = append(errs, o.Scale.validate(o.Warmup))
 	return errors.Join(errs...)
 }
 
@@ -192,10 +225,24 @@ func runAll(ctx context.Context, o RunOptions, dir string) (*Report, error) {
 		}
 		rep.Scenarios = append(rep.Scenarios, sr)
 	}
+	if o.runs(ScenarioScale) {
+		sr, err := runScale(ctx, o, dir)
+		if err != nil {
+			return nil, fmt.Errorf("scenario %s: %w", ScenarioScale, err)
+		}
+		rep.Scale = sr
+	}
 	for i := range rep.Scenarios {
 		sr := &rep.Scenarios[i]
 		if sr.Profile != "" {
 			sr.ProfileTop = profileTop(ctx, sr.Profile)
+		}
+	}
+	if sr := rep.Scale; sr != nil && sr.Profile != "" {
+		sr.ProfileTop = profileTop(ctx, sr.Profile)
+		sr.MemProfileTop = heapTop(ctx, sr.MemProfile)
+		if sr.RestartProfile != "" {
+			sr.RestartProfileTop = profileTop(ctx, sr.RestartProfile)
 		}
 	}
 	return rep, nil
@@ -462,4 +509,23 @@ func profileTop(ctx context.Context, path string) string {
 		parts = append(parts, "$ go tool pprof "+strings.Join(args, " ")+" "+filepath.Base(path)+"\n"+strings.TrimRight(s, "\n"))
 	}
 	return strings.Join(parts, "\n\n")
+}
+
+// heapTop returns the top of `go tool pprof` of a heap profile by the bytes in use, or
+// why not.
+func heapTop(ctx context.Context, path string) string {
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		return "no go command to read the profile: " + err.Error()
+	}
+	args := []string{"-top", "-nodecount=30", "-sample_index=inuse_space"}
+	out, err := exec.CommandContext(ctx, goTool, append(append([]string{"tool", "pprof"}, args...), path)...).CombinedOutput()
+	if err != nil {
+		return fmt.Sprintf("go tool pprof %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	s := string(out)
+	if i := strings.Index(s, "Showing"); i >= 0 {
+		s = s[i:]
+	}
+	return "$ go tool pprof " + strings.Join(args, " ") + " " + filepath.Base(path) + "\n" + strings.TrimRight(s, "\n")
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
@@ -13,9 +14,15 @@ import (
 // tinyRun is a run of a few operations, its processes this test binary (see TestMain).
 func tinyRun(t *testing.T, child string) RunOptions {
 	t.Helper()
+	base := testutil.ShortTempDir(t)
+	// Let the scale scenario's holder processes, other uids when root, reach the sockets.
+	if err := os.Chmod(base, 0o711); err != nil {
+		t.Fatal(err)
+	}
 	return RunOptions{
 		Ops: 24, Clients: 3, Revokes: 8, AllocOps: 8, Warmup: 2, RevokeWithin: revokeAuto, FDStore: 4096,
-		BaseDir: testutil.ShortTempDir(t), Exe: []string{os.Args[0]},
+		Scale:   ScaleOptions{Leases: 40, Devices: 4, UIDs: 2, PerProcess: 15, Probes: 3, Watchers: 3, Rate: 200, Stream: 300 * time.Millisecond},
+		BaseDir: base, Exe: []string{os.Args[0]},
 		// A race-enabled process sleeps a second before it exits unless told not to.
 		Env:     []string{childEnvKey + "=" + child, "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")},
 		Command: "tiny",
@@ -78,8 +85,43 @@ func TestRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkTable(t, md.String(), 3)
-	if len(rep.Targets()) != 4 {
-		t.Errorf("targets %+v, want 4", rep.Targets())
+	if len(rep.Targets()) != 10 {
+		t.Errorf("targets %+v, want 10", rep.Targets())
+	}
+	checkScale(t, rep.Scale, o.Scale)
+	if !strings.Contains(md.String(), "## Scale: 40 live leases") {
+		t.Error("table lacks the scale section")
+	}
+}
+
+// checkScale checks the counts of a scale scenario run with so.
+func checkScale(t *testing.T, sr *ScaleResult, so ScaleOptions) {
+	t.Helper()
+	if sr == nil {
+		t.Fatal("no scale result")
+	}
+	if got, want := len(sr.Levels), len(scaleLevels(so.Leases)); got != want {
+		t.Fatalf("%d levels, want %d", got, want)
+	}
+	for _, lv := range sr.Levels {
+		if lv.Get.N != so.Probes || lv.Alloc.N != so.Probes || lv.Spare.N != so.Probes || lv.Pages < 1 || lv.Sample.RSS == 0 || lv.Fill.N != lv.FillAdded {
+			t.Errorf("level %d: %d GetLease, %d AllocateLease samples, %d pages, %d fill samples of %d; RSS %d",
+				lv.Leases, lv.Get.N, lv.Alloc.N, lv.Pages, lv.Fill.N, lv.FillAdded, lv.Sample.RSS)
+		}
+	}
+	if wantUIDs := so.UIDs; os.Geteuid() == 0 && len(sr.UIDs) != wantUIDs {
+		t.Errorf("uids %v (%s), want %d as root", sr.UIDs, sr.UIDsNote, wantUIDs)
+	}
+	if len(sr.Lists) != 4 || sr.Lists[1].Leases != so.Leases {
+		t.Errorf("list walks %+v, want 4, the live_only one listing %d", sr.Lists, so.Leases)
+	}
+	if w := sr.Watch; w == nil || len(w.Steps) != 1 || w.Steps[0].Drops() || w.Steps[0].Report.Streams != so.Watchers ||
+		w.Steps[0].Report.Received != uint64(so.Watchers)*w.Steps[0].Events || w.Steps[0].Events == 0 {
+		t.Errorf("watch: %+v", w)
+	}
+	r := sr.Restart
+	if r == nil || r.Leases != so.Leases || r.LiveAfter != so.Leases || r.HoldersMatched != sr.Procs || r.SeqAfter != r.SeqBefore || r.Restored <= 0 || r.Ready <= 0 {
+		t.Errorf("restart: %+v", r)
 	}
 }
 

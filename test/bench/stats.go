@@ -73,3 +73,31 @@ func Throughput(rates []Rate) float64 {
 	}
 	return sum
 }
+
+// FitLine returns the least-squares line y = intercept + slope·x through the points
+// (xs[i], ys[i]). ok is false, and the line zero, unless there are at least two points
+// with different x (xs and ys of different lengths count as no points).
+func FitLine(xs, ys []float64) (slope, intercept float64, ok bool) {
+	n := len(xs)
+	if n < 2 || len(ys) != n {
+		return 0, 0, false
+	}
+	var mx, my float64
+	for i := range n {
+		mx += xs[i]
+		my += ys[i]
+	}
+	mx /= float64(n)
+	my /= float64(n)
+	var sxx, sxy float64
+	for i := range n {
+		dx := xs[i] - mx
+		sxx += dx * dx
+		sxy += dx * (ys[i] - my)
+	}
+	if sxx == 0 {
+		return 0, 0, false
+	}
+	slope = sxy / sxx
+	return slope, my - slope*mx, true
+}

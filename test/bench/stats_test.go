@@ -72,3 +72,25 @@ func TestThroughput(t *testing.T) {
 		t.Errorf("Throughput = %v, want %v", got, want)
 	}
 }
+
+func TestFitLine(t *testing.T) {
+	for _, tc := range []struct {
+		name             string
+		xs, ys           []float64
+		slope, intercept float64
+		ok               bool
+	}{
+		{"exact line", []float64{1000, 10000, 50000, 100000}, []float64{102, 120, 200, 300}, 0.002, 100, true},
+		{"flat", []float64{1, 2, 3}, []float64{5, 5, 5}, 0, 5, true},
+		// (0,1), (1,0), (2,3), (3,2): Sxy = 3, Sxx = 5, so y = 0.6x + 0.6.
+		{"noisy", []float64{0, 1, 2, 3}, []float64{1, 0, 3, 2}, 0.6, 0.6, true},
+		{"one point", []float64{1}, []float64{1}, 0, 0, false},
+		{"same x", []float64{2, 2}, []float64{1, 3}, 0, 0, false},
+		{"lengths differ", []float64{1, 2}, []float64{1}, 0, 0, false},
+	} {
+		slope, icpt, ok := FitLine(tc.xs, tc.ys)
+		if ok != tc.ok || math.Abs(slope-tc.slope) > 1e-9 || math.Abs(icpt-tc.intercept) > 1e-9 {
+			t.Errorf("%s: FitLine = %v, %v, %v; want %v, %v, %v", tc.name, slope, icpt, ok, tc.slope, tc.intercept, tc.ok)
+		}
+	}
+}
