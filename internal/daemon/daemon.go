@@ -223,7 +223,7 @@ func Run(ctx context.Context, opt Options) error {
 		log.Warn("no devices configured: add [[device]] tables to the configuration or -device flags")
 	}
 	log.Info("serving", "control_socket", d.ControlSocket, "claim_socket", d.ClaimSocket,
-		"devices", len(devs), "usable_devices", usable, "live_leases", len(b.List(broker.Filter{Live: true})),
+		"devices", len(devs), "usable_devices", usable, "live_leases", liveLeases(b.Stats()),
 		"keeps_leases_across_restarts", st.keeps())
 	notifyLog(log, notify, "READY=1")
 	notifyLog(log, notify, fmt.Sprintf("STATUS=serving %d of %d devices", usable, len(devs)))
@@ -267,6 +267,17 @@ func Run(ctx context.Context, opt Options) error {
 	}
 	log.Info("stopped")
 	return err
+}
+
+// liveLeases counts the live leases in st (allocated or active), without copying them.
+func liveLeases(st broker.Stats) int {
+	n := 0
+	for g, c := range st.Leases {
+		if g.State == broker.StateAllocated || g.State == broker.StateActive {
+			n += c
+		}
+	}
+	return n
 }
 
 func notifyLog(log *slog.Logger, notify func(string) error, state string) {

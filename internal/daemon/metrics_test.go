@@ -100,7 +100,7 @@ func TestMetricsScrape(t *testing.T) {
 	defer cancel()
 	dev := brokertest.NewDevice(bdf)
 	// R = 0: a tenant's release of a claimed lease cycles the device at once.
-	d := daemontest.Start(t, fmt.Sprintf("[limits]\nrevoke_within = \"0s\"\ntenant_cycle_interval = \"0s\"\n[[device]]\naddress = %q\nallow_uids = [%d]\n",
+	d := daemontest.Start(t, fmt.Sprintf("holder_check = \"1s\"\n[limits]\nrevoke_within = \"0s\"\ntenant_cycle_interval = \"0s\"\n[[device]]\naddress = %q\nallow_uids = [%d]\n",
 		bdf, os.Getuid()), dev)
 	sock := filepath.Join(d.Dir, "metrics.sock") // [metrics] socket's default: beside the control socket
 	fi, err := os.Stat(sock)
@@ -116,8 +116,8 @@ func TestMetricsScrape(t *testing.T) {
 	if got := before.value("mmiobroker_device_usable", "bdf", bdf); got != 1 {
 		t.Errorf("device_usable before = %v, want 1", got)
 	}
-	// The periodic holder check ([daemon] holder_check) runs at start: its scan of /proc
-	// finds none of the fake device's buffers (they are not vfio-pci dma-bufs).
+	// The periodic holder check ([daemon] holder_check) runs an interval after the start:
+	// its scan of /proc finds none of the fake device's buffers (they are not vfio-pci dma-bufs).
 	checked := waitScrape(t, sock, func(s scrape) bool { return s.value("mmiobroker_holder_check_timestamp_seconds") > 0 })
 	if got := checked.value("mmiobroker_holder_check_duration_seconds"); got <= 0 {
 		t.Errorf("holder_check_duration_seconds = %v after the first check", got)

@@ -187,7 +187,8 @@ func snapshot(j *journal.Journal, log *slog.Logger) (*broker.Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	snap := &broker.Snapshot{LastSeq: st.LastSeq}
+	snap := &broker.Snapshot{LastSeq: st.LastSeq, Records: make([]broker.Record, 0, len(st.Leases)),
+		Events: make([]broker.Event, 0, len(st.Events))}
 	var bad []error
 	for _, jl := range st.Leases {
 		r, err := fromJournal(jl)
