@@ -48,7 +48,8 @@ type Options struct {
 	// Store records every lease transition; nil records nothing (a restart ends every
 	// lease).
 	Store Store
-	// Restore is the state a previous run recorded. The broker takes its leases back:
+	// Restore is the state a previous run recorded (the broker may reorder its Records).
+	// The broker takes its leases back:
 	// devices the [Opener] restored ([Restorer]) keep their leases and dma-bufs as they
 	// were; on a device opened afresh the previous run's dma-bufs died with it, so its
 	// leases are reissued (event reissued). Event sequence numbers continue after
@@ -183,7 +184,6 @@ func (b *Broker) emitEachLocked(t EventType, ls []*lease, causedBy string) error
 // restore takes back the leases a previous run recorded (see [Options.Restore]). Called
 // from NewWithOptions after the devices were opened, before the broker is shared.
 func (b *Broker) restore(recs []Record) {
-	recs = slices.Clone(recs)
 	slices.SortFunc(recs, func(x, y Record) int {
 		if c := x.Created.Compare(y.Created); c != 0 {
 			return c
@@ -200,6 +200,9 @@ func (b *Broker) restore(recs []Record) {
 	cycle := map[*device]bool{}
 	now := b.now()
 	b.mu.Lock()
+	if len(b.leases) == 0 {
+		b.leases = make(map[string]*lease, len(recs))
+	}
 	for _, r := range recs {
 		if _, dup := b.leases[r.ID]; dup || r.ID == "" {
 			continue
@@ -280,7 +283,9 @@ func (b *Broker) restore(recs []Record) {
 			// One pin per holder process, however many leases it holds (and one failed
 			// repin per process that is gone).
 			key := holderKey(l)
-			if h := b.holders[key]; h != nil && h.proc.Alive() {
+			// Pinned by this restore (b.mu is held throughout): if it has exited since,
+			// its watcher ends every lease joined here once restore lets go of the lock.
+			if h := b.holders[key]; h != nil {
 				h.leases[l.ID] = l
 				l.hp = h
 				b.rearmLocked(l, now)
