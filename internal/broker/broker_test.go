@@ -494,7 +494,7 @@ func TestClaimTokenExpires(t *testing.T) {
 		}
 		var last broker.Event
 		for len(sub.Events()) > 0 {
-			last = <-sub.Events()
+			last = *<-sub.Events()
 		}
 		if last.Type != broker.EventExpired || last.Lease.ID != l.ID {
 			t.Fatalf("last event %+v, want expired %s", last, l.ID)

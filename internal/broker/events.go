@@ -18,7 +18,11 @@ var ErrSubscriberLagged = fmt.Errorf("event subscriber fell behind: %w", errdefs
 // eventLog keeps the last events for replay and fans new ones out to subscribers.
 // Its methods are called with Broker.mu held.
 type eventLog struct {
-	ring []Event // the last len(ring) events: ring[(head+i)%len(ring)] is the i-th oldest
+	// ring holds the last len(ring) events: ring[(head+i)%len(ring)] is the i-th oldest.
+	// An event is allocated once and shared, read-only, by the ring and every
+	// subscription it is delivered to (a subscriber's buffer is 256 pointers, not 256
+	// copies of a lease).
+	ring []*Event
 	head int
 	next uint64 // sequence number of the next event
 	size int
@@ -28,15 +32,16 @@ type eventLog struct {
 }
 
 func newEventLog(backlog int) *eventLog {
-	return &eventLog{ring: make([]Event, 0, min(backlog, 1024)), next: 1, size: backlog, subs: map[*Subscription]struct{}{}}
+	return &eventLog{ring: make([]*Event, 0, min(backlog, 1024)), next: 1, size: backlog, subs: map[*Subscription]struct{}{}}
 }
 
 func (l *eventLog) append(e Event) Event {
 	e.Seq = l.next
 	l.next++
-	l.retain(e)
+	ep := &e
+	l.retain(ep)
 	for s := range l.subs {
-		if !s.push(e) {
+		if !s.push(ep) {
 			delete(l.subs, s)
 			l.lagged++
 		}
@@ -45,7 +50,7 @@ func (l *eventLog) append(e Event) Event {
 }
 
 // retain keeps e (the newest event) for replay, dropping the oldest beyond size.
-func (l *eventLog) retain(e Event) {
+func (l *eventLog) retain(e *Event) {
 	switch {
 	case l.size == 0:
 	case len(l.ring) < l.size:
@@ -73,15 +78,16 @@ func (l *eventLog) restore(evs []Event, last uint64) {
 	if len(evs) > l.size {
 		evs = evs[len(evs)-l.size:]
 	}
-	for _, e := range evs {
-		l.retain(e)
+	for i := range evs {
+		e := evs[i]
+		l.retain(&e)
 	}
 }
 
 // oldest returns the sequence number of the oldest retained event (next if none).
 func (l *eventLog) oldest() uint64 { return l.next - uint64(len(l.ring)) }
 
-func (l *eventLog) since(cursor uint64) ([]Event, error) {
+func (l *eventLog) since(cursor uint64) ([]*Event, error) {
 	if cursor >= l.next {
 		if cursor > l.next-1 {
 			return nil, fmt.Errorf("event cursor %d is ahead of the last event %d: %w", cursor, l.next-1, errdefs.ErrInvalidArgument)
@@ -92,7 +98,7 @@ func (l *eventLog) since(cursor uint64) ([]Event, error) {
 		return nil, fmt.Errorf("event cursor %d is older than the oldest retained event %d; list leases to resync: %w",
 			cursor, l.oldest(), errdefs.ErrFailedPrecondition)
 	}
-	out := make([]Event, 0, l.next-1-cursor)
+	out := make([]*Event, 0, l.next-1-cursor)
 	for seq := cursor + 1; seq < l.next; seq++ {
 		out = append(out, l.ring[(l.head+int(seq-l.oldest()))%len(l.ring)])
 	}
@@ -104,7 +110,7 @@ func (l *eventLog) since(cursor uint64) ([]Event, error) {
 type Subscription struct {
 	last   uint64           // the sequence number of the last event before the subscription
 	keep   func(Event) bool // nil: every event
-	ch     chan Event
+	ch     chan *Event
 	b      *Broker
 	mu     sync.Mutex
 	err    error
@@ -117,7 +123,8 @@ type Subscription struct {
 func (s *Subscription) Last() uint64 { return s.last }
 
 // Events returns the channel of events; it is closed when the subscription ends.
-func (s *Subscription) Events() <-chan Event { return s.ch }
+// The events are shared with other subscriptions: do not modify them.
+func (s *Subscription) Events() <-chan *Event { return s.ch }
 
 // Err returns why the subscription ended: nil after [Subscription.Close], or
 // [ErrSubscriberLagged], or the broker shutting down.
@@ -129,8 +136,8 @@ func (s *Subscription) Err() error {
 
 // push delivers e without blocking, unless the subscription's filter drops it; on
 // overflow it ends the subscription and returns false.
-func (s *Subscription) push(e Event) bool {
-	if s.keep != nil && !s.keep(e) {
+func (s *Subscription) push(e *Event) bool {
+	if s.keep != nil && !s.keep(*e) {
 		return true
 	}
 	select {
@@ -189,7 +196,7 @@ func (b *Broker) SubscribeFiltered(cursor uint64, keep func(Event) bool) (*Subsc
 	if b.closed {
 		return nil, fmt.Errorf("subscribe: %w", errBrokerClosed)
 	}
-	var backlog []Event
+	var backlog []*Event
 	if cursor > 0 {
 		if n := b.events.next - 1 - min(cursor, b.events.next-1); n > MaxReplay {
 			return nil, fmt.Errorf("event cursor %d is %d events back, more than the %d a subscription replays; list leases to resync: %w",
@@ -200,14 +207,14 @@ func (b *Broker) SubscribeFiltered(cursor uint64, keep func(Event) bool) (*Subsc
 			return nil, err
 		}
 		for _, e := range all {
-			if keep == nil || keep(e) {
+			if keep == nil || keep(*e) {
 				backlog = append(backlog, e)
 			}
 		}
 	}
 	// The buffer holds the replay plus subscriptionBuffer live events: memory per
 	// subscriber is bounded by what it asked to replay.
-	s := &Subscription{ch: make(chan Event, len(backlog)+subscriptionBuffer), b: b, last: b.events.next - 1, keep: keep}
+	s := &Subscription{ch: make(chan *Event, len(backlog)+subscriptionBuffer), b: b, last: b.events.next - 1, keep: keep}
 	for _, e := range backlog {
 		s.ch <- e // fits: the channel holds the whole replay
 	}

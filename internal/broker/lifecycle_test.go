@@ -24,7 +24,7 @@ func next(t *testing.T, sub *broker.Subscription, typ broker.EventType) broker.E
 				t.Fatalf("subscription ended (%v) waiting for %s", sub.Err(), typ)
 			}
 			if e.Type == typ {
-				return e
+				return *e
 			}
 		case <-timeout:
 			t.Fatalf("no %s event", typ)
@@ -504,7 +504,7 @@ func TestRevokedAfterTheKernel(t *testing.T) {
 			for {
 				select {
 				case e := <-sub.Events():
-					early = append(early, e)
+					early = append(early, *e)
 				default:
 					return
 				}

@@ -204,11 +204,13 @@ func (b *Broker) enforceCount(l *lease, st State, why Reason, by string, ev Even
 	snapshot := l.Lease
 	b.log.Info("lease ended", "lease_id", l.ID, "bdf", l.BDF, "reason", string(why), "by", by, "revoke", delivered)
 	if !delivered {
-		b.emitLocked(ev, l, "") // its dma-buf never left the broker
-		b.mu.Unlock()
+		// Its dma-buf never left the broker: closing the broker's copy frees it, before
+		// anyone hears of the end.
 		if buf != nil {
 			buf.Close()
 		}
+		b.emitLocked(ev, l, "")
+		b.mu.Unlock()
 		return snapshot, 0, nil
 	}
 	// The event follows the kernel: it is sent once the device revoked the dma-buf. The

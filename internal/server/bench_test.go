@@ -143,3 +143,61 @@ func (c claimer) Claim(_ context.Context, req fdpass.Request, peer fdpass.Peer) 
 	}
 	return fdpass.Grant{LeaseID: l.ID, Generation: l.Generation, Size: l.Size, Inode: l.Inode, BDF: l.BDF, BAR: uint32(l.BAR)}, f, nil
 }
+
+// BenchmarkWatchFanout is one lease event delivered to 100 WatchEvents streams of an
+// administrator (this process, root in CI: a tenant's streams are limited to 16) over 10
+// connections: the broker renews a lease (a RENEWED event) and the benchmark waits until
+// every stream received it. ns/op divided by 100 is the cost of one delivery, the
+// daemon's and the receiving client's together (both in this process).
+func BenchmarkWatchFanout(b *testing.B) {
+	if os.Getuid() != 0 {
+		b.Skip("needs root: the 100 streams are an administrator's")
+	}
+	const streams, conns = 100, 10
+	e := newBenchEnv(b)
+	admin := broker.Actor{UID: 0, PID: int32(os.Getpid()), Admin: true}
+	l, _, err := e.b.Allocate(broker.AllocateRequest{BDF: bdfA, BAR: 0, Ranges: []broker.Range{{Offset: 0, Length: 1 << 16}},
+		Holder: broker.Holder{UID: 0, PID: int32(os.Getpid())}, Admin: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	got := make(chan struct{}, streams)
+	errs := make(chan error, streams)
+	for i := range streams {
+		c := brokerv1.NewBrokerClient(e.dial())
+		if i >= conns {
+			c = brokerv1.NewBrokerClient(e.conns[i%conns])
+		}
+		s, err := c.WatchEvents(ctx, &brokerv1.WatchEventsRequest{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := s.Header(); err != nil {
+			b.Fatal(err)
+		}
+		go func() {
+			for {
+				if _, err := s.Recv(); err != nil {
+					errs <- err
+					return
+				}
+				got <- struct{}{}
+			}
+		}()
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := e.b.Renew(l.ID, admin, time.Hour); err != nil {
+			b.Fatal(err)
+		}
+		for range streams {
+			select {
+			case <-got:
+			case err := <-errs:
+				b.Fatalf("a stream ended: %v", err)
+			}
+		}
+	}
+}

@@ -31,6 +31,31 @@ type service struct {
 
 	watchMu sync.Mutex
 	watches map[string]int // open WatchEvents streams of non-admin tenants; guarded by watchMu
+
+	shared eventCache // events converted once for every stream that may see them
+}
+
+// eventCache converts each event once for all the WatchEvents streams that deliver it: the
+// message is the same for every watcher allowed to see the event, except a REISSUED
+// event's claim token, which only its holder's process gets (eventFor). It keeps the last
+// len(ring) events' messages; a stream far behind converts its own.
+type eventCache struct {
+	mu   sync.Mutex
+	ring [256]*brokerv1.WatchEventsResponse // by Seq % len(ring)
+}
+
+// get returns ev's message without a claim token, shared: do not modify it. (gRPC may
+// marshal one message on several streams at once: marshaling only reads it.)
+func (c *eventCache) get(ev *broker.Event) *brokerv1.WatchEventsResponse {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	slot := &c.ring[ev.Seq%uint64(len(c.ring))]
+	if r := *slot; r != nil && r.GetEvent().GetSeq() == ev.Seq {
+		return r
+	}
+	r := &brokerv1.WatchEventsResponse{Event: eventProto(ev)}
+	*slot = r
+	return r
 }
 
 // MaxWatchesPerTenant bounds the WatchEvents streams one non-admin tenant may have open:
@@ -332,11 +357,14 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	if err := stream.SendHeader(metadata.Pairs(LastSeqHeader, strconv.FormatUint(sub.Last(), 10))); err != nil {
 		return err
 	}
-	send := func(ev broker.Event) error {
-		if e := eventFor(ev, id, who); e != nil {
-			return stream.Send(&brokerv1.WatchEventsResponse{Event: e})
+	send := func(ev *broker.Event) error {
+		switch {
+		case !broker.MayView(who, ev.Lease):
+			return nil
+		case tokenFor(ev, id) != "":
+			return stream.Send(&brokerv1.WatchEventsResponse{Event: eventFor(*ev, id, who)})
 		}
-		return nil
+		return stream.Send(s.shared.get(ev))
 	}
 	for {
 		select {
@@ -390,21 +418,32 @@ func subscriptionEnded(err error) error {
 // see it: holders see only the events of their tenant's leases, and a reissued claim
 // token only on their own process's stream.
 func eventFor(ev broker.Event, id Identity, who broker.Actor) *brokerv1.Event {
-	holder := ev.Lease.Holder
 	if !broker.MayView(who, ev.Lease) {
 		return nil
 	}
-	e := &brokerv1.Event{
+	e := eventProto(&ev)
+	e.ClaimToken = tokenFor(&ev, id)
+	return e
+}
+
+// eventProto converts ev for any watcher, without a claim token.
+func eventProto(ev *broker.Event) *brokerv1.Event {
+	return &brokerv1.Event{
 		Seq:      ev.Seq,
 		Time:     timestamp(ev.Time),
 		Type:     eventTypeToProto(ev.Type),
 		Lease:    leaseToProto(ev.Lease),
 		CausedBy: ev.CausedBy,
 	}
-	if ev.Type == broker.EventReissued && holder.UID == id.UID && holder.PID == id.PID {
-		e.ClaimToken = ev.Token
+}
+
+// tokenFor returns the claim token of ev that the watcher id may see: a REISSUED event's,
+// on its holder process's own streams; "" otherwise.
+func tokenFor(ev *broker.Event, id Identity) string {
+	if h := ev.Lease.Holder; ev.Type == broker.EventReissued && h.UID == id.UID && h.PID == id.PID {
+		return ev.Token
 	}
-	return e
+	return ""
 }
 
 // Drain implements brokerv1.BrokerServer.
