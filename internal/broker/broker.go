@@ -57,7 +57,8 @@ type device struct {
 	dev    Device // nil if not open
 	info   DeviceInfo
 	err    error             // why dev is nil
-	live   map[string]*lease // allocated and active leases
+	live   map[string]*lease // allocated and active leases (addLive, removeLive)
+	spans  spanIndex         // the ranges of live
 
 	pending   []*revokeReq // revocations waiting for the next device cycle
 	suspended bool         // memory decode off for maintenance
@@ -65,8 +66,9 @@ type device struct {
 	// released are the ended-but-live leases: they ended without a revoke after their fd
 	// was delivered, and their holders may still use those ranges until the next device
 	// cycle (due at the latest at each one's RevokeDue). An allocation that must not share
-	// them cycles the device first.
-	released []*lease
+	// them cycles the device first. Changed only through addReleased and setReleased.
+	released      []*lease
+	releasedSpans spanIndex // the ranges of released
 	// cycleAt is when the scheduled cycle (cycleTimer) runs; zero if none is scheduled.
 	cycleAt    time.Time
 	cycleTimer *time.Timer
@@ -307,7 +309,7 @@ func (b *Broker) allocateOn(d *device, req AllocateRequest) (_ Lease, token stri
 	}
 	if err := b.cycleForAllocation(d, req); err != nil {
 		b.mu.Lock()
-		delete(d.live, l.ID)
+		d.removeLive(l)
 		delete(b.leases, l.ID)
 		b.countLive(l, -1)
 		b.mu.Unlock()
@@ -324,7 +326,7 @@ func (b *Broker) allocateOn(d *device, req AllocateRequest) (_ Lease, token stri
 		err = fmt.Errorf("broker is shutting down: %w", errdefs.ErrUnavailable)
 	}
 	if err != nil {
-		delete(d.live, l.ID)
+		d.removeLive(l)
 		delete(b.leases, l.ID)
 		b.countLive(l, -1)
 		return Lease{}, "", fmt.Errorf("device %s: bar %d: export %v: %w", req.BDF, req.BAR, req.Ranges, err)
@@ -401,18 +403,20 @@ func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*leas
 	if b.closed {
 		return nil, fmt.Errorf("broker is shutting down: %w", errdefs.ErrUnavailable)
 	}
-	for _, o := range d.live {
-		if o.BAR != req.BAR || !overlaps(o.Ranges, req.Ranges) {
-			continue
-		}
+	var conflict error
+	d.spans.overlapping(req.BAR, req.Ranges, func(o *lease) bool {
 		switch {
 		case req.Kind == KindPrivate || o.Kind == KindPrivate:
-			return nil, fmt.Errorf("device %s: bar %d: ranges %v overlap %s lease %s %v; private ranges are exclusive: %w",
+			conflict = fmt.Errorf("device %s: bar %d: ranges %v overlap %s lease %s %v; private ranges are exclusive: %w",
 				req.BDF, req.BAR, req.Ranges, o.Kind, o.ID, o.Ranges, errdefs.ErrFailedPrecondition)
 		case o.Holder.Tenant != req.Holder.Tenant:
-			return nil, fmt.Errorf("device %s: bar %d: ranges %v overlap lease %s %v of another tenant (%s): %w",
+			conflict = fmt.Errorf("device %s: bar %d: ranges %v overlap lease %s %v of another tenant (%s): %w",
 				req.BDF, req.BAR, req.Ranges, o.ID, o.Ranges, o.Holder.Tenant, errdefs.ErrFailedPrecondition)
 		}
+		return conflict == nil
+	})
+	if conflict != nil {
+		return nil, conflict
 	}
 	total, mine := b.live, b.perTenant[req.Holder.Tenant]
 	if mine >= b.cfg.Limits.MaxLeasesPerHolder {
@@ -429,7 +433,7 @@ func (b *Broker) reserve(d *device, info DeviceInfo, req AllocateRequest) (*leas
 	l.VMName, l.Unattested = req.VMName, unattested
 	l.Claimant, l.Labels = req.Claimant, maps.Clone(req.Labels)
 	b.leases[l.ID] = l
-	d.live[l.ID] = l
+	d.addLive(l)
 	b.countLive(l, +1)
 	return l, nil
 }
@@ -638,7 +642,7 @@ func (b *Broker) endLocked(l *lease, st State, why Reason, by string) {
 		l.holder.Proc = nil
 	}
 	if d := b.devices[l.BDF]; d != nil {
-		delete(d.live, l.ID)
+		d.removeLive(l)
 	}
 	b.ended = append(b.ended, l.ID)
 	if l.Claimed.IsZero() { // an fd of it never left the broker
@@ -691,7 +695,7 @@ func (b *Broker) Close() error {
 		for _, l := range d.released {
 			b.setDeadLocked(l) // closing the device killed them
 		}
-		d.released = nil
+		d.setReleased(nil)
 	}
 	b.mu.Unlock()
 	b.watchers.Wait()

@@ -214,7 +214,7 @@ func (b *Broker) buryLocked(d *device, causedBy string) {
 		b.setDeadLocked(l)
 		dead = append(dead, l)
 	}
-	d.released = nil
+	d.setReleased(nil)
 	b.emitEachLocked(EventFdRevoked, dead, causedBy)
 }
 
@@ -238,13 +238,12 @@ func (b *Broker) needCycleFor(d *device, req AllocateRequest) bool {
 	if len(d.released) >= maxReleased {
 		return true
 	}
-	for _, r := range d.released {
-		if r.BAR == req.BAR && overlaps(r.Ranges, req.Ranges) &&
-			(req.Kind == KindPrivate || r.Kind == KindPrivate || r.Holder.Tenant != req.Holder.Tenant) {
-			return true
-		}
-	}
-	return false
+	need := false
+	d.releasedSpans.overlapping(req.BAR, req.Ranges, func(r *lease) bool {
+		need = req.Kind == KindPrivate || r.Kind == KindPrivate || r.Holder.Tenant != req.Holder.Tenant
+		return !need
+	})
+	return need
 }
 
 // cycleForAllocation cycles d before req's export, if req needs it (see needCycleFor),

@@ -228,11 +228,11 @@ func (b *Broker) restore(recs []Record) {
 				// Revoked at once, but the run that revoked it stopped before the device
 				// cycle completed: cycle now, before anyone can use the device.
 				cycle[d] = true
-				d.released = append(d.released, l) // marked dead by that cycle
+				d.addReleased(l) // marked dead by that cycle
 			default:
 				// Ended by its tenant: its fd may still be in use until the device's
 				// next cycle, due at l.RevokeDue (scheduled below).
-				d.released = append(d.released, l)
+				d.addReleased(l)
 			}
 			continue
 		}
@@ -245,14 +245,14 @@ func (b *Broker) restore(recs []Record) {
 			}
 			b.countLive(l, +1)
 			if d != nil {
-				d.live[l.ID] = l
+				d.addLive(l)
 			}
 			b.endLocked(l, StateRevoked, ReasonRestoreFailed, "broker (restart)")
 			b.emitLocked(EventRevoked, l, "")
 			b.log.Warn("lease ended at restart: its device is unusable", "lease_id", l.ID, "bdf", l.BDF, "why", why)
 			continue
 		}
-		d.live[l.ID] = l
+		d.addLive(l)
 		b.countLive(l, +1)
 		switch {
 		case r.Reissuing && restoredDevice(d.dev):

@@ -173,7 +173,7 @@ func (b *Broker) endByTenant(id string, st State, why Reason, by string, ev Even
 	d := b.devices[l.BDF]
 	b.endLocked(l, st, why, by)
 	l.RevokeDue = l.Ended.Add(b.cfg.RevokeWithin)
-	d.released = append(d.released, l)
+	d.addReleased(l)
 	b.scheduleLocked(d)
 	b.emitLocked(ev, l, "")
 	b.log.Info("lease ended; its fd works until its device's next cycle", "lease_id", id, "bdf", l.BDF,
