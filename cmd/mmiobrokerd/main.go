@@ -129,6 +129,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		Log:          log,
 		StopTimeout:  o.stopTimeout,
 		WatchDevices: true,
+		MemoryLimit:  true,
 	})
 	if err != nil {
 		printError(stderr, err)

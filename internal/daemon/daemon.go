@@ -52,6 +52,10 @@ type Options struct {
 	// FDLimit is RLIMIT_NOFILE for the start-up check of the fd budget; 0 reads the
 	// process's own. The daemon refuses to start if its limits could exhaust it.
 	FDLimit uint64
+	// MemoryLimit sets the process's soft memory limit from the configuration (memory.go),
+	// as mmiobrokerd does; it is process-wide, so tests that run daemons in their own
+	// process leave it off.
+	MemoryLimit bool
 	// Notify, if set, receives the states sent to the service manager ("READY=1",
 	// "STOPPING=1", "STATUS=…", "WATCHDOG=1") instead of Systemd (tests).
 	Notify func(state string) error
@@ -94,6 +98,9 @@ func Run(ctx context.Context, opt Options) error {
 	}
 	need, _ := fdBudget(res)
 	log.Debug("fd budget", "need_at_most", need, "rlimit_nofile", fdLimit)
+	if opt.MemoryLimit {
+		log.Debug("memory limit", "soft_limit_bytes", setMemoryLimit(res))
+	}
 	notify := sd.Notify
 	if opt.Notify != nil {
 		notify = opt.Notify

@@ -147,6 +147,8 @@ func RunDaemon(ctx context.Context, o DaemonOptions, stderr io.Writer) (err erro
 			Opener:   opener,
 			Log:      log,
 			FDLimit:  o.FDLimit,
+			// As mmiobrokerd: its soft memory limit from the configuration.
+			MemoryLimit: true,
 		})
 	})
 	return err
