@@ -102,11 +102,18 @@ func (o RunOptions) scenarios() []scenario {
 	return slices.DeleteFunc(o.allScenarios(), func(sc scenario) bool { return !o.runs(sc.name) })
 }
 
+// clientsPerDevice is how many client processes of the parallel scenario share a fake
+// device, as VMs share a device's BAR.
+const clientsPerDevice = 8
+
+// parallelDevices returns the fake devices of the parallel scenario for clients processes.
+func parallelDevices(clients int) int { return max(1, (clients+clientsPerDevice-1)/clientsPerDevice) }
+
 // allScenarios returns every round-trip scenario.
 func (o RunOptions) allScenarios() []scenario {
 	return []scenario{
 		{name: ScenarioSingle, devices: 1, phases: []phase{{name: "1 client process", mode: ModeMixed, clients: 1, ops: o.Ops}}},
-		{name: ScenarioParallel, devices: o.Clients, phases: []phase{
+		{name: ScenarioParallel, devices: parallelDevices(o.Clients), phases: []phase{
 			{name: fmt.Sprintf("%d client processes", o.Clients), mode: ModeMixed, clients: o.Clients, ops: o.Ops}}},
 		{name: ScenarioRevoke, devices: 1, phases: []phase{{name: "revoke", mode: ModeRevoke, clients: 1, ops: o.Revokes}}},
 		{name: ScenarioAllocs, devices: 1, phases: []phase{
@@ -300,7 +307,7 @@ func runScenario(ctx context.Context, o RunOptions, runDir string, sc scenario) 
 	}
 	fmt.Fprintf(o.Progress, "%s: daemon pid %d ready (%s, revoke_within %s, max_leases %d)\n", sc.name, d.pid(), plural(sc.devices, "fake device"), rw, sr.MaxLeases)
 	for _, ph := range sc.phases {
-		pr, err := runPhase(ctx, o, dir, ph, d)
+		pr, err := runPhase(ctx, o, dir, ph, sc.devices, d)
 		if err != nil {
 			// Stopped as usual, so that whatever the daemon has to say about the
 			// failure is in its log: the last of it goes with the error and to a file.
@@ -367,7 +374,7 @@ func (c *clientProc) expect(ctx context.Context, want string, timeout time.Durat
 }
 
 // runPhase runs ph's client processes together against d and measures them.
-func runPhase(ctx context.Context, o RunOptions, dir string, ph phase, d *daemonProc) (PhaseResult, error) {
+func runPhase(ctx context.Context, o RunOptions, dir string, ph phase, devices int, d *daemonProc) (PhaseResult, error) {
 	pr := PhaseResult{Name: ph.name, Mode: ph.mode, Clients: ph.clients, Ops: ph.ops}
 	procs := make([]*clientProc, 0, ph.clients)
 	defer func() {
@@ -382,7 +389,7 @@ func runPhase(ctx context.Context, o RunOptions, dir string, ph phase, d *daemon
 			n++
 		}
 		out := filepath.Join(dir, fmt.Sprintf("%s-client-%d.json", ph.mode, i))
-		argv := append(append([]string{}, o.Exe...), "client", "-dir", dir, "-bdf", DeviceBDF(i),
+		argv := append(append([]string{}, o.Exe...), "client", "-dir", dir, "-bdf", DeviceBDF(i%max(devices, 1)),
 			"-mode", string(ph.mode), "-ops", strconv.Itoa(n), "-warmup", strconv.Itoa(o.Warmup), "-out", out)
 		rd, wr, err := os.Pipe()
 		if err != nil {
