@@ -25,7 +25,8 @@ import (
 // both) picks kernels; MMIOBROKER_VM_MODES="busybox,systemd" (default both) picks boot
 // modes; MMIOBROKER_VM_RUN is passed to the guest binaries as -test.run;
 // MMIOBROKER_VM_TESTS="vfio,dmabuf" runs only those binaries; MMIOBROKER_VM_TOPOLOGY=flat
-// puts the devices on the root bus.
+// puts the devices on the root bus; MMIOBROKER_VM_BENCH and MMIOBROKER_VM_BENCHTIME set
+// the benchmark smoke test (see benchSmoke).
 func TestVM(t *testing.T) {
 	if os.Getenv("MMIOBROKER_VM") != "1" {
 		t.Skip("real-kernel VM tests are off; enable them with `make test-vm` " +
@@ -73,6 +74,18 @@ func TestVM(t *testing.T) {
 	if s := os.Getenv("MMIOBROKER_VM_TOPOLOGY"); s != "" {
 		opts.Topology = vmrig.Topology(s)
 	}
+	bench, benchTime := benchSmoke, benchSmokeTime
+	if s, ok := os.LookupEnv("MMIOBROKER_VM_BENCH"); ok {
+		bench = s
+	} else if opts.Run != "" {
+		bench = "" // the tests someone picked, and no benchmarks unless asked for
+	}
+	if bench == "none" {
+		bench = ""
+	}
+	if s := os.Getenv("MMIOBROKER_VM_BENCHTIME"); s != "" {
+		benchTime = s
+	}
 	if s := os.Getenv("MMIOBROKER_VM_SOAK"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 {
@@ -113,6 +126,9 @@ func TestVM(t *testing.T) {
 				start := time.Now()
 				opts := opts
 				opts.Boot = mode
+				if mode == vmrig.Busybox {
+					opts.Bench, opts.BenchTime = bench, benchTime
+				}
 				rep, err := r.Run(ctx, k, opts)
 				if err != nil {
 					t.Fatalf("rig: %v", err)
@@ -125,6 +141,31 @@ func TestVM(t *testing.T) {
 			})
 		}
 	}
+}
+
+// The benchmark smoke test: the busybox guests run the real-kernel benchmarks of
+// test/vm/e2e (BenchmarkVM*) after the tests of their binary, in the boot the e2e tests
+// have anyway, so that a benchmark that breaks fails TestVM (TestVM/<kernel>/e2e/<name>),
+// and so does a suite where none ran. Their speed fails nothing; `make bench`
+// (test/vm/cmd/rig bench) measures them. -benchtime 1x runs each once with one
+// iteration: its setup, timed operation, teardown and report (about 2 s per kernel under
+// TCG). 3x would run each twice (one iteration, then three) with twice the daemon starts:
+// 5-11 s per kernel measured on the shared 2-CPU host.
+// MMIOBROKER_VM_BENCH replaces the -test.bench regex ("none": no benchmarks),
+// MMIOBROKER_VM_BENCHTIME the -test.benchtime; with MMIOBROKER_VM_RUN set, benchmarks run
+// only if MMIOBROKER_VM_BENCH is set too.
+const (
+	benchSmoke     = "^BenchmarkVM"
+	benchSmokeTime = "1x"
+)
+
+// ranBenchmark reports whether a benchmark of b reported a result.
+func ranBenchmark(b *vmrig.BinaryResult) bool {
+	ran := false
+	b.Walk(func(tc *vmrig.TestCase) {
+		ran = ran || strings.HasPrefix(tc.Name, "Benchmark") && tc.Status != vmrig.NoResult
+	})
+	return ran
 }
 
 // report turns one run into subtests and failures of t.
@@ -178,6 +219,9 @@ func report(t *testing.T, rep *vmrig.Report, opts vmrig.RunOptions) {
 		ran[b.Name] = true
 		t.Run(b.Name, func(t *testing.T) {
 			reportTests(t, b.Tests, "")
+			if b.Name == "e2e" && opts.Bench == benchSmoke && !ranBenchmark(b) {
+				t.Errorf("no benchmark matching -test.bench %q ran", opts.Bench)
+			}
 			if probs := b.Problems(); len(probs) > 0 {
 				for _, p := range probs {
 					t.Error(p)
@@ -218,7 +262,11 @@ func reportTests(t *testing.T, tests []*vmrig.TestCase, parent string) {
 			reportTests(t, tc.Subtests, tc.Name)
 			switch tc.Status {
 			case vmrig.Fail:
-				t.Errorf("guest test %s failed (%s)", tc.Name, tc.Elapsed)
+				if tc.Elapsed == "" { // a benchmark: its FAIL line has no duration
+					t.Errorf("guest benchmark %s failed", tc.Name)
+				} else {
+					t.Errorf("guest test %s failed (%s)", tc.Name, tc.Elapsed)
+				}
 			case vmrig.Skip:
 				t.SkipNow()
 			case vmrig.NoResult:

@@ -16,11 +16,23 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/vfio"
 )
 
-// The benchmarks measure revocation on the real kernel (run them with
-// `go run ./test/vm/cmd/rig run -tests e2e -run '^$' -bench .` or `make bench`): the
-// broker's RevokeLease path on a real device, the device cycle alone, and a bare VFIO ioctl
-// as the floor, all in the same guest. Under QEMU's software emulation absolute numbers are
-// far slower than on hardware; the ratios are what to read.
+// The benchmarks measure leasing and revocation on the real kernel, all in the same guest
+// and on the same device and range (benchDevice's BAR benchBAR, its first benchLen bytes):
+// a bare VFIO ioctl as the floor of any call into VFIO, the dma-buf export alone, a VMM
+// opening the device and exporting itself, the brokered lease round trip (benchcmp_vm_test.go),
+// the broker's RevokeLease path, holder-exit reclaim and the device cycle alone.
+// `go run ./test/vm/cmd/rig bench` (part of `make bench`) runs them on both kernels and
+// writes docs/benchmarks-vm.md; `make test` runs each once as a smoke test (test/vm's
+// TestVM, MMIOBROKER_VM_BENCH). Under QEMU's software emulation absolute
+// numbers are far slower than on hardware; the ratios are what to read.
+
+// The device and range every benchmark here uses: the ivshmem device's 1 MiB BAR2, its
+// first page.
+const (
+	benchDevice = "IVSHMEM"
+	benchBAR    = 2
+	benchLen    = 4096
+)
 
 func benchAddr(b *testing.B, name string) pci.Address {
 	v := os.Getenv("MMIOBROKER_VM_" + name)
@@ -34,23 +46,28 @@ func benchAddr(b *testing.B, name string) pci.Address {
 // BenchmarkVMIoctlBare is one VFIO_DEVICE_GET_REGION_INFO on an open device: the cost of
 // crossing into the kernel's VFIO code at all.
 func BenchmarkVMIoctlBare(b *testing.B) {
-	d, err := vfio.Open(benchAddr(b, "EDU2"), vfio.OpenOptions{})
+	d, err := vfio.Open(benchAddr(b, benchDevice), vfio.OpenOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer d.Close()
+	ds := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		if _, err := d.Region(0); err != nil {
+		start := time.Now()
+		if _, err := d.Region(benchBAR); err != nil {
 			b.Fatal(err)
 		}
+		ds = append(ds, time.Since(start))
 	}
+	b.StopTimer()
+	testutil.ReportPercentiles(b, ds)
 }
 
 // BenchmarkVMDeviceCycle is the kernel side of one revocation: memory decode off, device fd
 // closed and reopened, memory decode on.
 func BenchmarkVMDeviceCycle(b *testing.B) {
-	d, err := hostdev.Open(benchAddr(b, "EDU2"), hostdev.Options{})
+	d, err := hostdev.Open(benchAddr(b, benchDevice), hostdev.Options{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -87,8 +104,8 @@ func benchBroker(b *testing.B, bdf pci.Address) *broker.Broker {
 }
 
 func benchLease(b *testing.B, br *broker.Broker, bdf pci.Address, off uint64, proc broker.Process, pid int32) broker.Lease {
-	l, tok, err := br.Allocate(broker.AllocateRequest{BDF: bdf.String(), BAR: 2, Admin: true,
-		Ranges: []broker.Range{{Offset: off, Length: 4096}}, Holder: broker.Holder{PID: pid, Proc: proc}})
+	l, tok, err := br.Allocate(broker.AllocateRequest{BDF: bdf.String(), BAR: benchBAR, Admin: true,
+		Ranges: []broker.Range{{Offset: off, Length: benchLen}}, Holder: broker.Holder{PID: pid, Proc: proc}})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -104,7 +121,7 @@ func benchLease(b *testing.B, br *broker.Broker, bdf pci.Address, off uint64, pr
 // surviving lease that is reissued: from the call until the revoked fd is dead for good
 // and the survivor is re-exported.
 func BenchmarkVMRevoke(b *testing.B) {
-	bdf := benchAddr(b, "IVSHMEM")
+	bdf := benchAddr(b, benchDevice)
 	br := benchBroker(b, bdf)
 	self := int32(os.Getpid())
 	benchLease(b, br, bdf, 0, nil, self)
@@ -113,7 +130,7 @@ func BenchmarkVMRevoke(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
-		l := benchLease(b, br, bdf, 4096, nil, self)
+		l := benchLease(b, br, bdf, benchLen, nil, self)
 		b.StartTimer()
 		start := time.Now()
 		if _, err := br.Revoke(l.ID, admin, 0); err != nil {
@@ -129,7 +146,7 @@ func BenchmarkVMRevoke(b *testing.B) {
 // holds a claimed lease (pinned by its pidfd); from its SIGKILL until its lease is released
 // and the device cycle that kills its dma-buf is done (the survivor's reissue event).
 func BenchmarkVMHolderExit(b *testing.B) {
-	bdf := benchAddr(b, "IVSHMEM")
+	bdf := benchAddr(b, benchDevice)
 	br := benchBroker(b, bdf)
 	self := int32(os.Getpid())
 	survivor := benchLease(b, br, bdf, 0, nil, self)
@@ -151,7 +168,7 @@ func BenchmarkVMHolderExit(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		benchLease(b, br, bdf, 4096, proc, pid)
+		benchLease(b, br, bdf, benchLen, proc, pid)
 		for len(sub.Events()) > 0 {
 			<-sub.Events()
 		}

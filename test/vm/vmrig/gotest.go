@@ -3,6 +3,7 @@ package vmrig
 import (
 	"fmt"
 	"regexp"
+	"strconv"
 	"strings"
 )
 
@@ -115,6 +116,12 @@ func (b *BinaryResult) Counts() (pass, fail, skip, none int) {
 var (
 	reTestEvent  = regexp.MustCompile(`^=== (RUN|PAUSE|CONT|NAME)\s+(\S+)\s*$`)
 	reTestResult = regexp.MustCompile(`^(\s*)--- (PASS|FAIL|SKIP): (\S+) \(([0-9.]+s)\)\s*$`)
+	// Benchmarks under -test.v: the name alone on a line when one starts, its result line
+	// ("BenchmarkX[-GOMAXPROCS] <N> <ns> ns/op ..."), or a FAIL or SKIP line without a
+	// duration. A benchmark with sub-benchmarks prints no result line of its own.
+	reBenchStart  = regexp.MustCompile(`^(Benchmark\S*)$`)
+	reBenchResult = regexp.MustCompile(`^(Benchmark\S*)\s+\d+\s+\S+ ns/op`)
+	reBenchEnd    = regexp.MustCompile(`^(\s*)--- (FAIL|SKIP): (Benchmark\S*)\s*$`)
 )
 
 // GoTestParser turns the `-test.v` output of one Go test binary into a BinaryResult. Feed
@@ -175,7 +182,13 @@ func (p *GoTestParser) Line(line string) {
 		}
 		return
 	}
-	if m := reTestResult.FindStringSubmatch(line); m != nil {
+	m := reTestResult.FindStringSubmatch(line)
+	if m == nil {
+		if m = reBenchEnd.FindStringSubmatch(line); m != nil {
+			m = append(m, "")
+		}
+	}
+	if m != nil {
 		tc := p.test(m[3])
 		tc.Status, tc.Elapsed = Status(m[2]), m[4]
 		p.after, p.indent = tc, len(m[1])
@@ -184,7 +197,23 @@ func (p *GoTestParser) Line(line string) {
 		}
 		return
 	}
+	if m := reBenchStart.FindStringSubmatch(line); m != nil {
+		p.after, p.cur = nil, p.test(m[1])
+		return
+	}
+	if m := reBenchResult.FindStringSubmatch(line); m != nil {
+		if tc := p.benchmark(m[1]); tc != nil {
+			tc.Status = Pass
+			tc.Output = append(tc.Output, line)
+			p.after = nil
+			if p.cur == tc {
+				p.cur = nil
+			}
+			return
+		}
+	}
 	if line == "PASS" || line == "FAIL" {
+		p.endBenchmarks()
 		p.res.Summary = line
 		p.after, p.cur = nil, nil
 		p.res.Output = append(p.res.Output, line)
@@ -212,4 +241,47 @@ func (p *GoTestParser) Line(line string) {
 		return
 	}
 	p.res.Output = append(p.res.Output, line)
+}
+
+// benchmark returns the started benchmark that a result line names: name as printed, or
+// without its -GOMAXPROCS suffix.
+func (p *GoTestParser) benchmark(name string) *TestCase {
+	if tc, ok := p.byName[name]; ok {
+		return tc
+	}
+	if i := strings.LastIndexByte(name, '-'); i > 0 {
+		if _, err := strconv.Atoi(name[i+1:]); err == nil {
+			return p.byName[name[:i]]
+		}
+	}
+	return nil
+}
+
+// endBenchmarks gives the benchmarks that ran sub-benchmarks, which print no result line
+// of their own when they pass, the status their sub-benchmarks had, once the binary's
+// summary line shows that they are done.
+func (p *GoTestParser) endBenchmarks() {
+	var end func(tc *TestCase) bool // reports whether tc ended
+	end = func(tc *TestCase) bool {
+		if tc.Status != NoResult {
+			return true
+		}
+		if !strings.HasPrefix(tc.Name, "Benchmark") || len(tc.Subtests) == 0 {
+			return false
+		}
+		st := Pass
+		for _, sub := range tc.Subtests {
+			if !end(sub) {
+				return false
+			}
+			if sub.Status == Fail {
+				st = Fail
+			}
+		}
+		tc.Status = st
+		return true
+	}
+	for _, tc := range p.res.Tests {
+		end(tc)
+	}
 }

@@ -11,7 +11,8 @@ import (
 )
 
 // parseFile feeds a captured -test.v transcript (testdata/gotest, made with go1.26 from
-// testdata/gotest/sample_test.go.txt) to the parser.
+// testdata/gotest/sample_test.go.txt; bench.txt from bench_test.go.txt with GOMAXPROCS=1
+// and -test.bench . -test.benchmem -test.benchtime 3x) to the parser.
 func parseFile(t *testing.T, name string, exit int, ended bool) *BinaryResult {
 	t.Helper()
 	f, err := os.Open("testdata/gotest/" + name)
@@ -205,5 +206,57 @@ func TestParseCarriageReturns(t *testing.T) {
 	p.End(0)
 	if got := flatten(p.Result()); len(got) != 1 || got[0] != `TestA SKIP []` {
 		t.Errorf("got %q", got)
+	}
+}
+
+func TestParseBenchmarks(t *testing.T) {
+	b := parseFile(t, "bench.txt", 1, true)
+	const ok = "BenchmarkOK      \t       3\t     17417 ns/op\t        12.50 p50-µs\t     314 B/op\t       3 allocs/op"
+	want := []string{
+		`TestBefore PASS ["bench_test.go:5: a test runs before the benchmarks"]`,
+		fmt.Sprintf(`BenchmarkOK PASS ["bench_test.go:8: setup" "bench_test.go:8: setup" %q]`, strings.TrimSpace(ok)),
+		`BenchmarkFail FAIL ["bench_test.go:13: device gone"]`,
+		`BenchmarkSkip SKIP ["bench_test.go:14: needs iommufd"]`,
+		`BenchmarkSub PASS []`,
+		`BenchmarkSub/size-64 PASS ["BenchmarkSub/size-64         \t       3\t        37.00 ns/op\t       0 B/op\t       0 allocs/op"]`,
+		`BenchmarkSub/size-4096 PASS ["BenchmarkSub/size-4096       \t       3\t        46.67 ns/op\t       0 B/op\t       0 allocs/op"]`,
+		`BenchmarkSubFail FAIL []`,
+		`BenchmarkSubFail/bad FAIL ["bench_test.go:26: sub failure"]`,
+	}
+	if diff := cmp.Diff(want, flatten(b)); diff != "" {
+		t.Errorf("tests (-want +got):\n%s", diff)
+	}
+	wantOut := []string{"goos: linux", "goarch: amd64", "pkg: sample", "cpu: AMD EPYC Processor", "FAIL"}
+	if diff := cmp.Diff(wantOut, b.Output); diff != "" {
+		t.Errorf("binary output (-want +got):\n%s", diff)
+	}
+	if p := b.Problems(); len(p) != 0 {
+		t.Errorf("problems %q, want none (the failures are the benchmarks')", p)
+	}
+
+	// The same benchmarks passing with GOMAXPROCS 2: result names carry a -2.
+	p := NewGoTestParser("x")
+	for _, l := range []string{"BenchmarkSub", "BenchmarkSub/size-64", "BenchmarkSub/size-64-2 \t 3\t 37.00 ns/op",
+		"BenchmarkOK", "BenchmarkOK-2 \t 3\t 17417 ns/op\t 12.50 p50-µs", "PASS"} {
+		p.Line(l)
+	}
+	p.End(0)
+	got := flatten(p.Result())
+	wantPass := []string{`BenchmarkSub PASS []`, `BenchmarkSub/size-64 PASS ["BenchmarkSub/size-64-2 \t 3\t 37.00 ns/op"]`,
+		`BenchmarkOK PASS ["BenchmarkOK-2 \t 3\t 17417 ns/op\t 12.50 p50-µs"]`}
+	if diff := cmp.Diff(wantPass, got); diff != "" {
+		t.Errorf("GOMAXPROCS 2 (-want +got):\n%s", diff)
+	}
+	if p.Result().Failed() {
+		t.Errorf("Failed() with passing benchmarks: %q", p.Result().Problems())
+	}
+
+	// A guest that dies in a benchmark leaves it without a result.
+	p = NewGoTestParser("x")
+	for _, l := range []string{"BenchmarkSub", "BenchmarkSub/size-64", "    x_test.go:3: started"} {
+		p.Line(l)
+	}
+	if probs := p.Result().Problems(); len(probs) != 3 || !strings.Contains(probs[1], "BenchmarkSub started but reported no result") {
+		t.Errorf("problems %q, want no end marker and the two benchmarks without result", probs)
 	}
 }

@@ -57,6 +57,7 @@ type MachineConfig struct {
 	Topology    Topology      // default RootPort
 	Run         string        // -test.run for the guest test binaries
 	Bench       string        // -test.bench for the guest test binaries ("" = none)
+	BenchTime   string        // -test.benchtime for them, e.g. "3x" or "2s" ("" = the default, 1s)
 	Tests       []string      // run only these test binaries
 	TestTimeout time.Duration // -test.timeout per guest binary (default 3m; systemd: 8m, see SoakBudget)
 	BootTimeout time.Duration // limit until the init's first marker (default 90s)
@@ -322,6 +323,12 @@ func KernelCmdline(cfg MachineConfig, payloadOnTTYS1 bool, nonce uint32) ([]stri
 			return nil, fmt.Errorf("-bench %q: the guest kernel command line cannot carry spaces, quotes or backslashes", cfg.Bench)
 		}
 		cl = append(cl, "mmb.bench="+cfg.Bench)
+	}
+	if cfg.BenchTime != "" {
+		if strings.ContainsAny(cfg.BenchTime, " \t\n\"'\\") {
+			return nil, fmt.Errorf("-benchtime %q: the guest kernel command line cannot carry spaces, quotes or backslashes", cfg.BenchTime)
+		}
+		cl = append(cl, "mmb.benchtime="+cfg.BenchTime)
 	}
 	if len(cfg.Tests) > 0 {
 		cl = append(cl, "mmb.tests="+strings.Join(cfg.Tests, ","))

@@ -318,7 +318,8 @@ func TestQEMUArgs(t *testing.T) {
 }
 
 func TestKernelCmdline(t *testing.T) {
-	cfg := MachineConfig{Kernel: KernelImage{Kernel: Stock}, Run: "TestK1|TestK3/^einval$", Tests: []string{"vfio", "pci"}}
+	cfg := MachineConfig{Kernel: KernelImage{Kernel: Stock}, Run: "TestK1|TestK3/^einval$", Tests: []string{"vfio", "pci"},
+		Bench: "^BenchmarkVM", BenchTime: "3x"}
 	cl, err := KernelCmdline(cfg, true, 0xabc)
 	if err != nil {
 		t.Fatal(err)
@@ -326,12 +327,17 @@ func TestKernelCmdline(t *testing.T) {
 	s := " " + strings.Join(cl, " ") + " "
 	for _, want := range []string{" console=ttyS0 ", " panic=-1 ", " oops=panic ", " intel_iommu=on ", " no_timer_check ",
 		" mmb.mode=tests ", " mmb.kernel=stock ", " mmb.topology=rootport ", " mmb.out=ttyS1 ",
-		" mmb.run=TestK1|TestK3/^einval$ ", " mmb.tests=vfio,pci ", " mmb.nonce=00000abc ", " mmb.timeout=3m0s "} {
+		" mmb.run=TestK1|TestK3/^einval$ ", " mmb.tests=vfio,pci ", " mmb.nonce=00000abc ", " mmb.timeout=3m0s ",
+		" mmb.bench=^BenchmarkVM ", " mmb.benchtime=3x "} {
 		if !strings.Contains(s, want) {
 			t.Errorf("cmdline lacks %q: %s", want, s)
 		}
 	}
-	cfg.Run = "Test A"
+	cfg.BenchTime = "3 x"
+	if _, err := KernelCmdline(cfg, true, 1); err == nil {
+		t.Error("a -benchtime with a space was accepted")
+	}
+	cfg.BenchTime, cfg.Run = "", "Test A"
 	if _, err := KernelCmdline(cfg, true, 1); err == nil {
 		t.Error("a -run with a space was accepted")
 	}

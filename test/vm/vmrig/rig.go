@@ -168,6 +168,7 @@ type RunOptions struct {
 	Topology    Topology
 	Run         string   // -test.run in the guest
 	Bench       string   // -test.bench in the guest ("" = no benchmarks)
+	BenchTime   string   // -test.benchtime in the guest ("" = the default, 1s)
 	Tests       []string // only these test binaries
 	Timeout     time.Duration
 	BootTimeout time.Duration
@@ -230,7 +231,7 @@ func (r *Rig) Run(ctx context.Context, k Kernel, opt RunOptions) (*Report, error
 			logPath = filepath.Join(r.LogDir, fmt.Sprintf("%s.retry%d.log", opt.LogName, attempt))
 		}
 		o, err := Boot(ctx, MachineConfig{QEMU: r.QEMU, Kernel: ki, Initrd: img.Path, Boot: opt.Boot, Mode: opt.Mode,
-			Topology: opt.Topology, Run: opt.Run, Bench: opt.Bench, Tests: opt.Tests, Timeout: opt.Timeout,
+			Topology: opt.Topology, Run: opt.Run, Bench: opt.Bench, BenchTime: opt.BenchTime, Tests: opt.Tests, Timeout: opt.Timeout,
 			BootTimeout: opt.BootTimeout, TestTimeout: opt.TestTimeout, Soak: opt.Soak, LogPath: logPath,
 			Transcript: opt.Transcript, Progress: opt.Progress})
 		if err == nil {

@@ -1,6 +1,9 @@
 // Command rig boots mmiobroker's real-kernel test VM (see package vmrig).
 //
 //	rig run   [-kernel stock|iommufd|all] [-mode busybox|systemd|all] [-run REGEX] [-tests a,b] [-v]
+//	          [-bench REGEX [-benchtime T]]
+//	rig bench [-kernel stock|iommufd|all] [-bench REGEX] [-benchtime T] [-out FILE]
+//	                                                                       the real-kernel benchmarks, docs/benchmarks-vm.md
 //	rig demo  [-kernel stock|iommufd]                                      the daemon demo
 //	rig shell [-kernel stock|iommufd] [-mode busybox|systemd]              a shell in the VM
 //
@@ -41,8 +44,10 @@ type exitError int
 
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
-const usage = `usage: rig run|demo|shell [flags]
+const usage = `usage: rig run|bench|demo|shell [flags]
   run    boot each kernel, run the guest test binaries, print the results
+  bench  boot each kernel, run test/vm/e2e's benchmarks, print them and write their table
+         (default docs/benchmarks-vm.md)
   demo   boot the VM, start mmiobrokerd on the emulated devices, show a VMM's view
   shell  boot the VM with a shell on this terminal (Ctrl-A x quits QEMU)`
 
@@ -52,17 +57,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return exitError(2)
 	}
 	cmd := args[0]
-	if cmd != "run" && cmd != "demo" && cmd != "shell" {
+	if cmd != "run" && cmd != "bench" && cmd != "demo" && cmd != "shell" {
 		fmt.Fprintln(stderr, usage)
 		return exitError(2)
 	}
 	fs := flag.NewFlagSet("rig "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	kernel := fs.String("kernel", "", "guest kernel: stock, iommufd (run: also all; default all for run, stock otherwise)")
+	kernel := fs.String("kernel", "", "guest kernel: stock, iommufd (run, bench: also all; default all for run and bench, stock otherwise)")
 	topology := fs.String("topology", string(vmrig.RootPort), "device topology: rootport (VFIO_DEVICE_RESET works) or flat")
-	timeout := fs.Duration("timeout", 6*time.Minute, "limit per boot")
+	timeout := fs.Duration("timeout", 6*time.Minute, "limit per boot (bench: default "+benchTimeout.String()+")")
 	runRe := fs.String("run", "", "run: -test.run for the guest test binaries")
-	bench := fs.String("bench", "", "run: -test.bench for the guest test binaries (with -run '^$' to run only benchmarks)")
+	bench := fs.String("bench", "", "run: -test.bench for the guest test binaries (with -run '^$' to run only benchmarks); bench: default "+benchRegex)
+	benchTime := fs.String("benchtime", "", "run, bench: -test.benchtime for the guest test binaries (default 1s; bench: "+benchTimeDefault+")")
+	out := fs.String("out", benchDoc, `bench: the Markdown file to write ("" = none)`)
 	tests := fs.String("tests", "", "run: only these test binaries (comma separated, e.g. vfio,dmabuf)")
 	verbose := fs.Bool("v", false, "run: print every test and its output, and progress")
 	mode := fs.String("mode", string(vmrig.Busybox), "boot mode: busybox or systemd (run: also all)")
@@ -72,9 +79,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	if cmd == "bench" {
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		if !set["timeout"] {
+			*timeout = benchTimeout
+		}
+		if *benchTime == "" {
+			*benchTime = benchTimeDefault
+		}
+	}
 	var kernels []vmrig.Kernel
 	switch {
-	case *kernel == "" && cmd == "run", *kernel == "all":
+	case *kernel == "" && (cmd == "run" || cmd == "bench"), *kernel == "all":
 		kernels = vmrig.Kernels
 	case *kernel == "":
 		kernels = []vmrig.Kernel{vmrig.Stock}
@@ -93,8 +110,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		if m != vmrig.Busybox && cmd == "demo" {
-			return errors.New("demo: only -mode busybox")
+		if m != vmrig.Busybox && (cmd == "demo" || cmd == "bench") {
+			return fmt.Errorf("%s: only -mode busybox", cmd)
 		}
 		modes = []vmrig.BootMode{m}
 	}
@@ -120,7 +137,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	switch cmd {
 	case "run":
 		var opts vmrig.RunOptions
-		opts.Topology, opts.Timeout, opts.Run, opts.Bench = topo, *timeout, *runRe, *bench
+		opts.Topology, opts.Timeout, opts.Run, opts.Bench, opts.BenchTime = topo, *timeout, *runRe, *bench, *benchTime
 		if *tests != "" {
 			opts.Tests = strings.Split(*tests, ",")
 		}
@@ -148,6 +165,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintln(stdout, "PASS")
 		return nil
+	case "bench":
+		return runBench(ctx, r, benchOptions{kernels: kernels, topology: topo, timeout: *timeout, bench: *bench,
+			benchTime: *benchTime, out: *out, verbose: *verbose, args: args}, stdout, stderr)
 	case "demo":
 		if len(kernels) != 1 {
 			return errors.New("demo: pick one -kernel")

@@ -14,13 +14,14 @@ func TestUsageErrors(t *testing.T) {
 		want string // in the error or on stderr
 		code int    // exit status for exitError results, 0 otherwise
 	}{
-		{nil, "usage: rig run|demo|shell", 2},
-		{[]string{"-kernel", "stock"}, "usage: rig run|demo|shell", 2},
-		{[]string{"boot"}, "usage: rig run|demo|shell", 2},
+		{nil, "usage: rig run|bench|demo|shell", 2},
+		{[]string{"-kernel", "stock"}, "usage: rig run|bench|demo|shell", 2},
+		{[]string{"boot"}, "usage: rig run|bench|demo|shell", 2},
 		{[]string{"run", "-kernel", "rt"}, `unknown guest kernel "rt"`, 0},
 		{[]string{"run", "-topology", "star"}, `unknown -topology "star"`, 0},
 		{[]string{"run", "extra"}, "unexpected arguments", 0},
 		{[]string{"run", "-nosuchflag"}, "flag provided but not defined", 2},
+		{[]string{"bench", "-mode", "systemd"}, "bench: only -mode busybox", 0},
 	} {
 		var stdout, stderr bytes.Buffer
 		err := run(tc.args, &stdout, &stderr)

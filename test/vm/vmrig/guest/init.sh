@@ -17,6 +17,7 @@
 #                               must offer a bus reset (checked)
 #   mmb.run=REGEX               passed as -test.run to every test binary
 #   mmb.bench=REGEX             passed as -test.bench to every test binary
+#   mmb.benchtime=T             passed as -test.benchtime with mmb.bench (e.g. 3x, 2s)
 #   mmb.tests=a,b               run only these test binaries (default: /etc/mmb/tests)
 #   mmb.timeout=DURATION        -test.timeout of every test binary (default 3m)
 #   mmb.nonce=XXXXXXXX          written (32-bit) to ivshmem BAR2 at 0xff000 before binding,
@@ -44,7 +45,7 @@ mount -t tmpfs -o mode=755 tmpfs /run
 # tenant ([tenants] by = "cgroup", the default) and refuses to start without it.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 
-MODE=tests OUT=console KERNEL= TOPOLOGY= RUN= BENCH= ONLY= TIMEOUT=3m NONCE=
+MODE=tests OUT=console KERNEL= TOPOLOGY= RUN= BENCH= BENCHTIME= ONLY= TIMEOUT=3m NONCE=
 set -f # REGEX may hold glob characters
 for kv in $(cat /proc/cmdline); do
 	case "$kv" in
@@ -54,6 +55,7 @@ for kv in $(cat /proc/cmdline); do
 	mmb.topology=*) TOPOLOGY=${kv#*=} ;;
 	mmb.run=*) RUN=${kv#*=} ;;
 	mmb.bench=*) BENCH=${kv#*=} ;;
+	mmb.benchtime=*) BENCHTIME=${kv#*=} ;;
 	mmb.tests=*) ONLY=$(echo "${kv#*=}" | tr ',' ' ') ;;
 	mmb.timeout=*) TIMEOUT=${kv#*=} ;;
 	mmb.nonce=*) NONCE=${kv#*=} ;;
@@ -186,6 +188,7 @@ tests)
 			set -- -test.v -test.timeout="$TIMEOUT"
 			[ -n "$RUN" ] && set -- "$@" "-test.run=$RUN"
 			[ -n "$BENCH" ] && set -- "$@" "-test.bench=$BENCH" -test.benchmem
+			[ -n "$BENCH" ] && [ -n "$BENCHTIME" ] && set -- "$@" "-test.benchtime=$BENCHTIME"
 			"/tests/$t.test" "$@" </dev/null
 			rc=$?
 			cd /

@@ -5,11 +5,11 @@
 # powers the VM off with systemctl. mmb-vfio-bind.service has printed the init, check and
 # env markers and written MMIOBROKER_VM_* (this unit's EnvironmentFile=).
 #
-# Kernel command line: mmb.mode=tests|shell, mmb.out, mmb.run, mmb.bench, mmb.tests,
+# Kernel command line: mmb.mode=tests|shell, mmb.out, mmb.run, mmb.bench, mmb.benchtime, mmb.tests,
 # mmb.timeout as for guest/init.sh; mmb.soak=N exports MMIOBROKER_VM_SOAK=N (the number of
 # kill -9 restarts of the soak test; `make soak`).
 
-MODE=tests OUT=console RUN= BENCH= ONLY= TIMEOUT=3m
+MODE=tests OUT=console RUN= BENCH= BENCHTIME= ONLY= TIMEOUT=3m
 set -f
 for kv in $(cat /proc/cmdline); do
 	case "$kv" in
@@ -17,6 +17,7 @@ for kv in $(cat /proc/cmdline); do
 	mmb.out=*) OUT=${kv#*=} ;;
 	mmb.run=*) RUN=${kv#*=} ;;
 	mmb.bench=*) BENCH=${kv#*=} ;;
+	mmb.benchtime=*) BENCHTIME=${kv#*=} ;;
 	mmb.tests=*) ONLY=$(echo "${kv#*=}" | tr ',' ' ') ;;
 	mmb.timeout=*) TIMEOUT=${kv#*=} ;;
 	mmb.soak=*) export MMIOBROKER_VM_SOAK="${kv#*=}" ;;
@@ -54,6 +55,7 @@ tests)
 			set -- -test.v -test.timeout="$TIMEOUT"
 			[ -n "$RUN" ] && set -- "$@" "-test.run=$RUN"
 			[ -n "$BENCH" ] && set -- "$@" "-test.bench=$BENCH" -test.benchmem
+			[ -n "$BENCH" ] && [ -n "$BENCHTIME" ] && set -- "$@" "-test.benchtime=$BENCHTIME"
 			"/usr/lib/mmb/tests/$t.test" "$@" </dev/null
 			rc=$?
 			cd /
