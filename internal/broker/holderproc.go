@@ -67,9 +67,18 @@ func (b *Broker) watchHolder(l *lease) {
 		}
 		b.mu.Unlock()
 		slices.Sort(ids)
+		// One line per process: a VMM with thousands of leases ends them all at once (each
+		// end has its own "lease ended" line and event).
+		if len(ids) > 0 {
+			b.log.Info("lease holder exited", "client_pid", pid, "leases", len(ids), "lease_id", ids[0])
+		}
 		for _, id := range ids {
-			b.log.Info("lease holder exited", "lease_id", id, "client_pid", pid)
-			if _, err := b.endByTenant(id, StateReleased, ReasonHolderExited, fmt.Sprintf("pid %d exited", pid), EventReleased); err != nil && !errors.Is(err, errdefs.ErrFailedPrecondition) {
+			_, err := b.endByTenant(id, StateReleased, ReasonHolderExited, fmt.Sprintf("pid %d exited", pid), EventReleased)
+			switch {
+			case err == nil, errors.Is(err, errdefs.ErrFailedPrecondition): // ended meanwhile
+			case b.stopping(): // its stop (a drain or a detach) deals with them
+				return
+			default:
 				b.log.Error("ending the lease of an exited holder failed", "lease_id", id, "err", err)
 			}
 		}
@@ -118,4 +127,11 @@ func (b *Broker) unwatchAllLocked() {
 		}
 	}
 	clear(b.holders)
+}
+
+// stopping reports whether the broker is closed or closing.
+func (b *Broker) stopping() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
 }

@@ -8,6 +8,7 @@ import (
 	"hash/crc32"
 	"log/slog"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -535,14 +536,7 @@ func (j *Journal) Load() (State, error) {
 			return err
 		}
 		st.LastSeq = last
-		lb := tx.Bucket([]byte(bucketLeases))
-		st.Leases = make([]Lease, 0, lb.Stats().KeyN)
-		err = lb.ForEach(func(k, v []byte) error {
-			l, err := decodeLease(k, v)
-			st.Leases = append(st.Leases, l)
-			return err
-		})
-		if err != nil {
+		if st.Leases, err = loadLeases(tx.Bucket([]byte(bucketLeases))); err != nil {
 			return err
 		}
 		// The newest backlog events (up to trimSlack more may be stored).
@@ -572,6 +566,43 @@ func (j *Journal) Load() (State, error) {
 		return strings.Compare(a.ID, b.ID)
 	})
 	return st, nil
+}
+
+// loadLeases decodes every lease record of b, on every CPU: 100,000 records take ~0.4 s
+// to decode on one, most of a restart. The keys and values are bbolt's, valid for the
+// transaction. A record that does not decode fails it with the first such record's error
+// in key order.
+func loadLeases(b *bolt.Bucket) ([]Lease, error) {
+	type kv struct{ k, v []byte }
+	raw := make([]kv, 0, b.Stats().KeyN)
+	if err := b.ForEach(func(k, v []byte) error {
+		raw = append(raw, kv{k, v})
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	out := make([]Lease, len(raw))
+	errs := make([]error, len(raw))
+	workers := min(runtime.GOMAXPROCS(0), max(len(raw)/1024, 1))
+	chunk := (len(raw) + workers - 1) / max(workers, 1)
+	var wg sync.WaitGroup
+	for lo := 0; lo < len(raw); lo += chunk {
+		hi := min(lo+chunk, len(raw))
+		wg.Go(func() {
+			for i := lo; i < hi; i++ {
+				if out[i], errs[i] = decodeLease(raw[i].k, raw[i].v); errs[i] != nil {
+					return // this chunk's first; an earlier chunk's may come first in key order
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 // Commit writes, in one transaction, events (appended; each Seq above the journal's

@@ -608,3 +608,34 @@ func TestConcurrent(t *testing.T) {
 		t.Errorf("%d leases, want 60", len(st.Leases))
 	}
 }
+
+// TestLoadMany: Load decodes many records on several CPUs and returns each once, sorted,
+// and a bad record among them still fails it, naming that record.
+func TestLoadMany(t *testing.T) {
+	testutil.FDLeakCheck(t)
+	path := newPath(t)
+	j := open(t, path, Options{})
+	const n = 5000
+	want := make([]Lease, 0, n)
+	for i := range n {
+		l := fullLease(fmt.Sprintf("lease-%05d", i), uint64(i%7))
+		l.Created = l.Created.Add(time.Duration(i) * time.Millisecond)
+		want = append(want, l)
+	}
+	for i := 0; i < n; i += 500 {
+		commit(t, j, nil, want[i:i+500], nil)
+	}
+	st := load(t, j)
+	if diff := cmp.Diff(want, st.Leases, cmpOpts...); diff != "" {
+		t.Fatalf("leases (-want +got):\n%s", diff)
+	}
+	j.Close()
+	rawUpdate(t, path, func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte(bucketLeases)).Put([]byte("lease-03000"), pbLease("lease-other"))
+	})
+	j = open(t, path, Options{})
+	var re *RecordError
+	if _, err := j.Load(); !errors.As(err, &re) || re.Key != `"lease-03000"` {
+		t.Errorf("Load with a bad record among %d = %v, want a *RecordError naming lease-03000", n, err)
+	}
+}
