@@ -5,11 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -100,22 +98,9 @@ func Run(ctx context.Context, opt Options) error {
 	}
 	need, _ := fdBudget(res)
 	log.Debug("fd budget", "need_at_most", need, "rlimit_nofile", fdLimit)
-	restoreGC := func() {}
 	if opt.MemoryLimit {
 		limit := setMemoryLimit(res)
 		log.Debug("memory limit", "soft_limit_bytes", limit)
-	}
-	if limit := debug.SetMemoryLimit(-1); opt.MemoryLimit && limit < math.MaxInt64 {
-		// Taking back 100,000 leases builds ~150 MB of heap from nothing: collecting on
-		// the way (GOGC) scans it again and again, a third of the restart. Until the
-		// broker is up only the soft memory limit triggers a collection.
-		gc := debug.SetGCPercent(-1)
-		defer func() {
-			if gc != -1 {
-				debug.SetGCPercent(gc)
-			}
-		}()
-		restoreGC = func() { debug.SetGCPercent(gc); gc = -1 }
 	}
 	notify := sd.Notify
 	if opt.Notify != nil {
@@ -142,7 +127,6 @@ func Run(ctx context.Context, opt Options) error {
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
-	restoreGC()
 	stopped := false
 	defer func() {
 		if !stopped {

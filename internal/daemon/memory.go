@@ -18,10 +18,11 @@ const (
 	// memoryBase is the daemon without leases: the runtime, gRPC, the journal's map and
 	// buffers (RSS ~20 MB at start).
 	memoryBase = 64 << 20
-	// memoryPerLease is a lease's share: ~1.5 KB of live heap at 100,000 leases (the
-	// lease, its indexes, its journal record's share of bbolt's pages), and as much again
-	// for the collector to work in.
-	memoryPerLease = 3 << 10
+	// memoryPerLease is a lease's share: ~1.5-2 KB of heap at 100,000 leases (the lease,
+	// its indexes, its journal record's share of bbolt's pages), and about as much again
+	// for the collector to work in (3 KiB made it collect so often that an allocation's
+	// cost grew with the leases).
+	memoryPerLease = 4 << 10
 )
 
 // memoryLimit returns the soft memory limit for res (0: GOMEMLIMIT is set, keep it).
