@@ -187,6 +187,20 @@ func TestClientResumesAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer other.File.Close()
+	// The other lease's allocated and claimed reach the watcher before the stop: its
+	// subscription is in place (a first subscription to a stopped daemon fails at once),
+	// and it resumes after the last one it saw.
+	var got []uint64
+	for len(got) < 2 {
+		select {
+		case s := <-seqs:
+			got = append(got, s)
+		case err := <-watchDone:
+			t.Fatalf("watch ended before the restart: %v", err)
+		case <-ctx.Done():
+			t.Fatalf("watch saw %v before the restart, want 2 events", got)
+		}
+	}
 
 	if err := d1.Stop(); err != nil {
 		t.Fatal(err)
@@ -209,11 +223,12 @@ func TestClientResumesAcrossRestart(t *testing.T) {
 	}
 	// The watcher saw every event exactly once, in order, across the restart:
 	// allocated+claimed (other), then revoked (other) and reissued + claimed (held).
-	var got []uint64
 	for len(got) < 5 {
 		select {
 		case s := <-seqs:
 			got = append(got, s)
+		case err := <-watchDone:
+			t.Fatalf("watch ended after %v: %v", got, err)
 		case <-ctx.Done():
 			t.Fatalf("watch saw %v, want 5 events", got)
 		}
