@@ -66,7 +66,7 @@ type device struct {
 	// released are the ended-but-live leases: they ended without a revoke after their fd
 	// was delivered, and their holders may still use those ranges until the next device
 	// cycle (due at the latest at each one's RevokeDue). An allocation that must not share
-	// them cycles the device first. Changed only through addReleased and setReleased.
+	// them cycles the device first. Changed only through addReleased and clearReleased.
 	released      []*lease
 	releasedSpans spanIndex // the ranges of released
 	// cycleAt is when the scheduled cycle (cycleTimer) runs; zero if none is scheduled.
@@ -695,7 +695,7 @@ func (b *Broker) Close() error {
 		for _, l := range d.released {
 			b.setDeadLocked(l) // closing the device killed them
 		}
-		d.setReleased(nil)
+		d.clearReleased()
 	}
 	b.mu.Unlock()
 	b.watchers.Wait()

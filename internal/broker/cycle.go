@@ -214,7 +214,7 @@ func (b *Broker) buryLocked(d *device, causedBy string) {
 		b.setDeadLocked(l)
 		dead = append(dead, l)
 	}
-	d.setReleased(nil)
+	d.clearReleased()
 	b.emitEachLocked(EventFdRevoked, dead, causedBy)
 }
 

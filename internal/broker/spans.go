@@ -107,12 +107,9 @@ func (d *device) addReleased(l *lease) {
 	d.releasedSpans.add(l)
 }
 
-// setReleased replaces d's ended-but-live leases (nil after a cycle). Called with
+// clearReleased empties d's ended-but-live leases (after a cycle or a close). Called with
 // Broker.mu held.
-func (d *device) setReleased(ls []*lease) {
-	d.released = ls
+func (d *device) clearReleased() {
+	d.released = nil
 	d.releasedSpans.reset()
-	for _, l := range ls {
-		d.releasedSpans.add(l)
-	}
 }

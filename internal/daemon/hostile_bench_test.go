@@ -932,11 +932,7 @@ func (l *grpcLogTap) arm() func() []string {
 
 // percentile returns the p-quantile of ds (sorted in place) in microseconds.
 func percentile(ds []time.Duration, p float64) float64 {
-	if len(ds) == 0 {
-		return 0
-	}
-	slices.Sort(ds)
-	return float64(ds[int(p*float64(len(ds)-1))].Nanoseconds()) / 1e3
+	return testutil.Micros(testutil.Percentile(ds, p))
 }
 
 // BenchmarkHostileLoad measures the honest client's lease round trip (AllocateLease,

@@ -84,8 +84,19 @@ func ReportPercentiles(b *testing.B, ds []time.Duration) {
 	if len(ds) == 0 {
 		return
 	}
-	slices.Sort(ds)
-	at := func(p float64) float64 { return float64(ds[int(p*float64(len(ds)-1))].Nanoseconds()) / 1e3 }
-	b.ReportMetric(at(0.50), "p50-µs")
-	b.ReportMetric(at(0.99), "p99-µs")
+	b.ReportMetric(Micros(Percentile(ds, 0.50)), "p50-µs")
+	b.ReportMetric(Micros(Percentile(ds, 0.99)), "p99-µs")
 }
+
+// Percentile sorts ds in place and returns its p-quantile (0 ≤ p ≤ 1; the lower nearest
+// rank), 0 if ds is empty.
+func Percentile(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	slices.Sort(ds)
+	return ds[int(p*float64(len(ds)-1))]
+}
+
+// Micros returns d in microseconds, as benchmarks report latencies.
+func Micros(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }

@@ -105,25 +105,11 @@ func (d *keptDevice) Export(bar int, ranges []broker.Range, name string) (broker
 	if closed {
 		return nil, fmt.Errorf("fake device %s: export: %w", d.info.BDF, unix.ENODEV)
 	}
-	var size uint64
-	for _, r := range ranges {
-		size += r.Length
-	}
-	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	f, ino, size, err := brokertest.Memfd(name, ranges)
 	if err != nil {
-		return nil, os.NewSyscallError("memfd_create", err)
+		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), "/dmabuf:"+name)
-	if err := unix.Ftruncate(fd, int64(size)); err != nil {
-		f.Close()
-		return nil, os.NewSyscallError("ftruncate", err)
-	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		f.Close()
-		return nil, os.NewSyscallError("fstat", err)
-	}
-	return &memBuffer{f: f, inode: st.Ino, size: size}, nil
+	return &memBuffer{f: f, inode: ino, size: size}, nil
 }
 
 // Revoke implements broker.Device. A memfd cannot be revoked: the fake's cycle does

@@ -91,31 +91,40 @@ func (d *Device) Export(bar int, ranges []broker.Range, name string) (broker.Buf
 		d.ExportErr = nil
 		return nil, err
 	}
-	var size uint64
-	for _, r := range ranges {
-		size += r.Length
-	}
-	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	f, ino, size, err := Memfd(name, ranges)
 	if err != nil {
-		return nil, os.NewSyscallError("memfd_create", err)
+		return nil, err
 	}
-	if err := unix.Ftruncate(fd, int64(size)); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("ftruncate", err)
-	}
-	f := os.NewFile(uintptr(fd), "/dmabuf:"+name)
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		f.Close()
-		return nil, os.NewSyscallError("fstat", err)
-	}
-	b := &Buffer{f: f, inode: st.Ino, size: size, dev: d, gen: d.generation, Name: name, BAR: bar}
+	b := &Buffer{f: f, inode: ino, size: size, dev: d, gen: d.generation, Name: name, BAR: bar}
 	d.open = append(d.open, b)
 	if d.store == nil {
 		d.store = map[uint64]*Buffer{}
 	}
 	d.store[b.inode] = b
 	return b, nil
+}
+
+// Memfd is a fake device's export: a memfd named name of the ranges' total size, opened as
+// "/dmabuf:"+name (the file owns the fd), and its inode.
+func Memfd(name string, ranges []broker.Range) (f *os.File, ino, size uint64, err error) {
+	for _, r := range ranges {
+		size += r.Length
+	}
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, 0, 0, os.NewSyscallError("memfd_create", err)
+	}
+	f = os.NewFile(uintptr(fd), "/dmabuf:"+name)
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		f.Close()
+		return nil, 0, 0, os.NewSyscallError("ftruncate", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, 0, 0, os.NewSyscallError("fstat", err)
+	}
+	return f, st.Ino, size, nil
 }
 
 // Revoke implements broker.Device.
