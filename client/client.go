@@ -355,6 +355,16 @@ func (c *Client) Drain(ctx context.Context) (*brokerv1.DrainResponse, error) {
 	return c.api.Drain(ctx, &brokerv1.DrainRequest{})
 }
 
+// WatchOption changes what [Client.Watch] streams.
+type WatchOption func(*brokerv1.WatchEventsRequest)
+
+// WithDeviceEvents makes [Client.Watch] also stream EVENT_TYPE_DEVICE_CHANGED events: a
+// configured device was lost, opened again, suspended, resumed, changed TSM state or
+// reported an error. They carry Event.bdf and no lease.
+func WithDeviceEvents() WatchOption {
+	return func(r *brokerv1.WatchEventsRequest) { r.DeviceEvents = true }
+}
+
 func durationOrNil(d time.Duration) *durationpb.Duration {
 	if d == 0 {
 		return nil
@@ -369,11 +379,15 @@ func durationOrNil(d time.Duration) *durationpb.Duration {
 // [ReconnectTimeout], so no event is missed or repeated. The sequence ends without an
 // error when ctx is done; it yields one error and ends when the stream fails otherwise
 // (or the daemon does not come back in time).
-func (c *Client) Watch(ctx context.Context, afterSeq uint64) iter.Seq2[*brokerv1.Event, error] {
+func (c *Client) Watch(ctx context.Context, afterSeq uint64, opts ...WatchOption) iter.Seq2[*brokerv1.Event, error] {
 	return func(yield func(*brokerv1.Event, error) bool) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		es, err := c.openEvents(ctx, ctx, afterSeq, false)
+		req := &brokerv1.WatchEventsRequest{AfterSeq: afterSeq}
+		for _, o := range opts {
+			o(req)
+		}
+		es, err := c.openEvents(ctx, ctx, req, false)
 		if err != nil {
 			if ctx.Err() == nil {
 				yield(nil, err)

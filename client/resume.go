@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 )
@@ -32,16 +33,18 @@ type eventStream struct {
 	stream grpc.ServerStreamingClient[brokerv1.WatchEventsResponse]
 	cancel context.CancelFunc // ends stream
 	seq    uint64             // the last event seen (or the header's last before the subscription)
+	req    *brokerv1.WatchEventsRequest
 }
 
-// openEvents subscribes after cursor after (0: from now) and waits until the daemon has
-// subscribed (its response headers). wait makes the call wait for the daemon (a restart
-// in progress) instead of failing at once, up to the deadline of setup; the stream itself
-// lives as long as ctx.
-func (c *Client) openEvents(ctx, setup context.Context, after uint64, wait bool) (*eventStream, error) {
+// openEvents subscribes as req asks (its AfterSeq: 0 from now) and waits until the daemon
+// has subscribed (its response headers). wait makes the call wait for the daemon (a
+// restart in progress) instead of failing at once, up to the deadline of setup; the
+// stream itself lives as long as ctx. The stream owns req.
+func (c *Client) openEvents(ctx, setup context.Context, req *brokerv1.WatchEventsRequest, wait bool) (*eventStream, error) {
+	after := req.GetAfterSeq()
 	sctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(setup, cancel)
-	stream, err := c.api.WatchEvents(sctx, &brokerv1.WatchEventsRequest{AfterSeq: after}, grpc.WaitForReady(wait))
+	stream, err := c.api.WatchEvents(sctx, req, grpc.WaitForReady(wait))
 	var md metadata.MD
 	if err == nil {
 		md, err = stream.Header()
@@ -56,7 +59,7 @@ func (c *Client) openEvents(ctx, setup context.Context, after uint64, wait bool)
 		}
 		return nil, err
 	}
-	es := &eventStream{c: c, stream: stream, cancel: cancel, seq: after}
+	es := &eventStream{c: c, stream: stream, cancel: cancel, seq: after, req: req}
 	if v := md.Get(LastSeqHeader); after == 0 && len(v) == 1 {
 		es.seq, _ = strconv.ParseUint(v[0], 10, 64)
 	}
@@ -97,7 +100,9 @@ func (es *eventStream) reopen(ctx context.Context) error {
 	defer cancel()
 	wait := 10 * time.Millisecond
 	for {
-		n, err := es.c.openEvents(ctx, setup, es.seq, true)
+		req := proto.CloneOf(es.req)
+		req.AfterSeq = es.seq
+		n, err := es.c.openEvents(ctx, setup, req, true)
 		if err == nil {
 			es.stream, es.cancel = n.stream, n.cancel
 			return nil

@@ -50,7 +50,7 @@ Commands:
   drain                            end every lease and revoke its fd, refuse new leases
                                    until the daemon restarts (admins; before a stop that
                                    must leave nothing behind)
-  watch [-cursor SEQ]              print lease events as they happen
+  watch [-cursor SEQ] [-devices]   print lease (and device) events as they happen
   holders [LEASE_ID]               every process that holds a lease's dma-buf (from
                                    /proc/*/fdinfo); flags ended leases whose fd a process
                                    still holds, and (admins) dma-bufs no lease accounts for

@@ -409,6 +409,11 @@ func TestWriteEventLine(t *testing.T) {
 			Id: "0123456789abcdef01234567", Bdf: "0000:3b:00.0", State: brokerv1.LeaseState_LEASE_STATE_RELEASED, Generation: 1,
 			Holder: &brokerv1.Holder{Uid: 107, Pid: 4242}, Ttl: durationpb.New(time.Minute), EndReason: brokerv1.EndReason_END_REASON_HOLDER_EXITED, EndedBy: "pid 4242 exited"}},
 			"seq=10 time=2026-03-04T05:06:09Z type=released lease=0123456789abcdef01234567 bdf=0000:3b:00.0 bar=0 generation=1 state=released uid=107 pid=4242 ttl=1m0s end_reason=holder_exited ended_by=\"pid 4242 exited\"\n"},
+		// About a device, not a lease (watch -devices).
+		{&brokerv1.Event{Seq: 13, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED, Bdf: "0000:3b:00.0"},
+			"seq=13 time=2026-03-04T05:06:09Z type=device_changed bdf=0000:3b:00.0\n"},
+		{&brokerv1.Event{Seq: 14, Time: t1, Type: brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED, Bdf: "0000:3b:00.0", CausedBy: "uid 0 (admin) pid 5"},
+			"seq=14 time=2026-03-04T05:06:09Z type=device_changed bdf=0000:3b:00.0 caused_by=\"uid 0 (admin) pid 5\"\n"},
 	}
 	for _, tt := range tests {
 		var b bytes.Buffer
@@ -490,11 +495,11 @@ func TestJSON(t *testing.T) {
 		t.Errorf("event JSON line: %s", b.String())
 	}
 	b.Reset()
-	if err := writeJSONLine(&b, &brokerv1.Event{Seq: 4, Type: brokerv1.EventType_EVENT_TYPE_FD_REVOKED, Lease: testLeases()[1], CausedBy: "uid=1000"}); err != nil {
+	if err := writeJSONLine(&b, &brokerv1.Event{Seq: 4, Type: brokerv1.EventType_EVENT_TYPE_FD_REVOKED, Lease: testLeases()[1], CausedBy: "uid=1000", Bdf: testLeases()[1].GetBdf()}); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.HasPrefix(b.String(), `{"seq":"4","time":null,"type":"EVENT_TYPE_FD_REVOKED","lease":{"id":`) ||
-		!strings.HasSuffix(b.String(), `"claim_token":"","caused_by":"uid=1000"}`+"\n") {
+		!strings.HasSuffix(b.String(), `"claim_token":"","caused_by":"uid=1000","bdf":"0000:3b:00.0"}`+"\n") {
 		t.Errorf("fd_revoked event JSON line: %s", b.String())
 	}
 }

@@ -260,8 +260,9 @@ func (c *cli) suspendResume(ctx context.Context, verb string, args []string) err
 }
 
 func (c *cli) watch(ctx context.Context, args []string) error {
-	fs := c.subcommand("watch", "[-cursor SEQ]")
+	fs := c.subcommand("watch", "[-cursor SEQ] [-devices]")
 	cursor := fs.Uint64("cursor", 0, "resume after the event with sequence number `SEQ` (0: only new events)")
+	devices := fs.Bool("devices", false, "also print device_changed events (a device lost, back, suspended, resumed, TSM state, error)")
 	if _, _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
@@ -270,7 +271,11 @@ func (c *cli) watch(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cl.Close()
-	for e, err := range cl.Watch(ctx, *cursor) {
+	var opts []client.WatchOption
+	if *devices {
+		opts = append(opts, client.WithDeviceEvents())
+	}
+	for e, err := range cl.Watch(ctx, *cursor, opts...) {
 		if err != nil {
 			return err
 		}

@@ -316,6 +316,15 @@ func rangesString(rs []*brokerv1.Range) string {
 func writeEventLine(w io.Writer, e *brokerv1.Event) error {
 	l := e.GetLease()
 	var b strings.Builder
+	if e.GetType() == brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED { // about no lease
+		fmt.Fprintf(&b, "seq=%d time=%s type=%s bdf=%s", e.GetSeq(), timeString(e.GetTime()), eventName(e.GetType()), e.GetBdf())
+		if by := e.GetCausedBy(); by != "" {
+			fmt.Fprintf(&b, " caused_by=%s", logfmtValue(by))
+		}
+		b.WriteByte('\n')
+		_, err := io.WriteString(w, b.String())
+		return err
+	}
 	fmt.Fprintf(&b, "seq=%d time=%s type=%s lease=%s bdf=%s bar=%d generation=%d state=%s uid=%d pid=%d",
 		e.GetSeq(), timeString(e.GetTime()), eventName(e.GetType()), l.GetId(), l.GetBdf(), l.GetBar(),
 		l.GetGeneration(), stateName(l.GetState()), l.GetHolder().GetUid(), l.GetHolder().GetPid())

@@ -188,8 +188,12 @@ func (b *Broker) openDevice(d *device) {
 		dev.Close()
 		return
 	}
+	wasUnusable := d.err != nil // lost, or failed to open (at start, the device is neither)
 	d.dev, d.info, d.err, d.suspended, d.errors = dev, info, nil, false, 0
 	b.buryLocked(d, "broker (device reopened)") // the device was closed since they ended
+	if wasUnusable {
+		b.emitDeviceLocked(d, "")
+	}
 	if n, ok := dev.(Notifier); ok {
 		b.watchers.Add(1)
 		go b.watchNotices(d, dev, n.Notices())

@@ -72,6 +72,7 @@ func (b *Broker) suspendResumeOn(d *device, by Actor, suspend bool) (_ DeviceSta
 	for _, l := range b.sortedLive(d) {
 		b.emitLocked(ev, l, "")
 	}
+	b.emitDeviceLocked(d, by.String())
 	b.log.Info("device "+done, "bdf", bdf, "by", by.String(), "leases", len(d.live))
 	st, _ := b.statusLocked(d)
 	b.mu.Unlock()
@@ -140,6 +141,9 @@ func (b *Broker) loseDeviceLocked(d *device, cause error) Device {
 	dev := d.dev
 	d.dev, d.suspended = nil, false
 	d.err = fmt.Errorf("device %s: %w", d.policy.BDF, cause)
+	if dev != nil { // it was usable
+		b.emitDeviceLocked(d, "")
+	}
 	if dev != nil {
 		b.log.Error("device lost", "bdf", d.policy.BDF, "err", cause)
 	}
@@ -166,6 +170,7 @@ func (b *Broker) watchNotices(d *device, dev Device, ch <-chan Notice) {
 		case NoticeError:
 			b.mu.Lock()
 			d.errors += max(n.Count, 1)
+			b.emitDeviceLocked(d, "")
 			b.mu.Unlock()
 			b.log.Warn("device reported an error", "bdf", d.policy.BDF, "count", n.Count)
 		}
@@ -176,7 +181,8 @@ func (b *Broker) watchNotices(d *device, dev Device, ch <-chan Notice) {
 // private leases if the device is no longer bound to a TSM: private MMIO is only for a
 // device in TDISP LOCKED/RUN state. Leases granted unattested (policy
 // allow_unattested_private) never depended on it and stay. It returns how many leases
-// ended.
+// ended. A TSM state that differs from the one last seen is a device change
+// ([EventDeviceChanged]).
 func (b *Broker) TSMChanged(bdf string) (int, error) {
 	b.mu.Lock()
 	d, ok := b.devices[bdf]
@@ -189,7 +195,14 @@ func (b *Broker) TSMChanged(bdf string) (int, error) {
 	if dev == nil {
 		return 0, nil // not open: no live lease
 	}
-	if dev.Info().TSM.Bound != "" {
+	tsm := dev.Info().TSM
+	b.mu.Lock()
+	if d.dev == dev && tsm != d.info.TSM {
+		d.info.TSM = tsm
+		b.emitDeviceLocked(d, "")
+	}
+	b.mu.Unlock()
+	if tsm.Bound != "" {
 		return 0, nil
 	}
 	b.mu.Lock()

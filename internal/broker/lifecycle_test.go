@@ -627,3 +627,75 @@ func TestRevokeSaysHowManyWereReissued(t *testing.T) {
 		t.Errorf("RevokeNow by a non-admin = %v", err)
 	}
 }
+
+// TestDeviceChangedEvents: every change of a device that Devices shows is an event about
+// the device (not a lease), also when no lease is there to tell of it — what lets the DRA
+// driver republish at once — and none when nothing changed. The events are recorded, so
+// a restarted broker numbers after them.
+func TestDeviceChangedEvents(t *testing.T) {
+	st := newMemStore()
+	dev := brokertest.NewDevice(dev0)
+	b, err := broker.NewWithOptions(restartCfg, brokertest.Opener(dev), nil, broker.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	sub := subscribe(t, b)
+	want := func(what, causedBy string) {
+		t.Helper()
+		select {
+		case e := <-sub.Events():
+			if e.Type != broker.EventDeviceChanged || e.Lease.BDF != dev0 || e.Lease.ID != "" || e.CausedBy != causedBy {
+				t.Fatalf("after %s: event %+v, want device_changed of %s caused by %q", what, e, dev0, causedBy)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no device_changed event after %s", what)
+		}
+	}
+	if !dev.Notify(broker.NoticeError) {
+		t.Fatal("no notice channel")
+	}
+	want("an error notice", "")
+	if _, err := b.SuspendDevice(dev0, admin); err != nil {
+		t.Fatal(err)
+	}
+	want("suspend", admin.String())
+	if _, err := b.ResumeDevice(dev0, admin); err != nil {
+		t.Fatal(err)
+	}
+	want("resume", admin.String())
+	if _, err := b.TSMChanged(dev0); err != nil { // nothing changed: no event
+		t.Fatal(err)
+	}
+	dev.SetInfo(func(i *broker.DeviceInfo) { i.TSM = broker.TSMState{Present: true, Connect: "tsm0"} })
+	if _, err := b.TSMChanged(dev0); err != nil {
+		t.Fatal(err)
+	}
+	want("a TSM connect", "")
+	if _, err := b.TSMChanged(dev0); err != nil { // the same state again: no event
+		t.Fatal(err)
+	}
+	if err := b.DeviceLost(dev0, errors.New("unplugged")); err != nil {
+		t.Fatal(err)
+	}
+	want("a loss without leases", "")
+	if err := b.DeviceLost(dev0, errors.New("again")); err != nil { // already lost: no event
+		t.Fatal(err)
+	}
+	if _, err := b.DeviceAvailable(dev0); err != nil {
+		t.Fatal(err)
+	}
+	want("the device back", "")
+	if _, err := b.DeviceAvailable(dev0); err != nil { // open already: no event
+		t.Fatal(err)
+	}
+	select {
+	case e := <-sub.Events():
+		t.Errorf("unexpected event %+v", e)
+	default:
+	}
+	// Every event was recorded: seqs 1..6, none for the device opened at the start.
+	if snap := st.snapshot(); snap.LastSeq != 6 || len(snap.Events) != 6 || snap.Events[0].Seq != 1 {
+		t.Errorf("recorded %d events up to seq %d, want 6 (1..6)", len(snap.Events), snap.LastSeq)
+	}
+}

@@ -75,6 +75,12 @@ func (m *model) drain() {
 			if !ok {
 				m.t.Fatalf("event subscription ended: %v", m.sub.Err())
 			}
+			if e.Type == broker.EventDeviceChanged { // about a device: no lease to apply it to
+				if e.Lease.ID != "" || e.Lease.BDF == "" {
+					m.t.Fatalf("device event %+v names a lease or no device", e)
+				}
+				continue
+			}
 			ml := m.byID[e.Lease.ID]
 			if ml == nil {
 				m.t.Fatalf("event %s for lease %s the model never granted", e.Type, e.Lease.ID)

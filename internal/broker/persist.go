@@ -101,6 +101,22 @@ func (b *Broker) emitCausedLocked(t EventType, l *lease, token, causedBy string)
 	return err
 }
 
+// emitDeviceLocked records and publishes an [EventDeviceChanged] of d; by names who
+// caused it, if anyone did. Like a lease event it takes a sequence number, so it is
+// recorded too: a restarted broker must not number another event with it.
+func (b *Broker) emitDeviceLocked(d *device, by string) {
+	e := Event{Seq: b.events.next, Time: b.now(), Type: EventDeviceChanged, Lease: Lease{BDF: d.policy.BDF}, CausedBy: by}
+	if b.store != nil {
+		if err := b.store.Commit([]Event{e}, nil, b.dropped); err != nil {
+			b.log.Error("recording a device change failed", "bdf", d.policy.BDF, "err", err)
+		} else {
+			b.dropped = b.dropped[:0]
+		}
+	}
+	b.events.append(e)
+	b.obs.Event(e)
+}
+
 // persistLocked records l without an event (a change no client was told of).
 func (b *Broker) persistLocked(l *lease) error { return b.commitLocked(nil, l) }
 

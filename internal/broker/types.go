@@ -473,6 +473,10 @@ const (
 	// EventFdRevoked: an ended-but-live lease's dma-buf is dead now (its device cycled or
 	// closed); Event.CausedBy says who caused the cycle.
 	EventFdRevoked EventType = "fd_revoked"
+	// EventDeviceChanged: a configured device changed in a way [Broker.Devices] shows
+	// (lost or unusable, opened again, suspended or resumed, its TSM state, an error
+	// reported). It is about no lease: its Lease carries only the device's BDF.
+	EventDeviceChanged EventType = "device_changed"
 )
 
 // Event is one lease transition.

@@ -65,6 +65,10 @@ type Options struct {
 	// outside the daemon are noticed (internal/devwatch). On in mmiobrokerd; tests on fake
 	// devices leave it off.
 	WatchDevices bool
+	// Serving, if set, is called with the broker just before READY=1: tests on fake
+	// devices use it to play the kernel's side of internal/devwatch (a device back,
+	// a TSM state change).
+	Serving func(*broker.Broker)
 }
 
 // Run serves until ctx ends, then stops gracefully and returns nil; or returns the error
@@ -233,6 +237,9 @@ func Run(ctx context.Context, opt Options) error {
 	log.Info("serving", "control_socket", d.ControlSocket, "claim_socket", d.ClaimSocket,
 		"devices", len(devs), "usable_devices", usable, "live_leases", liveLeases(b.Stats()),
 		"keeps_leases_across_restarts", st.keeps())
+	if opt.Serving != nil {
+		opt.Serving(b)
+	}
 	notifyLog(log, notify, "READY=1")
 	notifyLog(log, notify, fmt.Sprintf("STATUS=serving %d of %d devices", usable, len(devs)))
 	if wd := sd.WatchdogInterval(); wd > 0 {

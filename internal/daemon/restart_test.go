@@ -242,6 +242,83 @@ func TestClientResumesAcrossRestart(t *testing.T) {
 	}
 }
 
+// TestDeviceEventsAcrossRestart: device events are journaled like lease events — a
+// restarted daemon replays them and numbers after them — and a client's device-event
+// stream resumes across the restart still asking for them.
+func TestDeviceEventsAcrossRestart(t *testing.T) {
+	const bdf = "0000:00:03.0"
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sdm := systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})
+	dev := brokertest.NewDevice(bdf)
+	devices := fmt.Sprintf("[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid())
+	d1 := daemontest.StartWith(t, daemontest.Options{Systemd: sdm}, devices, dev)
+	c, err := client.Dial(d1.Control, client.WithClaimSocket(d1.Claim))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	type ev struct {
+		seq  uint64
+		typ  brokerv1.EventType
+		bdf  string
+		more bool // has a lease
+	}
+	// Seq 1, before the stream: a cursor after it leaves the stream no race to miss what
+	// follows.
+	if _, err := c.API().SuspendDevice(ctx, &brokerv1.SuspendDeviceRequest{Bdf: bdf}); err != nil {
+		t.Fatal(err)
+	}
+	events := make(chan ev, 16)
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go func() {
+		for e, err := range c.Watch(wctx, 1, client.WithDeviceEvents()) {
+			if err != nil {
+				t.Errorf("watch: %v", err)
+				return
+			}
+			events <- ev{e.GetSeq(), e.GetType(), e.GetBdf(), e.GetLease() != nil}
+		}
+	}()
+	changed := brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED
+	want := func(w ev) {
+		t.Helper()
+		select {
+		case got := <-events:
+			if got != w {
+				t.Errorf("event %+v, want %+v", got, w)
+			}
+		case <-ctx.Done():
+			t.Fatalf("no event, want %+v", w)
+		}
+	}
+	if _, err := c.API().ResumeDevice(ctx, &brokerv1.ResumeDeviceRequest{Bdf: bdf}); err != nil {
+		t.Fatal(err)
+	}
+	want(ev{2, changed, bdf, false})
+
+	if err := d1.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	daemontest.StartWith(t, daemontest.Options{Systemd: sdm, Dir: d1.Dir}, devices, dev)
+	// The resumed stream still asks for device events; numbering continues after them.
+	if _, err := c.API().SuspendDevice(ctx, &brokerv1.SuspendDeviceRequest{Bdf: bdf}, grpc.WaitForReady(true)); err != nil {
+		t.Fatal(err)
+	}
+	want(ev{3, changed, bdf, false})
+	// A new stream replays the journaled device event of the first run.
+	for e, err := range c.Watch(ctx, 1, client.WithDeviceEvents()) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.GetSeq() != 2 || e.GetType() != changed || e.GetBdf() != bdf || e.GetLease() != nil {
+			t.Errorf("replayed after seq 1: %v; want the resume's DEVICE_CHANGED (seq 2)", e)
+		}
+		break
+	}
+}
+
 // TestFreshJournalDropsKeptFds: fds in the store with no journal to account for them (it
 // was lost) are dropped at start: their dma-bufs must not outlive it unaccounted.
 func TestFreshJournalDropsKeptFds(t *testing.T) {

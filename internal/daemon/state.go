@@ -124,7 +124,12 @@ type journalStore struct{ j *journal.Journal }
 func (s journalStore) Commit(evs []broker.Event, recs []broker.Record, drop []string) error {
 	jevs := make([]journal.Event, len(evs))
 	for i, e := range evs {
-		jevs[i] = journal.Event{Seq: e.Seq, Time: e.Time, Type: string(e.Type), Lease: toJournal(broker.Record{Lease: e.Lease}), Token: e.Token, CausedBy: e.CausedBy}
+		jevs[i] = journal.Event{Seq: e.Seq, Time: e.Time, Type: string(e.Type), Token: e.Token, CausedBy: e.CausedBy}
+		if e.Type == broker.EventDeviceChanged {
+			jevs[i].Lease = journal.Lease{BDF: e.Lease.BDF} // about no lease
+		} else {
+			jevs[i].Lease = toJournal(broker.Record{Lease: e.Lease})
+		}
 	}
 	jls := make([]journal.Lease, len(recs))
 	for i, r := range recs {
@@ -199,6 +204,10 @@ func snapshot(j *journal.Journal, log *slog.Logger) (*broker.Snapshot, error) {
 		snap.Records = append(snap.Records, r)
 	}
 	for _, je := range st.Events {
+		if t := broker.EventType(je.Type); t == broker.EventDeviceChanged {
+			snap.Events = append(snap.Events, broker.Event{Seq: je.Seq, Time: je.Time, Type: t, Lease: broker.Lease{BDF: je.Lease.BDF}, CausedBy: je.CausedBy})
+			continue
+		}
 		r, err := fromJournal(je.Lease)
 		if err != nil {
 			bad = append(bad, fmt.Errorf("event %d: %w", je.Seq, err))

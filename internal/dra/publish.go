@@ -14,6 +14,7 @@ import (
 	"k8s.io/dynamic-resource-allocation/resourceslice"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/client"
 )
 
 // inventory is what one device list turns into.
@@ -74,9 +75,9 @@ func resources(pool string, devices []resourceapi.Device) resourceslice.DriverRe
 	return resourceslice.DriverResources{Pools: map[string]resourceslice.Pool{pool: p}}
 }
 
-// publishLoop lists the daemon's devices now, every Resync, and whenever an event says a
-// device changed (lost, a private lease ended by a TSM unbind, suspended or resumed), and
-// publishes what changed.
+// publishLoop lists the daemon's devices now, every Resync, and whenever the daemon says a
+// device changed (EVENT_TYPE_DEVICE_CHANGED: lost, opened again, suspended, resumed, a
+// TSM state change, an error), and publishes what changed.
 func (d *Driver) publishLoop(ctx context.Context) {
 	trigger := make(chan struct{}, 1)
 	d.wg.Add(1)
@@ -97,17 +98,9 @@ func (d *Driver) publishLoop(ctx context.Context) {
 	}
 }
 
-// deviceEvent reports whether a lease event means its device's state changed.
-func deviceEvent(e *brokerv1.Event) bool {
-	switch e.GetType() {
-	case brokerv1.EventType_EVENT_TYPE_DEVICE_LOST, brokerv1.EventType_EVENT_TYPE_SUSPENDED, brokerv1.EventType_EVENT_TYPE_RESUMED:
-		return true
-	}
-	return e.GetLease().GetEndReason() == brokerv1.EndReason_END_REASON_TSM_UNBOUND
-}
-
-// watchEvents follows the daemon's event stream and pokes trigger on device events, and
-// each time the stream is (re)opened, since events may have been missed meanwhile.
+// watchEvents follows the daemon's device events and pokes trigger on each, and each time
+// the stream is (re)opened, since events may have been missed meanwhile. (The stream also
+// carries the lease events the plugin, an admin, may see; they change no device.)
 func (d *Driver) watchEvents(ctx context.Context, trigger chan<- struct{}) {
 	poke := func() {
 		select {
@@ -116,13 +109,13 @@ func (d *Driver) watchEvents(ctx context.Context, trigger chan<- struct{}) {
 		}
 	}
 	for ctx.Err() == nil {
-		for e, err := range d.broker.Watch(ctx, 0) {
+		for e, err := range d.broker.Watch(ctx, 0, client.WithDeviceEvents()) {
 			if err != nil {
 				d.log.Warn("event stream of mmiobrokerd ended", "err", err)
 				break
 			}
-			if deviceEvent(e) {
-				d.log.Info("device event", "event", e.GetType().String(), "bdf", e.GetLease().GetBdf())
+			if e.GetType() == brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED {
+				d.log.Info("device changed", "bdf", e.GetBdf(), "by", e.GetCausedBy())
 				poke()
 			}
 		}

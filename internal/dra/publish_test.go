@@ -181,7 +181,7 @@ func TestPublishDeviceLost(t *testing.T) {
 		t.Errorf("device %s: %+v", b2.Name, b2)
 	}
 
-	// A lease on A, so that its loss is an event (DEVICE_LOST) that the plugin follows.
+	// A lease on A: the loss ends it too.
 	c := dratest.DialBroker(t, e.daemon.Control)
 	l, err := c.Allocate(context.Background(), client.AllocateOptions{BDF: bdfA, BAR: 0})
 	if err != nil {
@@ -200,17 +200,50 @@ func TestPublishDeviceLost(t *testing.T) {
 	}
 }
 
-// TestPublishResync: changes the daemon sends no event for — a device's TSM binding, an
-// error it raised — show at the next periodic list.
-func TestPublishResync(t *testing.T) {
-	e := newPublishEnv(t, 20*time.Millisecond)
+// TestPublishDeviceEvents: with the periodic list an hour away, every device change the
+// daemon reports (EVENT_TYPE_DEVICE_CHANGED) is published at once — a loss with no lease
+// on the device, the device coming back, a TSM binding, an error, a suspend.
+func TestPublishDeviceEvents(t *testing.T) {
+	e := newPublishEnv(t, time.Hour)
 	all := append(slices.Clone(namesA), namesB...)
+	dratest.WaitDevices(t, e.kube, all...)
+	e.health.wait(t, kubeletplugin.HealthStatusHealthy, "", all...)
+
+	if !e.devA.Notify(broker.NoticeRelease) { // no lease on A: only the device event tells
+		t.Fatal("device A has no notice channel")
+	}
+	dratest.WaitDevices(t, e.kube, namesB...)
+	e.health.wait(t, kubeletplugin.HealthStatusUnhealthy, "not usable", namesA...)
+
+	if _, err := e.daemon.Broker.DeviceAvailable(bdfA); err != nil { // as internal/devwatch on a rebind
+		t.Fatal(err)
+	}
 	dratest.WaitDevices(t, e.kube, all...)
 	e.health.wait(t, kubeletplugin.HealthStatusHealthy, "", all...)
 
 	e.devB.SetInfo(func(i *broker.DeviceInfo) {
 		i.TSM = broker.TSMState{Present: true, Connect: "tsm0", Bound: "tsm0"}
 	})
+	if _, err := e.daemon.Broker.TSMChanged(bdfB); err != nil { // as internal/devwatch's TSM check
+		t.Fatal(err)
+	}
+	waitTSMBound(t, e)
+
+	if !e.devB.Notify(broker.NoticeError) {
+		t.Fatal("device B has no notice channel")
+	}
+	e.health.wait(t, kubeletplugin.HealthStatusUnhealthy, "raised errors", namesB...)
+
+	c := dratest.DialBroker(t, e.daemon.Control)
+	if _, err := c.API().SuspendDevice(context.Background(), &brokerv1.SuspendDeviceRequest{Bdf: bdfA}); err != nil {
+		t.Fatal(err)
+	}
+	dratest.WaitDevices(t, e.kube, namesB...) // a suspended device takes no leases
+}
+
+// waitTSMBound waits until every device of B is published TSM-bound.
+func waitTSMBound(t *testing.T, e *publishEnv) {
+	t.Helper()
 	dratest.WaitFor(t, "device B TSM-bound in the slice", func() string {
 		devs, why := dratest.Published(t, e.kube)
 		if why != "" {
@@ -223,6 +256,20 @@ func TestPublishResync(t *testing.T) {
 		}
 		return ""
 	})
+}
+
+// TestPublishResync: changes the daemon has not noticed (its own TSM check runs every
+// 10 s; a device's info is read afresh by every list) show at the next periodic list.
+func TestPublishResync(t *testing.T) {
+	e := newPublishEnv(t, 20*time.Millisecond)
+	all := append(slices.Clone(namesA), namesB...)
+	dratest.WaitDevices(t, e.kube, all...)
+	e.health.wait(t, kubeletplugin.HealthStatusHealthy, "", all...)
+
+	e.devB.SetInfo(func(i *broker.DeviceInfo) {
+		i.TSM = broker.TSMState{Present: true, Connect: "tsm0", Bound: "tsm0"}
+	})
+	waitTSMBound(t, e)
 
 	// An error (AER) the device raised: still leasable, so still published, but Unhealthy.
 	if !e.devB.Notify(broker.NoticeError) {

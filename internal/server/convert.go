@@ -276,6 +276,8 @@ func eventTypeToProto(t broker.EventType) brokerv1.EventType {
 		return brokerv1.EventType_EVENT_TYPE_RESUMED
 	case broker.EventFdRevoked:
 		return brokerv1.EventType_EVENT_TYPE_FD_REVOKED
+	case broker.EventDeviceChanged:
+		return brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED
 	}
 	return brokerv1.EventType_EVENT_TYPE_UNSPECIFIED
 }

@@ -346,7 +346,14 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	}
 	defer done()
 	who := actor(id, admin)
-	sub, err := s.b.SubscribeFiltered(req.GetAfterSeq(), func(ev broker.Event) bool { return broker.MayView(who, ev.Lease) })
+	devices := req.GetDeviceEvents()
+	visible := func(ev *broker.Event) bool {
+		if ev.Type == broker.EventDeviceChanged {
+			return devices // about a device, which anyone may list
+		}
+		return broker.MayView(who, ev.Lease)
+	}
+	sub, err := s.b.SubscribeFiltered(req.GetAfterSeq(), func(ev broker.Event) bool { return visible(&ev) })
 	if err != nil {
 		return err
 	}
@@ -359,7 +366,7 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	}
 	send := func(ev *broker.Event) error {
 		switch {
-		case !broker.MayView(who, ev.Lease):
+		case !visible(ev):
 			return nil
 		case tokenFor(ev, id) != "":
 			return stream.Send(&brokerv1.WatchEventsResponse{Event: eventFor(*ev, id, who)})
@@ -428,13 +435,17 @@ func eventFor(ev broker.Event, id Identity, who broker.Actor) *brokerv1.Event {
 
 // eventProto converts ev for any watcher, without a claim token.
 func eventProto(ev *broker.Event) *brokerv1.Event {
-	return &brokerv1.Event{
+	e := &brokerv1.Event{
 		Seq:      ev.Seq,
 		Time:     timestamp(ev.Time),
 		Type:     eventTypeToProto(ev.Type),
-		Lease:    leaseToProto(ev.Lease),
 		CausedBy: ev.CausedBy,
+		Bdf:      ev.Lease.BDF,
 	}
+	if ev.Type != broker.EventDeviceChanged { // about a device, not a lease
+		e.Lease = leaseToProto(ev.Lease)
+	}
+	return e
 }
 
 // tokenFor returns the claim token of ev that the watcher id may see: a REISSUED event's,

@@ -289,3 +289,46 @@ func TestLastSeqHeader(t *testing.T) {
 		t.Errorf("header %s = %q, %v; want [\"2\"], the last event before the subscription", LastSeqHeader, got, err)
 	}
 }
+
+// TestWatchEventsDevices: a device's changes reach the streams that ask for them
+// (device_events), any caller's, as events with the device's address and no lease; other
+// streams never see them.
+func TestWatchEventsDevices(t *testing.T) {
+	e := newEnv(t)
+	open := func(u user, devices bool) grpc.ServerStreamingClient[brokerv1.WatchEventsResponse] {
+		s, err := e.client.WatchEvents(u.ctx(t), &brokerv1.WatchEventsRequest{DeviceEvents: devices})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Header(); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	adminAll, adminLeases, holderAll := open(root, true), open(root, false), open(holder2, true)
+	if _, err := e.client.SuspendDevice(root.ctx(t), &brokerv1.SuspendDeviceRequest{Bdf: bdfB}); err != nil {
+		t.Fatal(err)
+	}
+	l := e.allocate(holder2, oneRange(bdfA, 4, 0, page(1))).GetLease()
+	for name, s := range map[string]grpc.ServerStreamingClient[brokerv1.WatchEventsResponse]{"admin": adminAll, "holder2": holderAll} {
+		resp, err := s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ev := resp.GetEvent()
+		if ev.GetType() != brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED || ev.GetBdf() != bdfB || ev.GetLease() != nil ||
+			ev.GetSeq() != 1 || ev.GetCausedBy() == "" {
+			t.Errorf("%s's first event: %v; want DEVICE_CHANGED of %s (seq 1) caused by the admin, no lease", name, ev, bdfB)
+		}
+		if got := recv(t, s, 1); got[0] != (seen{2, evAllocated, l.GetId(), 1, false}) {
+			t.Errorf("%s's second event: %+v", name, got)
+		}
+	}
+	resp, err := adminLeases.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev := resp.GetEvent(); ev.GetSeq() != 2 || ev.GetBdf() != bdfA || ev.GetLease().GetId() != l.GetId() {
+		t.Errorf("a stream without device_events got %v first; want the allocation (seq 2, bdf %s)", ev, bdfA)
+	}
+}

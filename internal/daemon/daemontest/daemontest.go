@@ -31,6 +31,9 @@ type Daemon struct {
 	Config *config.Config
 	// Dir holds the sockets and the journal.
 	Dir string
+	// Broker is the daemon's broker, for tests that play the kernel's side of device
+	// changes (Broker.DeviceAvailable, Broker.TSMChanged), as internal/devwatch does.
+	Broker *broker.Broker
 
 	stop     func()
 	done     chan error
@@ -105,7 +108,8 @@ func StartWith(t testing.TB, opt Options, devices string, devs ...*brokertest.De
 			Systemd: sd,
 			FDLimit: 1 << 20, // the test process's own limit is not what these tests are about
 			Config:  cfg, Resolved: res, Opener: opener,
-			Log: slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+			Serving: func(b *broker.Broker) { d.Broker = b },
+			Log:     slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 			Notify: func(s string) error {
 				d.mu.Lock()
 				d.states = append(d.states, s)

@@ -397,6 +397,12 @@ const (
 	// An ended-but-live lease's dma-buf is dead now in every process: its device cycled (or
 	// closed). Lease.fd_dead is true; Event.caused_by names who caused the cycle.
 	EventType_EVENT_TYPE_FD_REVOKED EventType = 12
+	// A configured device changed in a way ListDevices shows, with or without a lease
+	// transition: it was lost or became unusable, it opened again, it was suspended or
+	// resumed, its TSM state changed, or it reported an error. Event.lease is unset and
+	// Event.bdf names the device: GetDevice says what it is now. Sent only on streams that
+	// ask for it (WatchEventsRequest.device_events).
+	EventType_EVENT_TYPE_DEVICE_CHANGED EventType = 13
 )
 
 // Enum value maps for EventType.
@@ -415,6 +421,7 @@ var (
 		10: "EVENT_TYPE_SUSPENDED",
 		11: "EVENT_TYPE_RESUMED",
 		12: "EVENT_TYPE_FD_REVOKED",
+		13: "EVENT_TYPE_DEVICE_CHANGED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":      0,
@@ -430,6 +437,7 @@ var (
 		"EVENT_TYPE_SUSPENDED":        10,
 		"EVENT_TYPE_RESUMED":          11,
 		"EVENT_TYPE_FD_REVOKED":       12,
+		"EVENT_TYPE_DEVICE_CHANGED":   13,
 	}
 )
 
@@ -1398,8 +1406,12 @@ type Event struct {
 	ClaimToken string `protobuf:"bytes,5,opt,name=claim_token,json=claimToken,proto3" json:"claim_token,omitempty"`
 	// Who caused the device cycle behind a REISSUED, FD_REVOKED or REVOKED event: a tenant
 	// ("uid=1000", "uid=107,cgroup=…"), an admin ("uid 0 (admin) pid 42"), or "broker …" (its
-	// own security ends, a restart); empty for other events.
-	CausedBy      string `protobuf:"bytes,6,opt,name=caused_by,json=causedBy,proto3" json:"caused_by,omitempty"`
+	// own security ends, a restart); empty for other events. On a DEVICE_CHANGED event of a
+	// suspend or resume, the admin who asked.
+	CausedBy string `protobuf:"bytes,6,opt,name=caused_by,json=causedBy,proto3" json:"caused_by,omitempty"`
+	// The PCI address of the device the event is about (the lease's device, or the device of
+	// a DEVICE_CHANGED event).
+	Bdf           string `protobuf:"bytes,7,opt,name=bdf,proto3" json:"bdf,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1472,6 +1484,13 @@ func (x *Event) GetClaimToken() string {
 func (x *Event) GetCausedBy() string {
 	if x != nil {
 		return x.CausedBy
+	}
+	return ""
+}
+
+func (x *Event) GetBdf() string {
+	if x != nil {
+		return x.Bdf
 	}
 	return ""
 }
@@ -3363,7 +3382,11 @@ type WatchEventsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Resume cursor: the seq of the last event the client has seen. 0 streams only events
 	// that happen after the call; N > 0 first replays the retained events with seq > N.
-	AfterSeq      uint64 `protobuf:"varint,1,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	AfterSeq uint64 `protobuf:"varint,1,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	// Also stream DEVICE_CHANGED events (of every configured device: anyone may list
+	// devices). Off by default, so that a client written for lease events never sees an event
+	// without a lease.
+	DeviceEvents  bool `protobuf:"varint,2,opt,name=device_events,json=deviceEvents,proto3" json:"device_events,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3403,6 +3426,13 @@ func (x *WatchEventsRequest) GetAfterSeq() uint64 {
 		return x.AfterSeq
 	}
 	return 0
+}
+
+func (x *WatchEventsRequest) GetDeviceEvents() bool {
+	if x != nil {
+		return x.DeviceEvents
+	}
+	return false
 }
 
 // WatchEventsResponse carries one event.
@@ -4024,7 +4054,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\bclaimant\x18\x19 \x01(\v2\x17.mmiobroker.v1.ClaimantR\bclaimant\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xe1\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf3\x01\n" +
 	"\x05Event\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12,\n" +
@@ -4032,7 +4062,8 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x05lease\x18\x04 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\x12\x1f\n" +
 	"\vclaim_token\x18\x05 \x01(\tR\n" +
 	"claimToken\x12\x1b\n" +
-	"\tcaused_by\x18\x06 \x01(\tR\bcausedBy\"\xe4\x01\n" +
+	"\tcaused_by\x18\x06 \x01(\tR\bcausedBy\x12\x10\n" +
+	"\x03bdf\x18\a \x01(\tR\x03bdf\"\xe4\x01\n" +
 	"\x04Host\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12,\n" +
 	"\x06probes\x18\x02 \x03(\v2\x14.mmiobroker.v1.ProbeR\x06probes\x120\n" +
@@ -4169,9 +4200,10 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x13ReleaseLeaseRequest\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\"B\n" +
 	"\x14ReleaseLeaseResponse\x12*\n" +
-	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"1\n" +
+	"\x05lease\x18\x01 \x01(\v2\x14.mmiobroker.v1.LeaseR\x05lease\"V\n" +
 	"\x12WatchEventsRequest\x12\x1b\n" +
-	"\tafter_seq\x18\x01 \x01(\x04R\bafterSeq\"A\n" +
+	"\tafter_seq\x18\x01 \x01(\x04R\bafterSeq\x12#\n" +
+	"\rdevice_events\x18\x02 \x01(\bR\fdeviceEvents\"A\n" +
 	"\x13WatchEventsResponse\x12*\n" +
 	"\x05event\x18\x01 \x01(\v2\x14.mmiobroker.v1.EventR\x05event\"[\n" +
 	"\x11RenewLeaseRequest\x12\x19\n" +
@@ -4225,7 +4257,7 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x19END_REASON_JOURNAL_FAILED\x10\t\x12\x1d\n" +
 	"\x19END_REASON_RESTORE_FAILED\x10\n" +
 	"\x12\x1a\n" +
-	"\x16END_REASON_TSM_UNBOUND\x10\v*\xdd\x02\n" +
+	"\x16END_REASON_TSM_UNBOUND\x10\v*\xfc\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14EVENT_TYPE_ALLOCATED\x10\x01\x12\x16\n" +
@@ -4240,7 +4272,8 @@ const file_mmiobroker_v1_broker_proto_rawDesc = "" +
 	"\x14EVENT_TYPE_SUSPENDED\x10\n" +
 	"\x12\x16\n" +
 	"\x12EVENT_TYPE_RESUMED\x10\v\x12\x19\n" +
-	"\x15EVENT_TYPE_FD_REVOKED\x10\f*\x8e\x01\n" +
+	"\x15EVENT_TYPE_FD_REVOKED\x10\f\x12\x1d\n" +
+	"\x19EVENT_TYPE_DEVICE_CHANGED\x10\r*\x8e\x01\n" +
 	"\n" +
 	"HolderRole\x12\x1b\n" +
 	"\x17HOLDER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n" +
