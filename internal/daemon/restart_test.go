@@ -100,22 +100,49 @@ func TestRestartKeepsLeases(t *testing.T) {
 	})
 }
 
+// restartable is a daemon under a fake systemd with the fd store on (so it can restart
+// keeping its leases) on one fake device, and a client of it.
+type restartable struct {
+	bdf    string
+	sdm    *systemdtest.Manager
+	dev    *brokertest.Device
+	config string // the daemon's [[device]] configuration, prefixed by the test's
+	d      *daemontest.Daemon
+	c      *client.Client
+}
+
+func startRestartable(t *testing.T, prefix string) *restartable {
+	t.Helper()
+	r := &restartable{bdf: "0000:00:03.0", sdm: systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})}
+	r.dev = brokertest.NewDevice(r.bdf)
+	r.config = prefix + fmt.Sprintf("[[device]]\naddress = %q\nallow_uids = [%d]\n", r.bdf, os.Getuid())
+	r.d = daemontest.StartWith(t, daemontest.Options{Systemd: r.sdm}, r.config, r.dev)
+	c, err := client.Dial(r.d.Control, client.WithClaimSocket(r.d.Claim))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	r.c = c
+	return r
+}
+
+// restart stops the daemon and starts it again on the same directory and fd store.
+func (r *restartable) restart(t *testing.T) {
+	t.Helper()
+	if err := r.d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	r.d = daemontest.StartWith(t, daemontest.Options{Systemd: r.sdm, Dir: r.d.Dir}, r.config, r.dev)
+}
+
 // TestDrainingStopReachesWatchers stops a daemon that drains (on_stop = "drain", and
 // always without the fd store): every lease ends, and watchers get those events before
 // their stream ends.
 func TestDrainingStopReachesWatchers(t *testing.T) {
-	const bdf = "0000:00:03.0"
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	sdm := systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})
-	dev := brokertest.NewDevice(bdf)
-	cfg := fmt.Sprintf("on_stop = \"drain\"\n[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid())
-	d := daemontest.StartWith(t, daemontest.Options{Systemd: sdm}, cfg, dev)
-	c, err := client.Dial(d.Control, client.WithClaimSocket(d.Claim))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	r := startRestartable(t, "on_stop = \"drain\"\n")
+	bdf, d, c, dev := r.bdf, r.d, r.c, r.dev
 	l, err := c.Allocate(ctx, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}}})
 	if err != nil {
 		t.Fatal(err)
@@ -150,18 +177,10 @@ func TestDrainingStopReachesWatchers(t *testing.T) {
 // restart by themselves: the Watch sees every event once, in order, and the hold claims
 // a reissue that happens after the restart.
 func TestClientResumesAcrossRestart(t *testing.T) {
-	const bdf = "0000:00:03.0"
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	sdm := systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})
-	dev := brokertest.NewDevice(bdf)
-	devices := fmt.Sprintf("[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid())
-	d1 := daemontest.StartWith(t, daemontest.Options{Systemd: sdm}, devices, dev)
-	c, err := client.Dial(d1.Control, client.WithClaimSocket(d1.Claim))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	r := startRestartable(t, "")
+	bdf, c := r.bdf, r.c
 	reissued := make(chan client.ClaimInfo, 1)
 	h, err := c.AllocateAndHold(ctx, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}}},
 		client.HoldOptions{OnReissue: func(_ *os.File, info client.ClaimInfo) { reissued <- info }})
@@ -202,10 +221,7 @@ func TestClientResumesAcrossRestart(t *testing.T) {
 		}
 	}
 
-	if err := d1.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	daemontest.StartWith(t, daemontest.Options{Systemd: sdm, Dir: d1.Dir}, devices, dev)
+	r.restart(t)
 	// After the restart: revoking the other lease cycles the device and reissues the held
 	// one; the hold, on its resumed stream, claims the new generation.
 	// (The test daemon listens itself, so its socket is gone for a moment; under systemd
@@ -246,18 +262,10 @@ func TestClientResumesAcrossRestart(t *testing.T) {
 // restarted daemon replays them and numbers after them — and a client's device-event
 // stream resumes across the restart still asking for them.
 func TestDeviceEventsAcrossRestart(t *testing.T) {
-	const bdf = "0000:00:03.0"
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	sdm := systemdtest.Start(t, systemdtest.Options{FDStoreMax: 64})
-	dev := brokertest.NewDevice(bdf)
-	devices := fmt.Sprintf("[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid())
-	d1 := daemontest.StartWith(t, daemontest.Options{Systemd: sdm}, devices, dev)
-	c, err := client.Dial(d1.Control, client.WithClaimSocket(d1.Claim))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	r := startRestartable(t, "")
+	bdf, c := r.bdf, r.c
 	type ev struct {
 		seq  uint64
 		typ  brokerv1.EventType
@@ -298,10 +306,7 @@ func TestDeviceEventsAcrossRestart(t *testing.T) {
 	}
 	want(ev{2, changed, bdf, false})
 
-	if err := d1.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	daemontest.StartWith(t, daemontest.Options{Systemd: sdm, Dir: d1.Dir}, devices, dev)
+	r.restart(t)
 	// The resumed stream still asks for device events; numbering continues after them.
 	if _, err := c.API().SuspendDevice(ctx, &brokerv1.SuspendDeviceRequest{Bdf: bdf}, grpc.WaitForReady(true)); err != nil {
 		t.Fatal(err)
