@@ -14,7 +14,7 @@ import (
 
 // Samples shaped like docs/kernel.md §4.1 (fs/proc/fd.c then dma_buf_show_fdinfo).
 const (
-	vfioFDInfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1041\nsize:\t1048576\ncount:\t2\nexp_name:\tvfio_pci_core\nname:\tlease-7f3a/bar0\n"
+	vfioFDInfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1041\nsize:\t1048576\ncount:\t2\nexp_name:\tvfio_pci_core\nname:\tmmb-35add933c68d16d74b0b32d1\n"
 	// Unnamed; an unknown trailing key as later kernels may add.
 	udmabufFDInfo = "pos:\t0\nflags:\t0100002\nmnt_id:\t16\nino:\t7\nsize:\t8192\ncount:\t1\nexp_name:\tudmabuf\nfuture_key:\t42\n"
 	// An eventfd: generic lines only.
@@ -26,9 +26,9 @@ func TestParseFDInfo(t *testing.T) {
 		name, text string
 		want       FDInfo
 	}{
-		{"vfio", vfioFDInfo, FDInfo{Pos: 0, Flags: 0o2000002, MntID: 16, Inode: 1041, Size: 1 << 20, Count: 2, ExpName: "vfio_pci_core", Name: "lease-7f3a/bar0"}},
+		{"vfio", vfioFDInfo, FDInfo{Pos: 0, Flags: 0o2000002, MntID: 16, Inode: 1041, Size: 1 << 20, Count: 2, ExpName: "vfio_pci_core", Name: "mmb-35add933c68d16d74b0b32d1"}},
 		{"udmabuf", udmabufFDInfo, FDInfo{Flags: 0o100002, MntID: 16, Inode: 7, Size: 8192, Count: 1, ExpName: "udmabuf"}},
-		{"no trailing newline", strings.TrimSuffix(vfioFDInfo, "\n"), FDInfo{Flags: 0o2000002, MntID: 16, Inode: 1041, Size: 1 << 20, Count: 2, ExpName: "vfio_pci_core", Name: "lease-7f3a/bar0"}},
+		{"no trailing newline", strings.TrimSuffix(vfioFDInfo, "\n"), FDInfo{Flags: 0o2000002, MntID: 16, Inode: 1041, Size: 1 << 20, Count: 2, ExpName: "vfio_pci_core", Name: "mmb-35add933c68d16d74b0b32d1"}},
 		{"name with spaces and colon", "ino:\t1\nsize:\t4096\ncount:\t0\nexp_name:\tx\nname:\t a: b \n", FDInfo{Inode: 1, Size: 4096, ExpName: "x", Name: " a: b "}},
 		{"space instead of tab", "ino: 1\nsize: 4096\ncount: 0\nexp_name: x\n", FDInfo{Inode: 1, Size: 4096, ExpName: "x"}},
 		// A name with a newline cannot override what the kernel printed before it.

@@ -25,9 +25,10 @@ type SparseArea struct {
 
 // parseCaps walks the capability chain in buf, the whole INFO buffer as the kernel filled
 // it (fixed struct of fixed bytes, then capabilities). first is the info struct's
-// cap_offset; 0 means no chain. Every offset is bounds-checked: a capability may not
-// overlap the fixed struct or run past buf, and each next offset must lie beyond the
-// current header, so the walk always terminates. It never panics.
+// cap_offset; 0 means no chain. Each header is read through infoCapHeader. Every offset
+// is bounds-checked: a capability may not overlap the fixed struct or run past buf, and
+// each next offset must lie beyond the current header, so the walk always terminates. It
+// never panics.
 func parseCaps(buf []byte, first, fixed uint32) ([]Cap, error) {
 	if first == 0 {
 		return nil, nil
@@ -41,23 +42,24 @@ func parseCaps(buf []byte, first, fixed uint32) ([]Cap, error) {
 		if off+uint64(sizeofCapHeader) > n {
 			return caps, fmt.Errorf("capability header at offset %d runs past the %d-byte buffer", off, n)
 		}
-		h := buf[off:]
-		id := binary.NativeEndian.Uint16(h[0:2])
-		ver := binary.NativeEndian.Uint16(h[2:4])
-		next := uint64(binary.NativeEndian.Uint32(h[4:8]))
+		var h infoCapHeader
+		if err := readMirror(buf[off:], &h); err != nil {
+			return caps, fmt.Errorf("capability header at offset %d: %w", off, err)
+		}
+		next := uint64(h.Next)
 		end := n
 		if next != 0 {
 			if next < off+uint64(sizeofCapHeader) {
-				return caps, fmt.Errorf("capability %d at offset %d links back to offset %d", id, off, next)
+				return caps, fmt.Errorf("capability %d at offset %d links back to offset %d", h.ID, off, next)
 			}
 			if next > n {
-				return caps, fmt.Errorf("capability %d at offset %d links to offset %d beyond the %d-byte buffer", id, off, next, n)
+				return caps, fmt.Errorf("capability %d at offset %d links to offset %d beyond the %d-byte buffer", h.ID, off, next, n)
 			}
 			end = next
 		}
 		caps = append(caps, Cap{
-			ID:      id,
-			Version: ver,
+			ID:      h.ID,
+			Version: h.Version,
 			Offset:  uint32(off),
 			Data:    buf[off+uint64(sizeofCapHeader) : end : end],
 		})
@@ -66,38 +68,68 @@ func parseCaps(buf []byte, first, fixed uint32) ([]Cap, error) {
 	return caps, nil
 }
 
-// sparseAreas decodes a VFIO_REGION_INFO_CAP_SPARSE_MMAP body: nr_areas, reserved, then
-// nr_areas {offset, size} pairs.
-func sparseAreas(c Cap) ([]SparseArea, error) {
-	body := sizeofSparseMmap - sizeofCapHeader // nr_areas + reserved
-	if uint64(len(c.Data)) < uint64(body) {
-		return nil, fmt.Errorf("sparse mmap capability at offset %d: %d-byte body, want at least %d", c.Offset, len(c.Data), body)
+// readMirror reads *v, a mirrored kernel struct, from the start of b: each field from its
+// offset in the C layout, in the host's byte order. encoding/binary lays a struct out
+// without padding, which is the C layout for the mirrors read here (TestCapMirrorsPacked
+// checks; TestUAPI checks their offsets against the kernel's). b need not be aligned. It
+// fails when b is shorter than the struct.
+func readMirror[T any](b []byte, v *T) error {
+	if _, err := binary.Decode(b, binary.NativeEndian, v); err != nil {
+		return fmt.Errorf("%d bytes for a %d-byte %T: %w", len(b), binary.Size(v), *v, err)
 	}
-	nr := uint64(binary.NativeEndian.Uint32(c.Data[0:4]))
-	if need := uint64(body) + nr*uint64(sizeofSparseArea); need > uint64(len(c.Data)) {
+	return nil
+}
+
+// readCap reads capability c into *v, the mirror of a capability struct whose first field
+// is its infoCapHeader: the header from c.ID and c.Version (Next is left 0), the fields
+// after it from c.Data at their offsets in the mirror. It fails when c.Data is shorter
+// than the mirror's body.
+func readCap[T any](c Cap, v *T) error {
+	size := binary.Size(v)
+	if body := size - int(sizeofCapHeader); body < 0 || len(c.Data) < body {
+		return fmt.Errorf("%d-byte body, want at least %d", len(c.Data), body)
+	}
+	raw := make([]byte, size)
+	if _, err := binary.Encode(raw, binary.NativeEndian, infoCapHeader{ID: c.ID, Version: c.Version}); err != nil {
+		return err
+	}
+	copy(raw[sizeofCapHeader:], c.Data)
+	return readMirror(raw, v)
+}
+
+// sparseAreas decodes a VFIO_REGION_INFO_CAP_SPARSE_MMAP capability through capSparseMmap
+// (nr_areas, reserved) and the nr_areas sparseMmapArea entries that follow it.
+func sparseAreas(c Cap) ([]SparseArea, error) {
+	var s capSparseMmap
+	if err := readCap(c, &s); err != nil {
+		return nil, fmt.Errorf("sparse mmap capability at offset %d: %w", c.Offset, err)
+	}
+	body := uint64(sizeofSparseMmap - sizeofCapHeader)
+	nr := uint64(s.NrAreas)
+	if need := body + nr*uint64(sizeofSparseArea); need > uint64(len(c.Data)) {
 		return nil, fmt.Errorf("sparse mmap capability at offset %d: %d areas need %d bytes, have %d", c.Offset, nr, need, len(c.Data))
 	}
 	areas := make([]SparseArea, nr)
-	for i := range areas {
-		a := c.Data[uint64(body)+uint64(i)*uint64(sizeofSparseArea):]
-		areas[i] = SparseArea{
-			Offset: binary.NativeEndian.Uint64(a[0:8]),
-			Size:   binary.NativeEndian.Uint64(a[8:16]),
-		}
+	if nr == 0 {
+		return areas, nil
+	}
+	raw := make([]sparseMmapArea, nr)
+	if err := readMirror(c.Data[body:], &raw); err != nil {
+		return nil, fmt.Errorf("sparse mmap capability at offset %d: %w", c.Offset, err)
+	}
+	for i, a := range raw {
+		areas[i] = SparseArea{Offset: a.Offset, Size: a.Size}
 	}
 	return areas, nil
 }
 
-// regionType decodes a VFIO_REGION_INFO_CAP_TYPE body: type, subtype.
+// regionType decodes a VFIO_REGION_INFO_CAP_TYPE capability through capType.
 func regionType(c Cap) (RegionType, error) {
-	body := sizeofCapType - sizeofCapHeader
-	if uint64(len(c.Data)) < uint64(body) {
-		return RegionType{}, fmt.Errorf("type capability at offset %d: %d-byte body, want %d", c.Offset, len(c.Data), body)
+	var ct capType
+	if err := readCap(c, &ct); err != nil {
+		return RegionType{}, fmt.Errorf("type capability at offset %d: %w", c.Offset, err)
 	}
-	return RegionType{
-		Type:    binary.NativeEndian.Uint32(c.Data[0:4]),
-		Subtype: binary.NativeEndian.Uint32(c.Data[4:8]),
-	}, nil
+	return RegionType{Type: ct.Type, Subtype: ct.Subtype}, nil
 }
 
 // decodeRegionCaps fills the capability-derived fields of r from caps.

@@ -149,6 +149,68 @@ func TestSparseRejectsShortBody(t *testing.T) {
 	}
 }
 
+// parseCaps and the capability decoders read through the mirrored structs with
+// encoding/binary, which packs fields one after another: that is the C layout only while a
+// mirror has no implicit padding, so binary's size of each must be its Go size (which
+// TestUAPI compares with the kernel's, field offsets included).
+func TestCapMirrorsPacked(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		v    any
+		size uint32
+	}{
+		{"infoCapHeader", infoCapHeader{}, sizeofCapHeader},
+		{"capSparseMmap", capSparseMmap{}, sizeofSparseMmap},
+		{"sparseMmapArea", sparseMmapArea{}, sizeofSparseArea},
+		{"capType", capType{}, sizeofCapType},
+	} {
+		if got := binary.Size(tt.v); got != int(tt.size) {
+			t.Errorf("encoding/binary lays out %s in %d bytes, the struct has %d", tt.name, got, tt.size)
+		}
+	}
+}
+
+// A chain at an odd address decodes the same: the decoders copy, they do not cast.
+func TestParseCapsUnaligned(t *testing.T) {
+	areas := []SparseArea{{0x1000, 0x1000}}
+	buf, first := buildChain(32,
+		capSpec{VFIO_REGION_INFO_CAP_TYPE, 1, typeBody(3, 4)},
+		capSpec{VFIO_REGION_INFO_CAP_SPARSE_MMAP, 2, sparseBody(areas...)},
+	)
+	odd := append([]byte{0xff}, buf...)[1:]
+	caps, err := parseCaps(odd, first, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(caps) != 2 || caps[1].ID != VFIO_REGION_INFO_CAP_SPARSE_MMAP || caps[1].Version != 2 {
+		t.Fatalf("caps = %+v", caps)
+	}
+	var r RegionInfo
+	if err := decodeRegionCaps(&r, caps); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(areas, r.Sparse); diff != "" {
+		t.Errorf("sparse areas (-want +got):\n%s", diff)
+	}
+	if r.Type == nil || *r.Type != (RegionType{3, 4}) {
+		t.Errorf("type = %+v", r.Type)
+	}
+}
+
+// readCap gives the mirror the capability's header as well as its body.
+func TestReadCap(t *testing.T) {
+	var ct capType
+	if err := readCap(Cap{ID: VFIO_REGION_INFO_CAP_TYPE, Version: 1, Data: typeBody(7, 8)}, &ct); err != nil {
+		t.Fatal(err)
+	}
+	if ct.Header.ID != VFIO_REGION_INFO_CAP_TYPE || ct.Header.Version != 1 || ct.Header.Next != 0 || ct.Type != 7 || ct.Subtype != 8 {
+		t.Errorf("readCap = %+v", ct)
+	}
+	if err := readCap(Cap{Data: make([]byte, 7)}, &ct); err == nil {
+		t.Error("readCap read a capType from a 7-byte body")
+	}
+}
+
 func FuzzParseCaps(f *testing.F) {
 	seed, first := buildChain(32,
 		capSpec{VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, sparseBody(SparseArea{0, 0x1000}, SparseArea{0x2000, 0x1000})},
