@@ -13,26 +13,27 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
-// Sample messages with ids of another shape than the daemon's (the wire format takes any printable
-// id). docs/claim-protocol.md's own examples are checked against the encoder by test/docs.
+// Sample messages: the examples of docs/claim-protocol.md §9, with a lease id and token of
+// the daemon's shape (24 and 32 hex digits; the wire format takes any printable id).
+// test/docs checks the same hexdumps against the encoder from the document itself.
 var (
-	exampleRequest = Request{LeaseID: "KZ4TQJ6M3WBRXHC2N5YDLPAVGE", Token: "T3MJ2QW7ZK4XC6PRVN5BHYDLAE"}
-	exampleReply   = Reply{Code: CodeOK, LeaseID: "KZ4TQJ6M3WBRXHC2N5YDLPAVGE", Generation: 2,
+	exampleRequest = Request{LeaseID: "bc6aa2a3bc934f5b0cfd53cf", Token: "0dee6c6c3fcb789887f23a6807a13f60"}
+	exampleReply   = Reply{Code: CodeOK, LeaseID: "bc6aa2a3bc934f5b0cfd53cf", Generation: 2,
 		Size: 0x10000, Inode: 0x1c3f, BDF: "0000:00:03.0", BAR: 0}
-	exampleError = Reply{Code: CodeBadToken, LeaseID: "KZ4TQJ6M3WBRXHC2N5YDLPAVGE",
+	exampleError = Reply{Code: CodeBadToken, LeaseID: "bc6aa2a3bc934f5b0cfd53cf",
 		Message: "claim token does not match"}
 )
 
-// The hexdumps in docs/claim-protocol.md, byte for byte.
+// The hexdumps in docs/claim-protocol.md §9, byte for byte: one string per 16-byte row.
 const (
-	exampleRequestHex = "4d4d4243010001004800000000000000" + "1a001a004b5a3454514a364d33574252" +
-		"584843324e3559444c50415647455433" + "4d4a325157375a4b345843365052564e" + "35424859444c4145"
-	exampleReplyHex = "4d4d4243010002005e00000000000000" + "02000000000000000000010000000000" +
-		"3f1c000000000000000000001a000c00" + "00000000000000004b5a3454514a364d" +
-		"33574252584843324e3559444c504156" + "4745303030303a30303a30332e30"
-	exampleErrorHex = "4d4d4243010002006c00000004000000" + "00000000000000000000000000000000" +
-		"000000000000000000000000" + "1a000000" + "1a000000000000004b5a3454514a364d" +
-		"33574252584843324e3559444c504156" + "4745636c61696d20746f6b656e20646f" + "6573206e6f74206d61746368"
+	exampleRequestHex = "4d4d4243010001004c00000000000000" + "18002000626336616132613362633933" +
+		"34663562306366643533636630646565" + "36633663336663623738393838376632" + "336136383037613133663630"
+	exampleReplyHex = "4d4d4243010002005c00000000000000" + "02000000000000000000010000000000" +
+		"3f1c0000000000000000000018000c00" + "00000000000000006263366161326133" +
+		"62633933346635623063666435336366" + "303030303a30303a30332e30"
+	exampleErrorHex = "4d4d4243010002006a00000004000000" + "00000000000000000000000000000000" +
+		"00000000000000000000000018000000" + "1a000000000000006263366161326133" +
+		"62633933346635623063666435336366" + "636c61696d20746f6b656e20646f6573" + "206e6f74206d61746368"
 )
 
 func TestRequestRoundTrip(t *testing.T) {

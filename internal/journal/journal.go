@@ -690,7 +690,7 @@ func (j *Journal) Commit(events []Event, leases []Lease, drop []string) error {
 	return nil
 }
 
-// maxIDLen bounds lease ids (bbolt's key limit is 32 KiB; ids are 26 characters).
+// maxIDLen bounds lease ids (bbolt's key limit is 32 KiB; the broker's ids are 24 hex digits).
 const maxIDLen = 1024
 
 // checkCommit validates the input of a Commit that does not depend on stored state.

@@ -19,8 +19,8 @@ import (
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
+	"github.com/mmiobroker/mmiobroker/client/iommufd"
 	"github.com/mmiobroker/mmiobroker/internal/dmabuf"
-	"github.com/mmiobroker/mmiobroker/internal/iommufd"
 )
 
 // With claimcStage set, the test binary is the VMM of TestClaimC/ClaimAndReclaim.
@@ -357,13 +357,14 @@ func claimcLeaseFD(generation string) (f *os.File, id string, inode uint64, err 
 	return os.NewFile(3, "lease-"+id), id, st.Ino, nil
 }
 
-// claimcImport maps the whole dma-buf into a fresh iommufd IOAS, as a VMM would, and
-// reports "yes"; on the stock kernel, which has no iommufd, it reports "-".
+// claimcImport maps the whole dma-buf into a fresh iommufd IOAS with the importer a VMM
+// uses (client/iommufd), and reports "yes"; on the stock kernel, which has no iommufd, it
+// reports "-". Errors keep the kernel's errno (ENODEV for a revoked dma-buf).
 func claimcImport(f *os.File) (string, error) {
 	if !iommufdKernel() {
 		return "-", nil
 	}
-	io, err := iommufd.Open("/dev")
+	io, err := iommufd.Open("")
 	if err != nil {
 		return "", err
 	}
@@ -372,8 +373,12 @@ func claimcImport(f *os.File) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if _, err := io.MapFile(ioas, f, 0, claimcSize, 0x100000, iommufd.MapFixedIOVA|iommufd.MapReadable|iommufd.MapWriteable); err != nil {
+	m, err := ioas.Map(f, iommufd.MapOptions{IOVA: 0x100000, Fixed: true})
+	if err != nil {
 		return "", err
+	}
+	if m.IOVA != 0x100000 || m.Length != claimcSize {
+		return "", fmt.Errorf("mapped %d bytes at IOVA %#x, want %d at 0x100000", m.Length, m.IOVA, claimcSize)
 	}
 	return "yes", nil
 }
