@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/protobuf/testing/protocmp"
 	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/types"
+	drahealthv1 "k8s.io/kubelet/pkg/apis/dra-health/v1"
 	drapbv1 "k8s.io/kubelet/pkg/apis/dra/v1"
 	cdispec "tags.cncf.io/container-device-interface/specs-go"
 
@@ -379,4 +381,66 @@ func TestPrepareRefuses(t *testing.T) {
 	if msg := k.Unprepare(bad); !strings.Contains(msg, "not a uid") {
 		t.Errorf("unprepare of claim uid %q: %q, want not a uid", bad.UID, msg)
 	}
+}
+
+// TestKubeletHealthStream watches device health as the kubelet does: over the plugin's
+// DRAResourceHealth service (advertised at registration) on its real DRA socket. Every
+// device of every leasable BAR is reported; an admin's suspend of a device makes its
+// devices Unhealthy on the stream at once (the daemon's DEVICE_CHANGED event, the periodic
+// list 10 s away), and the resume makes them Healthy again.
+func TestKubeletHealthStream(t *testing.T) {
+	e, _ := newKubeletEnv(t)
+	k := dratest.RegisterPlugin(t, e.registry)
+	if !slices.Contains(k.Info.GetSupportedVersions(), drahealthv1.DRAResourceHealthService) {
+		t.Fatalf("registration advertises %v, without %s", k.Info.GetSupportedVersions(), drahealthv1.DRAResourceHealthService)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	stream, err := k.Health.NodeWatchResources(ctx, &drahealthv1.NodeWatchResourcesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	latest := map[string]drahealthv1.HealthStatus{}
+	// until reads reports until every device of want has its health.
+	until := func(what string, want map[string]drahealthv1.HealthStatus) {
+		t.Helper()
+		for {
+			done := true
+			for name, h := range want {
+				done = done && latest[name] == h
+			}
+			if done {
+				return
+			}
+			resp, err := stream.Recv()
+			if err != nil {
+				t.Fatalf("health stream ended waiting for %s (latest %v): %v", what, latest, err)
+			}
+			for _, d := range resp.GetDevices() {
+				if d.GetDevice().GetPoolName() != dratest.Node || d.GetLastUpdatedTime() == 0 {
+					t.Errorf("health report %v: want pool %s and a time", d, dratest.Node)
+				}
+				latest[d.GetDevice().GetDeviceName()] = d.GetHealth()
+			}
+		}
+	}
+	all := func(a, b drahealthv1.HealthStatus) map[string]drahealthv1.HealthStatus {
+		m := map[string]drahealthv1.HealthStatus{}
+		for _, n := range namesA {
+			m[n] = a
+		}
+		for _, n := range namesB {
+			m[n] = b
+		}
+		return m
+	}
+	until("every device healthy", all(drahealthv1.HealthStatus_HEALTHY, drahealthv1.HealthStatus_HEALTHY))
+	if _, err := e.broker.API().SuspendDevice(ctx, &brokerv1.SuspendDeviceRequest{Bdf: bdfA}); err != nil {
+		t.Fatal(err)
+	}
+	until("device A unhealthy after its suspend", all(drahealthv1.HealthStatus_UNHEALTHY, drahealthv1.HealthStatus_HEALTHY))
+	if _, err := e.broker.API().ResumeDevice(ctx, &brokerv1.ResumeDeviceRequest{Bdf: bdfA}); err != nil {
+		t.Fatal(err)
+	}
+	until("device A healthy after its resume", all(drahealthv1.HealthStatus_HEALTHY, drahealthv1.HealthStatus_HEALTHY))
 }

@@ -37,6 +37,7 @@ import (
 	typedresourcev1beta2 "k8s.io/client-go/kubernetes/typed/resource/v1beta2"
 	fakeresourcev1beta2 "k8s.io/client-go/kubernetes/typed/resource/v1beta2/fake"
 	k8stesting "k8s.io/client-go/testing"
+	drahealthv1 "k8s.io/kubelet/pkg/apis/dra-health/v1"
 	drapbv1 "k8s.io/kubelet/pkg/apis/dra/v1"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 	"k8s.io/utils/ptr"
@@ -175,6 +176,9 @@ type Kubelet struct {
 	t    testing.TB
 	Info *registerapi.PluginInfo
 	DRA  drapbv1.DRAPluginClient
+	// Health is the plugin's DRAResourceHealth service on the same endpoint, which the
+	// kubelet watches (NodeWatchResources) when the plugin advertises it.
+	Health drahealthv1.DRAResourceHealthClient
 }
 
 // RegisterPlugin does what the kubelet's plugin watcher does with the plugin's socket in
@@ -189,7 +193,8 @@ func RegisterPlugin(t testing.TB, registry string) *Kubelet {
 	if err != nil {
 		t.Fatalf("registration GetInfo: %v", err)
 	}
-	k := &Kubelet{t: t, Info: info, DRA: drapbv1.NewDRAPluginClient(dialUnix(t, info.GetEndpoint()))}
+	conn := dialUnix(t, info.GetEndpoint())
+	k := &Kubelet{t: t, Info: info, DRA: drapbv1.NewDRAPluginClient(conn), Health: drahealthv1.NewDRAResourceHealthClient(conn)}
 	if _, err := reg.NotifyRegistrationStatus(ctx, &registerapi.RegistrationStatus{PluginRegistered: true}); err != nil {
 		t.Fatalf("registration NotifyRegistrationStatus: %v", err)
 	}
