@@ -7,88 +7,22 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
-
 	"github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
 	"github.com/mmiobroker/mmiobroker/internal/daemon/daemontest"
+	"github.com/mmiobroker/mmiobroker/internal/metrics/metricstest"
 	"github.com/mmiobroker/mmiobroker/internal/testutil"
 )
-
-// scrape is the daemon's metrics exposition, as a Prometheus server would read it.
-type scrape map[string]*dto.MetricFamily
-
-// scrapeSocket GETs /metrics over HTTP on the unix socket at path.
-func scrapeSocket(t *testing.T, path string) scrape {
-	t.Helper()
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", path)
-		},
-	}}
-	resp, err := c.Get("http://mmiobrokerd/metrics")
-	if err != nil {
-		t.Fatalf("scrape %s: %v", path, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("scrape %s: %s", path, resp.Status)
-	}
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	mfs, err := p.TextToMetricFamilies(resp.Body)
-	if err != nil {
-		t.Fatalf("scrape %s: parse: %v", path, err)
-	}
-	return mfs
-}
-
-// value returns the sample of name whose labels include labels (pairs), a histogram's
-// sample count; 0 if there is none.
-func (s scrape) value(name string, labels ...string) float64 {
-	mf := s[name]
-	if mf == nil {
-		return 0
-	}
-samples:
-	for _, m := range mf.GetMetric() {
-		got := map[string]string{}
-		for _, lp := range m.GetLabel() {
-			got[lp.GetName()] = lp.GetValue()
-		}
-		for i := 0; i+1 < len(labels); i += 2 {
-			if got[labels[i]] != labels[i+1] {
-				continue samples
-			}
-		}
-		switch mf.GetType() {
-		case dto.MetricType_COUNTER:
-			return m.GetCounter().GetValue()
-		case dto.MetricType_GAUGE:
-			return m.GetGauge().GetValue()
-		case dto.MetricType_HISTOGRAM:
-			return float64(m.GetHistogram().GetSampleCount())
-		}
-		return m.GetUntyped().GetValue()
-	}
-	return 0
-}
 
 // TestMetricsScrape runs the daemon on a fake device and scrapes its metrics socket
 // before, during and after an allocation, its claim, an admin's revoke and a tenant's
@@ -111,15 +45,15 @@ func TestMetricsScrape(t *testing.T) {
 		t.Errorf("metrics socket: mode %v gid %d, want a socket with 0660 and the daemon's group", fi.Mode(), fi.Sys().(*syscall.Stat_t).Gid)
 	}
 
-	before := scrapeSocket(t, sock)
-	lint(t, before)
-	if got := before.value("mmiobroker_device_usable", "bdf", bdf); got != 1 {
+	before := metricstest.Socket(t, sock)
+	metricstest.Lint(t, before)
+	if got := before.Value("mmiobroker_device_usable", "bdf", bdf); got != 1 {
 		t.Errorf("device_usable before = %v, want 1", got)
 	}
 	// The periodic holder check ([daemon] holder_check) runs an interval after the start:
 	// its scan of /proc finds none of the fake device's buffers (they are not vfio-pci dma-bufs).
-	checked := waitScrape(t, sock, func(s scrape) bool { return s.value("mmiobroker_holder_check_timestamp_seconds") > 0 })
-	if got := checked.value("mmiobroker_holder_check_duration_seconds"); got <= 0 {
+	checked := metricstest.Wait(t, sock, 10*time.Second, func(s metricstest.Scrape) bool { return s.Value("mmiobroker_holder_check_timestamp_seconds") > 0 })
+	if got := checked.Value("mmiobroker_holder_check_duration_seconds"); got <= 0 {
 		t.Errorf("holder_check_duration_seconds = %v after the first check", got)
 	}
 
@@ -147,8 +81,8 @@ func TestMetricsScrape(t *testing.T) {
 	}
 	// A claim's count follows its fd's delivery, which the client may see first: wait
 	// for the two deliveries (and the refused claim) by scraping again.
-	during := waitScrape(t, sock, func(s scrape) bool {
-		return s.value("mmiobroker_claims_total", "code", "OK") == 2 && s.value("mmiobroker_claims_total", "code", "BAD_TOKEN") == 1
+	during := metricstest.Wait(t, sock, 10*time.Second, func(s metricstest.Scrape) bool {
+		return s.Value("mmiobroker_claims_total", "code", "OK") == 2 && s.Value("mmiobroker_claims_total", "code", "BAD_TOKEN") == 1
 	})
 	for _, c := range []struct {
 		name   string
@@ -164,7 +98,7 @@ func TestMetricsScrape(t *testing.T) {
 		{"mmiobroker_grpc_connections", nil, 1},
 		{"mmiobroker_events_total", []string{"type", "claimed"}, 2},
 	} {
-		if got := during.value(c.name, c.labels...); got != c.want {
+		if got := during.Value(c.name, c.labels...); got != c.want {
 			t.Errorf("after allocations: %s%v = %v, want %v", c.name, c.labels, got, c.want)
 		}
 	}
@@ -190,8 +124,8 @@ func TestMetricsScrape(t *testing.T) {
 	if _, err := c.Release(ctx, third.ID); err != nil {
 		t.Fatal(err)
 	}
-	after := waitScrape(t, sock, func(s scrape) bool { return s.value("mmiobroker_claims_total", "code", "OK") == 3 })
-	lint(t, after)
+	after := metricstest.Wait(t, sock, 10*time.Second, func(s metricstest.Scrape) bool { return s.Value("mmiobroker_claims_total", "code", "OK") == 3 })
+	metricstest.Lint(t, after)
 	for _, c := range []struct {
 		name   string
 		labels []string
@@ -214,14 +148,14 @@ func TestMetricsScrape(t *testing.T) {
 		{"mmiobroker_leases", []string{"bdf", bdf, "kind", "shared", "state", "active"}, 0, 0},
 		{"mmiobroker_leases_in_use", nil, 0, 0},
 	} {
-		if got := before.value(c.name, c.labels...); got != c.before {
+		if got := before.Value(c.name, c.labels...); got != c.before {
 			t.Errorf("before: %s%v = %v, want %v", c.name, c.labels, got, c.before)
 		}
-		if got := after.value(c.name, c.labels...); got != c.want {
+		if got := after.Value(c.name, c.labels...); got != c.want {
 			t.Errorf("after: %s%v = %v, want %v", c.name, c.labels, got, c.want)
 		}
 	}
-	if open, max := after.value("process_open_fds"), after.value("process_max_fds"); open <= 0 || max < open {
+	if open, max := after.Value("process_open_fds"), after.Value("process_max_fds"); open <= 0 || max < open {
 		t.Errorf("process_open_fds %v, process_max_fds %v: want fds in use below RLIMIT_NOFILE", open, max)
 	}
 	if err := d.Stop(); err != nil {
@@ -229,41 +163,6 @@ func TestMetricsScrape(t *testing.T) {
 	}
 	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
 		t.Errorf("metrics socket left behind after stop: %v", err)
-	}
-}
-
-// waitScrape scrapes until ready accepts a scrape (what it waits for happens within
-// microseconds of the RPC that caused it), or fails the test after 10 seconds.
-func waitScrape(t *testing.T, sock string, ready func(scrape) bool) scrape {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s := scrapeSocket(t, sock)
-		if ready(s) {
-			return s
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the metrics did not reach the expected values in 10s")
-		}
-		runtime.Gosched()
-	}
-}
-
-// lint fails the test on every promlint problem of a scrape.
-func lint(t *testing.T, s scrape) {
-	t.Helper()
-	problems, err := promtest.GatherAndLint(prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
-		out := make([]*dto.MetricFamily, 0, len(s))
-		for _, mf := range s {
-			out = append(out, mf)
-		}
-		return out, nil
-	}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
 	}
 }
 
