@@ -13,6 +13,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -39,6 +41,16 @@ const (
 	vmDMATag    = "MMB-DRA-P2P-LANDED"
 )
 
+// The claim socket's group (the daemon's socket_group; the socket is 0660) and the
+// user the pod's VMM runs as: KubeVirt's QEMU is 107:107 and is given the socket's group
+// only as a supplementary group, from the CDI spec's additionalGids. The group is not the
+// VMM's own gid, so that the VMM can connect through the spec's group alone.
+const (
+	vmSocketGID = 4107
+	vmmUID      = 107
+	vmmGID      = 107
+)
+
 func vmEnv(t *testing.T, name string) string {
 	t.Helper()
 	v := os.Getenv("MMIOBROKER_VM_" + name)
@@ -49,7 +61,8 @@ func vmEnv(t *testing.T, name string) string {
 }
 
 // startVMDaemon runs the guest's mmiobrokerd on the ivshmem device, tenants by cgroup,
-// R = vmRevokeWithin, and waits for its READY=1.
+// R = vmRevokeWithin, its sockets 0660 and of group vmSocketGID as on a host whose VMMs
+// run unprivileged, and waits for its READY=1.
 func startVMDaemon(t *testing.T, dir, ivshmem string) (control, claim string) {
 	t.Helper()
 	control, claim = filepath.Join(dir, "control.sock"), filepath.Join(dir, "fd.sock")
@@ -57,6 +70,8 @@ func startVMDaemon(t *testing.T, dir, ivshmem string) (control, claim string) {
 [daemon]
 control_socket = %q
 claim_socket = %q
+claim_socket_mode = "0660"
+socket_group = %d
 log_level = "debug"
 
 [limits]
@@ -69,7 +84,7 @@ by = "cgroup"
 [[device]]
 address = %q
 bars = [2]
-`, control, claim, vmRevokeWithin.String(), ivshmem)
+`, control, claim, vmSocketGID, vmRevokeWithin.String(), ivshmem)
 	cfgPath := filepath.Join(dir, "mmiobrokerd.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -150,25 +165,27 @@ type child struct {
 }
 
 // startChild starts a child with exactly the CDI device's environment (and PATH), in a
-// new mount namespace, in cgroup (if not "").
-func startChild(t *testing.T, mode string, spec *cdispec.Spec, device, cgroup string) *child {
+// new mount namespace, in cgroup (if not ""). As the runtime it applies the device's
+// mounts and the device nodes, and runs the VMM as user (nil: root); what the runtime
+// adds to user's groups from the spec is the caller's (cdiGIDs).
+func startChild(t *testing.T, mode string, spec *cdispec.Spec, device, cgroup string, user *containerUser, nodes []*cdispec.DeviceNode) *child {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var env []string
-	var mounts []*cdispec.Mount
+	rt := runtimeSpec{DeviceNodes: nodes, User: user}
 	for _, edits := range []cdispec.ContainerEdits{spec.ContainerEdits, specDevice(t, spec, device).ContainerEdits} {
 		env = append(env, edits.Env...)
-		mounts = append(mounts, edits.Mounts...)
+		rt.Mounts = append(rt.Mounts, edits.Mounts...)
 	}
-	mj, err := json.Marshal(mounts)
+	rj, err := json.Marshal(rt)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(self)
-	cmd.Env = append(env, "PATH="+os.Getenv("PATH"), childEnv+"="+mode, mountsEnv+"="+string(mj))
+	cmd.Env = append(env, "PATH="+os.Getenv("PATH"), childEnv+"="+mode, runtimeEnv+"="+string(rj))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
 	if cgroup != "" {
 		fd, err := unix.Open(cgroup, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -236,6 +253,77 @@ func (c *child) ask(t *testing.T, cmd string) string {
 	return l
 }
 
+// cdiGIDs are the additionalGids a runtime gives a container with CDI device device.
+func cdiGIDs(t *testing.T, spec *cdispec.Spec, device string) []uint32 {
+	t.Helper()
+	return append(slices.Clone(spec.ContainerEdits.AdditionalGIDs), specDevice(t, spec, device).ContainerEdits.AdditionalGIDs...)
+}
+
+// vmmDeviceNodes are the device nodes the pod's VMM needs for its DMA (iommufd kernel):
+// /dev/iommu and the VFIO cdev of the edu device bdf, owned by the VMM's user. A KubeVirt
+// launcher gets its VFIO devices and /dev/iommu from device plugins, and its runtime
+// makes the container's nodes the container user's (containerd's
+// device_ownership_from_security_context; virt-handler chowns them otherwise): the host's
+// nodes, root's and 0600 or 0660, would refuse uid 107. The runtime (applyDeviceNodes)
+// makes them in the child's mount namespace: the host's nodes do not change.
+func vmmDeviceNodes(t *testing.T, bdf string) []*cdispec.DeviceNode {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join("/sys/bus/pci/devices", bdf, "vfio-dev"))
+	if err != nil || len(ents) != 1 {
+		t.Fatalf("the VFIO cdev of %s: %v %v", bdf, ents, err)
+	}
+	var nodes []*cdispec.DeviceNode
+	for _, path := range []string{"/dev/iommu", filepath.Join("/dev/vfio/devices", ents[0].Name())} {
+		var st unix.Stat_t
+		if err := unix.Stat(path, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFCHR {
+			t.Fatalf("%s: not a character device (mode %#o)", path, st.Mode)
+		}
+		t.Logf("host %s: %d:%d mode %#o uid %d gid %d; the VMM's: mode 0600 uid %d gid %d",
+			path, unix.Major(st.Rdev), unix.Minor(st.Rdev), st.Mode&0o7777, st.Uid, st.Gid, vmmUID, vmmGID)
+		mode, uid, gid := os.FileMode(0o600), uint32(vmmUID), uint32(vmmGID)
+		nodes = append(nodes, &cdispec.DeviceNode{Path: path, HostPath: path, Type: "c",
+			Major: int64(unix.Major(st.Rdev)), Minor: int64(unix.Minor(st.Rdev)), FileMode: &mode, UID: &uid, GID: &gid})
+	}
+	return nodes
+}
+
+// checkCreds checks that process pid runs as u, with exactly its groups and no
+// capabilities, as /proc/pid/status has it.
+func checkCreds(t *testing.T, pid int, u *containerUser) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][]string{}
+	var lines []string
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		switch k {
+		case "Uid", "Gid", "Groups", "CapPrm", "CapEff":
+			if ok {
+				got[k] = strings.Fields(v)
+				lines = append(lines, k+":"+strings.Join(got[k], " "))
+			}
+		}
+	}
+	id := func(n uint32) []string { s := strconv.Itoa(int(n)); return []string{s, s, s, s} }
+	groups := []string{}
+	for _, g := range u.AdditionalGIDs {
+		groups = append(groups, strconv.Itoa(int(g)))
+	}
+	noCaps := []string{"0000000000000000"}
+	for k, want := range map[string][]string{"Uid": id(u.UID), "Gid": id(u.GID), "Groups": groups, "CapPrm": noCaps, "CapEff": noCaps} {
+		if !slices.Equal(got[k], want) {
+			t.Errorf("pid %d: %s %v, want %v", pid, k, got[k], want)
+		}
+	}
+	t.Logf("pid %d: %s", pid, strings.Join(lines, ", "))
+}
+
 func specDevice(t *testing.T, spec *cdispec.Spec, cdiID string) cdispec.Device {
 	t.Helper()
 	name, ok := strings.CutPrefix(cdiID, spec.Kind+"=")
@@ -252,13 +340,18 @@ func specDevice(t *testing.T, spec *cdispec.Spec, cdiID string) cdispec.Device {
 }
 
 // TestVMDelegatedLease is the whole DRA flow on the rig's ivshmem BAR2 with the real
-// daemon (tenants by cgroup) and the plugin in this process (there is no API server in
-// the VM: the claim comes from a fake clientset). The test is the kubelet: it prepares a
-// claim for a pod uid, makes that pod's cgroup and starts a "container" in it with only
-// the CDI spec's environment and mounts; the container claims the fd and (iommufd
-// kernel) has the edu device DMA through it into the ivshmem BAR, which the host sees in
-// the BAR's backing file (test/vm). A process outside the pod is refused the same claim.
-// The unprepare ends the lease and its fd dies within R.
+// daemon (tenants by cgroup; its claim socket 0660 and of group vmSocketGID) and the
+// plugin in this process (there is no API server in the VM: the claim comes from a fake
+// clientset). The test is the kubelet: it prepares a claim for a pod uid, whose CDI spec
+// gives the containers the socket's group as additionalGids, makes that pod's cgroup and
+// starts a "container" in it with only the CDI spec's environment, mounts and group, its
+// VMM running as uid 107 as KubeVirt's does; the VMM claims the fd and (iommufd kernel,
+// with /dev/iommu and the edu device's VFIO cdev given to uid 107 as device plugins
+// would) has the edu device DMA through it into the ivshmem BAR, which the host sees in
+// the BAR's backing file (test/vm). A process outside the pod is refused the same claim
+// by the daemon; a uid-107 process in the pod without the spec's group cannot even
+// connect to the claim socket; neither spends the token. The unprepare ends the lease and
+// its fd dies within R.
 func TestVMDelegatedLease(t *testing.T) {
 	ivshmem := vmEnv(t, "IVSHMEM")
 	iommufdKernel := vmEnv(t, "KERNEL") == "iommufd"
@@ -307,24 +400,58 @@ func TestVMDelegatedLease(t *testing.T) {
 	if m := specDevice(t, spec, cdiID).ContainerEdits.Mounts; len(m) != 1 || m[0].HostPath != claimSock {
 		t.Fatalf("cdi mounts %v: want the daemon's claim socket %s", m, claimSock)
 	}
+	// The daemon made its claim socket the socket group's, g+w; the spec gives the
+	// containers that group.
+	var sst unix.Stat_t
+	if err := unix.Stat(claimSock, &sst); err != nil {
+		t.Fatal(err)
+	}
+	if sst.Mode&0o7777 != 0o660 || sst.Gid != vmSocketGID {
+		t.Fatalf("claim socket %s: mode %#o gid %d, want 0660 and socket_group %d", claimSock, sst.Mode&0o7777, sst.Gid, vmSocketGID)
+	}
+	if g := cdiGIDs(t, spec, cdiID); !slices.Equal(g, []uint32{vmSocketGID}) {
+		t.Fatalf("cdi additionalGids %v: want the claim socket's group [%d]", g, vmSocketGID)
+	}
 
 	// Outside the pod: in no pod's cgroup, and in another pod's. Refused; the token stays.
 	other := podCgroup(t, "0a0b0c0d-0000-4000-8000-000000000099")
 	for _, cg := range []string{"", other} {
-		f := startChild(t, "foreign", spec, cdiID, cg)
+		f := startChild(t, "foreign", spec, cdiID, cg, nil, nil)
 		if l := f.line(t); l != "refused PERMISSION_DENIED" {
 			t.Fatalf("claim from outside the pod (cgroup %q): %q, want refused PERMISSION_DENIED", cg, l)
 		}
 	}
 
-	// The pod's container claims it and becomes the lease's holder.
+	// In the pod, as the VMM's user but without the spec's group (as a container of the
+	// pod that was not given the claim): the socket's mode refuses the connect, and the
+	// daemon never hears of it.
 	podCG := podCgroup(t, podUID)
-	p := startChild(t, "pod", spec, cdiID, podCG)
+	ng := startChild(t, "nogroup", spec, cdiID, podCG, &containerUser{UID: vmmUID, GID: vmmGID}, nil)
+	if l := ng.line(t); !strings.HasPrefix(l, "connect-refused EACCES ") {
+		t.Fatalf("claim as uid %d without the socket's group: %q, want connect-refused EACCES", vmmUID, l)
+	} else {
+		t.Logf("uid %d without the spec's group: %s", vmmUID, l)
+	}
+	// No refusal spent the token.
+	if ls := dratest.ClaimLeases(t, c, claim.UID); len(ls) != 1 || ls[0].GetId() != lease.GetId() || ls[0].GetState() != brokerv1.LeaseState_LEASE_STATE_ALLOCATED {
+		t.Fatalf("leases after the refused claims: %v, want %s unclaimed", ls, lease.GetId())
+	}
+
+	// The pod's container claims it and becomes the lease's holder: its VMM runs as uid
+	// 107 with the spec's group, and (for the DMA) its device nodes.
+	var nodes []*cdispec.DeviceNode
+	if iommufdKernel {
+		nodes = vmmDeviceNodes(t, vmEnv(t, "EDU2"))
+	}
+	vmm := &containerUser{UID: vmmUID, GID: vmmGID, AdditionalGIDs: cdiGIDs(t, spec, cdiID)}
+	p := startChild(t, "pod", spec, cdiID, podCG, vmm, nodes)
 	claimed := p.line(t)
 	if !strings.HasPrefix(claimed, "claimed "+lease.GetId()+" ") {
 		t.Fatalf("pod: %q", claimed)
 	}
+	t.Logf("pod: %s", claimed)
 	info := p.ask(t, "info")
+	checkCreds(t, p.cmd.Process.Pid, vmm)
 	got, err := c.API().GetLease(context.Background(), &brokerv1.GetLeaseRequest{LeaseId: lease.GetId()})
 	if err != nil {
 		t.Fatal(err)
@@ -332,11 +459,12 @@ func TestVMDelegatedLease(t *testing.T) {
 	l := got.GetLease()
 	wantTenant := "cgroup=/kubepods.slice/kubepods-burstable.slice/" + filepath.Base(podCG)
 	if l.GetState() != brokerv1.LeaseState_LEASE_STATE_ACTIVE || int(l.GetHolder().GetPid()) != p.cmd.Process.Pid ||
-		!strings.HasSuffix(l.GetHolder().GetTenant(), wantTenant) ||
+		l.GetHolder().GetUid() != vmmUID || !strings.HasSuffix(l.GetHolder().GetTenant(), wantTenant) ||
 		!strings.Contains(info, fmt.Sprintf("inode=%d ", l.GetInode())) {
-		t.Fatalf("lease after the pod's claim: %v (holder %v); mmb-holder: %s; want ACTIVE, held by pid %d of tenant …%s, inode in fd 3",
-			l, l.GetHolder(), info, p.cmd.Process.Pid, wantTenant)
+		t.Fatalf("lease after the pod's claim: %v (holder %v); mmb-holder: %s; want ACTIVE, held by pid %d uid %d of tenant …%s, inode in fd 3",
+			l, l.GetHolder(), info, p.cmd.Process.Pid, vmmUID, wantTenant)
 	}
+	t.Logf("lease %s held by pid %d uid %d, tenant %s", l.GetId(), l.GetHolder().GetPid(), l.GetHolder().GetUid(), l.GetHolder().GetTenant())
 	if iommufdKernel {
 		for _, cmd := range []string{"map", "edu " + vmEnv(t, "EDU2"), "dma " + vmDMATag + " " + vmDMAOffset} {
 			if a := p.ask(t, cmd); !strings.HasPrefix(a, "ok ") {
@@ -365,8 +493,12 @@ func TestVMDelegatedLease(t *testing.T) {
 	if ls := dratest.ClaimLeases(t, c, claim.UID); len(ls) != 1 || ls[0].GetId() != lease.GetId() || ls[0].GetState() != brokerv1.LeaseState_LEASE_STATE_ACTIVE {
 		t.Fatalf("leases after a prepare without the spec: %v, want %s kept", ls, lease.GetId())
 	}
-	if env := dratest.EnvOf(specDevice(t, readSpec(t, dra.CDISpecPath(cdi, claim.UID)), cdiID).ContainerEdits.Env); env[dra.EnvLeaseID] != lease.GetId() || env[dra.EnvClaimToken] != "" {
+	respec := readSpec(t, dra.CDISpecPath(cdi, claim.UID))
+	if env := dratest.EnvOf(specDevice(t, respec, cdiID).ContainerEdits.Env); env[dra.EnvLeaseID] != lease.GetId() || env[dra.EnvClaimToken] != "" {
 		t.Errorf("rewritten spec of a claimed lease: %v, want its id and no token", env)
+	}
+	if g := cdiGIDs(t, respec, cdiID); !slices.Equal(g, []uint32{vmSocketGID}) {
+		t.Errorf("rewritten spec's additionalGids %v, want [%d]", g, vmSocketGID)
 	}
 
 	// Unprepare: the lease ends and its fd dies within R (FD_REVOKED by revoke_due).
