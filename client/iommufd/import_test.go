@@ -28,17 +28,36 @@ const bdf = "0000:00:03.0"
 // a real client hold, with the fake iommufd kernel: what the import asks of the kernel on
 // each event is logged and checked.
 
-func start(t *testing.T) *client.Client {
+// setup starts the daemon on a fake device and dials it, and opens a fake iommufd with one
+// IOAS.
+func setup(t *testing.T) (*client.Client, *FD, *fakeKernel, *IOAS) {
 	t.Helper()
 	testutil.FDLeakCheck(t)
-	d := daemontest.Start(t, fmt.Sprintf("[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid()),
+	dmn := daemontest.Start(t, fmt.Sprintf("[[device]]\naddress = %q\nallow_uids = [%d]\n", bdf, os.Getuid()),
 		brokertest.NewDevice(bdf))
-	c, err := client.Dial(d.Control)
+	c, err := client.Dial(dmn.Control)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return c
+	d, k := fakeFD(t)
+	ioas, err := d.AllocIOAS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, d, k, ioas
+}
+
+// allocateAndImport allocates a lease as opt says and imports it into ioas; the import is
+// closed when the test ends.
+func allocateAndImport(t *testing.T, ioas *IOAS, c *client.Client, opt client.AllocateOptions, iopt ImportOptions) *Import {
+	t.Helper()
+	im, err := ioas.AllocateAndImport(ctx(t), c, opt, iopt)
+	if err != nil {
+		t.Fatalf("AllocateAndImport: %v", err)
+	}
+	t.Cleanup(func() { im.Close() })
+	return im
 }
 
 func ctx(t *testing.T) context.Context {
@@ -80,36 +99,33 @@ func (r *recorder) options(mopt MapOptions, onEvent func(*brokerv1.Event)) Impor
 
 func (r *recorder) remap(t *testing.T) remap {
 	t.Helper()
-	select {
-	case rm := <-r.remaps:
-		return rm
-	case <-time.After(30 * time.Second): // a bound on failure, not a timing assertion
-		t.Fatal("no OnRemap within 30s")
-	}
-	return remap{}
+	return receive(t, r.remaps, "OnRemap", nil)
 }
 
 func (r *recorder) event(t *testing.T, typ brokerv1.EventType) *brokerv1.Event {
 	t.Helper()
-	timeout := time.After(30 * time.Second)
-	for {
-		select {
-		case e := <-r.events:
-			if e.GetType() == typ {
-				return e
-			}
-		case <-timeout:
-			t.Fatalf("no %v event", typ)
-		}
-	}
+	return receive(t, r.events, typ.String()+" event", func(e *brokerv1.Event) bool { return e.GetType() == typ })
 }
 
 func wait(t *testing.T, ch <-chan struct{}, what string) {
 	t.Helper()
-	select {
-	case <-ch:
-	case <-time.After(30 * time.Second):
-		t.Fatalf("%s: not within 30s", what)
+	receive(t, ch, what, nil)
+}
+
+// receive returns the first value from ch that ok accepts (nil: any value), or fails the
+// test after 30s (a bound on failure, not a timing assertion).
+func receive[T any](t *testing.T, ch <-chan T, what string, ok func(T) bool) T {
+	t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case v := <-ch:
+			if ok == nil || ok(v) {
+				return v
+			}
+		case <-timeout:
+			t.Fatalf("%s: not within 30s", what)
+		}
 	}
 }
 
@@ -132,12 +148,7 @@ func revokeAnother(t *testing.T, c *client.Client) {
 // resume it maps the same fd again (iommufd never re-populates a revoked mapping); at the
 // lease's end it unmaps it; Close then has nothing left to do.
 func TestImportFollowsTheLease(t *testing.T) {
-	c := start(t)
-	d, k := fakeFD(t)
-	ioas, err := d.AllocIOAS()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, _, k, ioas := setup(t)
 	rec := newRecorder()
 	var im *Import
 	imported := make(chan struct{})
@@ -154,7 +165,7 @@ func TestImportFollowsTheLease(t *testing.T) {
 		}
 		checked <- err
 	}
-	im, err = ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: 64 << 10}}},
+	im, err := ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: 64 << 10}}},
 		rec.options(MapOptions{IOVA: 0x100000, Fixed: true}, onEvent))
 	close(imported)
 	if err != nil {
@@ -241,18 +252,9 @@ func TestImportFollowsTheLease(t *testing.T) {
 // Without a fixed IOVA the kernel picks one for the first fd, and every later generation
 // goes to that same IOVA.
 func TestImportKeepsTheKernelsIOVA(t *testing.T) {
-	c := start(t)
-	d, k := fakeFD(t)
-	ioas, err := d.AllocIOAS()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, _, k, ioas := setup(t)
 	rec := newRecorder()
-	im, err := ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0}, rec.options(MapOptions{ReadOnly: true}, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer im.Close()
+	im := allocateAndImport(t, ioas, c, client.AllocateOptions{BDF: bdf, BAR: 0}, rec.options(MapOptions{ReadOnly: true}, nil))
 	first, _ := im.Mapping()
 	if first.IOVA != 0x10000000 || first.Length != 1<<20 {
 		t.Fatalf("first mapping %+v, want the whole 1 MiB BAR at the fake kernel's pick", first)
@@ -277,12 +279,7 @@ func TestImportKeepsTheKernelsIOVA(t *testing.T) {
 // A reissue that kills the fd AllocateAndImport is mapping (ENODEV) is no failure: the
 // hold has claimed the new generation by then, and the import maps that one instead.
 func TestImportFirstMapRacesAReissue(t *testing.T) {
-	c := start(t)
-	d, k := fakeFD(t)
-	ioas, err := d.AllocIOAS()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, _, k, ioas := setup(t)
 	rec := newRecorder()
 	k.beforeMap = func() {
 		// The device cycles; the hold claims generation 2, swaps its fd and calls
@@ -291,12 +288,8 @@ func TestImportFirstMapRacesAReissue(t *testing.T) {
 		waitForGoroutine(t, "iommufd.(*Import).onReissue")
 		k.failNextMap(unix.ENODEV) // what the kernel answers for the dead generation
 	}
-	im, err := ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: page}}},
+	im := allocateAndImport(t, ioas, c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: page}}},
 		rec.options(MapOptions{IOVA: 0x100000, Fixed: true}, nil))
-	if err != nil {
-		t.Fatalf("AllocateAndImport: %v", err)
-	}
-	defer im.Close()
 	ino2 := im.Held().Claim().Inode
 	if m, err := im.Mapping(); m.Generation != 2 || m.IOVA != 0x100000 || err != nil {
 		t.Errorf("Mapping() = %+v, %v; want generation 2 at 0x100000", m, err)
@@ -332,12 +325,7 @@ func waitForGoroutine(t *testing.T, fn string) {
 // Import holds a lease allocated before; the caller's release ends it, which unmaps.
 // A lease of two ranges is refused before anything is mapped or held.
 func TestImportAllocatedLease(t *testing.T) {
-	c := start(t)
-	d, k := fakeFD(t)
-	ioas, err := d.AllocIOAS()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, _, k, ioas := setup(t)
 	two, err := c.Allocate(ctx(t), client.AllocateOptions{BDF: bdf, BAR: 0,
 		Ranges: []*brokerv1.Range{{Offset: 0, Length: page}, {Offset: 2 * page, Length: page}}})
 	if err != nil {
@@ -390,12 +378,7 @@ func TestImportAllocatedLease(t *testing.T) {
 // A failed first map releases the lease AllocateAndImport allocated and returns the
 // kernel's error; Import leaves the caller's lease and fd alone.
 func TestImportFirstMapFails(t *testing.T) {
-	c := start(t)
-	d, k := fakeFD(t)
-	ioas, err := d.AllocIOAS()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, _, k, ioas := setup(t)
 	k.failNextMap(unix.ENODEV)
 	if _, err := ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0}, ImportOptions{}); !errors.Is(err, unix.ENODEV) {
 		t.Errorf("AllocateAndImport with a failing map = %v, want ENODEV", err)
@@ -438,19 +421,10 @@ func TestImportFirstMapFails(t *testing.T) {
 // A re-map that fails is reported (OnRemap, Mapping) and the lease stays held; the next
 // resume maps the fd again.
 func TestImportRemapFailsThenRecovers(t *testing.T) {
-	c := start(t)
-	d, k := fakeFD(t)
-	ioas, err := d.AllocIOAS()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, _, k, ioas := setup(t)
 	rec := newRecorder()
-	im, err := ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: page}}},
+	im := allocateAndImport(t, ioas, c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: page}}},
 		rec.options(MapOptions{IOVA: 0x100000, Fixed: true}, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer im.Close()
 	k.failNextMap(unix.ENOMEM)
 	revokeAnother(t, c)
 	rm := rec.remap(t)
@@ -481,16 +455,8 @@ func TestImportRemapFailsThenRecovers(t *testing.T) {
 
 // Close unmaps a live import; closing the FD first leaves Close nothing to unmap.
 func TestImportClose(t *testing.T) {
-	c := start(t)
-	d, k := fakeFD(t)
-	ioas, err := d.AllocIOAS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err := ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: page}}}, ImportOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, d, k, ioas := setup(t)
+	im := allocateAndImport(t, ioas, c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Length: page}}}, ImportOptions{})
 	f := im.Held().File()
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
@@ -506,10 +472,7 @@ func TestImportClose(t *testing.T) {
 		t.Errorf("lease after Close: %v, %v; want still active (Close does not release)", resp.GetLease(), err)
 	}
 
-	im2, err := ioas.AllocateAndImport(ctx(t), c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Offset: page, Length: page}}}, ImportOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	im2 := allocateAndImport(t, ioas, c, client.AllocateOptions{BDF: bdf, BAR: 0, Ranges: []*brokerv1.Range{{Offset: page, Length: page}}}, ImportOptions{})
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,6 @@
 package ctest
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -15,19 +14,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
-	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 	"github.com/mmiobroker/mmiobroker/client"
+	"github.com/mmiobroker/mmiobroker/examples/c/claimchain"
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
 	"github.com/mmiobroker/mmiobroker/internal/daemon/daemontest"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
@@ -44,35 +40,25 @@ var sanitizeFlags = append(append([]string{}, cflags...), "-g", "-fno-omit-frame
 
 const sanitizerExit = 66
 
-// With envStage set, the test binary is the VMM whose process allocates a lease and
-// claims it through mmb-claim (TestClaimC/ClaimAndReclaim), instead of a test run.
-const (
-	envStage    = "MMB_CLAIMC_STAGE" // allocate, hold, reclaimed
-	envControl  = "MMB_CLAIMC_CONTROL"
-	envClaim    = "MMB_CLAIMC_CLAIM"
-	envBin      = "MMB_CLAIMC_BIN"
-	envBDF      = "MMB_CLAIMC_BDF"
-	envOldInode = "MMB_CLAIMC_OLD_INODE"
-)
-
 const (
 	bdf       = "0000:00:03.0"
 	leaseSize = 64 << 10
 )
 
+// chain is TestClaimC's VMM chain on the fake device: 64 KiB of BAR 0, whose fd 3 (a
+// memfd) is of that size. With its stage in the environment, the test binary is the VMM.
+var chain = claimchain.Chain{BAR: 0, Size: leaseSize, CheckFD: func(_ string, st *unix.Stat_t) error {
+	if st.Size != leaseSize {
+		return fmt.Errorf("%d bytes, want %d", st.Size, leaseSize)
+	}
+	return nil
+}}
+
 // buildDir holds the compiled clients for the whole test run.
 var buildDir string
 
 func TestMain(m *testing.M) {
-	if stage := os.Getenv(envStage); stage != "" {
-		// Exec from the thread-group leader, though the kernel would handle any thread.
-		runtime.LockOSThread()
-		if err := helper(stage); err != nil {
-			fmt.Fprintf(os.Stderr, "helper %s: %v\n", stage, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	chain.Main()
 	dir, err := os.MkdirTemp("", "mmbclaimc")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -117,55 +103,18 @@ func (b *build) get(t *testing.T, name string, flags []string) string {
 	return b.path
 }
 
-// result is how a run of the client ended.
-type result struct {
-	code           int
-	stdout, stderr string
-}
-
-func runClient(t *testing.T, bin string, args ...string) result {
+// runClient runs the client bin; a sanitizer report fails the test.
+func runClient(t *testing.T, bin string, args ...string) claimchain.Result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.Env = append(os.Environ(),
+	r := claimchain.RunClient(t, ctx, []string{
 		fmt.Sprintf("ASAN_OPTIONS=exitcode=%d:detect_leaks=0", sanitizerExit),
-		fmt.Sprintf("UBSAN_OPTIONS=exitcode=%d:print_stacktrace=1", sanitizerExit))
-	var stdout, stderr strings.Builder
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	var ee *exec.ExitError
-	if err != nil && !errors.As(err, &ee) {
-		t.Fatalf("run %s: %v", bin, err)
-	}
-	r := result{code: cmd.ProcessState.ExitCode(), stdout: stdout.String(), stderr: stderr.String()}
-	if r.code == sanitizerExit || strings.Contains(r.stderr, "Sanitizer") || strings.Contains(r.stderr, "runtime error") {
-		t.Fatalf("mmb-claim %q: sanitizer report (exit %d):\n%s", args, r.code, r.stderr)
+		fmt.Sprintf("UBSAN_OPTIONS=exitcode=%d:print_stacktrace=1", sanitizerExit)}, bin, args...)
+	if r.Code == sanitizerExit || strings.Contains(r.Stderr, "Sanitizer") || strings.Contains(r.Stderr, "runtime error") {
+		t.Fatalf("mmb-claim %q: sanitizer report (exit %d):\n%s", args, r.Code, r.Stderr)
 	}
 	return r
-}
-
-// fields parses the client's success line, key=value separated by spaces.
-func fields(line string) map[string]string {
-	m := map[string]string{}
-	for _, f := range strings.Fields(line) {
-		if k, v, ok := strings.Cut(f, "="); ok {
-			m[k] = v
-		}
-	}
-	return m
-}
-
-// wantFields checks some fields of a success line.
-func wantFields(t *testing.T, line string, want map[string]string) map[string]string {
-	t.Helper()
-	got := fields(line)
-	for k, v := range want {
-		if got[k] != v {
-			t.Errorf("client printed %s=%q, want %q (line %q)", k, got[k], v, line)
-		}
-	}
-	return got
 }
 
 // TestClaimC runs the client against the claim server of the daemon (daemontest: the
@@ -183,221 +132,12 @@ func TestClaimC(t *testing.T) {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	tg := claimchain.Target{Bin: bin, Run: func(t *testing.T, args ...string) claimchain.Result { return runClient(t, bin, args...) },
+		Control: d.Control, Claim: d.Claim, Client: c}
 
-	t.Run("NotFound", func(t *testing.T) {
-		r := runClient(t, bin, d.Claim, "0123456789abcdef01234567", "0123456789abcdef0123456789abcdef")
-		if r.code != 13 || !strings.Contains(r.stderr, "NOT_FOUND (3): ") || r.stdout != "" {
-			t.Errorf("claim of an unknown lease: exit %d, stdout %q, stderr %q; want 13 and NOT_FOUND", r.code, r.stdout, r.stderr)
-		}
-	})
-
-	t.Run("BadTokenAndPermissionDenied", func(t *testing.T) {
-		resp, err := c.API().AllocateLease(ctx, &brokerv1.AllocateLeaseRequest{Bdf: bdf, Bar: 0,
-			Ranges: []*brokerv1.Range{{Offset: 0, Length: 4096}}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, token := resp.GetLease().GetId(), resp.GetClaimToken()
-		wrong := strings.Repeat("0", len(token))
-		r := runClient(t, bin, d.Claim, id, wrong)
-		if r.code != 14 || !strings.Contains(r.stderr, "BAD_TOKEN (4): ") || !strings.Contains(r.stderr, id) {
-			t.Errorf("claim with a wrong token: exit %d, stderr %q; want 14 and BAD_TOKEN naming the lease", r.code, r.stderr)
-		}
-		// The right token from another process than the allocating one (this one).
-		r = runClient(t, bin, d.Claim, id, token)
-		if r.code != 16 || !strings.Contains(r.stderr, "PERMISSION_DENIED (6): ") {
-			t.Errorf("claim from another process: exit %d, stderr %q; want 16 and PERMISSION_DENIED", r.code, r.stderr)
-		}
-		// Neither refusal spent the token: the allocating process claims with it.
-		f, info, err := c.Claim(ctx, id, token)
-		if err != nil {
-			t.Fatalf("claim by the allocating process after the refusals: %v", err)
-		}
-		f.Close()
-		if info.Generation != 1 {
-			t.Errorf("claimed %+v", info)
-		}
-		if _, err := c.Release(ctx, id); err != nil {
-			t.Fatal(err)
-		}
-	})
-
-	t.Run("ClaimAndReclaim", func(t *testing.T) {
-		lines := runChain(t, ctx, bin, d, func() {
-			if _, err := c.API().CycleDevice(ctx, &brokerv1.CycleDeviceRequest{Bdf: bdf}); err != nil {
-				t.Errorf("CycleDevice: %v", err)
-			}
-		})
-		id := strings.TrimPrefix(lines["allocated"], "lease_id=")
-		common := map[string]string{"lease_id": id, "size": strconv.Itoa(leaseSize), "bdf": bdf, "bar": "0", "cloexec": "1"}
-		gen1 := wantFields(t, lines["claim 1"], common)
-		gen2 := wantFields(t, lines["claim 2"], common)
-		hold, reclaimed := fields(lines["holding"]), fields(lines["reclaimed"])
-		if gen1["generation"] != "1" || gen2["generation"] != "2" {
-			t.Errorf("claimed generations %s and %s, want 1 and 2", gen1["generation"], gen2["generation"])
-		}
-		if gen1["inode"] != hold["inode"] || gen2["inode"] != reclaimed["inode"] || gen1["inode"] == gen2["inode"] {
-			t.Errorf("inodes: claimed %s then %s, the helper had %s then %s; want them equal pairwise and the two generations different",
-				gen1["inode"], gen2["inode"], hold["inode"], reclaimed["inode"])
-		}
-		got, err := c.API().GetLease(ctx, &brokerv1.GetLeaseRequest{LeaseId: id})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if l := got.GetLease(); l.GetGeneration() != 2 || strconv.FormatUint(l.GetInode(), 10) != gen2["inode"] {
-			t.Errorf("lease after the re-claim: generation %d inode %d; want 2 and %s", l.GetGeneration(), l.GetInode(), gen2["inode"])
-		}
-	})
-}
-
-// runChain runs the helper VMM: one process that allocates a lease over gRPC, execs
-// mmb-claim, which claims generation 1 and execs the helper again (fd 3), which waits for
-// the reissue that cycle causes and execs mmb-claim with the new token, which claims
-// generation 2 and execs the helper once more to check it. It returns the chain's output
-// lines by what printed them: "allocated", "claim 1", "holding", "claim 2", "reclaimed".
-func runChain(t *testing.T, ctx context.Context, bin string, d *daemontest.Daemon, cycle func()) map[string]string {
-	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.CommandContext(ctx, self, "-test.run=^$")
-	cmd.Env = append(os.Environ(), envStage+"=allocate", envControl+"="+d.Control, envClaim+"="+d.Claim,
-		envBin+"="+bin, envBDF+"="+bdf)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lines := map[string]string{}
-	claims := 0
-	sc := bufio.NewScanner(out)
-	for sc.Scan() {
-		line := sc.Text()
-		t.Logf("chain: %s", line)
-		key, rest, _ := strings.Cut(line, " ")
-		switch {
-		case key == "ready":
-			cycle()
-			continue
-		case strings.HasPrefix(line, "lease_id="):
-			claims++
-			key, rest = fmt.Sprintf("claim %d", claims), line
-		}
-		lines[key] = rest
-	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("the chain failed: %v\n%s", err, stderr.String())
-	}
-	for _, k := range []string{"allocated", "claim 1", "holding", "claim 2", "reclaimed"} {
-		if _, ok := lines[k]; !ok {
-			t.Fatalf("the chain printed no %q line; it printed %q\nstderr:\n%s", k, lines, stderr.String())
-		}
-	}
-	return lines
-}
-
-// helper runs one stage of the chain (see runChain) in the child process.
-func helper(stage string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	bin, claimSock := os.Getenv(envBin), os.Getenv(envClaim)
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	// claim execs mmb-claim, which execs this binary again at stage next.
-	claim := func(id, token, next string) error {
-		os.Setenv(envStage, next)
-		argv := []string{bin, claimSock, id, token, self, "-test.run=^$"}
-		return syscall.Exec(bin, argv, os.Environ())
-	}
-	switch stage {
-	case "allocate":
-		c, err := client.Dial(os.Getenv(envControl), client.WithClaimSocket(claimSock))
-		if err != nil {
-			return err
-		}
-		resp, err := c.API().AllocateLease(ctx, &brokerv1.AllocateLeaseRequest{Bdf: os.Getenv(envBDF), Bar: 0,
-			Ranges: []*brokerv1.Range{{Offset: 0, Length: leaseSize}}})
-		c.Close()
-		if err != nil {
-			return err
-		}
-		fmt.Printf("allocated lease_id=%s\n", resp.GetLease().GetId())
-		return claim(resp.GetLease().GetId(), resp.GetClaimToken(), "hold")
-
-	case "hold":
-		id, inode, err := checkFD3("1")
-		if err != nil {
-			return err
-		}
-		fmt.Printf("holding lease_id=%s inode=%d\n", id, inode)
-		c, err := client.Dial(os.Getenv(envControl), client.WithClaimSocket(claimSock))
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		fmt.Println("ready")
-		// From the first event on, so that the reissue is seen whenever it comes.
-		for e, err := range c.Watch(ctx, 1) {
-			if err != nil {
-				return fmt.Errorf("waiting for the reissue: %w", err)
-			}
-			if e.GetLease().GetId() != id || e.GetType() != brokerv1.EventType_EVENT_TYPE_REISSUED {
-				continue
-			}
-			if g := e.GetLease().GetGeneration(); g != 2 || e.GetClaimToken() == "" {
-				return fmt.Errorf("REISSUED of generation %d with token %q; want generation 2 and a token", g, e.GetClaimToken())
-			}
-			unix.CloseOnExec(3) // the dead generation's fd stays behind
-			os.Setenv(envOldInode, strconv.FormatUint(inode, 10))
-			return claim(id, e.GetClaimToken(), "reclaimed")
-		}
-		return errors.New("the event stream ended before the reissue")
-
-	case "reclaimed":
-		id, inode, err := checkFD3("2")
-		if err != nil {
-			return err
-		}
-		if old := os.Getenv(envOldInode); old == strconv.FormatUint(inode, 10) {
-			return fmt.Errorf("generation 2 has the inode of generation 1 (%s)", old)
-		}
-		fmt.Printf("reclaimed lease_id=%s inode=%d\n", id, inode)
-		return nil
-	}
-	return fmt.Errorf("unknown stage %q", stage)
-}
-
-// checkFD3 checks the fd mmb-claim left as fd 3 against the MMIO_LEASE_* variables it set.
-func checkFD3(generation string) (id string, inode uint64, err error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(3, &st); err != nil {
-		return "", 0, fmt.Errorf("fd 3: %w", err)
-	}
-	id = os.Getenv("MMIO_LEASE_ID")
-	want := map[string]string{
-		"MMIO_LEASE_FD":         "3",
-		"MMIO_LEASE_INODE":      strconv.FormatUint(st.Ino, 10),
-		"MMIO_LEASE_SIZE":       strconv.FormatInt(st.Size, 10),
-		"MMIO_LEASE_GENERATION": generation,
-		"MMIO_LEASE_BDF":        os.Getenv(envBDF),
-		"MMIO_LEASE_BAR":        "0",
-	}
-	for k, v := range want {
-		if os.Getenv(k) != v {
-			return "", 0, fmt.Errorf("%s=%q, want %q (fd 3: inode %d, size %d)", k, os.Getenv(k), v, st.Ino, st.Size)
-		}
-	}
-	if id == "" || st.Size != leaseSize {
-		return "", 0, fmt.Errorf("MMIO_LEASE_ID %q, fd 3 of %d bytes; want an id and %d bytes", id, st.Size, leaseSize)
-	}
-	return id, st.Ino, nil
+	t.Run("NotFound", tg.NotFound)
+	t.Run("BadTokenAndPermissionDenied", func(t *testing.T) { tg.BadTokenAndPermissionDenied(t, ctx, bdf) })
+	t.Run("ClaimAndReclaim", func(t *testing.T) { tg.ClaimAndReclaim(t, ctx, bdf, chain) })
 }
 
 // hostile is one reply of the hostile server.
@@ -491,15 +231,15 @@ func TestClaimCHostile(t *testing.T) {
 			if err := <-served; err != nil {
 				t.Error(err)
 			}
-			out := r.stderr
+			out := r.Stderr
 			if tc.code == 0 {
-				out = r.stdout
+				out = r.Stdout
 			}
-			if r.code != tc.code || !strings.Contains(out, tc.output) {
-				t.Errorf("exit %d, stdout %q, stderr %q; want exit %d with %q", r.code, r.stdout, r.stderr, tc.code, tc.output)
+			if r.Code != tc.code || !strings.Contains(out, tc.output) {
+				t.Errorf("exit %d, stdout %q, stderr %q; want exit %d with %q", r.Code, r.Stdout, r.Stderr, tc.code, tc.output)
 			}
 			if tc.code == 0 {
-				wantFields(t, r.stdout, map[string]string{"cloexec": "1", "exp_name": "-", "name": "-"})
+				claimchain.WantFields(t, r.Stdout, map[string]string{"cloexec": "1", "exp_name": "-", "name": "-"})
 			}
 		})
 	}
@@ -574,8 +314,8 @@ func TestClaimCCommandLine(t *testing.T) {
 		{[]string{missing, id, token}, 1, "claim on " + missing + ": No such file or directory"},
 	} {
 		r := runClient(t, bin, tc.args...)
-		if r.code != tc.code || !strings.Contains(r.stderr, tc.stderr) {
-			t.Errorf("mmb-claim %.60q: exit %d, stderr %q; want %d with %q", tc.args, r.code, r.stderr, tc.code, tc.stderr)
+		if r.Code != tc.code || !strings.Contains(r.Stderr, tc.stderr) {
+			t.Errorf("mmb-claim %.60q: exit %d, stderr %q; want %d with %q", tc.args, r.Code, r.Stderr, tc.code, tc.stderr)
 		}
 	}
 }
