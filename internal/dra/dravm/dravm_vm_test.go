@@ -25,6 +25,7 @@ import (
 	cdispec "tags.cncf.io/container-device-interface/specs-go"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
+	"github.com/mmiobroker/mmiobroker/client"
 	"github.com/mmiobroker/mmiobroker/internal/dra"
 	"github.com/mmiobroker/mmiobroker/internal/dra/dratest"
 	"github.com/mmiobroker/mmiobroker/test/vm/guestd"
@@ -242,6 +243,27 @@ func (c *child) line(t *testing.T) string {
 	return ""
 }
 
+// exited waits (30 s at most) for the child to end, logging what it still wrote, and
+// returns cmd.Wait's answer (which stays for startChild's cleanup).
+func (c *child) exited(t *testing.T) error {
+	t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case l, ok := <-c.lines:
+			if ok {
+				t.Logf("child %d: %s", c.cmd.Process.Pid, l)
+				continue
+			}
+			err := <-c.done
+			c.done <- err
+			return err
+		case <-timeout:
+			t.Fatalf("child %d: still running after 30 s", c.cmd.Process.Pid)
+		}
+	}
+}
+
 // ask sends mmb-holder a command and returns its answer, which must start with "ok".
 func (c *child) ask(t *testing.T, cmd string) string {
 	t.Helper()
@@ -351,7 +373,9 @@ func specDevice(t *testing.T, spec *cdispec.Spec, cdiID string) cdispec.Device {
 // the BAR's backing file (test/vm). A process outside the pod is refused the same claim
 // by the daemon; a uid-107 process in the pod without the spec's group cannot even
 // connect to the claim socket; neither spends the token. The unprepare ends the lease and
-// its fd dies within R.
+// its fd dies within R. Then (HolderExited) a second pod's VMM claims a lease of the BAR
+// and is killed: its exit ends the lease, whose fd dies within R, and the unprepare that
+// follows has nothing left to release.
 func TestVMDelegatedLease(t *testing.T) {
 	ivshmem := vmEnv(t, "IVSHMEM")
 	iommufdKernel := vmEnv(t, "KERNEL") == "iommufd"
@@ -504,44 +528,11 @@ func TestVMDelegatedLease(t *testing.T) {
 	// Unprepare: the lease ends and its fd dies within R (FD_REVOKED by revoke_due).
 	ctx, cancel := context.WithTimeout(context.Background(), vmRevokeWithin+30*time.Second)
 	defer cancel()
-	events := make(chan *brokerv1.Event, 64)
-	stream, err := c.API().WatchEvents(ctx, &brokerv1.WatchEventsRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		defer close(events)
-		for {
-			r, err := stream.Recv()
-			if err != nil {
-				return
-			}
-			events <- r.GetEvent()
-		}
-	}()
+	events := watchEvents(ctx, t, c)
 	if msg := k.Unprepare(claim); msg != "" {
 		t.Fatalf("unprepare: %s", msg)
 	}
-	var ended, revoked *brokerv1.Event
-	for revoked == nil {
-		select {
-		case e, ok := <-events:
-			if !ok {
-				t.Fatalf("event stream ended before FD_REVOKED of %s", lease.GetId())
-			}
-			if e.GetLease().GetId() != lease.GetId() {
-				continue
-			}
-			switch e.GetType() {
-			case brokerv1.EventType_EVENT_TYPE_RELEASED:
-				ended = e
-			case brokerv1.EventType_EVENT_TYPE_FD_REVOKED:
-				revoked = e
-			}
-		case <-ctx.Done():
-			t.Fatalf("no FD_REVOKED of %s", lease.GetId())
-		}
-	}
+	ended, revoked := waitFDRevoked(ctx, t, events, lease.GetId())
 	if ended == nil || ended.GetLease().GetRevokeDue() == nil {
 		t.Fatalf("the unprepare's end of the lease: %v", ended)
 	}
@@ -561,4 +552,191 @@ func TestVMDelegatedLease(t *testing.T) {
 		t.Errorf("cdi spec after unprepare: %v", err)
 	}
 	fmt.Fprintln(p.in, "quit")
+
+	// The BAR is free again (the unprepare's end of the lease was buried by the device
+	// cycle behind its FD_REVOKED): a second pod's VMM takes a lease of it and crashes.
+	t.Run("HolderExited", func(t *testing.T) {
+		testHolderExited(t, kube, registry, cdi, c, devName, iommufdKernel)
+	})
+}
+
+// testHolderExited is the end of a delegated lease that its VMM's exit brings, in the
+// crash's form (SIGKILL): a second pod's claim is prepared on the BAR, the pod's container
+// claims the lease as the first pod's did and becomes its holder (on the iommufd kernel
+// with the fd mapped into its IOAS, as a VMM's is), and is killed. The daemon, which
+// pinned the holder by a pidfd at the claim, ends the lease (RELEASED, end reason
+// HOLDER_EXITED, ended by the killed pid) and the fd, which it cannot know to be gone with
+// the process, dies within R (FD_REVOKED by the lease's revoke_due). The kubelet's
+// unprepare after the pod's end then finds nothing left to release: it succeeds, the CDI
+// spec goes, and the lease stays as the exit ended it.
+func testHolderExited(t *testing.T, kube *dratest.Kube, registry, cdi string, c *client.Client, devName string, iommufdKernel bool) {
+	// The subtest's own connection to the plugin (a kubelet restart, to the plugin), so
+	// that a failed call fails the subtest.
+	k := dratest.RegisterPlugin(t, registry)
+	podUID := types.UID("9c4b1e2d-6a7f-4b8c-9d0e-1f2a3b4c5d6e")
+	claim := dratest.CreateClaim(t, kube, dratest.NewClaim("vm2-mmio", "3e8f6a21-5b7c-4d9e-8f0a-1b2c3d4e5f60",
+		[]dratest.Pod{{Name: "virt-launcher-vm2", UID: podUID}}, []dratest.Alloc{{Request: "bar", Device: devName}}))
+	r := k.Prepare(claim)
+	if r.GetError() != "" || len(r.GetDevices()) != 1 || len(r.GetDevices()[0].GetCdiDeviceIds()) != 1 {
+		t.Fatalf("prepare: %v", r)
+	}
+	cdiID := r.GetDevices()[0].GetCdiDeviceIds()[0]
+	spec := readSpec(t, dra.CDISpecPath(cdi, claim.UID))
+	leases := dratest.ClaimLeases(t, c, claim.UID)
+	if len(leases) != 1 || leases[0].GetState() != brokerv1.LeaseState_LEASE_STATE_ALLOCATED {
+		t.Fatalf("leases of the claim: %v, want one, unclaimed", leases)
+	}
+	id := leases[0].GetId()
+
+	ctx, cancel := context.WithTimeout(context.Background(), vmRevokeWithin+60*time.Second)
+	defer cancel()
+	events := watchEvents(ctx, t, c)
+
+	var nodes []*cdispec.DeviceNode
+	if iommufdKernel {
+		nodes = vmmDeviceNodes(t, vmEnv(t, "EDU2"))
+	}
+	vmm := &containerUser{UID: vmmUID, GID: vmmGID, AdditionalGIDs: cdiGIDs(t, spec, cdiID)}
+	p := startChild(t, "pod", spec, cdiID, podCgroup(t, podUID), vmm, nodes)
+	if l := p.line(t); !strings.HasPrefix(l, "claimed "+id+" ") {
+		t.Fatalf("pod: %q", l)
+	} else {
+		t.Logf("pod: %s", l)
+	}
+	pid := p.cmd.Process.Pid
+	checkCreds(t, pid, vmm)
+	claimed, _ := waitLeaseEvent(ctx, t, events, id, brokerv1.EventType_EVENT_TYPE_CLAIMED)
+	if h := claimed.GetLease().GetHolder(); int(h.GetPid()) != pid || h.GetUid() != vmmUID {
+		t.Fatalf("lease %s claimed by %v, want pid %d uid %d", id, h, pid, vmmUID)
+	}
+	if info := p.ask(t, "info"); !strings.Contains(info, fmt.Sprintf("inode=%d ", claimed.GetLease().GetInode())) {
+		t.Fatalf("mmb-holder: %s, want the claimed lease's inode %d in fd 3", info, claimed.GetLease().GetInode())
+	}
+	if iommufdKernel {
+		if a := p.ask(t, "map"); !strings.HasPrefix(a, "ok ") {
+			t.Fatalf("mmb-holder map: %s", a)
+		}
+	}
+
+	// The VMM crashes.
+	killed := time.Now()
+	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatalf("kill the VMM, pid %d: %v", pid, err)
+	}
+	err := p.exited(t)
+	var ws syscall.WaitStatus
+	if ps := p.cmd.ProcessState; ps != nil {
+		ws, _ = ps.Sys().(syscall.WaitStatus)
+	}
+	if !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("the VMM, pid %d: %v, want killed by SIGKILL", pid, err)
+	}
+	t.Logf("VMM pid %d: %v", pid, err)
+
+	// Its exit ends the lease; the fd dies within R.
+	ended, revoked := waitFDRevoked(ctx, t, events, id)
+	el := ended.GetLease()
+	if ended == nil || el.GetEndReason() != brokerv1.EndReason_END_REASON_HOLDER_EXITED || int(el.GetHolder().GetPid()) != pid ||
+		el.GetEndedBy() != fmt.Sprintf("pid %d exited", pid) || el.GetRevokeDue() == nil {
+		t.Fatalf("the end of lease %s: %v, want RELEASED, end reason HOLDER_EXITED, held and ended by pid %d, revoke_due set", id, ended, pid)
+	}
+	endAt, due, at := ended.GetTime().AsTime(), el.GetRevokeDue().AsTime(), revoked.GetTime().AsTime()
+	t.Logf("lease %s: VMM pid %d killed at %s; RELEASED %v later (%s, ended by %q); FD_REVOKED %v after the end (R = %v, revoke_due %s), caused by %q",
+		id, pid, killed.Format(time.RFC3339Nano), endAt.Sub(killed), el.GetEndReason(), el.GetEndedBy(),
+		at.Sub(endAt), vmRevokeWithin, due.Format(time.RFC3339Nano), revoked.GetCausedBy())
+	if at.After(due) {
+		t.Errorf("FD_REVOKED at %s, after the lease's revoke_due %s", at, due)
+	}
+	if !revoked.GetLease().GetFdDead() {
+		t.Errorf("FD_REVOKED of %s: %v, want fd_dead", id, revoked.GetLease())
+	}
+
+	// The kubelet unprepares the ended pod's claim: nothing left to release.
+	if msg := k.Unprepare(claim); msg != "" {
+		t.Fatalf("unprepare after the holder's exit: %s", msg)
+	}
+	if _, err := os.Stat(dra.CDISpecPath(cdi, claim.UID)); !os.IsNotExist(err) {
+		t.Errorf("cdi spec after unprepare: %v", err)
+	}
+	if ls := dratest.ClaimLeases(t, c, claim.UID); len(ls) != 0 {
+		t.Errorf("live leases of the claim after unprepare: %v", ls)
+	}
+	got, err := c.API().GetLease(context.Background(), &brokerv1.GetLeaseRequest{LeaseId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := got.GetLease(); l.GetState() != brokerv1.LeaseState_LEASE_STATE_RELEASED || l.GetEndReason() != brokerv1.EndReason_END_REASON_HOLDER_EXITED ||
+		l.GetEndedBy() != el.GetEndedBy() || !l.GetFdDead() {
+		t.Errorf("lease %s after unprepare: %v, want it as the exit ended it: RELEASED, HOLDER_EXITED, ended by %q, fd dead", id, l, el.GetEndedBy())
+	}
+	t.Logf("unprepare of %s after the holder's exit: ok; lease %s %s, %s, ended by %q, fd dead %v",
+		claim.Name, id, got.GetLease().GetState(), got.GetLease().GetEndReason(), got.GetLease().GetEndedBy(), got.GetLease().GetFdDead())
+}
+
+// watchEvents streams the daemon's events (all of them: c is an admin's) from the call on,
+// until ctx ends; the channel closes with the stream.
+func watchEvents(ctx context.Context, t *testing.T, c *client.Client) <-chan *brokerv1.Event {
+	t.Helper()
+	stream, err := c.API().WatchEvents(ctx, &brokerv1.WatchEventsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The response headers come once the daemon has subscribed: every later event reaches
+	// the stream.
+	if _, err := stream.Header(); err != nil {
+		t.Fatal(err)
+	}
+	events := make(chan *brokerv1.Event, 64)
+	go func() {
+		defer close(events)
+		for {
+			r, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			select {
+			case events <- r.GetEvent():
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return events
+}
+
+// waitLeaseEvent reads events until lease id's first event of type typ and returns it,
+// with the lease's events read before it; it fails if the stream or ctx ends first.
+func waitLeaseEvent(ctx context.Context, t *testing.T, events <-chan *brokerv1.Event, id string, typ brokerv1.EventType) (*brokerv1.Event, []*brokerv1.Event) {
+	t.Helper()
+	var before []*brokerv1.Event
+	for {
+		select {
+		case e, ok := <-events:
+			if !ok {
+				t.Fatalf("event stream ended before %s of %s", typ, id)
+			}
+			if e.GetLease().GetId() != id {
+				continue
+			}
+			if e.GetType() == typ {
+				return e, before
+			}
+			before = append(before, e)
+		case <-ctx.Done():
+			t.Fatalf("no %s of %s", typ, id)
+		}
+	}
+}
+
+// waitFDRevoked reads events until lease id's FD_REVOKED and returns it, with the lease's
+// last RELEASED before it (nil if none).
+func waitFDRevoked(ctx context.Context, t *testing.T, events <-chan *brokerv1.Event, id string) (ended, revoked *brokerv1.Event) {
+	t.Helper()
+	revoked, before := waitLeaseEvent(ctx, t, events, id, brokerv1.EventType_EVENT_TYPE_FD_REVOKED)
+	for _, e := range before {
+		if e.GetType() == brokerv1.EventType_EVENT_TYPE_RELEASED {
+			ended = e
+		}
+	}
+	return ended, revoked
 }
