@@ -356,13 +356,28 @@ func (c *Client) Drain(ctx context.Context) (*brokerv1.DrainResponse, error) {
 }
 
 // WatchOption changes what [Client.Watch] streams.
-type WatchOption func(*brokerv1.WatchEventsRequest)
+type WatchOption func(*watchConfig)
+
+// watchConfig is what the WatchOptions of one [Client.Watch] set.
+type watchConfig struct {
+	req        *brokerv1.WatchEventsRequest
+	subscribed func(lastSeq uint64)
+}
 
 // WithDeviceEvents makes [Client.Watch] also stream EVENT_TYPE_DEVICE_CHANGED events: a
-// configured device was lost, opened again, suspended, resumed, changed TSM state or
-// reported an error. They carry Event.bdf and no lease.
+// configured device was lost or became unusable, opened again, was suspended or resumed,
+// changed TSM state, or reported its first error. They carry Event.bdf and no lease.
 func WithDeviceEvents() WatchOption {
-	return func(r *brokerv1.WatchEventsRequest) { r.DeviceEvents = true }
+	return func(w *watchConfig) { w.req.DeviceEvents = true }
+}
+
+// WithSubscribed has [Client.Watch] call f each time the daemon has subscribed the stream
+// — at the start and after every resume — with the sequence number of the daemon's last
+// event before the subscription: every later event will be yielded. A client that lists
+// state (ListDevices, ListLeases) and then follows it lists again from f, so that no change
+// falls between its list and its stream. f runs on the goroutine that iterates.
+func WithSubscribed(f func(lastSeq uint64)) WatchOption {
+	return func(w *watchConfig) { w.subscribed = f }
 }
 
 func durationOrNil(d time.Duration) *durationpb.Duration {
@@ -372,8 +387,9 @@ func durationOrNil(d time.Duration) *durationpb.Duration {
 	return durationpb.New(d)
 }
 
-// Watch streams lease events: with afterSeq 0 those that happen from now on, else first
-// the retained events after seq afterSeq. It follows the daemon across restarts: when the
+// Watch streams lease events (and, with [WithDeviceEvents], device events): with afterSeq
+// 0 those that happen from now on, else first the retained events after seq afterSeq; see
+// also [WithSubscribed]. It follows the daemon across restarts: when the
 // stream ends with codes.Unavailable (a restart, an upgrade, a crash restarted by
 // systemd) it subscribes again after the last event it yielded, waiting up to
 // [ReconnectTimeout], so no event is missed or repeated. The sequence ends without an
@@ -383,11 +399,11 @@ func (c *Client) Watch(ctx context.Context, afterSeq uint64, opts ...WatchOption
 	return func(yield func(*brokerv1.Event, error) bool) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		req := &brokerv1.WatchEventsRequest{AfterSeq: afterSeq}
+		w := &watchConfig{req: &brokerv1.WatchEventsRequest{AfterSeq: afterSeq}}
 		for _, o := range opts {
-			o(req)
+			o(w)
 		}
-		es, err := c.openEvents(ctx, ctx, req, false)
+		es, err := c.openEvents(ctx, ctx, w, false)
 		if err != nil {
 			if ctx.Err() == nil {
 				yield(nil, err)

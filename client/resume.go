@@ -33,14 +33,15 @@ type eventStream struct {
 	stream grpc.ServerStreamingClient[brokerv1.WatchEventsResponse]
 	cancel context.CancelFunc // ends stream
 	seq    uint64             // the last event seen (or the header's last before the subscription)
-	req    *brokerv1.WatchEventsRequest
+	w      *watchConfig
 }
 
-// openEvents subscribes as req asks (its AfterSeq: 0 from now) and waits until the daemon
-// has subscribed (its response headers). wait makes the call wait for the daemon (a
-// restart in progress) instead of failing at once, up to the deadline of setup; the
-// stream itself lives as long as ctx. The stream owns req.
-func (c *Client) openEvents(ctx, setup context.Context, req *brokerv1.WatchEventsRequest, wait bool) (*eventStream, error) {
+// openEvents subscribes as w.req asks (its AfterSeq: 0 from now), waits until the daemon
+// has subscribed (its response headers) and then calls w.subscribed, if set. wait makes
+// the call wait for the daemon (a restart in progress) instead of failing at once, up to
+// the deadline of setup; the stream itself lives as long as ctx. The stream owns w.
+func (c *Client) openEvents(ctx, setup context.Context, w *watchConfig, wait bool) (*eventStream, error) {
+	req := w.req
 	after := req.GetAfterSeq()
 	sctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(setup, cancel)
@@ -59,9 +60,16 @@ func (c *Client) openEvents(ctx, setup context.Context, req *brokerv1.WatchEvent
 		}
 		return nil, err
 	}
-	es := &eventStream{c: c, stream: stream, cancel: cancel, seq: after, req: req}
-	if v := md.Get(LastSeqHeader); after == 0 && len(v) == 1 {
-		es.seq, _ = strconv.ParseUint(v[0], 10, 64)
+	es := &eventStream{c: c, stream: stream, cancel: cancel, seq: after, w: w}
+	last := after
+	if v := md.Get(LastSeqHeader); len(v) == 1 {
+		last, _ = strconv.ParseUint(v[0], 10, 64)
+	}
+	if after == 0 {
+		es.seq = last
+	}
+	if w.subscribed != nil {
+		w.subscribed(last)
 	}
 	return es, nil
 }
@@ -100,9 +108,10 @@ func (es *eventStream) reopen(ctx context.Context) error {
 	defer cancel()
 	wait := 10 * time.Millisecond
 	for {
-		req := proto.CloneOf(es.req)
-		req.AfterSeq = es.seq
-		n, err := es.c.openEvents(ctx, setup, req, true)
+		w := *es.w
+		w.req = proto.CloneOf(es.w.req)
+		w.req.AfterSeq = es.seq
+		n, err := es.c.openEvents(ctx, setup, &w, true)
 		if err == nil {
 			es.stream, es.cancel = n.stream, n.cancel
 			return nil

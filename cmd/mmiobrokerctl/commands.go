@@ -262,7 +262,7 @@ func (c *cli) suspendResume(ctx context.Context, verb string, args []string) err
 func (c *cli) watch(ctx context.Context, args []string) error {
 	fs := c.subcommand("watch", "[-cursor SEQ] [-devices]")
 	cursor := fs.Uint64("cursor", 0, "resume after the event with sequence number `SEQ` (0: only new events)")
-	devices := fs.Bool("devices", false, "also print device_changed events (a device lost, back, suspended, resumed, TSM state, error)")
+	devices := fs.Bool("devices", false, "also print device_changed events (a device lost, back, suspended, resumed, TSM state, first error)")
 	if _, _, err := parse(fs, args, 0); err != nil {
 		return err
 	}

@@ -209,6 +209,18 @@ func errString(err error, ok string) string {
 	return err.Error()
 }
 
+// Available returns an error classified ErrUnavailable once the broker is closed or
+// detached (a stopping daemon): its devices then all read as closed, which says nothing
+// about the devices themselves, so callers that publish device state must not act on it.
+func (b *Broker) Available() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return fmt.Errorf("broker is shutting down: %w", errdefs.ErrUnavailable)
+	}
+	return nil
+}
+
 // Devices returns every configured device in configuration order.
 func (b *Broker) Devices() []DeviceStatus {
 	b.mu.Lock()

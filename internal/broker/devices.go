@@ -155,24 +155,33 @@ func (b *Broker) loseDeviceLocked(d *device, cause error) Device {
 func (b *Broker) watchNotices(d *device, dev Device, ch <-chan Notice) {
 	defer b.watchers.Done()
 	for n := range ch {
-		b.mu.Lock()
-		current := d.dev == dev
-		b.mu.Unlock()
-		if !current {
-			continue
-		}
 		switch n.Kind {
 		case NoticeRelease:
+			b.mu.Lock()
+			current := d.dev == dev
+			b.mu.Unlock()
+			if !current {
+				continue
+			}
 			b.log.Warn("the kernel asks for the device back", "bdf", d.policy.BDF)
 			if err := b.DeviceLost(d.policy.BDF, errors.New("the kernel asked for the device back (driver unbind or hot-unplug)")); err != nil {
 				b.log.Error("closing a device the kernel asked for failed", "bdf", d.policy.BDF, "err", err)
 			}
 		case NoticeError:
 			b.mu.Lock()
-			d.errors += max(n.Count, 1)
-			b.emitDeviceLocked(d, "")
+			current := d.dev == dev
+			if current {
+				// The first error is the device change (Devices shows it as raised
+				// errors); a storm of them must not flood the event log and journal.
+				if d.errors == 0 {
+					b.emitDeviceLocked(d, "")
+				}
+				d.errors += max(n.Count, 1)
+			}
 			b.mu.Unlock()
-			b.log.Warn("device reported an error", "bdf", d.policy.BDF, "count", n.Count)
+			if current {
+				b.log.Warn("device reported an error", "bdf", d.policy.BDF, "count", n.Count)
+			}
 		}
 	}
 }
@@ -182,27 +191,35 @@ func (b *Broker) watchNotices(d *device, dev Device, ch <-chan Notice) {
 // device in TDISP LOCKED/RUN state. Leases granted unattested (policy
 // allow_unattested_private) never depended on it and stay. It returns how many leases
 // ended. A TSM state that differs from the one last seen is a device change
-// ([EventDeviceChanged]).
+// ([EventDeviceChanged]); it is read and compared on the device's worker, so that two
+// checks at once (a uevent and the periodic resync) cannot record an older state last.
 func (b *Broker) TSMChanged(bdf string) (int, error) {
 	b.mu.Lock()
 	d, ok := b.devices[bdf]
+	b.mu.Unlock()
 	if !ok {
-		b.mu.Unlock()
 		return 0, fmt.Errorf("device %s is not configured: %w", bdf, errdefs.ErrNotFound)
 	}
-	dev := d.dev
-	b.mu.Unlock()
-	if dev == nil {
-		return 0, nil // not open: no live lease
+	var tsm TSMState
+	open := false
+	if werr := d.w.run(func() {
+		b.mu.Lock()
+		dev := d.dev
+		b.mu.Unlock()
+		if dev == nil {
+			return // not open: no live lease
+		}
+		open, tsm = true, dev.Info().TSM
+		b.mu.Lock()
+		if d.dev == dev && tsm != d.info.TSM {
+			d.info.TSM = tsm
+			b.emitDeviceLocked(d, "")
+		}
+		b.mu.Unlock()
+	}); werr != nil {
+		return 0, werr
 	}
-	tsm := dev.Info().TSM
-	b.mu.Lock()
-	if d.dev == dev && tsm != d.info.TSM {
-		d.info.TSM = tsm
-		b.emitDeviceLocked(d, "")
-	}
-	b.mu.Unlock()
-	if tsm.Bound != "" {
+	if !open || tsm.Bound != "" {
 		return 0, nil
 	}
 	b.mu.Lock()

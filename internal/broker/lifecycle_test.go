@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"errors"
+	"runtime"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -656,6 +657,22 @@ func TestDeviceChangedEvents(t *testing.T) {
 		t.Fatal("no notice channel")
 	}
 	want("an error notice", "")
+	// More errors change nothing Devices shows but the count: no event for them (a
+	// device's error storm must not flood the event log and the journal).
+	dev.Notify(broker.NoticeError)
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		st, err := b.Device(dev0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Errors == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the second error notice was not counted: %+v", st)
+		}
+		runtime.Gosched()
+	}
 	if _, err := b.SuspendDevice(dev0, admin); err != nil {
 		t.Fatal(err)
 	}

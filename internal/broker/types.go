@@ -473,9 +473,9 @@ const (
 	// EventFdRevoked: an ended-but-live lease's dma-buf is dead now (its device cycled or
 	// closed); Event.CausedBy says who caused the cycle.
 	EventFdRevoked EventType = "fd_revoked"
-	// EventDeviceChanged: a configured device changed in a way [Broker.Devices] shows
-	// (lost or unusable, opened again, suspended or resumed, its TSM state, an error
-	// reported). It is about no lease: its Lease carries only the device's BDF.
+	// EventDeviceChanged: a configured device changed state (lost or unusable, opened
+	// again, suspended or resumed, its TSM state, its first error since it opened). It is
+	// about no lease: its Lease carries only the device's BDF.
 	EventDeviceChanged EventType = "device_changed"
 )
 
@@ -485,7 +485,8 @@ type Event struct {
 	Seq  uint64
 	Time time.Time
 	Type EventType
-	// Lease is the lease after the transition.
+	// Lease is the lease after the transition; for an [EventDeviceChanged], only its
+	// BDF is set (the device's).
 	Lease Lease
 	// Token is the new claim token of a reissued lease; empty otherwise. Only the lease's
 	// holder may be shown it.

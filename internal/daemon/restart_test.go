@@ -278,10 +278,11 @@ func TestDeviceEventsAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	events := make(chan ev, 16)
+	subscribed := make(chan uint64, 4) // WithSubscribed: at the start and after the restart
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	go func() {
-		for e, err := range c.Watch(wctx, 1, client.WithDeviceEvents()) {
+		for e, err := range c.Watch(wctx, 1, client.WithDeviceEvents(), client.WithSubscribed(func(last uint64) { subscribed <- last })) {
 			if err != nil {
 				t.Errorf("watch: %v", err)
 				return
@@ -301,6 +302,18 @@ func TestDeviceEventsAcrossRestart(t *testing.T) {
 			t.Fatalf("no event, want %+v", w)
 		}
 	}
+	subscribedAfter := func(min uint64) {
+		t.Helper()
+		select {
+		case last := <-subscribed:
+			if last < min {
+				t.Errorf("subscribed after seq %d, want at least %d", last, min)
+			}
+		case <-ctx.Done():
+			t.Fatalf("no subscription (WithSubscribed) after seq %d", min)
+		}
+	}
+	subscribedAfter(1) // the daemon's last event before the subscription: the suspend
 	if _, err := c.API().ResumeDevice(ctx, &brokerv1.ResumeDeviceRequest{Bdf: bdf}); err != nil {
 		t.Fatal(err)
 	}
@@ -312,6 +325,7 @@ func TestDeviceEventsAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	want(ev{3, changed, bdf, false})
+	subscribedAfter(2) // the resumed stream subscribed again (before or after seq 3)
 	// A new stream replays the journaled device event of the first run.
 	for e, err := range c.Watch(ctx, 1, client.WithDeviceEvents()) {
 		if err != nil {

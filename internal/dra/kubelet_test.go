@@ -59,6 +59,12 @@ type kubeletEnv struct {
 
 func newKubeletEnv(t *testing.T, objs ...*resourceapi.ResourceClaim) (*kubeletEnv, *plugin) {
 	t.Helper()
+	return newKubeletEnvWith(t, nil, objs...)
+}
+
+// newKubeletEnvWith is newKubeletEnv with the plugin's options changed by mutate.
+func newKubeletEnvWith(t *testing.T, mutate func(*Options), objs ...*resourceapi.ResourceClaim) (*kubeletEnv, *plugin) {
+	t.Helper()
 	d := daemontest.Start(t, kubeletDevices, brokertest.NewDevice(bdfA), brokertest.NewDevice(bdfB))
 	dir := testutil.ShortTempDir(t)
 	cdi, plugins, registry := pluginDirs(t, dir)
@@ -70,6 +76,9 @@ func newKubeletEnv(t *testing.T, objs ...*resourceapi.ResourceClaim) (*kubeletEn
 	e.opt = Options{
 		Kube: kube, ControlSocket: d.Control, CDIDir: cdi, PluginDataDir: plugins, RegistrarDir: registry,
 		Partitions: []Partition{{BDF: bdfB, BAR: 4, Count: 4}},
+	}
+	if mutate != nil {
+		mutate(&e.opt)
 	}
 	return e, startPlugin(t, e.opt)
 }
@@ -386,10 +395,10 @@ func TestPrepareRefuses(t *testing.T) {
 // TestKubeletHealthStream watches device health as the kubelet does: over the plugin's
 // DRAResourceHealth service (advertised at registration) on its real DRA socket. Every
 // device of every leasable BAR is reported; an admin's suspend of a device makes its
-// devices Unhealthy on the stream at once (the daemon's DEVICE_CHANGED event, the periodic
-// list 10 s away), and the resume makes them Healthy again.
+// devices Unhealthy on the stream at once (the daemon's DEVICE_CHANGED event; the periodic
+// list is an hour away), and the resume makes them Healthy again.
 func TestKubeletHealthStream(t *testing.T) {
-	e, _ := newKubeletEnv(t)
+	e, _ := newKubeletEnvWith(t, func(o *Options) { o.Resync, o.HealthCheckTimeout = time.Hour, 2*time.Hour })
 	k := dratest.RegisterPlugin(t, e.registry)
 	if !slices.Contains(k.Info.GetSupportedVersions(), drahealthv1.DRAResourceHealthService) {
 		t.Fatalf("registration advertises %v, without %s", k.Info.GetSupportedVersions(), drahealthv1.DRAResourceHealthService)

@@ -77,7 +77,7 @@ func resources(pool string, devices []resourceapi.Device) resourceslice.DriverRe
 
 // publishLoop lists the daemon's devices now, every Resync, and whenever the daemon says a
 // device changed (EVENT_TYPE_DEVICE_CHANGED: lost, opened again, suspended, resumed, a
-// TSM state change, an error), and publishes what changed.
+// TSM state change, a first error), and publishes what changed.
 func (d *Driver) publishLoop(ctx context.Context) {
 	trigger := make(chan struct{}, 1)
 	d.wg.Add(1)
@@ -98,9 +98,22 @@ func (d *Driver) publishLoop(ctx context.Context) {
 	}
 }
 
+// deviceEvent reports whether an event means that a device changed: DEVICE_CHANGED, and
+// the lease events that come with a device change (a daemon from before DEVICE_CHANGED
+// sends only those, and only for devices with leases).
+func deviceEvent(e *brokerv1.Event) bool {
+	switch e.GetType() {
+	case brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED, brokerv1.EventType_EVENT_TYPE_DEVICE_LOST,
+		brokerv1.EventType_EVENT_TYPE_SUSPENDED, brokerv1.EventType_EVENT_TYPE_RESUMED:
+		return true
+	}
+	return e.GetLease().GetEndReason() == brokerv1.EndReason_END_REASON_TSM_UNBOUND
+}
+
 // watchEvents follows the daemon's device events and pokes trigger on each, and each time
-// the stream is (re)opened, since events may have been missed meanwhile. (The stream also
-// carries the lease events the plugin, an admin, may see; they change no device.)
+// the daemon has (re)subscribed the stream, since a change may have come between the last
+// list and the subscription. (The stream also carries the lease events the plugin, an
+// admin, may see; most change no device.)
 func (d *Driver) watchEvents(ctx context.Context, trigger chan<- struct{}) {
 	poke := func() {
 		select {
@@ -108,18 +121,19 @@ func (d *Driver) watchEvents(ctx context.Context, trigger chan<- struct{}) {
 		default:
 		}
 	}
+	subscribed := client.WithSubscribed(func(uint64) { poke() })
 	for ctx.Err() == nil {
-		for e, err := range d.broker.Watch(ctx, 0, client.WithDeviceEvents()) {
+		for e, err := range d.broker.Watch(ctx, 0, client.WithDeviceEvents(), subscribed) {
 			if err != nil {
 				d.log.Warn("event stream of mmiobrokerd ended", "err", err)
 				break
 			}
-			if e.GetType() == brokerv1.EventType_EVENT_TYPE_DEVICE_CHANGED {
-				d.log.Info("device changed", "bdf", e.GetBdf(), "by", e.GetCausedBy())
+			if deviceEvent(e) {
+				d.log.Info("device event", "event", e.GetType().String(), "bdf", e.GetBdf(), "by", e.GetCausedBy())
 				poke()
 			}
 		}
-		poke()
+		poke() // the stream ended: is the daemon still there? (health Unknown if not)
 		t := time.NewTimer(watchRetry)
 		select {
 		case <-ctx.Done():

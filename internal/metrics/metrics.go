@@ -136,7 +136,7 @@ var (
 	eventTypes = []broker.EventType{
 		broker.EventAllocated, broker.EventClaimed, broker.EventRevoked, broker.EventReleased,
 		broker.EventReissued, broker.EventExpired, broker.EventDeviceLost, broker.EventRevokeRequested,
-		broker.EventRenewed, broker.EventSuspended, broker.EventResumed, broker.EventFdRevoked,
+		broker.EventRenewed, broker.EventSuspended, broker.EventResumed, broker.EventFdRevoked, broker.EventDeviceChanged,
 	}
 	endReasons = []broker.Reason{
 		broker.ReasonReleased, broker.ReasonRevoked, broker.ReasonHolderExited, broker.ReasonExpired,

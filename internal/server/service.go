@@ -101,6 +101,9 @@ func (s *service) ListDevices(ctx context.Context, _ *brokerv1.ListDevicesReques
 	if _, _, err := s.caller(ctx); err != nil {
 		return nil, err
 	}
+	if err := s.b.Available(); err != nil { // stopping: every device would read as closed
+		return nil, err
+	}
 	devs := s.b.Devices()
 	resp := &brokerv1.ListDevicesResponse{Devices: make([]*brokerv1.Device, len(devs))}
 	for i, d := range devs {
@@ -116,6 +119,9 @@ func (s *service) GetDevice(ctx context.Context, req *brokerv1.GetDeviceRequest)
 	}
 	bdf, err := parseBDF(req.GetBdf())
 	if err != nil {
+		return nil, err
+	}
+	if err := s.b.Available(); err != nil {
 		return nil, err
 	}
 	st, err := s.b.Device(bdf)

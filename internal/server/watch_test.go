@@ -228,12 +228,18 @@ func TestWatchEventsEndsOnBrokerClose(t *testing.T) {
 	}
 	_, err := s.Recv()
 	wantCode(t, err, codes.Unavailable, "event stream ended")
-	// Once closed, the broker refuses new streams.
+	// Once closed, the broker refuses new streams, and its devices' state is not
+	// reported: every device would read as closed (a DRA driver would withdraw them all
+	// while the daemon restarts).
 	s, err = e.client.WatchEvents(holder.ctx(t), &brokerv1.WatchEventsRequest{})
 	if err == nil {
 		_, err = s.Recv()
 	}
 	wantCode(t, err, codes.Unavailable)
+	_, err = e.client.ListDevices(holder.ctx(t), &brokerv1.ListDevicesRequest{})
+	wantCode(t, err, codes.Unavailable, "shutting down")
+	_, err = e.client.GetDevice(holder.ctx(t), &brokerv1.GetDeviceRequest{Bdf: bdfA})
+	wantCode(t, err, codes.Unavailable, "shutting down")
 }
 
 func TestWatchEventsLagging(t *testing.T) {

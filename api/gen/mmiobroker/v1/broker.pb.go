@@ -397,11 +397,12 @@ const (
 	// An ended-but-live lease's dma-buf is dead now in every process: its device cycled (or
 	// closed). Lease.fd_dead is true; Event.caused_by names who caused the cycle.
 	EventType_EVENT_TYPE_FD_REVOKED EventType = 12
-	// A configured device changed in a way ListDevices shows, with or without a lease
-	// transition: it was lost or became unusable, it opened again, it was suspended or
-	// resumed, its TSM state changed, or it reported an error. Event.lease is unset and
-	// Event.bdf names the device: GetDevice says what it is now. Sent only on streams that
-	// ask for it (WatchEventsRequest.device_events).
+	// A configured device changed state: it was lost or became unusable (also with no
+	// lease on it), it opened again, it was suspended or resumed, its TSM state changed, or
+	// it reported its first error since it opened (Device.error_count turned non-zero; later
+	// errors only count). Event.lease is unset and Event.bdf names the device: GetDevice says
+	// what it is now. Sent only on streams that ask for it (WatchEventsRequest.device_events);
+	// other streams skip its seq.
 	EventType_EVENT_TYPE_DEVICE_CHANGED EventType = 13
 )
 
