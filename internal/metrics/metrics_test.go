@@ -12,7 +12,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -22,6 +21,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/broker/brokertest"
 	"github.com/mmiobroker/mmiobroker/internal/fdpass"
 	"github.com/mmiobroker/mmiobroker/internal/holders"
+	"github.com/mmiobroker/mmiobroker/internal/metrics/metricstest"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
 )
 
@@ -103,45 +103,7 @@ func (r *rig) allocate(t *testing.T, n uint64, kind broker.Kind, claim bool) bro
 // sample count), 0 if there is none.
 func value(t *testing.T, g prometheus.Gatherer, name string, labels ...string) float64 {
 	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatalf("gather: %v", err)
-	}
-	want := map[string]string{}
-	for i := 0; i+1 < len(labels); i += 2 {
-		want[labels[i]] = labels[i+1]
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	samples:
-		for _, s := range mf.GetMetric() {
-			got := map[string]string{}
-			for _, lp := range s.GetLabel() {
-				got[lp.GetName()] = lp.GetValue()
-			}
-			for k, v := range want {
-				if got[k] != v {
-					continue samples
-				}
-			}
-			return sampleValue(mf.GetType(), s)
-		}
-	}
-	return 0
-}
-
-func sampleValue(typ dto.MetricType, s *dto.Metric) float64 {
-	switch typ {
-	case dto.MetricType_COUNTER:
-		return s.GetCounter().GetValue()
-	case dto.MetricType_GAUGE:
-		return s.GetGauge().GetValue()
-	case dto.MetricType_HISTOGRAM:
-		return float64(s.GetHistogram().GetSampleCount())
-	}
-	return s.GetUntyped().GetValue()
+	return metricstest.Gather(t, g).Value(name, labels...)
 }
 
 // lint fails the test on every promlint problem of the registry.

@@ -1,7 +1,8 @@
 // Package metricstest scrapes the daemon's metrics as a Prometheus server would (HTTP
 // GET /metrics on its unix socket, the text exposition parsed by the Prometheus
-// libraries) and reads samples by name and labels, for the tests that check the metrics
-// move: the daemon's own on fake devices, and the rig's against the real kernel.
+// libraries), or gathers a registry in process, and reads samples by name and labels, for
+// the tests that check the metrics move: internal/metrics' own, the daemon's on fake
+// devices, and the rig's against the real kernel.
 package metricstest
 
 import (
@@ -45,6 +46,21 @@ func Socket(t testing.TB, path string) Scrape {
 		t.Fatalf("scrape %s: parse: %v", path, err)
 	}
 	return mfs
+}
+
+// Gather reads g's metrics as a scrape would see them (a registry in the test's own
+// process), failing t if that fails.
+func Gather(t testing.TB, g prometheus.Gatherer) Scrape {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	s := make(Scrape, len(mfs))
+	for _, mf := range mfs {
+		s[mf.GetName()] = mf
+	}
+	return s
 }
 
 // Wait scrapes the socket at path until ready accepts a scrape, and returns that one. It
