@@ -256,10 +256,7 @@ func (r *Report) Markdown(out io.Writer) error {
 			if sc.Name == ScenarioSingle {
 				p("The configuration file of the %s scenario (the others differ in their devices, revoke_within and max_leases):", sc.Name)
 				p("")
-				p("```toml")
-				p("%s", strings.TrimRight(sc.Config, "\n"))
-				p("```")
-				p("")
+				fenced(p, "toml", sc.Config)
 			}
 		}
 	}
@@ -280,10 +277,7 @@ func (r *Report) Markdown(out io.Writer) error {
 		p("")
 		p("Profile: `%s`", sc.Profile)
 		p("")
-		p("```")
-		p("%s", sc.ProfileTop)
-		p("```")
-		p("")
+		fenced(p, "", sc.ProfileTop)
 	}
 
 	p("## Method")
@@ -297,8 +291,17 @@ func (r *Report) Markdown(out io.Writer) error {
 	p("")
 	p("### A kernel race: spurious EOF on SEQPACKET")
 	p("")
-	p("A client's recvmsg on a non-blocking SOCK_SEQPACKET socket (Go's sockets are) can report EOF although the server queued its reply, if the server sent and closed while recvmsg ran: unix_dgram_recvmsg finds the queue empty, then sees RCV_SHUTDOWN and returns 0 without looking at the queue again. The reply is still there for the next recvmsg. The floor's client reads again after an EOF and counts it (once in about 50,000 floor round trips on this machine, where the bare server answers within microseconds); the claim socket's client (fdpass.ClaimConn, used by the client library) does not, so such a claim fails (\"server closed the connection without a reply\") and fails the run.")
+	p("A client's recvmsg on a non-blocking SOCK_SEQPACKET socket (Go's sockets are) can report EOF although the server queued its reply, if the server sent and closed while recvmsg ran: unix_dgram_recvmsg finds the queue empty, then sees RCV_SHUTDOWN and returns 0 without looking at the queue again. The reply is still there for the next recvmsg. The floor's client reads again after an EOF and counts it (once in about 50,000 floor round trips on this machine, where the bare server answers within microseconds); the claim socket's client (fdpass.ClaimConn, used by the client library) reads once more after an end of file too, so such a claim gets its reply.")
 	return w.Flush()
+}
+
+// fenced writes text as a fenced code block of language lang ("" for none), then a
+// blank line.
+func fenced(p func(string, ...any), lang, text string) {
+	p("```%s", lang)
+	p("%s", strings.TrimRight(text, "\n"))
+	p("```")
+	p("")
 }
 
 // latencyTable writes the percentile rows of a broker figure and its floor.

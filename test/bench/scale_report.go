@@ -264,42 +264,30 @@ func (sr *ScaleResult) markdown(p func(string, ...any)) {
 	p("")
 	p("The scale daemon's configuration (its %d devices alike):", sr.Devices)
 	p("")
-	p("```toml")
 	cfg := sr.Config
 	if i := strings.Index(cfg, "\n[[device]]"); i >= 0 {
 		if j := strings.Index(cfg[i+1:], "\n[[device]]"); j >= 0 {
 			cfg = cfg[:i+1+j] + "\n# … one [[device]] table per fake device"
 		}
 	}
-	p("%s", strings.TrimRight(cfg, "\n"))
-	p("```")
-	p("")
+	fenced(p, "toml", cfg)
 	if sr.ProfileTop != "" || sr.MemProfileTop != "" || sr.RestartProfileTop != "" {
 		p("### Profiles of the scale daemon")
 		p("")
 		if sr.ProfileTop != "" {
 			p("CPU profile of the first daemon process, from its start to its stop before the restart: `%s`", sr.Profile)
 			p("")
-			p("```")
-			p("%s", sr.ProfileTop)
-			p("```")
-			p("")
+			fenced(p, "", sr.ProfileTop)
 		}
 		if sr.MemProfileTop != "" {
 			p("Heap profile of the same process when it was told to stop (before the daemon began its stop), after a garbage collection, with every lease: the bytes in use, sampled every 64 KiB allocated. `%s`", sr.MemProfile)
 			p("")
-			p("```")
-			p("%s", sr.MemProfileTop)
-			p("```")
-			p("")
+			fenced(p, "", sr.MemProfileTop)
 		}
 		if sr.RestartProfileTop != "" {
 			p("CPU profile of the restarted daemon process, from its start (journal replay included) to its stop: `%s`", sr.RestartProfile)
 			p("")
-			p("```")
-			p("%s", sr.RestartProfileTop)
-			p("```")
-			p("")
+			fenced(p, "", sr.RestartProfileTop)
 		}
 	}
 }
