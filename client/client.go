@@ -360,15 +360,15 @@ type WatchOption func(*watchConfig)
 
 // watchConfig is what the WatchOptions of one [Client.Watch] set.
 type watchConfig struct {
-	req        *brokerv1.WatchEventsRequest
-	subscribed func(lastSeq uint64)
+	deviceEvents bool
+	subscribed   func(lastSeq uint64)
 }
 
 // WithDeviceEvents makes [Client.Watch] also stream EVENT_TYPE_DEVICE_CHANGED events: a
 // configured device was lost or became unusable, opened again, was suspended or resumed,
 // changed TSM state, or reported its first error. They carry Event.bdf and no lease.
 func WithDeviceEvents() WatchOption {
-	return func(w *watchConfig) { w.req.DeviceEvents = true }
+	return func(w *watchConfig) { w.deviceEvents = true }
 }
 
 // WithSubscribed has [Client.Watch] call f each time the daemon has subscribed the stream
@@ -399,11 +399,11 @@ func (c *Client) Watch(ctx context.Context, afterSeq uint64, opts ...WatchOption
 	return func(yield func(*brokerv1.Event, error) bool) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		w := &watchConfig{req: &brokerv1.WatchEventsRequest{AfterSeq: afterSeq}}
+		w := &watchConfig{}
 		for _, o := range opts {
 			o(w)
 		}
-		es, err := c.openEvents(ctx, ctx, w, false)
+		es, err := c.openEvents(ctx, ctx, w, afterSeq, false)
 		if err != nil {
 			if ctx.Err() == nil {
 				yield(nil, err)

@@ -148,7 +148,7 @@ func (c *Client) Hold(ctx context.Context, l *Lease, hopt HoldOptions) (*HeldLea
 func (c *Client) subscribe(ctx context.Context, hopt HoldOptions) (*HeldLease, *eventStream, error) {
 	hctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	h := &HeldLease{c: c, opt: hopt, ctx: hctx, cancel: cancel, done: make(chan struct{})}
-	stream, err := c.openEvents(hctx, ctx, &watchConfig{req: &brokerv1.WatchEventsRequest{}}, false)
+	stream, err := c.openEvents(hctx, ctx, &watchConfig{}, 0, false)
 	if err != nil {
 		cancel()
 		return nil, nil, err

@@ -11,7 +11,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
 	brokerv1 "github.com/mmiobroker/mmiobroker/api/gen/mmiobroker/v1"
 )
@@ -36,15 +35,14 @@ type eventStream struct {
 	w      *watchConfig
 }
 
-// openEvents subscribes as w.req asks (its AfterSeq: 0 from now), waits until the daemon
-// has subscribed (its response headers) and then calls w.subscribed, if set. wait makes
-// the call wait for the daemon (a restart in progress) instead of failing at once, up to
-// the deadline of setup; the stream itself lives as long as ctx. The stream owns w.
-func (c *Client) openEvents(ctx, setup context.Context, w *watchConfig, wait bool) (*eventStream, error) {
-	req := w.req
-	after := req.GetAfterSeq()
+// openEvents subscribes as w asks after cursor after (0: from now), waits until the
+// daemon has subscribed (its response headers) and then calls w.subscribed, if set. wait
+// makes the call wait for the daemon (a restart in progress) instead of failing at once,
+// up to the deadline of setup; the stream itself lives as long as ctx.
+func (c *Client) openEvents(ctx, setup context.Context, w *watchConfig, after uint64, wait bool) (*eventStream, error) {
 	sctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(setup, cancel)
+	req := &brokerv1.WatchEventsRequest{AfterSeq: after, DeviceEvents: w.deviceEvents}
 	stream, err := c.api.WatchEvents(sctx, req, grpc.WaitForReady(wait))
 	var md metadata.MD
 	if err == nil {
@@ -108,10 +106,7 @@ func (es *eventStream) reopen(ctx context.Context) error {
 	defer cancel()
 	wait := 10 * time.Millisecond
 	for {
-		w := *es.w
-		w.req = proto.CloneOf(es.w.req)
-		w.req.AfterSeq = es.seq
-		n, err := es.c.openEvents(ctx, setup, &w, true)
+		n, err := es.c.openEvents(ctx, setup, es.w, es.seq, true)
 		if err == nil {
 			es.stream, es.cancel = n.stream, n.cancel
 			return nil

@@ -126,7 +126,7 @@ func NewWithOptions(cfg Config, open Opener, log *slog.Logger, opt Options) (*Br
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("broker config: %w", err)
 	}
-	cfg = cfg.withDefaults()
+	cfg = cfg.WithDefaults()
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}

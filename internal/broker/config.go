@@ -9,7 +9,7 @@ import (
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 )
 
-// Defaults applied by [Config.withDefaults].
+// Defaults applied by [Config.WithDefaults].
 const (
 	DefaultClaimTimeout       = 30 * time.Second
 	DefaultMaxRangesPerLease  = 16
@@ -76,7 +76,9 @@ type Limits struct {
 	MaxRangesPerLease int
 }
 
-func (c Config) withDefaults() Config {
+// WithDefaults returns c with every zero setting that has a default set to it, as the
+// broker runs it.
+func (c Config) WithDefaults() Config {
 	if c.ClaimTimeout == 0 {
 		c.ClaimTimeout = DefaultClaimTimeout
 	}

@@ -143,8 +143,6 @@ func (b *Broker) loseDeviceLocked(d *device, cause error) Device {
 	d.err = fmt.Errorf("device %s: %w", d.policy.BDF, cause)
 	if dev != nil { // it was usable
 		b.emitDeviceLocked(d, "")
-	}
-	if dev != nil {
 		b.log.Error("device lost", "bdf", d.policy.BDF, "err", cause)
 	}
 	return dev
@@ -210,8 +208,8 @@ func (b *Broker) TSMChanged(bdf string) (int, error) {
 			return // not open: no live lease
 		}
 		open, tsm = true, dev.Info().TSM
-		b.mu.Lock()
-		if d.dev == dev && tsm != d.info.TSM {
+		b.mu.Lock() // d.dev changes only on d's worker: still dev
+		if tsm != d.info.TSM {
 			d.info.TSM = tsm
 			b.emitDeviceLocked(d, "")
 		}

@@ -108,8 +108,8 @@ func (l *eventLog) since(cursor uint64) ([]*Event, error) {
 // Subscription delivers events in order. Read [Subscription.Events] until it is closed,
 // then [Subscription.Err] says why.
 type Subscription struct {
-	last   uint64           // the sequence number of the last event before the subscription
-	keep   func(Event) bool // nil: every event
+	last   uint64            // the sequence number of the last event before the subscription
+	keep   func(*Event) bool // nil: every event
 	ch     chan *Event
 	b      *Broker
 	mu     sync.Mutex
@@ -137,7 +137,7 @@ func (s *Subscription) Err() error {
 // push delivers e without blocking, unless the subscription's filter drops it; on
 // overflow it ends the subscription and returns false.
 func (s *Subscription) push(e *Event) bool {
-	if s.keep != nil && !s.keep(*e) {
+	if s.keep != nil && !s.keep(e) {
 		return true
 	}
 	select {
@@ -188,9 +188,9 @@ const MaxReplay = 4096
 // SubscribeFiltered is [Broker.Subscribe] for the events keep accepts (nil: all). Events
 // are filtered before they are buffered: only the subscriber's own events count against
 // its buffer, so other tenants' activity cannot make it lag, and a replay holds only what
-// it will deliver. keep is called with the broker's lock held: it must be quick and must
-// not call the broker.
-func (b *Broker) SubscribeFiltered(cursor uint64, keep func(Event) bool) (*Subscription, error) {
+// it will deliver. keep is called with the broker's lock held: it must be quick, must
+// not call the broker, and must not modify the event (it is shared).
+func (b *Broker) SubscribeFiltered(cursor uint64, keep func(*Event) bool) (*Subscription, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
@@ -207,7 +207,7 @@ func (b *Broker) SubscribeFiltered(cursor uint64, keep func(Event) bool) (*Subsc
 			return nil, err
 		}
 		for _, e := range all {
-			if keep == nil || keep(*e) {
+			if keep == nil || keep(e) {
 				backlog = append(backlog, e)
 			}
 		}

@@ -76,7 +76,7 @@ func (b *Broker) watchHolder(l *lease) {
 			_, err := b.endByTenant(id, StateReleased, ReasonHolderExited, fmt.Sprintf("pid %d exited", pid), EventReleased)
 			switch {
 			case err == nil, errors.Is(err, errdefs.ErrFailedPrecondition): // ended meanwhile
-			case b.stopping(): // its stop (a drain or a detach) deals with them
+			case b.Available() != nil: // closed: its stop (a drain or a detach) deals with them
 				return
 			default:
 				b.log.Error("ending the lease of an exited holder failed", "lease_id", id, "err", err)
@@ -127,11 +127,4 @@ func (b *Broker) unwatchAllLocked() {
 		}
 	}
 	clear(b.holders)
-}
-
-// stopping reports whether the broker is closed or closing.
-func (b *Broker) stopping() bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.closed
 }

@@ -527,7 +527,7 @@ func TestRevokedAfterTheKernel(t *testing.T) {
 // other tenants' activity (their events are dropped before its buffer), only by its own.
 func TestSubscriberFilteredBeforeBuffering(t *testing.T) {
 	r := newRig(t, nil)
-	own := func(e broker.Event) bool { return e.Lease.Holder.UID == 1000 }
+	own := func(e *broker.Event) bool { return e.Lease.Holder.UID == 1000 }
 	sub, err := r.b.SubscribeFiltered(0, own)
 	if err != nil {
 		t.Fatal(err)

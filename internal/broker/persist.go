@@ -106,12 +106,8 @@ func (b *Broker) emitCausedLocked(t EventType, l *lease, token, causedBy string)
 // recorded too: a restarted broker must not number another event with it.
 func (b *Broker) emitDeviceLocked(d *device, by string) {
 	e := Event{Seq: b.events.next, Time: b.now(), Type: EventDeviceChanged, Lease: Lease{BDF: d.policy.BDF}, CausedBy: by}
-	if b.store != nil {
-		if err := b.store.Commit([]Event{e}, nil, b.dropped); err != nil {
-			b.log.Error("recording a device change failed", "bdf", d.policy.BDF, "err", err)
-		} else {
-			b.dropped = b.dropped[:0]
-		}
+	if err := b.recordLocked([]Event{e}, nil); err != nil {
+		b.log.Error("recording a device change failed", "bdf", d.policy.BDF, "err", err)
 	}
 	b.events.append(e)
 	b.obs.Event(e)
@@ -120,24 +116,31 @@ func (b *Broker) emitDeviceLocked(d *device, by string) {
 // persistLocked records l without an event (a change no client was told of).
 func (b *Broker) persistLocked(l *lease) error { return b.commitLocked(nil, l) }
 
+// recordLocked commits evs, recs and the leases the broker forgot (b.dropped) to the
+// store in one step, if there is a store; the forgotten leases are then recorded.
+func (b *Broker) recordLocked(evs []Event, recs []Record) error {
+	if b.store != nil {
+		if err := b.store.Commit(evs, recs, b.dropped); err != nil {
+			return err
+		}
+	}
+	b.dropped = b.dropped[:0]
+	return nil
+}
+
 func (b *Broker) commitLocked(evs []Event, l *lease) error {
-	if b.store == nil {
-		b.dropped = b.dropped[:0]
-		return nil
+	var recs []Record
+	if b.store != nil && !slices.Contains(b.dropped, l.ID) { // else forgotten by the transition itself (the oldest ended lease died)
+		rec := l.record()
+		if len(evs) > 0 {
+			rec.Seq = evs[len(evs)-1].Seq
+		}
+		recs = []Record{rec}
 	}
-	rec := l.record()
-	if len(evs) > 0 {
-		rec.Seq = evs[len(evs)-1].Seq
-	}
-	recs := []Record{rec}
-	if slices.Contains(b.dropped, l.ID) {
-		recs = nil // forgotten by the transition itself (the oldest ended lease died)
-	}
-	if err := b.store.Commit(evs, recs, b.dropped); err != nil {
+	if err := b.recordLocked(evs, recs); err != nil {
 		b.log.Error("recording a lease transition failed: a restart would not know it", "lease_id", l.ID, "err", err)
 		return fmt.Errorf("record lease %s: %w: %w", l.ID, err, errdefs.ErrUnavailable)
 	}
-	b.dropped = b.dropped[:0]
 	return nil
 }
 
@@ -162,13 +165,13 @@ func (b *Broker) emitEachLocked(t EventType, ls []*lease, causedBy string) error
 			evs[i] = Event{Seq: b.events.next + uint64(i), Time: now, Type: t, Lease: l.Lease, CausedBy: causedBy}
 		}
 	}
-	var err error
+	var recs []Record
 	if b.store != nil {
 		dropped := make(map[string]bool, len(b.dropped))
 		for _, id := range b.dropped {
 			dropped[id] = true
 		}
-		recs := make([]Record, 0, len(ls))
+		recs = make([]Record, 0, len(ls))
 		for i, l := range ls {
 			if dropped[l.ID] {
 				continue // forgotten already: dropped by this commit
@@ -179,16 +182,14 @@ func (b *Broker) emitEachLocked(t EventType, ls []*lease, causedBy string) error
 			}
 			recs = append(recs, r)
 		}
-		if err = b.store.Commit(evs, recs, b.dropped); err != nil {
-			b.log.Error("recording lease transitions failed: a restart would not know them", "event", string(t), "leases", len(ls), "err", err)
-			for _, l := range ls {
-				b.log.Error("lease transition not recorded", "lease_id", l.ID)
-			}
-			err = fmt.Errorf("record %d leases: %w: %w", len(ls), err, errdefs.ErrUnavailable)
-		}
 	}
-	if err == nil {
-		b.dropped = b.dropped[:0]
+	err := b.recordLocked(evs, recs)
+	if err != nil {
+		b.log.Error("recording lease transitions failed: a restart would not know them", "event", string(t), "leases", len(ls), "err", err)
+		for _, l := range ls {
+			b.log.Error("lease transition not recorded", "lease_id", l.ID)
+		}
+		err = fmt.Errorf("record %d leases: %w: %w", len(ls), err, errdefs.ErrUnavailable)
 	}
 	for _, e := range evs {
 		b.events.append(e)

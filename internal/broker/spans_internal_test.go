@@ -66,3 +66,16 @@ func TestSpanIndex(t *testing.T) {
 		t.Errorf("index not empty after removing every lease: %d bars", len(x.bars))
 	}
 }
+
+// overlaps reports whether any range of a overlaps any range of b: the brute force the
+// span index (spans.go) is checked against.
+func overlaps(a, b []Range) bool {
+	for _, x := range a {
+		for _, y := range b {
+			if x.Offset < y.End() && y.Offset < x.End() {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -66,18 +66,6 @@ func validateRanges(info DeviceInfo, policy DeviceConfig, bar int, ranges []Rang
 	return nil
 }
 
-// overlaps reports whether any range of a overlaps any range of b.
-func overlaps(a, b []Range) bool {
-	for _, x := range a {
-		for _, y := range b {
-			if x.Offset < y.End() && y.Offset < x.End() {
-				return true
-			}
-		}
-	}
-	return false
-}
-
 // mayLease reports whether the holder may lease the device under its policy.
 func mayLease(policy DeviceConfig, h Holder, admin bool) bool {
 	if admin || slices.Contains(policy.UIDs, h.UID) || slices.Contains(policy.GIDs, h.GID) {

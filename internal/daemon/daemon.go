@@ -288,7 +288,7 @@ func Run(ctx context.Context, opt Options) error {
 func liveLeases(st broker.Stats) int {
 	n := 0
 	for g, c := range st.Leases {
-		if g.State == broker.StateAllocated || g.State == broker.StateActive {
+		if !g.State.Ended() {
 			n += c
 		}
 	}

@@ -5,7 +5,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/config"
 	"github.com/mmiobroker/mmiobroker/internal/errdefs"
 	"github.com/mmiobroker/mmiobroker/internal/peercred"
@@ -26,26 +25,14 @@ const (
 
 // fdBudget returns how many fds the configuration can need at most, and the parts.
 func fdBudget(res *config.Resolved) (int, string) {
-	control := (maxConns(res) + peercred.RootConnsReserve) * fdsPerControlConn
+	control := (res.MaxConnections + peercred.RootConnsReserve) * fdsPerControlConn
 	claim := claimConns * fdsPerClaimConn
-	maxLeases := res.Broker.Limits.MaxLeases
-	if maxLeases <= 0 {
-		maxLeases = broker.DefaultMaxLeases
-	}
+	maxLeases := res.Broker.WithDefaults().Limits.MaxLeases
 	leases := maxLeases * fdsPerLease
 	devices := len(res.Devices) * fdsPerDevice
 	need := control + claim + leases + devices + fdReserve
 	return need, fmt.Sprintf("%d for %d control connections, %d for claims, %d for %d leases, %d for %d devices, %d reserved",
-		control, maxConns(res)+peercred.RootConnsReserve, claim, leases, maxLeases, devices, len(res.Devices), fdReserve)
-}
-
-// maxConns is the control socket's connection bound: [limits] max_connections, or
-// peercred's default where the configuration was resolved without one (tests).
-func maxConns(res *config.Resolved) int {
-	if res.MaxConnections > 0 {
-		return res.MaxConnections
-	}
-	return peercred.MaxConns
+		control, res.MaxConnections+peercred.RootConnsReserve, claim, leases, maxLeases, devices, len(res.Devices), fdReserve)
 }
 
 // checkFDs fails unless the configuration's worst case fits limit (RLIMIT_NOFILE). With

@@ -29,30 +29,20 @@ type hostReport struct {
 // newHostReport prepares the report of a daemon running res with RLIMIT_NOFILE fdLimit.
 func newHostReport(c *config.Config, res *config.Resolved, fdLimit uint64) *hostReport {
 	need, _ := fdBudget(res)
-	bc := res.Broker
-	orDefault := func(v, def int) int {
-		if v <= 0 {
-			return def
-		}
-		return v
-	}
-	claimTimeout := bc.ClaimTimeout
-	if claimTimeout <= 0 {
-		claimTimeout = broker.DefaultClaimTimeout
-	}
+	bc := res.Broker.WithDefaults()
 	return &hostReport{
 		prober: host.New(host.Options{SysfsRoot: c.Daemon.SysfsRoot, DevRoot: c.Daemon.DevRoot}),
 		limits: host.Limits{
-			MaxLeases:               orDefault(bc.Limits.MaxLeases, broker.DefaultMaxLeases),
-			MaxLeasesPerHolder:      orDefault(bc.Limits.MaxLeasesPerHolder, broker.DefaultMaxLeasesPerHolder),
-			MaxRangesPerLease:       orDefault(bc.Limits.MaxRangesPerLease, broker.DefaultMaxRangesPerLease),
-			ClaimTimeout:            claimTimeout,
+			MaxLeases:               bc.Limits.MaxLeases,
+			MaxLeasesPerHolder:      bc.Limits.MaxLeasesPerHolder,
+			MaxRangesPerLease:       bc.Limits.MaxRangesPerLease,
+			ClaimTimeout:            bc.ClaimTimeout,
 			RevokeWithin:            bc.RevokeWithin,
 			TenantCycleInterval:     bc.TenantCycleInterval,
 			TenantCycleBudget:       bc.TenantCycleBudget,
 			MinTTL:                  bc.MinTTL,
-			MaxConnections:          maxConns(res),
-			MaxConnectionsPerTenant: min(peercred.MaxConnsPerTenant, maxConns(res)),
+			MaxConnections:          res.MaxConnections,
+			MaxConnectionsPerTenant: min(peercred.MaxConnsPerTenant, res.MaxConnections),
 			MaxConcurrentClaims:     claimSlots,
 			FDLimit:                 fdLimit,
 			FDBudget:                uint64(need),

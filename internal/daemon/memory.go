@@ -4,7 +4,6 @@ import (
 	"os"
 	"runtime/debug"
 
-	"github.com/mmiobroker/mmiobroker/internal/broker"
 	"github.com/mmiobroker/mmiobroker/internal/config"
 )
 
@@ -30,11 +29,7 @@ func memoryLimit(res *config.Resolved) int64 {
 	if os.Getenv("GOMEMLIMIT") != "" {
 		return 0
 	}
-	maxLeases := res.Broker.Limits.MaxLeases
-	if maxLeases <= 0 {
-		maxLeases = broker.DefaultMaxLeases
-	}
-	return memoryBase + int64(maxLeases)*memoryPerLease
+	return memoryBase + int64(res.Broker.WithDefaults().Limits.MaxLeases)*memoryPerLease
 }
 
 // setMemoryLimit applies memoryLimit and returns the limit in force.

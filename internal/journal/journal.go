@@ -584,7 +584,7 @@ func loadLeases(b *bolt.Bucket) ([]Lease, error) {
 	out := make([]Lease, len(raw))
 	errs := make([]error, len(raw))
 	workers := min(runtime.GOMAXPROCS(0), max(len(raw)/1024, 1))
-	chunk := (len(raw) + workers - 1) / max(workers, 1)
+	chunk := (len(raw) + workers - 1) / workers
 	var wg sync.WaitGroup
 	for lo := 0; lo < len(raw); lo += chunk {
 		hi := min(lo+chunk, len(raw))

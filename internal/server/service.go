@@ -37,7 +37,7 @@ type service struct {
 
 // eventCache converts each event once for all the WatchEvents streams that deliver it: the
 // message is the same for every watcher allowed to see the event, except a REISSUED
-// event's claim token, which only its holder's process gets (eventFor). It keeps the last
+// event's claim token, which only its holder's process gets (tokenFor). It keeps the last
 // len(ring) events' messages; a stream far behind converts its own.
 type eventCache struct {
 	mu   sync.Mutex
@@ -359,7 +359,7 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 		}
 		return broker.MayView(who, ev.Lease)
 	}
-	sub, err := s.b.SubscribeFiltered(req.GetAfterSeq(), func(ev broker.Event) bool { return visible(&ev) })
+	sub, err := s.b.SubscribeFiltered(req.GetAfterSeq(), visible)
 	if err != nil {
 		return err
 	}
@@ -370,12 +370,13 @@ func (s *service) WatchEvents(req *brokerv1.WatchEventsRequest, stream grpc.Serv
 	if err := stream.SendHeader(metadata.Pairs(LastSeqHeader, strconv.FormatUint(sub.Last(), 10))); err != nil {
 		return err
 	}
+	// Every event comes through visible (the subscription's filter): only a REISSUED
+	// event's claim token differs between streams.
 	send := func(ev *broker.Event) error {
-		switch {
-		case !visible(ev):
-			return nil
-		case tokenFor(ev, id) != "":
-			return stream.Send(&brokerv1.WatchEventsResponse{Event: eventFor(*ev, id, who)})
+		if token := tokenFor(ev, id); token != "" {
+			e := eventProto(ev)
+			e.ClaimToken = token
+			return stream.Send(&brokerv1.WatchEventsResponse{Event: e})
 		}
 		return stream.Send(s.shared.get(ev))
 	}
@@ -425,18 +426,6 @@ func subscriptionEnded(err error) error {
 		return fmt.Errorf("event stream ended: %w: %w", err, errdefs.ErrUnavailable)
 	}
 	return fmt.Errorf("event stream ended: %w", err)
-}
-
-// eventFor converts ev for the watcher id (as who), or returns nil if the watcher may not
-// see it: holders see only the events of their tenant's leases, and a reissued claim
-// token only on their own process's stream.
-func eventFor(ev broker.Event, id Identity, who broker.Actor) *brokerv1.Event {
-	if !broker.MayView(who, ev.Lease) {
-		return nil
-	}
-	e := eventProto(&ev)
-	e.ClaimToken = tokenFor(&ev, id)
-	return e
 }
 
 // eventProto converts ev for any watcher, without a claim token.
