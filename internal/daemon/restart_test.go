@@ -326,15 +326,23 @@ func TestDeviceEventsAcrossRestart(t *testing.T) {
 	}
 	want(ev{3, changed, bdf, false})
 	subscribedAfter(2) // the resumed stream subscribed again (before or after seq 3)
-	// A new stream replays the journaled device event of the first run.
-	for e, err := range c.Watch(ctx, 1, client.WithDeviceEvents()) {
+	// A new stream replays the journaled device event of the first run. (Watch ends
+	// without an error when its context is done: no event at all must fail too.)
+	rctx, rcancel := context.WithTimeout(ctx, 20*time.Second)
+	defer rcancel()
+	replayed := false
+	for e, err := range c.Watch(rctx, 1, client.WithDeviceEvents()) {
 		if err != nil {
 			t.Fatal(err)
 		}
 		if e.GetSeq() != 2 || e.GetType() != changed || e.GetBdf() != bdf || e.GetLease() != nil {
 			t.Errorf("replayed after seq 1: %v; want the resume's DEVICE_CHANGED (seq 2)", e)
 		}
+		replayed = true
 		break
+	}
+	if !replayed {
+		t.Error("a stream after seq 1 replayed nothing; want the first run's DEVICE_CHANGED (seq 2)")
 	}
 }
 

@@ -109,13 +109,7 @@ func value(t *testing.T, g prometheus.Gatherer, name string, labels ...string) f
 // lint fails the test on every promlint problem of the registry.
 func lint(t *testing.T, g prometheus.Gatherer) {
 	t.Helper()
-	problems, err := testutil.GatherAndLint(g)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
-	}
+	metricstest.Lint(t, metricstest.Gather(t, g))
 }
 
 func TestLint(t *testing.T) {

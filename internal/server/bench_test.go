@@ -150,9 +150,7 @@ func (c claimer) Claim(_ context.Context, req fdpass.Request, peer fdpass.Peer) 
 // every stream received it. ns/op divided by 100 is the cost of one delivery, the
 // daemon's and the receiving client's together (both in this process).
 func BenchmarkWatchFanout(b *testing.B) {
-	if os.Getuid() != 0 {
-		b.Skip("needs root: the 100 streams are an administrator's")
-	}
+	testutil.SkipUnlessRoot(b) // the 100 streams are an administrator's
 	const streams, conns = 100, 10
 	e := newBenchEnv(b)
 	admin := broker.Actor{UID: 0, PID: int32(os.Getpid()), Admin: true}

@@ -80,12 +80,19 @@ func SkipUnlessRoot(t testing.TB) {
 
 // ReportPercentiles adds the p50 and p99 of ds, in microseconds, to b's results
 // (metrics "p50-µs" and "p99-µs").
-func ReportPercentiles(b *testing.B, ds []time.Duration) {
+func ReportPercentiles(b *testing.B, ds []time.Duration) { ReportPercentilesAs(b, "", ds) }
+
+// ReportPercentilesAs is ReportPercentiles for one named step of a benchmark: metrics
+// "<name>-p50-µs" and "<name>-p99-µs" ("" for no name).
+func ReportPercentilesAs(b *testing.B, name string, ds []time.Duration) {
 	if len(ds) == 0 {
 		return
 	}
-	b.ReportMetric(Micros(Percentile(ds, 0.50)), "p50-µs")
-	b.ReportMetric(Micros(Percentile(ds, 0.99)), "p99-µs")
+	if name != "" {
+		name += "-"
+	}
+	b.ReportMetric(Micros(Percentile(ds, 0.50)), name+"p50-µs")
+	b.ReportMetric(Micros(Percentile(ds, 0.99)), name+"p99-µs")
 }
 
 // Percentile sorts ds in place and returns its p-quantile (0 ≤ p ≤ 1; the lower nearest

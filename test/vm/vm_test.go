@@ -159,11 +159,12 @@ const (
 	benchSmokeTime = "1x"
 )
 
-// ranBenchmark reports whether a benchmark of b reported a result.
+// ranBenchmark reports whether a benchmark of b ran and passed (a skipped one did not
+// run).
 func ranBenchmark(b *vmrig.BinaryResult) bool {
 	ran := false
 	b.Walk(func(tc *vmrig.TestCase) {
-		ran = ran || strings.HasPrefix(tc.Name, "Benchmark") && tc.Status != vmrig.NoResult
+		ran = ran || strings.HasPrefix(tc.Name, "Benchmark") && tc.Status == vmrig.Pass
 	})
 	return ran
 }

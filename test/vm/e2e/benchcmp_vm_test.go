@@ -160,19 +160,9 @@ func benchLeaseSteps(b *testing.B, d *daemon, bdf pci.Address) {
 		rpcs, allocs, claims = append(rpcs, rpc), append(allocs, alloc), append(claims, claim)
 	}
 	b.StopTimer()
-	reportStep(b, "grpc", rpcs)
-	reportStep(b, "allocate", allocs)
-	reportStep(b, "claim", claims)
-}
-
-// reportStep reports the p50 and p99 of one step of a benchmark as <name>-p50-µs and
-// <name>-p99-µs (percentiles as testutil.ReportPercentiles takes them).
-func reportStep(b *testing.B, name string, ds []time.Duration) {
-	if len(ds) == 0 {
-		return
-	}
-	b.ReportMetric(testutil.Micros(testutil.Percentile(ds, 0.50)), name+"-p50-µs")
-	b.ReportMetric(testutil.Micros(testutil.Percentile(ds, 0.99)), name+"-p99-µs")
+	testutil.ReportPercentilesAs(b, "grpc", rpcs)
+	testutil.ReportPercentilesAs(b, "allocate", allocs)
+	testutil.ReportPercentilesAs(b, "claim", claims)
 }
 
 // BenchmarkVMExportSelf is what a VMM does without the broker to get the same dma-buf:
@@ -273,8 +263,8 @@ func BenchmarkVMLeaseVsSelf(b *testing.B) {
 		}
 	}
 	b.StopTimer()
-	reportStep(b, "brokered", leases)
-	reportStep(b, "self", selves)
+	testutil.ReportPercentilesAs(b, "brokered", leases)
+	testutil.ReportPercentilesAs(b, "self", selves)
 	if p := testutil.Percentile(selves, 0.5); p > 0 {
 		b.ReportMetric(float64(testutil.Percentile(leases, 0.5))/float64(p), "brokered/self-p50")
 	}
