@@ -120,11 +120,12 @@ func TestAllocateAndHoldReissue(t *testing.T) {
 	if h.File() != r.f || h.Claim() != r.info {
 		t.Errorf("File/Claim not swapped: %v %+v", h.File(), h.Claim())
 	}
-	// The dead fd was closed once OnReissue returned.
+	// The dead fd was closed once OnReissue returned, before OnEvent's REISSUED (checked
+	// after that event: OnReissue's send reaches the test before the close).
+	rec.event(t, brokerv1.EventType_EVENT_TYPE_REISSUED)
 	if _, err := first.Stat(); !errors.Is(err, os.ErrClosed) {
 		t.Errorf("old fd: Stat = %v, want os.ErrClosed", err)
 	}
-	rec.event(t, brokerv1.EventType_EVENT_TYPE_REISSUED)
 
 	// Revoking the held lease ends the hold.
 	if _, err := c.Revoke(ctx(t), h.ID); err != nil {
